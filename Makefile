@@ -1,0 +1,21 @@
+# Two ways in on a fresh machine: `make smoke` (the whole pipeline, offline) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export MPLBACKEND := Agg
+
+.PHONY: smoke test lint
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+smoke: $(VENV)/.installed
+	FLME_PROFILE=smoke $(PY) -m helpers pipeline --profile smoke
+
+test: $(VENV)/.installed
+	FLME_PROFILE=smoke $(PY) -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check helpers tests

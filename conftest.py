@@ -1,0 +1,10 @@
+"""Test defaults: smoke profile, runs and results in temporary folders (kernels started by nbval inherit them)."""
+
+import os
+import tempfile
+
+os.environ.setdefault("FLME_PROFILE", "smoke")
+os.environ.setdefault("MPLBACKEND", "Agg")
+_scratch = tempfile.mkdtemp(prefix="flme-tests-")
+os.environ.setdefault("FLME_RUN_ROOT", os.path.join(_scratch, "runs"))
+os.environ.setdefault("FLME_RESULTS_ROOT", os.path.join(_scratch, "results"))

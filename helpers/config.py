@@ -1,0 +1,218 @@
+"""Profiles, parameters and their validation: every experiment's config is checked before compute starts."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+PROFILES = ("smoke", "full")
+PROFILE_ENV = "FLME_PROFILE"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter: its type, what values are allowed, and whether it is part of the run's identity."""
+
+    kind: type
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    hashed: bool = True  # False: changes nothing in the results (device, paths, checkpoint cadence)
+
+    def allowed(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[self.kind]
+        if self.low is not None and self.high is not None:
+            lo, hi = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{name} in {lo}{self.low}, {self.high}{hi}"
+        if self.low is not None:
+            return f"{name} {'>' if self.low_open else '>='} {self.low}"
+        return name
+
+
+def _choice(*values: str, hashed: bool = True) -> Param:
+    return Param(str, choices=values, hashed=hashed)
+
+
+PARAMS: dict[str, Param] = {
+    # identity of the data and model
+    "profile": _choice(*PROFILES),
+    "dataset": _choice("cifar100", "synthetic"),
+    "model": _choice("vit_small_patch16_224.dino", "vit_tiny_smoke"),
+    "pretrained": Param(bool),
+    "img_size": Param(int, low=16, high=1024),
+    "synthetic_train_size": Param(int, low=200),
+    "synthetic_test_size": Param(int, low=100),
+    "val_fraction": Param(float, low=0, high=1, low_open=True, high_open=True),
+    "data_seed": Param(int, low=0),
+    "seed": Param(int, low=0),
+    "augment": _choice("crop", "rrc", "none"),
+    # optimisation
+    "train_mode": _choice("full", "head"),
+    "batch_size": Param(int, low=1),
+    "lr": Param(float, low=0, low_open=True),
+    "momentum": Param(float, low=0, high=1, high_open=True),
+    "weight_decay": Param(float, low=0),
+    "epochs": Param(int, low=1),
+    "scheduler": _choice("cosine", "step", "constant", "warmup_cosine"),
+    "warmup_epochs": Param(int, low=0),
+    "step_size": Param(int, low=1),
+    "gamma": Param(float, low=0, high=1, low_open=True),
+    # federated
+    "num_clients": Param(int, low=1),
+    "participation": Param(float, low=0, high=1, low_open=True),
+    "local_steps": Param(int, low=1),
+    "rounds": Param(int, low=1),
+    "sharding": _choice("iid", "noniid", "dirichlet"),
+    "classes_per_client": Param(int, low=1),
+    "dirichlet_alpha": Param(float, low=0, low_open=True),
+    "server_lr": Param(float, low=0, low_open=True),
+    "client_lr_schedule": _choice("constant", "cosine"),
+    # evaluation and bookkeeping (not part of the run identity)
+    "eval_every": Param(int, low=1),
+    "eval_test": Param(bool),
+    "eval_batch_size": Param(int, low=1, hashed=False),
+    "checkpoint_every": Param(int, low=1, hashed=False),
+    "checkpoint_minutes": Param(float, low=0, low_open=True, hashed=False),
+    "device": _choice("auto", "cpu", "cuda", hashed=False),
+    "data_root": Param(str, hashed=False),
+}
+
+# Profile defaults: `full` is the course's setting, `smoke` the same code paths at toy sizes.
+COMMON_DEFAULTS = {
+    "val_fraction": 0.1, "data_seed": 0, "seed": 0, "augment": "crop", "train_mode": "full",
+    "momentum": 0.9, "weight_decay": 5e-5, "scheduler": "cosine", "warmup_epochs": 0, "step_size": 3,
+    "gamma": 0.1, "eval_every": 1, "eval_test": True, "checkpoint_every": 1, "checkpoint_minutes": 10.0,
+    "device": "auto", "data_root": "./data", "synthetic_train_size": 3000, "synthetic_test_size": 500,
+    "num_clients": 100, "participation": 0.1, "local_steps": 4, "sharding": "iid", "classes_per_client": 5,
+    "dirichlet_alpha": 0.5, "server_lr": 1.0, "client_lr_schedule": "constant",
+}
+PROFILE_DEFAULTS = {
+    "full": {
+        "dataset": "cifar100", "model": "vit_small_patch16_224.dino", "pretrained": True, "img_size": 224,
+        "batch_size": 64, "eval_batch_size": 256, "lr": 0.01, "epochs": 10, "rounds": 500,
+    },
+    "smoke": {
+        "dataset": "synthetic", "model": "vit_tiny_smoke", "pretrained": False, "img_size": 32,
+        "batch_size": 32, "eval_batch_size": 500, "lr": 0.05, "epochs": 2, "rounds": 4, "num_clients": 10,
+        "synthetic_train_size": 3000, "synthetic_test_size": 500,
+    },
+}
+
+_DATA = ("profile", "dataset", "model", "pretrained", "img_size", "synthetic_train_size",
+         "synthetic_test_size", "val_fraction", "data_seed", "seed", "augment", "data_root", "device")
+_OPTIM = ("train_mode", "batch_size", "lr", "momentum", "weight_decay")
+_BOOK = ("eval_every", "eval_batch_size", "checkpoint_every", "checkpoint_minutes")
+EXPERIMENTS: dict[str, tuple[str, ...]] = {
+    "centralized": _DATA + _OPTIM + _BOOK + ("epochs", "scheduler", "warmup_epochs", "step_size", "gamma",
+                                             "eval_test"),
+    "fedavg": _DATA + _OPTIM + _BOOK + ("num_clients", "participation", "local_steps", "rounds", "sharding",
+                                        "classes_per_client", "dirichlet_alpha", "server_lr",
+                                        "client_lr_schedule"),
+}
+
+
+def resolve_profile(profile: str | None = None) -> str:
+    """The profile to use: env FLME_PROFILE wins over the notebook/CLI value, which wins over `smoke`."""
+    chosen = os.environ.get(PROFILE_ENV) or profile or "smoke"
+    if chosen not in PROFILES:
+        source = f"environment variable {PROFILE_ENV}" if os.environ.get(PROFILE_ENV) else "profile"
+        raise ValueError(f"{source}={chosen!r} is invalid: must be one of {', '.join(PROFILES)}")
+    return chosen
+
+
+def parse_value(name: str, text: str) -> object:
+    """Convert a command-line string (`--set name=text`) to the parameter's type."""
+    kind = _param(name).kind
+    if kind is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}={text!r} is invalid: must be true or false")
+    if kind is str:
+        return text
+    try:
+        return kind(float(text)) if kind is int and float(text).is_integer() else kind(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is invalid: must be {_param(name).allowed()}") from None
+
+
+def make_config(experiment: str, profile: str | None = None, **overrides: object) -> dict:
+    """Profile defaults for `experiment`, then explicit overrides, all validated; raises ValueError."""
+    if experiment not in EXPERIMENTS:
+        raise ValueError(f"experiment={experiment!r} is unknown; allowed: {', '.join(EXPERIMENTS)}")
+    names = EXPERIMENTS[experiment]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {', '.join(unknown)} for experiment {experiment!r}; "
+            f"allowed: {', '.join(sorted(names))}"
+        )
+    profile = resolve_profile(profile)
+    merged = {**COMMON_DEFAULTS, **PROFILE_DEFAULTS[profile], "profile": profile, **overrides}
+    config = {name: merged[name] for name in names}
+    for name, value in config.items():
+        config[name] = check_value(name, value)
+    _check_combinations(config)
+    return config
+
+
+def check_value(name: str, value: object) -> object:
+    """Validate one value against its Param; returns it (ints accepted where floats are expected)."""
+    spec = _param(name)
+    ok_type = isinstance(value, spec.kind) and not (spec.kind is int and isinstance(value, bool))
+    if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok_type = float(value), True
+    bad = not ok_type
+    if not bad and spec.choices:
+        bad = value not in spec.choices
+    if not bad and spec.kind in (int, float):
+        bad = not math.isfinite(value)
+        if spec.low is not None:
+            bad = bad or (value <= spec.low if spec.low_open else value < spec.low)
+        if spec.high is not None:
+            bad = bad or (value >= spec.high if spec.high_open else value > spec.high)
+    if bad:
+        raise ValueError(f"{name}={value!r} is invalid: must be {spec.allowed()}")
+    return value
+
+
+def _param(name: str) -> Param:
+    if name not in PARAMS:
+        raise ValueError(f"unknown parameter {name!r}; allowed: {', '.join(sorted(PARAMS))}")
+    return PARAMS[name]
+
+
+def _check_combinations(config: dict) -> None:
+    """Rules that involve more than one parameter."""
+    if config.get("scheduler") == "warmup_cosine" and config["warmup_epochs"] >= config["epochs"]:
+        raise ValueError(
+            f"warmup_epochs={config['warmup_epochs']} is invalid: must be < epochs={config['epochs']}"
+        )
+    if config["model"] == "vit_tiny_smoke" and config["pretrained"]:
+        raise ValueError("pretrained=True is invalid with model='vit_tiny_smoke': must be false (no weights)")
+    if config["model"] != "vit_tiny_smoke" and config["img_size"] % 16:
+        raise ValueError(f"img_size={config['img_size']} is invalid for ViT-S/16: must be a multiple of 16")
+    if config["model"] == "vit_tiny_smoke" and config["img_size"] % 8:
+        raise ValueError(f"img_size={config['img_size']} is invalid for the tiny ViT: must be a multiple of 8")
+    if "num_clients" in config:
+        if config["sharding"] == "noniid" and config["classes_per_client"] > 100:
+            raise ValueError(
+                f"classes_per_client={config['classes_per_client']} is invalid: must be in [1, 100]"
+            )
+        if config["sharding"] == "noniid" and config["num_clients"] * config["classes_per_client"] < 100:
+            raise ValueError(
+                f"classes_per_client={config['classes_per_client']} with num_clients={config['num_clients']} "
+                "is invalid: num_clients * classes_per_client must be >= 100 (every class needs a client)"
+            )
+
+
+def hashed_items(config: dict) -> dict:
+    """The part of a config that identifies a run (bookkeeping parameters left out)."""
+    return {k: v for k, v in sorted(config.items()) if PARAMS[k].hashed}

@@ -1,0 +1,67 @@
+"""Models: DINO ViT-S/16 with a new linear head (full) and a tiny random-init ViT (smoke)."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+DINO_VIT_S16 = "vit_small_patch16_224.dino"
+TINY_VIT = "vit_tiny_smoke"
+MODEL_NAMES = (DINO_VIT_S16, TINY_VIT)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be fetched (usually: no internet)."""
+
+
+def build_model(name: str, num_classes: int = 100, pretrained: bool = True, img_size: int = 224) -> nn.Module:
+    """A timm ViT whose classifier is a fresh `num_classes` linear layer on the CLS token (`model.head`)."""
+    if name == TINY_VIT:
+        # Same timm class as DINO ViT-S/16, only smaller: every code path is shared with `full`.
+        return timm.models.vision_transformer.VisionTransformer(
+            img_size=img_size, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
+            num_classes=num_classes, global_pool="token", class_token=True,
+        )
+    if name != DINO_VIT_S16:
+        raise ValueError(f"model={name!r} is not supported; allowed: {', '.join(MODEL_NAMES)}")
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, img_size=img_size)
+    except Exception as exc:  # hub/network errors come in many types; all mean the same to the user
+        raise WeightsUnavailableError(
+            f"could not load the DINO ViT-S/16 weights ({name}) from the Hugging Face hub: "
+            f"{type(exc).__name__}: {str(exc)[:200]}. The full profile needs internet on first use "
+            "(the weights are then cached). To run offline use the smoke profile: FLME_PROFILE=smoke."
+        ) from None
+
+
+def is_head(name: str) -> bool:
+    """True for parameters of the classifier head (`head.weight`, `head.bias`)."""
+    return name.startswith("head.")
+
+
+def backbone_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter except the head, by name (the part that model editing scores and masks)."""
+    return {n: p for n, p in model.named_parameters() if not is_head(n)}
+
+
+def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The classifier head's parameters, by name."""
+    return {n: p for n, p in model.named_parameters() if is_head(n)}
+
+
+def set_trainable(model: nn.Module, part: str) -> list[nn.Parameter]:
+    """Freeze all but `part` ('full' or 'head'); returns the trainable parameters in model order."""
+    if part not in ("full", "head"):
+        raise ValueError(f"train_mode={part!r} is not supported; allowed: full, head")
+    for n, p in model.named_parameters():
+        p.requires_grad_(part == "full" or is_head(n))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Entry counts of backbone and head."""
+    back = sum(p.numel() for p in backbone_parameters(model).values())
+    head = sum(p.numel() for p in head_parameters(model).values())
+    return {"backbone": back, "head": head, "total": back + head}

@@ -1,0 +1,212 @@
+"""Run directories keyed by a config hash: atomic checkpoints with fallback, metrics, done-marker, results CSVs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from helpers.config import hashed_items
+
+DRIVE_ROOT = Path("/content/drive/MyDrive/fl-model-editing")
+RUN_ROOT_ENV = "FLME_RUN_ROOT"
+RESULTS_ROOT_ENV = "FLME_RESULTS_ROOT"
+CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
+
+
+def default_run_root() -> Path:
+    """$FLME_RUN_ROOT if set; Google Drive when mounted in Colab; else ./runs."""
+    if os.environ.get(RUN_ROOT_ENV):
+        return Path(os.environ[RUN_ROOT_ENV])
+    if DRIVE_ROOT.parent.is_dir():
+        return DRIVE_ROOT / "runs"
+    return Path("runs")
+
+
+def run_id(config: dict) -> str:
+    """Short hash of the canonical config (bookkeeping parameters such as device excluded)."""
+    text = json.dumps(hashed_items(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write temp file, fsync, rename: a crash leaves either the old or the new file, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some filesystems (Drive FUSE, Windows) cannot open folders: rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Run:
+    """One (experiment, config): its folder and the files in it."""
+
+    experiment: str
+    config: dict
+    id: str
+    dir: Path
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / "done.json").exists()
+
+    def summary(self) -> dict:
+        """The final metrics written by mark_done."""
+        return json.loads((self.dir / "done.json").read_text())
+
+    def metrics(self) -> pd.DataFrame:
+        """The per-epoch/round metrics written so far."""
+        path = self.dir / "metrics.csv"
+        return pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame()
+
+
+def open_run(experiment: str, config: dict, run_root: str | Path | None = None) -> Run:
+    """The run folder for (experiment, config), created if new; refuses a folder holding another config."""
+    root = Path(run_root) if run_root is not None else default_run_root()
+    rid = run_id(config)
+    folder = root / experiment / rid
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(
+            f"run folder {folder} is not writable ({exc.strerror}). In Colab, mount Drive first; "
+            f"elsewhere set {RUN_ROOT_ENV} or run_root to a writable folder."
+        ) from None
+    path = folder / "config.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if hashed_items(stored) != hashed_items(config):
+            raise ValueError(
+                f"{folder} holds a run with a different config; refusing to resume into it. "
+                "Delete that folder or use another run_root."
+            )
+    else:
+        atomic_write(path, json.dumps(config, indent=1, sort_keys=True).encode())
+    return Run(experiment, config, rid, folder)
+
+
+def save_checkpoint(run: Run, state: dict) -> None:
+    """Atomically replace checkpoint.pt, keeping the one before as checkpoint.prev.pt."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    tmp = run.dir / f".{CHECKPOINT}.new"
+    atomic_write(tmp, buffer.getvalue())  # the new file is whole on disk before anything is renamed
+    if (run.dir / CHECKPOINT).exists():
+        os.replace(run.dir / CHECKPOINT, run.dir / PREVIOUS)
+    os.replace(tmp, run.dir / CHECKPOINT)
+    _fsync_dir(run.dir)
+
+
+def load_checkpoint(run: Run, map_location: str | torch.device = "cpu") -> dict | None:
+    """The newest readable checkpoint (falls back to the previous one with a warning); None if there is none."""
+    paths = [run.dir / CHECKPOINT, run.dir / PREVIOUS]
+    existing = [p for p in paths if p.exists()]
+    errors = []
+    for path in existing:
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as exc:  # truncated zip, garbage bytes, unpickling errors
+            errors.append(f"{path}: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        if errors:
+            warnings.warn(f"checkpoint unreadable ({errors[0]}); resuming from {path.name}", stacklevel=2)
+        return state
+    if errors:
+        raise RuntimeError(
+            "no readable checkpoint: " + "; ".join(errors) + f". Delete {run.dir} to restart this run from scratch."
+        )
+    return None
+
+
+def write_metrics(run: Run, rows: list[dict]) -> None:
+    """Rewrite metrics.csv atomically from the rows kept in the checkpoint state (no duplicates on resume)."""
+    atomic_write(run.dir / "metrics.csv", pd.DataFrame(rows).to_csv(index=False).encode())
+
+
+def mark_done(run: Run, summary: dict) -> None:
+    """Write done.json: starting this run again loads it instead of training."""
+    atomic_write(run.dir / "done.json", json.dumps(summary, indent=1, sort_keys=True).encode())
+
+
+class CheckpointClock:
+    """Decides when to checkpoint: every `every` epochs/rounds and at least every `minutes` of wall time."""
+
+    def __init__(self, every: int, minutes: float):
+        self.every, self.seconds, self.last = every, minutes * 60, time.monotonic()
+
+    def due(self, completed: int, final: bool = False) -> bool:
+        if final or completed % self.every == 0 or time.monotonic() - self.last >= self.seconds:
+            self.last = time.monotonic()
+            return True
+        return False
+
+
+def tidy_results(runs: list[Run]) -> pd.DataFrame:
+    """One row per (run, epoch|round): metrics joined with every config column, run id and experiment."""
+    frames = []
+    for run in runs:
+        m = run.metrics()
+        if m.empty:
+            continue
+        for key, value in run.config.items():
+            if key not in m.columns:
+                m[key] = value
+        m.insert(0, "run_id", run.id)
+        m.insert(1, "experiment", run.experiment)
+        frames.append(m)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def results_dir(profile: str, root: str | Path = "results") -> Path:
+    """results/<profile>/, created."""
+    folder = Path(root) / profile
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def write_results(runs: list[Run], name: str, root: str | Path | None = None) -> Path:
+    """Write the tidy CSV of `runs` to results/<profile>/<name>.csv (profile taken from the runs)."""
+    profiles = {run.config["profile"] for run in runs}
+    if len(profiles) != 1:
+        raise ValueError(f"runs mix profiles {sorted(profiles)}: write one results file per profile")
+    path = results_dir(profiles.pop(), root if root is not None else _repo_results()) / f"{name}.csv"
+    atomic_write(path, tidy_results(runs).to_csv(index=False).encode())
+    return path
+
+
+def _repo_results() -> Path:
+    # $FLME_RESULTS_ROOT (tests point it elsewhere), else results/ beside the helpers package.
+    if os.environ.get(RESULTS_ROOT_ENV):
+        return Path(os.environ[RESULTS_ROOT_ENV])
+    return Path(__file__).resolve().parent.parent / "results"

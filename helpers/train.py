@@ -1,0 +1,110 @@
+"""The one local-training loop (centralized epochs, FedAvg clients, sparse fine-tuning) and the one evaluation."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers.data import augment_batch, eval_batch
+
+SCHEDULERS = ("cosine", "step", "constant", "warmup_cosine")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss: the learning rate is usually too high."""
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on GPUs with native bf16 (Ampere+), fp16 on older GPUs such as Colab's T4, None on CPU."""
+    if device.type != "cuda":
+        return None
+    # T4 (sm_75) reports bf16 support but emulates it slowly: require compute capability 8.0+.
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
+def make_scaler(device: torch.device) -> torch.amp.GradScaler | None:
+    """A GradScaler when training in fp16 (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
+
+
+def _autocast(device: torch.device):
+    dtype = amp_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def lr_at(step: int, *, base_lr: float, total_steps: int, scheduler: str = "constant", warmup_steps: int = 0,
+          step_size: int = 1, gamma: float = 0.1) -> float:
+    """Learning rate at optimizer step `step` (0-based); a pure function, so resume needs no scheduler state."""
+    if scheduler == "constant":
+        return base_lr
+    if scheduler == "step":
+        return base_lr * gamma ** (step // step_size)
+    if scheduler == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    if scheduler == "warmup_cosine":
+        if step < warmup_steps:
+            return base_lr * (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return base_lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    raise ValueError(f"scheduler={scheduler!r} is invalid: must be one of {', '.join(SCHEDULERS)}")
+
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+                batches: torch.Tensor, generator: torch.Generator, *, img_size: int, augment: str = "crop",
+                lrs: list[float] | None = None, scaler: torch.amp.GradScaler | None = None) -> float:
+    """One optimizer step per row of `batches` (index tensor); returns the mean training loss.
+
+    Images are augmented on their device; the loss is summed on the device and read once at the end.
+    """
+    device = images.device
+    model.train()
+    total = torch.zeros((), device=device)
+    for i, idx in enumerate(batches):
+        if lrs is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lrs[i]
+        idx = idx.to(device, non_blocking=True)
+        x = augment_batch(images[idx], generator, img_size=img_size, mode=augment)
+        with _autocast(device):
+            loss = F.cross_entropy(model(x), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total += loss.detach().float()
+    mean = total.item() / max(1, len(batches))
+    if not math.isfinite(mean):
+        raise NonFiniteLossError(
+            f"training loss became {mean} over {len(batches)} steps (lr={optimizer.param_groups[0]['lr']:g}); "
+            "lower the learning rate. The last good checkpoint was kept."
+        )
+    return mean
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, img_size: int,
+             batch_size: int = 256) -> dict[str, float]:
+    """Mean cross-entropy and accuracy over a whole split (eval mode, no augmentation)."""
+    was_training = model.training
+    model.eval()
+    device = images.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    for start in range(0, len(images), batch_size):
+        x = eval_batch(images[start:start + batch_size], img_size=img_size)
+        y = labels[start:start + batch_size]
+        with _autocast(device):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    n = max(1, len(images))
+    return {"loss": loss_sum.item() / n, "acc": correct.item() / n}

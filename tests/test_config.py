@@ -1,0 +1,80 @@
+"""Validation: every bad parameter is refused with a message naming it and the allowed values."""
+
+import pytest
+
+from helpers.__main__ import main, parse_sets
+from helpers.config import EXPERIMENTS, PARAMS, make_config, parse_value, resolve_profile
+
+BAD = [
+    ("val_fraction", 0.0, "(0, 1)"), ("val_fraction", 1.0, "(0, 1)"), ("batch_size", 0, ">= 1"),
+    ("batch_size", 2.5, "integer"), ("lr", 0.0, "> 0"), ("lr", float("nan"), "> 0"), ("lr", "0.1", "number"),
+    ("momentum", 1.0, "[0, 1)"), ("weight_decay", -1e-4, ">= 0"), ("epochs", 0, ">= 1"),
+    ("scheduler", "linear", "cosine, step, constant, warmup_cosine"), ("augment", "flip", "crop, rrc, none"),
+    ("train_mode", "sparse", "full, head"), ("img_size", 8, "[16, 1024]"), ("pretrained", 1, "true or false"),
+    ("gamma", 0.0, "(0, 1]"), ("device", "tpu", "auto, cpu, cuda"), ("seed", -1, ">= 0"),
+]
+
+
+@pytest.mark.parametrize("name,value,allowed", BAD)
+def test_bad_value_names_parameter_and_allowed(name, value, allowed):
+    with pytest.raises(ValueError) as err:
+        make_config("centralized", "smoke", **{name: value})
+    assert name in str(err.value) and allowed in str(err.value)
+
+
+def test_unknown_parameter_and_experiment():
+    with pytest.raises(ValueError, match="unknown parameter.*nc.*allowed"):
+        make_config("centralized", "smoke", nc=5)
+    with pytest.raises(ValueError, match="experiment='central' is unknown"):
+        make_config("central", "smoke")
+
+
+def test_combinations(monkeypatch):
+    monkeypatch.delenv("FLME_PROFILE", raising=False)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        make_config("centralized", "smoke", scheduler="warmup_cosine", warmup_epochs=2, epochs=2)
+    with pytest.raises(ValueError, match="pretrained"):
+        make_config("centralized", "smoke", pretrained=True)
+    with pytest.raises(ValueError, match="img_size.*multiple of 16"):
+        make_config("centralized", "full", img_size=200)
+
+
+def test_profiles_and_overrides(monkeypatch):
+    monkeypatch.delenv("FLME_PROFILE", raising=False)
+    full = make_config("centralized", "full")
+    assert full["model"] == "vit_small_patch16_224.dino" and full["pretrained"] and full["img_size"] == 224
+    smoke = make_config("centralized", "smoke", lr=0.123, epochs=7)
+    assert smoke["dataset"] == "synthetic" and smoke["lr"] == 0.123 and smoke["epochs"] == 7
+    assert set(smoke) == set(EXPERIMENTS["centralized"])
+    assert make_config("centralized", "smoke", lr=1)["lr"] == 1.0  # ints accepted for floats
+    monkeypatch.setenv("FLME_PROFILE", "smoke")
+    assert resolve_profile("full") == "smoke"  # the environment wins over the notebook parameter
+    monkeypatch.setenv("FLME_PROFILE", "huge")
+    with pytest.raises(ValueError, match="FLME_PROFILE='huge'.*smoke, full"):
+        resolve_profile("full")
+
+
+def test_parse_value_types():
+    assert parse_value("lr", "0.5") == 0.5 and parse_value("epochs", "3") == 3
+    assert parse_value("eval_test", "false") is False and parse_value("scheduler", "step") == "step"
+    for name, text in [("epochs", "three"), ("eval_test", "maybe")]:
+        with pytest.raises(ValueError, match=name):
+            parse_value(name, text)
+    assert parse_sets(["lr=0.1", "epochs = 2"], "centralized") == {"lr": 0.1, "epochs": 2}
+    with pytest.raises(ValueError, match="name=value"):
+        parse_sets(["lr"], "centralized")
+
+
+def test_every_param_has_a_default_in_both_profiles():
+    for exp, names in EXPERIMENTS.items():
+        for profile in ("smoke", "full"):
+            assert set(make_config(exp, profile)) == set(names)
+    assert set().union(*EXPERIMENTS.values()) <= set(PARAMS)
+
+
+def test_cli_errors_are_one_line(capsys):
+    assert main(["run", "centralized", "--set", "lr=-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: lr=-1.0 is invalid") and "\n" not in err and "Traceback" not in err
+    assert main(["run", "centralized", "--set", "nc=3"]) == 2
+    assert "unknown parameter 'nc'" in capsys.readouterr().err

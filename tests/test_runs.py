@@ -1,0 +1,92 @@
+"""Runs: config-hash folders, atomic checkpoints with fallback, skip when done, exact resume."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import helpers.centralized as centralized
+from helpers.config import make_config
+from helpers.runs import load_checkpoint, open_run, run_id, save_checkpoint, write_results
+
+
+def small(**kw):
+    return make_config("centralized", "smoke", synthetic_train_size=400, epochs=3, **kw)
+
+
+def test_run_id_ignores_bookkeeping_and_tracks_everything_else():
+    a = small()
+    assert run_id(a) == run_id({**a, "device": "cpu", "checkpoint_every": 5})
+    assert run_id(a) != run_id({**a, "lr": 0.2}) and run_id(a) != run_id({**a, "seed": 1})
+
+
+def test_existing_folder_with_other_config_is_refused(tmp_path):
+    run = open_run("centralized", small(), tmp_path)
+    stored = json.loads((run.dir / "config.json").read_text())
+    (run.dir / "config.json").write_text(json.dumps({**stored, "lr": 9.0}))
+    with pytest.raises(ValueError, match="different config"):
+        open_run("centralized", small(), tmp_path)
+
+
+def test_unwritable_run_root_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="not writable.*FLME_RUN_ROOT"):
+        open_run("centralized", small(), blocker / "runs")
+
+
+def test_checkpoint_fallback_to_previous(tmp_path):
+    run = open_run("centralized", small(), tmp_path)
+    assert load_checkpoint(run) is None
+    save_checkpoint(run, {"epoch": 1})
+    save_checkpoint(run, {"epoch": 2})
+    assert load_checkpoint(run)["epoch"] == 2
+    data = (run.dir / "checkpoint.pt").read_bytes()
+    (run.dir / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # truncated by a crash
+    with pytest.warns(UserWarning, match="resuming from checkpoint.prev.pt"):
+        assert load_checkpoint(run)["epoch"] == 1
+    (run.dir / "checkpoint.prev.pt").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="no readable checkpoint.*checkpoint.pt.*Delete"):
+        load_checkpoint(run)
+
+
+def test_done_run_is_skipped(tmp_path, monkeypatch):
+    run = centralized.run_centralized(small(), run_root=tmp_path, progress=False)
+    assert run.done
+    monkeypatch.setattr(centralized, "train_steps", lambda *a, **k: pytest.fail("a finished run trained again"))
+    again = centralized.run_centralized(small(), run_root=tmp_path, progress=False)
+    assert again.summary() == run.summary()
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    reference = centralized.run_centralized(small(), run_root=tmp_path / "a", progress=False)
+    real, calls = centralized.train_steps, []
+
+    def crash_on_third_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if Colab died mid-epoch
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(centralized, "train_steps", crash_on_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        centralized.run_centralized(small(), run_root=tmp_path / "b", progress=False)
+    monkeypatch.setattr(centralized, "train_steps", real)
+    resumed = centralized.run_centralized(small(), run_root=tmp_path / "b", progress=False)
+    cols = [c for c in reference.metrics().columns if c != "elapsed_s"]
+    pd.testing.assert_frame_equal(reference.metrics()[cols], resumed.metrics()[cols])
+    a, b = load_checkpoint(reference)["model"], load_checkpoint(resumed)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_write_results_is_tidy_and_refuses_mixed_profiles(tmp_path):
+    runs = [centralized.run_centralized(small(seed=s), run_root=tmp_path, progress=False) for s in (0, 1)]
+    path = write_results(runs, "demo", root=tmp_path / "results")
+    df = pd.read_csv(path)
+    assert path == tmp_path / "results" / "smoke" / "demo.csv"
+    assert len(df) == 6 and df.groupby("run_id").size().tolist() == [3, 3]
+    assert {"seed", "lr", "epoch", "test_acc", "profile", "experiment"} <= set(df.columns)
+    runs[1].config = {**runs[1].config, "profile": "full"}
+    with pytest.raises(ValueError, match="mix profiles"):
+        write_results(runs, "demo", root=tmp_path / "results")
