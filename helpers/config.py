@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -155,7 +156,8 @@ def make_config(experiment: str, profile: str | None = None, **overrides: object
             f"allowed: {', '.join(sorted(names))}"
         )
     profile = resolve_profile(profile)
-    merged = {**COMMON_DEFAULTS, **PROFILE_DEFAULTS[profile], "profile": profile, **overrides}
+    given = {k: v for k, v in overrides.items() if v is not None}  # None means "the profile's default"
+    merged = {**COMMON_DEFAULTS, **PROFILE_DEFAULTS[profile], "profile": profile, **given}
     config = {name: merged[name] for name in names}
     for name, value in config.items():
         config[name] = check_value(name, value)
@@ -166,6 +168,12 @@ def make_config(experiment: str, profile: str | None = None, **overrides: object
 def check_value(name: str, value: object) -> object:
     """Validate one value against its Param; returns it (ints accepted where floats are expected)."""
     spec = _param(name)
+    if spec.kind in (int, float) and isinstance(value, numbers.Number) and not isinstance(value, bool):
+        # numpy scalars from pandas tables are fine where they are exact
+        if spec.kind is float and isinstance(value, numbers.Real):
+            value = float(value)
+        elif isinstance(value, numbers.Integral):
+            value = int(value)
     ok_type = isinstance(value, spec.kind) and not (spec.kind is int and isinstance(value, bool))
     if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok_type = float(value), True

@@ -210,3 +210,20 @@ def _repo_results() -> Path:
     if os.environ.get(RESULTS_ROOT_ENV):
         return Path(os.environ[RESULTS_ROOT_ENV])
     return Path(__file__).resolve().parent.parent / "results"
+
+
+def final_rows(runs: list[Run], keys: list[str]) -> pd.DataFrame:
+    """One row per run: the config `keys` and the run's last metrics row (for grid tables)."""
+    rows = []
+    for run in runs:
+        m = run.metrics()
+        last = m.iloc[-1].to_dict() if not m.empty else {}
+        rows.append({"run_id": run.id, **{k: run.config[k] for k in keys}, **last})
+    return pd.DataFrame(rows)
+
+
+def seed_summary(runs: list[Run], keys: list[str], metrics: list[str]) -> pd.DataFrame:
+    """Mean, std and count over seeds of each run's final `metrics`, grouped by config `keys`."""
+    table = final_rows(runs, keys + ["seed"])
+    grouped = table.groupby(keys, dropna=False)[metrics] if keys else table[metrics]
+    return grouped.agg(["mean", "std", "count"]) if keys else grouped.agg(["mean", "std", "count"]).T

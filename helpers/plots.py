@@ -1,0 +1,127 @@
+"""Figures for notebooks and the report. Every function returns a matplotlib Figure and never calls show().
+
+Figures are built with `matplotlib.figure.Figure` rather than pyplot: no global state, nothing leaks when
+many are made in a loop, it works headless (MPLBACKEND=Agg), and a notebook still shows a returned Figure.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from helpers.sharding import _as_labels, shard_class_counts
+
+
+def plot_shard_stats(labels, shards, num_classes: int | None = None, title: str | None = None) -> Figure:
+    """Client x class count heatmap (clients on y) beside each client's shard size (bars on the same y)."""
+    y = _as_labels(labels)
+    num_classes = int(y.max()) + 1 if num_classes is None else num_classes
+    counts = shard_class_counts(y, shards, num_classes)
+    sizes = counts.sum(axis=1)
+    k = len(shards)
+
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    ax_map, ax_size = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [4, 1]})
+    # extent puts cell centres on integer client/class ids, so the shared y axis lines up with the bars.
+    im = ax_map.imshow(
+        counts,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        origin="upper",
+        extent=(-0.5, num_classes - 0.5, k - 0.5, -0.5),
+    )
+    ax_map.set_xlabel("class")
+    ax_map.set_ylabel("client")
+    ax_map.set_title("samples per client and class")
+    fig.colorbar(im, ax=ax_map, label="samples", pad=0.01)
+
+    # Touching bars when there are many clients: gaps narrower than a pixel render as stripes.
+    ax_size.barh(np.arange(k), sizes, height=1.0 if k > 40 else 0.8, color="tab:blue", linewidth=0)
+    ax_size.set_xlabel("shard size (samples)")
+    ax_size.set_title(f"sizes {sizes.min()}-{sizes.max()}")
+    ax_size.set_ylim(k - 0.5, -0.5)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_class_histogram(labels, num_classes: int = 100, title: str = "training samples per class") -> Figure:
+    """Bar chart of samples per class (checks the split is stratified and balanced)."""
+    counts = np.bincount(_as_labels(labels), minlength=num_classes)
+    fig = Figure(figsize=(10, 2.8), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(np.arange(num_classes), counts, width=1.0, color="tab:blue", linewidth=0)
+    ax.set_xlabel("class")
+    ax.set_ylabel("samples")
+    ax.set_title(f"{title} (min {counts.min()}, max {counts.max()})")
+    return fig
+
+
+def plot_image_grid(images, labels, rows: int = 4, cols: int = 8, class_names=None) -> Figure:
+    """The first rows*cols uint8 images (N, 3, H, W) with their labels."""
+    n = min(rows * cols, len(images))
+    pictures = np.asarray(images[:n].cpu()).transpose(0, 2, 3, 1)
+    names = [class_names[int(i)] if class_names else str(int(i)) for i in _as_labels(labels)[:n]]
+    fig = Figure(figsize=(cols * 1.2, rows * 1.35), layout="constrained")
+    for i, ax in enumerate(fig.subplots(rows, cols).flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(pictures[i], interpolation="nearest")
+            ax.set_title(names[i], fontsize=8)
+    return fig
+
+
+def plot_curves(df, x: str, metrics: list[str], hue: str | None = None, title: str | None = None,
+                reference: dict[str, float] | None = None) -> Figure:
+    """One panel per metric against `x`; mean +- std band over runs sharing a `hue` value (e.g. seeds).
+
+    `reference` maps a metric to a horizontal line (e.g. the centralized result) drawn dashed.
+    """
+    import seaborn as sns
+
+    fig = Figure(figsize=(5 * len(metrics), 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(metrics)))
+    palette = "colorblind"
+    for ax, metric in zip(axes, metrics):
+        data = df.dropna(subset=[metric]) if metric in df else df.iloc[:0]
+        if data.empty:
+            ax.text(0.5, 0.5, f"{metric}: not run yet", ha="center", va="center", transform=ax.transAxes)
+        else:
+            sns.lineplot(data=data, x=x, y=metric, hue=hue, errorbar="sd", marker="o", ax=ax,
+                         palette=palette if hue else None)
+        if reference and metric in reference:
+            ax.axhline(reference[metric], ls="--", color="grey", label="reference")
+        ax.set_xlabel(x)
+        ax.set_ylabel(metric.replace("_", " ") + (" (fraction)" if metric.endswith("acc") else ""))
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _rounds_frame(df_or_runs):
+    """A tidy DataFrame from a DataFrame, one Run or a list of Runs (metrics joined with config columns)."""
+    import pandas as pd
+
+    from helpers.runs import Run, tidy_results
+
+    if isinstance(df_or_runs, pd.DataFrame):
+        return df_or_runs
+    return tidy_results([df_or_runs] if isinstance(df_or_runs, Run) else list(df_or_runs))
+
+
+def plot_rounds(df_or_runs, metrics: tuple[str, ...] = ("val_acc", "val_loss"), hue: str | None = None,
+                reference: float | dict[str, float] | None = None, title: str | None = None) -> Figure:
+    """FedAvg accuracy/loss against rounds; `reference` (e.g. centralized accuracy) is drawn dashed.
+
+    A number as `reference` goes on the accuracy panels; a dict maps metric -> value.
+    """
+    if reference is not None and not isinstance(reference, dict):
+        reference = {m: float(reference) for m in metrics if m.endswith("acc")}
+    return plot_curves(_rounds_frame(df_or_runs), "round", list(metrics), hue=hue, title=title,
+                       reference=reference)
+
+
+def plot_drift(df_or_runs, hue: str | None = None, title: str | None = "client drift") -> Figure:
+    """Client drift per round: mean update norm and mean pairwise cosine between client updates."""
+    return plot_curves(_rounds_frame(df_or_runs), "round", ["drift_norm", "drift_cos"], hue=hue, title=title)
