@@ -4,6 +4,8 @@ import os
 import tempfile
 
 os.environ.setdefault("FLME_PROFILE", "smoke")
+# Tiny smoke models run fastest single-threaded; two threads on two shared cores can be 40x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 _scratch = tempfile.mkdtemp(prefix="flme-tests-")
 os.environ.setdefault("FLME_RUN_ROOT", os.path.join(_scratch, "runs"))

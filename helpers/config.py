@@ -73,6 +73,17 @@ PARAMS: dict[str, Param] = {
     "dirichlet_alpha": Param(float, low=0, low_open=True),
     "server_lr": Param(float, low=0, low_open=True),
     "client_lr_schedule": _choice("constant", "cosine"),
+    # model editing (sparse fine-tuning, §9): sparsity = fraction of backbone entries FROZEN
+    "sparsity": Param(float, low=0, high=1, high_open=True),
+    "calibration_rounds": Param(int, low=1),
+    "mask_rule": _choice("least_sensitive", "most_sensitive", "lowest_magnitude", "highest_magnitude", "random"),
+    "score_method": _choice("talos", "empirical", "batch"),
+    "calibration_batches": Param(int, low=1),  # per client in federated runs (at most its whole shard)
+    "step0": _choice("sgd", "ridge"),
+    "step0_epochs": Param(int, low=1),
+    "step0_lr": Param(float, low=0, low_open=True),
+    "ridge_lambda": Param(float, low=0, low_open=True),
+    "mask_scope": _choice("global", "local"),
     # evaluation and bookkeeping (not part of the run identity)
     "eval_every": Param(int, low=1),
     "eval_test": Param(bool),
@@ -87,20 +98,25 @@ PARAMS: dict[str, Param] = {
 COMMON_DEFAULTS = {
     "val_fraction": 0.1, "data_seed": 0, "seed": 0, "augment": "crop", "train_mode": "full",
     "momentum": 0.9, "weight_decay": 5e-5, "scheduler": "cosine", "warmup_epochs": 0, "step_size": 3,
-    "gamma": 0.1, "eval_every": 1, "eval_test": True, "checkpoint_every": 1, "checkpoint_minutes": 10.0,
+    "gamma": 0.1, "eval_every": 1, "eval_test": False, "checkpoint_every": 1, "checkpoint_minutes": 10.0,
     "device": "auto", "data_root": "./data", "synthetic_train_size": 3000, "synthetic_test_size": 500,
     "num_clients": 100, "participation": 0.1, "local_steps": 4, "sharding": "iid", "classes_per_client": 5,
     "dirichlet_alpha": 0.5, "server_lr": 1.0, "client_lr_schedule": "constant",
+    "sparsity": 0.9, "calibration_rounds": 4, "mask_rule": "least_sensitive", "score_method": "talos",
+    "step0": "sgd", "step0_lr": 0.1, "ridge_lambda": 1.0, "mask_scope": "global",
 }
 PROFILE_DEFAULTS = {
     "full": {
         "dataset": "cifar100", "model": "vit_small_patch16_224.dino", "pretrained": True, "img_size": 224,
         "batch_size": 64, "eval_batch_size": 256, "lr": 0.01, "epochs": 10, "rounds": 500,
+        "calibration_batches": 8, "step0_epochs": 5,
     },
     "smoke": {
         "dataset": "synthetic", "model": "vit_tiny_smoke", "pretrained": False, "img_size": 32,
-        "batch_size": 32, "eval_batch_size": 500, "lr": 0.05, "epochs": 2, "rounds": 4, "num_clients": 10,
-        "synthetic_train_size": 3000, "synthetic_test_size": 500,
+        # 6000 images: 54 per class in the train split, enough for K=100 clients with Nc=50 (the course grid).
+        "batch_size": 32, "eval_batch_size": 500, "lr": 0.05, "epochs": 2, "rounds": 4,
+        "synthetic_train_size": 6000, "synthetic_test_size": 500,
+        "calibration_batches": 1, "step0_epochs": 2,
     },
 }
 
@@ -113,8 +129,15 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
                                              "eval_test"),
     "fedavg": _DATA + _OPTIM + _BOOK + ("num_clients", "participation", "local_steps", "rounds", "sharding",
                                         "classes_per_client", "dirichlet_alpha", "server_lr",
-                                        "client_lr_schedule"),
+                                        "client_lr_schedule", "eval_test"),
 }
+
+_EDIT = ("sparsity", "calibration_rounds", "mask_rule", "score_method", "calibration_batches", "step0",
+         "step0_epochs", "step0_lr", "ridge_lambda")
+# Sparse fine-tuning trains the masked backbone with the step-0 head frozen: train_mode does not apply.
+EXPERIMENTS["sparse_centralized"] = tuple(n for n in EXPERIMENTS["centralized"] if n != "train_mode") + _EDIT
+EXPERIMENTS["sparse_fedavg"] = tuple(n for n in EXPERIMENTS["fedavg"] if n != "train_mode") + _EDIT + (
+    "mask_scope",)
 
 
 def resolve_profile(profile: str | None = None) -> str:
@@ -209,6 +232,12 @@ def _check_combinations(config: dict) -> None:
         raise ValueError(f"img_size={config['img_size']} is invalid for ViT-S/16: must be a multiple of 16")
     if config["model"] == "vit_tiny_smoke" and config["img_size"] % 8:
         raise ValueError(f"img_size={config['img_size']} is invalid for the tiny ViT: must be a multiple of 8")
+    if config.get("calibration_rounds", 1) > 1 and config["mask_rule"] not in ("least_sensitive", "most_sensitive"):
+        raise ValueError(
+            f"calibration_rounds={config['calibration_rounds']} is invalid with mask_rule={config['mask_rule']!r}: "
+            "rounds only apply to least_sensitive/most_sensitive (magnitude and random masks are one-shot); "
+            "use calibration_rounds=1"
+        )
     if "num_clients" in config:
         if config["sharding"] == "noniid" and config["classes_per_client"] > 100:
             raise ValueError(

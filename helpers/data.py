@@ -142,9 +142,11 @@ def _resample(images: torch.Tensor, params: torch.Tensor, img_size: int) -> torc
     x = images.float()
     p = params.to(x.device, torch.float32)
     u = (torch.arange(img_size, device=x.device, dtype=torch.float32) * 2 + 1) / img_size - 1
+
     def axis(scale, shift, width):
         limit = (1 - 1 / width.clamp(min=1))[:, None]
         return scale[:, None] * torch.minimum(u.abs()[None], limit) * u.sign()[None] + shift[:, None]
+
     gx = axis(p[:, 0], p[:, 1], p[:, 4])
     gy = axis(p[:, 2], p[:, 3], p[:, 4] * p[:, 2].abs() / p[:, 0].abs())
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
@@ -152,8 +154,9 @@ def _resample(images: torch.Tensor, params: torch.Tensor, img_size: int) -> torc
     return _normalize(x)
 
 
-def augment_batch(images: torch.Tensor, generator: torch.Generator, *, img_size: int, mode: str = "crop",
-                  padding: int = 4) -> torch.Tensor:
+def augment_batch(
+    images: torch.Tensor, generator: torch.Generator, *, img_size: int, mode: str = "crop", padding: int = 4
+) -> torch.Tensor:
     """Per-sample random crop (padding 4) or random-resized-crop, horizontal flip, resize, normalise."""
     if mode not in AUGMENTATIONS:
         raise ValueError(f"augment={mode!r} is invalid: must be one of {', '.join(AUGMENTATIONS)}")

@@ -20,8 +20,15 @@ def build_model(name: str, num_classes: int = 100, pretrained: bool = True, img_
     if name == TINY_VIT:
         # Same timm class as DINO ViT-S/16, only smaller: every code path is shared with `full`.
         return timm.models.vision_transformer.VisionTransformer(
-            img_size=img_size, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
-            num_classes=num_classes, global_pool="token", class_token=True,
+            img_size=img_size,
+            patch_size=8,
+            embed_dim=64,
+            depth=2,
+            num_heads=4,
+            mlp_ratio=2.0,
+            num_classes=num_classes,
+            global_pool="token",
+            class_token=True,
         )
     if name != DINO_VIT_S16:
         raise ValueError(f"model={name!r} is not supported; allowed: {', '.join(MODEL_NAMES)}")

@@ -18,8 +18,12 @@ def notebook_paths(selection: list[str] | None = None) -> list[Path]:
     return paths
 
 
-def run_pipeline(profile: str = "smoke", notebooks: list[str] | None = None,
-                 output_dir: str | Path = "notebooks/executed", parameters: dict | None = None) -> list[Path]:
+def run_pipeline(
+    profile: str = "smoke",
+    notebooks: list[str] | None = None,
+    output_dir: str | Path = "notebooks/executed",
+    parameters: dict | None = None,
+) -> list[Path]:
     """Execute each notebook in order with PROFILE=profile (plus `parameters`); returns the executed copies."""
     import papermill
 
@@ -30,7 +34,12 @@ def run_pipeline(profile: str = "smoke", notebooks: list[str] | None = None,
     for path in notebook_paths(notebooks):
         target = out / path.name
         print(f"[pipeline] {path.name} (profile={profile})", flush=True)
-        papermill.execute_notebook(str(path), str(target), parameters={"PROFILE": profile, **(parameters or {})},
-                                   cwd=str(path.parent), progress_bar=False)
+        papermill.execute_notebook(
+            str(path),
+            str(target),
+            parameters={"PROFILE": profile, **(parameters or {})},
+            cwd=str(path.parent),
+            progress_bar=False,
+        )
         done.append(target)
     return done

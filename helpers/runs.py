@@ -85,7 +85,9 @@ class Run:
     def metrics(self) -> pd.DataFrame:
         """The per-epoch/round metrics written so far."""
         path = self.dir / "metrics.csv"
-        return pd.read_csv(path) if path.exists() and path.stat().st_size else pd.DataFrame()
+        if not path.exists() or not path.read_text().strip():  # killed before its first row
+            return pd.DataFrame()
+        return pd.read_csv(path, dtype={"clients": str})
 
 
 def open_run(experiment: str, config: dict, run_root: str | Path | None = None) -> Run:
@@ -227,3 +229,50 @@ def seed_summary(runs: list[Run], keys: list[str], metrics: list[str]) -> pd.Dat
     table = final_rows(runs, keys + ["seed"])
     grouped = table.groupby(keys, dropna=False)[metrics] if keys else table[metrics]
     return grouped.agg(["mean", "std", "count"]) if keys else grouped.agg(["mean", "std", "count"]).T
+
+
+def load_results(name: str, profile: str, root: str | Path | None = None) -> pd.DataFrame | None:
+    """results/<profile>/<name>.csv as written by write_results (same root logic); None if absent or empty."""
+    path = Path(root if root is not None else _repo_results()) / profile / f"{name}.csv"
+    if not path.exists() or not path.read_text().strip():
+        return None
+    try:
+        return pd.read_csv(path, dtype={"clients": str})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError):
+        return None
+
+
+def final_means(df: pd.DataFrame | None, metrics: list[str], step: str = "epoch") -> dict[str, float]:
+    """Mean over runs of each run's last `step` value of every metric in `metrics` that the table has.
+
+    For reference lines (e.g. the centralized result from `load_results`): metrics missing from the table
+    or NaN in every run are left out, so an absent or partial results file gives a smaller (or empty) dict.
+    """
+    if df is None or df.empty or "run_id" not in df or step not in df:
+        return {}
+    last = df.sort_values(step).groupby("run_id", sort=False).tail(1)
+    means = {m: float(last[m].mean()) for m in metrics if m in last and last[m].notna().any()}
+    return means
+
+
+def find_runs(experiment: str, run_root: str | Path | None = None, *, done: bool = True, **match) -> list[Run]:
+    """Runs already on disk under <run_root>/<experiment>/ whose config has every `match` key == value.
+
+    A list, tuple or set as value means "any of these". Reads config.json only (creates nothing), so a
+    notebook can collect the finished cells of a grid that other papermill executions ran. Sorted by folder.
+    """
+    root = Path(run_root) if run_root is not None else default_run_root()
+    found = []
+    for path in sorted((root / experiment).glob("*/config.json")):
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError):  # a folder being created right now, or damaged: not a finished run
+            continue
+        ok = all(
+            k in config and (config[k] in v if isinstance(v, (list, tuple, set)) else config[k] == v)
+            for k, v in match.items()
+        )
+        run = Run(experiment, config, path.parent.name, path.parent)
+        if ok and (run.done or not done):
+            found.append(run)
+    return found

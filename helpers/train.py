@@ -36,8 +36,16 @@ def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def lr_at(step: int, *, base_lr: float, total_steps: int, scheduler: str = "constant", warmup_steps: int = 0,
-          step_size: int = 1, gamma: float = 0.1) -> float:
+def lr_at(
+    step: int,
+    *,
+    base_lr: float,
+    total_steps: int,
+    scheduler: str = "constant",
+    warmup_steps: int = 0,
+    step_size: int = 1,
+    gamma: float = 0.1,
+) -> float:
     """Learning rate at optimizer step `step` (0-based); a pure function, so resume needs no scheduler state."""
     if scheduler == "constant":
         return base_lr
@@ -53,9 +61,19 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, scheduler: str = "cons
     raise ValueError(f"scheduler={scheduler!r} is invalid: must be one of {', '.join(SCHEDULERS)}")
 
 
-def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-                batches: torch.Tensor, generator: torch.Generator, *, img_size: int, augment: str = "crop",
-                lrs: list[float] | None = None, scaler: torch.amp.GradScaler | None = None) -> float:
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batches: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    img_size: int,
+    augment: str = "crop",
+    lrs: list[float] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> float:
     """One optimizer step per row of `batches` (index tensor); returns the mean training loss.
 
     Images are augmented on their device; the loss is summed on the device and read once at the end.
@@ -90,8 +108,9 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, images: torc
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, img_size: int,
-             batch_size: int = 256) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, img_size: int, batch_size: int = 256
+) -> dict[str, float]:
     """Mean cross-entropy and accuracy over a whole split (eval mode, no augmentation)."""
     was_training = model.training
     model.eval()
@@ -99,8 +118,8 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, im
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     for start in range(0, len(images), batch_size):
-        x = eval_batch(images[start:start + batch_size], img_size=img_size)
-        y = labels[start:start + batch_size]
+        x = eval_batch(images[start : start + batch_size], img_size=img_size)
+        y = labels[start : start + batch_size]
         with _autocast(device):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")

@@ -6,12 +6,24 @@ from helpers.__main__ import main, parse_sets
 from helpers.config import EXPERIMENTS, PARAMS, make_config, parse_value, resolve_profile
 
 BAD = [
-    ("val_fraction", 0.0, "(0, 1)"), ("val_fraction", 1.0, "(0, 1)"), ("batch_size", 0, ">= 1"),
-    ("batch_size", 2.5, "integer"), ("lr", 0.0, "> 0"), ("lr", float("nan"), "> 0"), ("lr", "0.1", "number"),
-    ("momentum", 1.0, "[0, 1)"), ("weight_decay", -1e-4, ">= 0"), ("epochs", 0, ">= 1"),
-    ("scheduler", "linear", "cosine, step, constant, warmup_cosine"), ("augment", "flip", "crop, rrc, none"),
-    ("train_mode", "sparse", "full, head"), ("img_size", 8, "[16, 1024]"), ("pretrained", 1, "true or false"),
-    ("gamma", 0.0, "(0, 1]"), ("device", "tpu", "auto, cpu, cuda"), ("seed", -1, ">= 0"),
+    ("val_fraction", 0.0, "(0, 1)"),
+    ("val_fraction", 1.0, "(0, 1)"),
+    ("batch_size", 0, ">= 1"),
+    ("batch_size", 2.5, "integer"),
+    ("lr", 0.0, "> 0"),
+    ("lr", float("nan"), "> 0"),
+    ("lr", "0.1", "number"),
+    ("momentum", 1.0, "[0, 1)"),
+    ("weight_decay", -1e-4, ">= 0"),
+    ("epochs", 0, ">= 1"),
+    ("scheduler", "linear", "cosine, step, constant, warmup_cosine"),
+    ("augment", "flip", "crop, rrc, none"),
+    ("train_mode", "sparse", "full, head"),
+    ("img_size", 8, "[16, 1024]"),
+    ("pretrained", 1, "true or false"),
+    ("gamma", 0.0, "(0, 1]"),
+    ("device", "tpu", "auto, cpu, cuda"),
+    ("seed", -1, ">= 0"),
 ]
 
 

@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from helpers.data import (
-    IMAGENET_MEAN, IMAGENET_STD, augment_batch, eval_batch, make_synthetic, step_batches, stratified_split,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    augment_batch,
+    eval_batch,
+    make_synthetic,
+    step_batches,
+    stratified_split,
 )
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -43,7 +49,9 @@ def test_step_batches_without_replacement_then_wrap():
     b = step_batches(pool, 4, 5, torch.Generator().manual_seed(0))  # 20 draws = two passes over 10
     flat = b.flatten()
     assert b.shape == (5, 4) and set(flat.tolist()) <= set(pool.tolist())
-    assert sorted(flat[:10].tolist()) == list(range(10, 20)) and sorted(flat[10:].tolist()) == list(range(10, 20))
+    assert sorted(flat[:10].tolist()) == list(range(10, 20)) and sorted(flat[10:].tolist()) == list(
+        range(10, 20)
+    )
 
 
 def test_eval_batch_native_size_is_exact_normalisation():
@@ -63,7 +71,7 @@ def test_crop_is_a_padded_crop_with_optional_flip():
     refs = []
     for dy in range(9):
         for dx in range(9):
-            crop = normalise(padded[:, :, dy:dy + 32, dx:dx + 32])
+            crop = normalise(padded[:, :, dy : dy + 32, dx : dx + 32])
             refs += [crop, crop.flip(-1)]
     refs = torch.cat(refs)
     dist = (out[:, None] - refs[None]).abs().flatten(2).amax(-1)

@@ -1,6 +1,5 @@
 """The one training loop, evaluation, schedules, and the centralized experiment on synthetic data."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,11 @@ def test_schedules():
     assert lr_at(50, scheduler="cosine", **kw) == pytest.approx(0.05)
     assert lr_at(100, scheduler="cosine", **kw) == pytest.approx(0.0, abs=1e-12)
     assert [lr_at(s, scheduler="step", step_size=30, gamma=0.5, **kw) for s in (0, 29, 30, 60)] == [
-        0.1, 0.1, 0.05, 0.025]
+        0.1,
+        0.1,
+        0.05,
+        0.025,
+    ]
     warm = [lr_at(s, scheduler="warmup_cosine", warmup_steps=10, **kw) for s in range(100)]
     assert warm[:10] == sorted(warm[:10]) and warm[9] == pytest.approx(0.1) and warm[-1] < 0.001
     assert lr_at(77, scheduler="constant", **kw) == 0.1

@@ -1,0 +1,256 @@
+"""Benchmark: `python -m helpers.bench [--profile smoke|full] [--device cpu|cuda]` prints a table and writes JSON.
+
+Random weights and synthetic images run at the same speed as DINO on CIFAR-100, so `full` sizes need no download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from helpers.config import make_config
+from helpers.data import augment_batch, eval_batch, pick_device, step_batches
+from helpers.models import build_model
+from helpers.runs import Run, load_checkpoint, save_checkpoint
+from helpers.sensitivity import compute_scores
+from helpers.train import amp_dtype, evaluate, make_scaler, train_steps
+
+# Dense fp16/bf16 tensor-core peaks (TFLOP/s) from vendor datasheets, used for model FLOP utilisation.
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "V100": 125.0,
+    "T4": 65.0,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense half-precision peak in FLOP/s, or None (CPU, unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+
+
+def forward_flops(model: torch.nn.Module, img_size: int, device: torch.device) -> float:
+    """FLOPs of one image's forward pass, counted by torch's FlopCounterMode (a multiply-add = 2 FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, img_size, img_size, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(x)
+    return float(counter.get_total_flops())
+
+
+def timed(fn, device: torch.device, repeats: int = 3) -> float:
+    """Best wall time of `repeats` calls after one warm-up (best = least disturbed by other processes)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def fake_images(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return x.to(device), torch.randint(0, 100, (n,), generator=g).to(device)
+
+
+def bench_training(config: dict, device: torch.device, batch: int, steps: int) -> dict:
+    """Training and evaluation throughput (images/s) and model FLOP utilisation of the training step."""
+    torch.manual_seed(0)
+    model = build_model(config["model"], pretrained=False, img_size=config["img_size"]).to(device)
+    x, y = fake_images(batch * steps, device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    scaler = make_scaler(device)
+    gen = torch.Generator().manual_seed(0)
+    batches = step_batches(torch.arange(len(y)), batch, steps, gen)
+    train_s = timed(
+        lambda: train_steps(model, opt, x, y, batches, gen, img_size=config["img_size"], scaler=scaler),
+        device,
+    )
+    eval_s = timed(lambda: evaluate(model, x, y, img_size=config["img_size"], batch_size=batch), device)
+    aug_s = timed(
+        lambda: [augment_batch(x[b.to(device)], gen, img_size=config["img_size"]) for b in batches], device
+    )
+    flops = forward_flops(model, config["img_size"], device)
+    train_ips = batch * steps / train_s
+    peak = peak_flops(device)
+    return {
+        "train_images_per_s": train_ips,
+        "eval_images_per_s": len(y) / eval_s,
+        "forward_gflops_per_image": flops / 1e9,
+        "train_mfu": 3 * flops * train_ips / peak if peak else None,  # backward ~ 2x forward
+        "augment_share_of_step": aug_s / train_s,
+        "batch_size": batch,
+        "amp": str(amp_dtype(device)),
+    }
+
+
+def bench_augmentation(img_size: int, device: torch.device, n: int = 2048, batch: int = 256) -> dict:
+    """On-device batched augmentation vs torchvision/PIL per image with 2 DataLoader workers (Colab)."""
+    import torchvision.transforms as T
+    from PIL import Image
+
+    x, y = fake_images(n, device)
+    gen = torch.Generator().manual_seed(0)
+    ours = timed(
+        lambda: [augment_batch(x[i : i + batch], gen, img_size=img_size) for i in range(0, n, batch)], device
+    )
+    pictures = [Image.fromarray(im.permute(1, 2, 0).cpu().numpy()) for im in x]
+    transform = T.Compose(
+        [
+            T.RandomCrop(32, padding=4),
+            T.RandomHorizontalFlip(),
+            T.Resize(img_size),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
+    dataset = [(p, int(t)) for p, t in zip(pictures, y.cpu())]
+    loader = torch.utils.data.DataLoader(_Mapped(dataset, transform), batch_size=batch, num_workers=2)
+    pil = timed(lambda: [b[0].to(device) for b in loader], device, repeats=1)
+    return {
+        "augment_ours_images_per_s": n / ours,
+        "augment_pil_2workers_images_per_s": n / pil,
+        "augment_speedup": pil / ours,
+    }
+
+
+class _Mapped(torch.utils.data.Dataset):
+    def __init__(self, items, transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        picture, label = self.items[i]
+        return self.transform(picture), label
+
+
+def bench_scoring(config: dict, device: torch.device, n: int) -> dict:
+    """Vectorised per-sample sensitivity scores vs one backward per sample on the same n images."""
+    torch.manual_seed(0)
+    model = build_model(config["model"], pretrained=False, img_size=config["img_size"]).to(device).eval()
+    x, y = fake_images(n, device)
+    batches = [(eval_batch(x, img_size=config["img_size"]), y)]
+    vec = timed(lambda: compute_scores(model, batches, method="empirical"), device, repeats=2)
+    params = [p for name, p in model.named_parameters() if not name.startswith("head.")]
+
+    def loop():
+        total = [torch.zeros_like(p) for p in params]
+        for i in range(n):
+            loss = F.cross_entropy(model(batches[0][0][i : i + 1]), y[i : i + 1])
+            for t, g in zip(total, torch.autograd.grad(loss, params)):
+                t.add_(g.square())
+
+    per_sample = timed(loop, device, repeats=1)
+    return {
+        "scoring_vectorised_s": vec,
+        "scoring_loop_s": per_sample,
+        "scoring_speedup": per_sample / vec,
+        "scoring_samples": n,
+    }
+
+
+def bench_checkpoint(config: dict, device: torch.device) -> dict:
+    """Atomic checkpoint save and load time of model + SGD momentum."""
+    model = build_model(config["model"], pretrained=False, img_size=config["img_size"]).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Run("bench", config, "bench", Path(tmp))
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+        save_s = timed(lambda: save_checkpoint(run, state), device)
+        load_s = timed(lambda: load_checkpoint(run, map_location=device), device)
+        size = (Path(tmp) / "checkpoint.pt").stat().st_size
+    return {"checkpoint_save_s": save_s, "checkpoint_load_s": load_s, "checkpoint_mb": size / 2**20}
+
+
+def bench_fedavg(config: dict) -> dict:
+    """FedAvg round time / the same optimizer steps on one model (target <= 1.10)."""
+    from helpers.fedavg import round_overhead
+
+    r = round_overhead(config)
+    return {
+        "fedavg_round_s": r["round_s"],
+        "fedavg_steps_s": r["steps_s"],
+        "fedavg_overhead_ratio": r["ratio"],
+    }
+
+
+def run_bench(profile: str = "smoke", device: str = "auto", quick: bool = False) -> dict:
+    """Every measurement for `profile` on `device`; returns the results with hardware, versions and date."""
+    dev = pick_device(device)
+    config = make_config("fedavg", profile, device=str(dev.type), pretrained=False)
+    big = profile == "full"
+    batch = 256 if big and dev.type == "cuda" else (8 if big else 64)
+    out = {
+        "profile": profile,
+        "device": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    out.update(bench_training(config, dev, batch, steps=2 if quick else 8))
+    out.update(bench_augmentation(config["img_size"], dev, n=512 if quick else 2048))
+    out.update(bench_scoring(config, dev, n=8 if (quick or (big and dev.type == "cpu")) else 64))
+    out.update(bench_checkpoint(config, dev))
+    if not big or dev.type == "cuda":
+        out.update(
+            bench_fedavg(
+                make_config(
+                    "fedavg", profile, device=str(dev.type), pretrained=False, rounds=4 if quick else 8
+                )
+            )
+        )
+    out["peak_host_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if dev.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m helpers.bench", description=__doc__)
+    parser.add_argument("--profile", choices=("smoke", "full"), default="smoke")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a sanity run)")
+    parser.add_argument("--out", default="results/bench", help="folder for the JSON file")
+    args = parser.parse_args(argv)
+    result = run_bench(args.profile, args.device, args.quick)
+    width = max(map(len, result))
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = "cuda" if "cuda" in str(pick_device(args.device)) else "cpu"
+    path = folder / f"{args.profile}-{tag}-{result['date']}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""FedAvg: equivalence with plain training, server aggregation, sampling, exact resume, validation, drift."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers import fedavg
+from helpers.centralized import build_seeded_model
+from helpers.config import make_config
+from helpers.data import augment_generator, load_data, step_batches
+from helpers.models import set_trainable
+from helpers.runs import Run, load_checkpoint
+from helpers.train import NonFiniteLossError, train_steps
+
+REPO = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two shared cores: a second intra-op thread makes tiny models many times slower, never faster.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_config(**overrides) -> dict:
+    return make_config("fedavg", "smoke", **{**SMALL, **overrides})
+
+
+def fresh_model(config: dict) -> torch.nn.Module:
+    model = build_seeded_model(config, CPU)
+    set_trainable(model, config["train_mode"])
+    return model
+
+
+def client_sgd(model: torch.nn.Module, config: dict) -> torch.optim.SGD:
+    params = [p for p in model.parameters() if p.requires_grad]
+    hyper = {k: config[k] for k in ("lr", "momentum", "weight_decay")}
+    return torch.optim.SGD(params, **hyper)
+
+
+def train_reference(model, data, shard, config, rnd: int, client: int) -> None:
+    """What one client must do: fresh SGD, J steps of train_steps on its own batches and generator."""
+    gen = augment_generator(config["seed"], "client", rnd, client)
+    batches = step_batches(shard, config["batch_size"], config["local_steps"], gen)
+    train_steps(model, client_sgd(model, config), data.train_x, data.train_y, batches, gen,
+                img_size=config["img_size"], augment=config["augment"])  # fmt: skip
+
+
+def test_one_client_with_all_data_equals_plain_training():
+    config = small_config(num_clients=1, participation=1.0, server_lr=1.0, local_steps=3)
+    data = load_data(config, CPU)
+    shards = fedavg.client_shards(config, data)
+    assert torch.equal(shards[0], torch.arange(len(data.train_y)))
+    model, ref = fresh_model(config), fresh_model(config)
+    row = fedavg.fedavg_round(model, data, shards, 0, config)
+    train_reference(ref, data, shards[0], config, 0, 0)
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert row["clients"] == "0" and math.isnan(row["drift_cos"])
+
+
+@pytest.mark.parametrize("server_lr", [1.0, 0.5])
+def test_server_applies_size_weighted_average(server_lr):
+    config = small_config(num_clients=3, participation=1.0, server_lr=server_lr, local_steps=2)
+    data = load_data(config, CPU)
+    shards = [torch.arange(0, 40), torch.arange(40, 140), torch.arange(140, 400)]  # unequal sizes
+    model = fresh_model(config)
+    start = copy.deepcopy(model.state_dict())
+    fedavg.fedavg_round(model, data, shards, 0, config)
+    sizes = torch.tensor([len(s) for s in shards], dtype=torch.float64)
+    clients = []
+    for k, shard in enumerate(shards):
+        ref = fresh_model(config)
+        ref.load_state_dict(start)
+        train_reference(ref, data, shard, config, 0, k)
+        clients.append(copy.deepcopy(ref.state_dict()))
+    for name, got in model.state_dict().items():
+        avg = sum(w / sizes.sum() * c[name].double() for w, c in zip(sizes, clients, strict=True))
+        want = start[name].double() + server_lr * (avg - start[name].double())
+        assert torch.allclose(got.double(), want, atol=1e-6, rtol=0), name
+
+
+def test_rounds_sample_m_distinct_clients_and_clients_use_only_their_shard(tmp_path, monkeypatch):
+    config = small_config(num_clients=10, participation=0.3, local_steps=2, rounds=4, eval_every=2)
+    seen = []
+
+    def recording_train_steps(model, optimizer, images, labels, batches, *args, **kwargs):
+        seen.append(set(batches.flatten().tolist()))
+        return train_steps(model, optimizer, images, labels, batches, *args, **kwargs)
+
+    monkeypatch.setattr(fedavg, "train_steps", recording_train_steps)
+    metrics = fedavg.run_fedavg(config, run_root=tmp_path, progress=False).metrics()
+    shards = fedavg.client_shards(config, load_data(config, CPU))
+    calls = iter(seen)
+    assert list(metrics["round"]) == [1, 2, 3, 4]
+    for rnd, text in enumerate(metrics["clients"].astype(str)):
+        clients = [int(c) for c in text.split()]
+        assert len(clients) == len(set(clients)) == 3 and all(0 <= c < 10 for c in clients)
+        assert clients == fedavg.sample_clients(config["seed"], rnd, 10, 0.3)  # a pure function of the round
+        for k in clients:
+            assert next(calls) <= set(shards[k].tolist()), f"round {rnd + 1}, client {k} left its shard"
+    assert next(calls, None) is None
+    assert metrics["val_acc"].isna().tolist() == [True, False, True, False]
+    assert metrics["test_acc"].isna().tolist() == [True, True, True, False]
+    assert (metrics["upload_bytes"] == 3 * 4 * sum(p.numel() for p in fresh_model(config).parameters())).all()
+
+
+def test_sample_clients_count():
+    assert len(fedavg.sample_clients(0, 0, 10, 0.01)) == 1
+    ids = fedavg.sample_clients(0, 5, 100, 0.1)
+    assert len(set(ids)) == 10 and ids == sorted(ids)
+    assert fedavg.sample_clients(0, 5, 100, 0.1) != fedavg.sample_clients(0, 6, 100, 0.1)
+
+
+def test_rounds_for_budget_keeps_total_steps():
+    assert [fedavg.rounds_for_budget(2000, j) for j in (4, 8, 16)] == [500, 250, 125]
+    assert fedavg.rounds_for_budget(10, 4) == 3
+    with pytest.raises(ValueError, match="local_steps"):
+        fedavg.rounds_for_budget(10, 0)
+
+
+def test_drift_and_aggregation_match_explicit_formulas(monkeypatch):
+    """Clients replaced by known updates: drift_norm, drift_cos and the new weights are checked exactly."""
+    config = small_config(num_clients=4, participation=1.0, server_lr=1.0)
+    data = load_data(config, CPU)
+    shards = [torch.arange(0, 10), torch.arange(10, 30), torch.arange(30, 60), torch.arange(60, 100)]
+    model = fresh_model(config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(0)
+    deltas = [[torch.randn(p.shape, generator=gen) * (k + 1) for p in params] for k in range(4)]
+    calls = iter(deltas)
+
+    def fake_train_steps(model, *args, **kwargs):
+        with torch.no_grad():
+            torch._foreach_add_(params, next(calls))
+        return 1.0
+
+    monkeypatch.setattr(fedavg, "train_steps", fake_train_steps)
+    row = fedavg.fedavg_round(model, data, shards, 0, config)
+    flat = [torch.cat([d.flatten() for d in delta]).double() for delta in deltas]
+    cos = [torch.dot(a, b) / (a.norm() * b.norm()) for i, a in enumerate(flat) for b in flat[i + 1 :]]
+    assert row["drift_norm"] == pytest.approx(float(torch.stack([f.norm() for f in flat]).mean()), rel=1e-5)
+    assert row["drift_cos"] == pytest.approx(float(torch.stack(cos).mean()), abs=1e-5)
+    weights = [len(s) / 100 for s in shards]
+    for i, p in enumerate(params):
+        want = start[i] + sum(w * d[i] for w, d in zip(weights, deltas, strict=True))
+        assert torch.allclose(p, want, atol=1e-5)
+
+
+def test_noniid_clients_drift_further_than_iid():
+    # drift_cos does not separate IID from Nc=1 robustly on random-init smoke models (both ~0);
+    # the update norm does: single-class batches all pull the same way.
+    def drift(sharding: str) -> float:
+        config = small_config(num_clients=100, participation=0.1, local_steps=4, sharding=sharding,
+                              classes_per_client=1, synthetic_train_size=1000)  # fmt: skip
+        data = load_data(config, CPU)
+        row = fedavg.fedavg_round(fresh_model(config), data, fedavg.client_shards(config, data), 0, config)
+        assert -1 <= row["drift_cos"] <= 1
+        return row["drift_norm"]
+
+    assert drift("noniid") > 1.5 * drift("iid")
+
+
+def test_sparse_masks_plug_into_the_same_engine():
+    """A global mask: masked entries never move, upload counts nnz; a per-client mask function works too."""
+    config = small_config(num_clients=4, participation=0.5, local_steps=2)
+    data = load_data(config, CPU)
+    shards = fedavg.client_shards(config, data)
+    model = fresh_model(config)
+    named = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(1)
+    masks = {n: (torch.rand(p.shape, generator=gen) < 0.3).float() for n, p in named.items() if p.ndim == 2}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    row = fedavg.fedavg_round(model, data, shards, 0, config, masks=masks)
+    dense = sum(p.numel() for n, p in named.items() if n not in masks)
+    assert row["upload_bytes"] == 2 * 4 * (dense + sum(int(m.sum()) for m in masks.values()))
+    for n, m in masks.items():
+        assert torch.equal(named[n][m == 0], before[n][m == 0]), n
+        assert not torch.equal(named[n], before[n]), n
+    asked = []
+
+    def per_client(k: int) -> dict:
+        asked.append(k)
+        return {n: torch.zeros_like(m) for n, m in masks.items()}
+
+    row = fedavg.fedavg_round(model, data, shards, 1, config, masks=per_client)
+    assert asked == [int(c) for c in row["clients"].split()]
+    assert row["upload_bytes"] == 2 * 4 * dense
+
+
+def test_head_mode_trains_and_uploads_only_the_head(tmp_path):
+    config = small_config(train_mode="head", num_clients=5, participation=0.4, local_steps=1, rounds=1)
+    run = fedavg.run_fedavg(config, run_root=tmp_path, progress=False)
+    head = sum(p.numel() for n, p in fresh_model(config).named_parameters() if n.startswith("head."))
+    assert run.metrics()["upload_bytes"].tolist() == [2 * 4 * head]
+    final = load_checkpoint(run)["model"]
+    init = fresh_model(config).state_dict()
+    moved = {n for n in init if not torch.equal(final[n], init[n])}
+    assert moved == {"head.weight", "head.bias"}
+
+
+def test_nonfinite_loss_names_round_and_client_and_keeps_no_checkpoint(tmp_path):
+    config = small_config(lr=1e30, num_clients=5, participation=0.4, local_steps=2, rounds=2)
+    with pytest.raises(NonFiniteLossError, match=r"round 1, client \d"):
+        fedavg.run_fedavg(config, run_root=tmp_path, progress=False)
+    assert not list(tmp_path.rglob("checkpoint*.pt"))
+
+
+@pytest.mark.parametrize(
+    "overrides, name",
+    [
+        ({"participation": 0.0}, "participation"),
+        ({"participation": 1.5}, "participation"),
+        ({"local_steps": 0}, "local_steps"),
+        ({"num_clients": 501}, "num_clients"),  # the train split holds 500 samples
+        ({"sharding": "pathological"}, "sharding"),
+        ({"sharding": "noniid", "classes_per_client": 101}, "classes_per_client"),
+        ({"sharding": "noniid", "classes_per_client": 5, "num_clients": 10}, "classes_per_client"),
+        ({"sharding": "noniid", "classes_per_client": 60, "num_clients": 10}, "classes_per_client"),
+    ],
+)
+def test_bad_parameters_fail_before_compute(overrides, name, tmp_path, monkeypatch):
+    def no_compute(*args, **kwargs):
+        raise AssertionError("data or model loaded before validation")
+
+    monkeypatch.setattr(fedavg, "load_data", no_compute)
+    monkeypatch.setattr(fedavg, "build_seeded_model", no_compute)
+    with pytest.raises(ValueError, match=f"^{name}="):
+        fedavg.run_fedavg(run_root=tmp_path, progress=False, **{**SMALL, **overrides})
+    assert not any(tmp_path.iterdir())  # no run folder for an invalid config
+
+
+def test_train_split_size_mirrors_the_data_split(monkeypatch):
+    config = small_config(synthetic_train_size=777, val_fraction=0.15)
+    data = load_data(config, CPU)
+    assert fedavg.train_split_size(config) == len(data.train_y)
+    assert np.array_equal(fedavg.train_class_counts(config), np.bincount(data.train_y.numpy(), minlength=100))
+    monkeypatch.delenv("FLME_PROFILE", raising=False)  # it would override the profile asked for
+    assert fedavg.train_split_size(make_config("fedavg", "full")) == 45_000
+
+
+def cli(*args: str, root: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("FLME_PROFILE", None)
+    cmd = [sys.executable, "-m", "helpers", "run", "fedavg", "--profile", "smoke", *args, "--run-root", root]
+    return subprocess.Popen(
+        [str(c) for c in cmd], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_cli_rejects_bad_parameters_with_one_line(tmp_path):
+    for setting, name in (("participation=1.5", "participation"), ("num_clients=100000", "num_clients")):
+        proc = cli("--set", setting, root=tmp_path)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err
+        assert err.startswith(f"error: {name}=") and err.count("\n") == 1 and "Traceback" not in err
+
+
+RESUME_SETS = (
+    "num_clients=10 participation=0.3 local_steps=2 rounds=20 synthetic_train_size=600 "
+    "synthetic_test_size=100 batch_size=16 checkpoint_every=1 eval_every=3"
+).split()
+
+
+def test_killed_cli_run_resumes_bit_identically(tmp_path):
+    args = [a for s in RESUME_SETS for a in ("--set", s)]
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = cli(*args, root=killed)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        metrics = list(killed.glob("fedavg/*/metrics.csv"))
+        rounds = len(metrics[0].read_text().splitlines()) - 1 if metrics else 0
+        if rounds >= 2 and list(killed.glob("fedavg/*/checkpoint.pt")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-run"
+    (run_dir,) = killed.glob("fedavg/*")
+    assert not (run_dir / "done.json").exists()
+    saved = load_checkpoint(Run("fedavg", {}, run_dir.name, run_dir))
+    for root in (killed, clean):
+        proc = cli(*args, root=root)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    (clean_dir,) = clean.glob("fedavg/*")
+    assert clean_dir.name == run_dir.name
+    final, want = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (run_dir, clean_dir))
+    assert final["round"] == want["round"] == 20
+    for name, tensor in want["model"].items():
+        assert torch.equal(final["model"][name], tensor), name
+    got, ref = (pd.read_csv(d / "metrics.csv").drop(columns="elapsed_s") for d in (run_dir, clean_dir))
+    pd.testing.assert_frame_equal(got, ref, check_exact=True)
+    # The rows before the kill come from the checkpoint (their timings kept): it resumed, not restarted.
+    resumed = pd.read_csv(run_dir / "metrics.csv")["elapsed_s"].tolist()
+    assert resumed[: saved["round"]] == [row["elapsed_s"] for row in saved["metrics"]]
+
+
+def test_round_plots_accept_runs_and_frames(tmp_path):
+    from helpers.plots import plot_drift, plot_rounds
+
+    configs = [
+        small_config(num_clients=5, participation=0.4, local_steps=1, rounds=2, sharding=s)
+        for s in ("iid", "dirichlet")
+    ]
+    runs = [fedavg.run_fedavg(c, run_root=tmp_path, progress=False) for c in configs]
+    fig = plot_drift(runs, hue="sharding")
+    assert len(fig.axes) == 2 and all(ax.lines for ax in fig.axes)
+    fig = plot_rounds(runs[0].metrics(), metrics=("val_acc", "test_acc"), reference=0.5)
+    assert any(line.get_linestyle() == "--" for line in fig.axes[0].lines)
+    fig.savefig(tmp_path / "rounds.png")
