@@ -1,0 +1,167 @@
+"""Faults: SIGKILL at chosen points, torn files, a full disk, bad inputs everywhere, determinism."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import helpers.data
+import helpers.runs as runs
+from helpers.__main__ import RUNNERS, main, runner
+from helpers.config import EXPERIMENTS, PARAMS, Param
+from helpers.runs import load_checkpoint, open_run, save_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+SIZES = ["--set", "synthetic_train_size=600", "--set", "synthetic_test_size=100", "--set", "batch_size=16"]
+JOBS = {
+    "centralized": ["run", "centralized", *SIZES, "--set", "epochs=4"],
+    "fedavg": ["run", "fedavg", *SIZES, "--set", "num_clients=10", "--set", "participation=0.3",
+               "--set", "local_steps=2", "--set", "rounds=4"],
+}
+
+# Each fault kills the process (SIGKILL: no cleanup, no finally) at the n-th call of a function.
+KILL = "os.kill(os.getpid(), signal.SIGKILL)"
+FAULTS = {
+    "during training": ("{module}", "train_steps", 3, KILL),
+    "during evaluation": ("{module}", "evaluate", 2, KILL),
+    # a checkpoint half written to its temporary file, then death
+    "during a checkpoint write": ("helpers.runs", "atomic_write", None,
+                                  "Path(args[0]).write_bytes(args[1][: len(args[1]) // 2]); " + KILL),
+    # a torn metrics.csv line, as a non-atomic append would leave, then death
+    "during a CSV write": ("helpers.runs", "atomic_write", None,
+                           "open(args[0], 'ab').write(b'9,0.1,2.'); " + KILL),
+}
+DRIVER = """
+import os, signal, sys
+from pathlib import Path
+import importlib
+target = importlib.import_module({module!r})
+original, calls = getattr(target, {func!r}), []
+def patched(*args, **kwargs):
+    if {match}:
+        calls.append(1)
+        if len(calls) == {n}:
+            {action}
+    return original(*args, **kwargs)
+setattr(target, {func!r}, patched)
+from helpers.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_cli(args: list[str], root: Path, driver: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLME_PROFILE": "smoke"}
+    code = ["-c", driver] if driver else ["-m", "helpers"]
+    return subprocess.run([sys.executable, *code, *args, "--run-root", str(root)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def final_state(root: Path) -> tuple[pd.DataFrame, dict]:
+    folder = next(p for p in root.glob("*/*") if p.is_dir())
+    assert (folder / "done.json").exists()
+    metrics = pd.read_csv(folder / "metrics.csv", dtype={"clients": str}).drop(columns="elapsed_s")
+    return metrics, torch.load(folder / "checkpoint.pt", weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    out = {}
+    for job, args in JOBS.items():
+        root = tmp_path_factory.mktemp(f"ref-{job}")
+        assert run_cli(args, root).returncode == 0
+        out[job] = final_state(root)
+    return out
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_killed_run_resumes_to_the_uninterrupted_result(job, fault, references, tmp_path):
+    module, func, n, action = FAULTS[fault]
+    module = module.format(module=f"helpers.{job}")
+    if func == "atomic_write":
+        name = ".checkpoint.pt.new" if "checkpoint" in fault else "metrics.csv"
+        match, n = f"Path(args[0]).name == {name!r}", 3
+    else:
+        match = "True"
+    driver = textwrap.dedent(DRIVER).format(module=module, func=func, match=match, n=n, action=action)
+    killed = run_cli(JOBS[job], tmp_path, driver)
+    assert killed.returncode == -9, f"the fault did not fire: {killed.stderr[-500:]}"
+    assert run_cli(JOBS[job], tmp_path).returncode == 0
+    metrics, weights = final_state(tmp_path)
+    ref_metrics, ref_weights = references[job]
+    pd.testing.assert_frame_equal(metrics, ref_metrics)  # no duplicated, missing or torn rows
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
+
+
+def test_same_command_twice_gives_identical_metrics(tmp_path, capsys):
+    for root in ("a", "b"):
+        assert main([*JOBS["fedavg"], "--run-root", str(tmp_path / root)]) == 0
+    a, b = (final_state(tmp_path / r)[0] for r in ("a", "b"))
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    from helpers.config import make_config
+
+    run = open_run("centralized", make_config("centralized", "smoke"), tmp_path)
+    save_checkpoint(run, {"epoch": 1})
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(run, {"epoch": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(run)["epoch"] == 1
+    assert sorted(p.name for p in run.dir.iterdir()) == ["checkpoint.pt", "config.json"]  # no stray temp files
+
+
+def bad_values(spec: Param) -> list:
+    """Values every parameter must refuse: wrong type, and out of range or not among the choices."""
+    if spec.choices:
+        return ["bogus", 3]
+    if spec.kind is bool:
+        return ["yes"]
+    if spec.kind is str:
+        return [42]
+    values = ["abc"]
+    if spec.low is not None:
+        values.append(spec.low if spec.low_open else spec.low - 1)
+    if spec.high is not None:
+        values.append(spec.high if spec.high_open else spec.high + 1)
+    if spec.kind is int:
+        values.append(1.5)
+    return values
+
+
+CASES = [(exp, name, value) for exp in sorted(set(EXPERIMENTS) & set(RUNNERS)) for name in EXPERIMENTS[exp]
+         if name != "profile" for value in bad_values(PARAMS[name])]
+
+
+@pytest.mark.parametrize("experiment,name,value", CASES)
+def test_every_bad_parameter_fails_before_any_data_is_loaded(experiment, name, value, tmp_path, monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was loaded before the parameters were validated")
+
+    monkeypatch.setattr(helpers.data, "_load_data", no_data)
+    with pytest.raises(ValueError) as err:
+        runner(experiment)(run_root=tmp_path, progress=False, **{name: value})
+    assert f"{name}=" in str(err.value) and "must" in str(err.value)
+    assert not any(tmp_path.iterdir()), "a run folder was created for an invalid config"
+
+
+def test_papermill_parameter_errors_are_clear(tmp_path):
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError, match="epochs=0 is invalid"):
+        papermill.execute_notebook(str(REPO / "notebooks" / "01_centralized.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"EPOCHS": 0}, cwd=str(REPO / "notebooks"), progress_bar=False)
