@@ -104,7 +104,7 @@ def centralized_training(
             )
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"run {run.id}, epoch {epoch + 1}: {exc}") from None
-        row = {"epoch": epoch + 1, "lr": lrs[-1], "train_loss": train_loss}
+        row = {"epoch": epoch + 1, "current_lr": lrs[-1], "train_loss": train_loss}
         last = epoch + 1 == epochs
         if (epoch + 1) % config["eval_every"] == 0 or last:
             row.update(_eval(model, data.val_x, data.val_y, "val", config))

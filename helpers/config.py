@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import math
 import numbers
 import os
@@ -138,6 +139,16 @@ _EDIT = ("sparsity", "calibration_rounds", "mask_rule", "score_method", "calibra
 EXPERIMENTS["sparse_centralized"] = tuple(n for n in EXPERIMENTS["centralized"] if n != "train_mode") + _EDIT
 EXPERIMENTS["sparse_fedavg"] = tuple(n for n in EXPERIMENTS["fedavg"] if n != "train_mode") + _EDIT + (
     "mask_scope",)
+
+
+def as_list(value: object) -> list:
+    """A notebook list parameter as a list: papermill `-p NAME "[1, 5]"` passes text, `-y` passes a list."""
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{value!r} is not a list: write it like [1, 5] (or pass it with papermill -y)") from None
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def resolve_profile(profile: str | None = None) -> str:

@@ -96,9 +96,14 @@ def client_shards(config: dict, data: Data) -> list[Tensor]:
     return [torch.from_numpy(s) for s in shards]
 
 
+def clients_per_round(num_clients: int, participation: float) -> int:
+    """m = max(1, round(C*K)), rounding half up (C=0.025, K=100 gives 3, not Python's 2)."""
+    return max(1, math.floor(participation * num_clients + 0.5))
+
+
 def sample_clients(seed: int, rnd: int, num_clients: int, participation: float) -> list[int]:
-    """m = max(1, round(C*K)) distinct client ids for round `rnd` (0-based), sorted."""
-    m = max(1, math.floor(participation * num_clients + 0.5))  # half up: C=0.025, K=100 gives 3, not 2
+    """m = clients_per_round(K, C) distinct client ids for round `rnd` (0-based), sorted."""
+    m = clients_per_round(num_clients, participation)
     order = torch.randperm(num_clients, generator=torch_generator(seed, "clients", rnd))
     return sorted(order[:m].tolist())
 
@@ -184,6 +189,8 @@ def fedavg_round(
             raise NonFiniteLossError(f"round {rnd + 1}, client {k}: {exc}") from None
         norms.append(_accumulate(params, start, avg, unit_sum, len(shards[k]) / total))
         uploaded += shared if shared is not None else upload_bytes(model, own)
+    if masks is not None and not callable(masks):
+        _keep_frozen(model, start, avg, masks)
     _server_step(params, start, avg, config["server_lr"])
     # Mean pairwise cosine from the sum S of unit updates: |S|^2 = m + sum_{i != j} cos_ij.
     m, s2 = len(clients), _global_norm(unit_sum).item() ** 2
@@ -226,6 +233,18 @@ def _accumulate(
     torch._foreach_div_(params, norm.clamp_min(1e-30))  # a zero update adds nothing to unit_sum
     torch._foreach_add_(unit_sum, params)
     return norm
+
+
+@torch.no_grad()
+def _keep_frozen(
+    model: nn.Module, start: list[Tensor], avg: list[Tensor], masks: Mapping[str, Tensor]
+) -> None:
+    """avg <- w where the global mask is 0: the weighted mean of identical values can round off by an ulp,
+    which would move frozen entries; this keeps them bit-exact (lerp(w, w, lr) == w)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for name, w, a in zip(names, start, avg, strict=True):
+        if name in masks:
+            a.copy_(torch.where(masks[name].to(a.device).bool(), a, w))
 
 
 @torch.no_grad()

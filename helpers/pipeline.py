@@ -30,6 +30,8 @@ def run_pipeline(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MPLBACKEND", "Agg")
+    if profile == "smoke":  # tiny models: one thread per kernel; more fight over the cores and run 10x slower
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     done = []
     for path in notebook_paths(notebooks):
         target = out / path.name

@@ -127,8 +127,9 @@ def plot_drift(df_or_runs, hue: str | None = None, title: str | None = "client d
     return plot_curves(_rounds_frame(df_or_runs), "round", ["drift_norm", "drift_cos"], hue=hue, title=title)
 
 
-def plot_heatmap(df, index: str, columns: str, value: str, fmt: str = ".3f", title: str | None = None,
-                 cmap: str = "viridis") -> Figure:
+def plot_heatmap(
+    df, index: str, columns: str, value: str, fmt: str = ".3f", title: str | None = None, cmap: str = "viridis"
+) -> Figure:
     """Annotated heatmap of `value` (mean over rows sharing a cell, e.g. seeds) over (`index`, `columns`).
 
     Rows and columns keep their order of first appearance in `df` (so e.g. an "IID" row can be put last);
@@ -146,8 +147,9 @@ def plot_heatmap(df, index: str, columns: str, value: str, fmt: str = ".3f", tit
         ax.text(0.5, 0.5, f"{value}: not run yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
     else:
-        sns.heatmap(table, annot=True, fmt=fmt, cmap=cmap, ax=ax, cbar_kws={"label": value.replace("_", " ")},
-                    linewidths=0.5)
+        sns.heatmap(
+            table, annot=True, fmt=fmt, cmap=cmap, ax=ax, cbar_kws={"label": value.replace("_", " ")}, linewidths=0.5
+        )
         ax.set_xlabel(columns)
         ax.set_ylabel(index)
         ax.tick_params(axis="y", rotation=0)
@@ -156,8 +158,9 @@ def plot_heatmap(df, index: str, columns: str, value: str, fmt: str = ".3f", tit
     return fig
 
 
-def plot_facets(df, x: str, metric: str, col: str, hue: str | None = None, title: str | None = None,
-                reference: float | None = None) -> Figure:
+def plot_facets(
+    df, x: str, metric: str, col: str, hue: str | None = None, title: str | None = None, reference: float | None = None
+) -> Figure:
     """One panel per value of `col` (e.g. J), `metric` against `x` with one line per `hue` (e.g. Nc).
 
     Shared y axis so panels compare; mean +- std band over runs sharing (col, hue) (seeds); `reference` is
@@ -165,28 +168,42 @@ def plot_facets(df, x: str, metric: str, col: str, hue: str | None = None, title
     """
     import pandas as pd
     import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
 
     data = df.dropna(subset=[metric]) if metric in df else df.iloc[:0]
     panels = list(pd.unique(df[col])) if col in df else []
     fig = Figure(figsize=(4.2 * max(1, len(panels)) + 1.2, 3.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, max(1, len(panels)), sharey=True, squeeze=False)[0])
     hue_order = list(pd.unique(data[hue])) if hue and not data.empty else None
-    for i, ax in enumerate(axes):
-        part = data[data[col] == panels[i]] if panels else data
+    palette = dict(zip(hue_order, sns.color_palette("colorblind", len(hue_order)))) if hue_order else None
+    parts = [data[data[col] == value] for value in panels] if panels else [data]
+    with_data = [i for i, part in enumerate(parts) if not part.empty]
+    for i, (ax, part) in enumerate(zip(axes, parts)):
         if part.empty:
             ax.text(0.5, 0.5, f"{metric}: not run yet", ha="center", va="center", transform=ax.transAxes)
-        else:
-            sns.lineplot(data=part, x=x, y=metric, hue=hue, hue_order=hue_order, errorbar="sd", marker="o",
-                         markersize=4, ax=ax, palette="colorblind" if hue else None, legend=i == len(axes) - 1)
+        else:  # one legend, on the last panel with data; colours fixed per hue value across panels
+            sns.lineplot(
+                data=part,
+                x=x,
+                y=metric,
+                hue=hue,
+                hue_order=hue_order,
+                errorbar="sd",
+                marker="o",
+                markersize=4,
+                ax=ax,
+                palette=palette,
+                legend=bool(hue) and i == with_data[-1],
+            )
         if reference is not None:
             ax.axhline(reference, ls="--", color="grey", label="reference")
         ax.set_title(f"{col} = {panels[i]}" if panels else metric)
+        if x in df and pd.api.types.is_integer_dtype(df[x]):  # rounds, steps: no fractional ticks
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(x)
         ax.set_ylabel(metric.replace("_", " ") + (" (fraction)" if metric.endswith("acc") else ""))
-    if hue and not data.empty:
-        legend = axes[-1].get_legend()
-        if legend is not None:
-            sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), title=hue)
+    if with_data and axes[with_data[-1]].get_legend() is not None:
+        sns.move_legend(axes[with_data[-1]], "upper left", bbox_to_anchor=(1.02, 1), title=hue)
     if title:
         fig.suptitle(title)
     return fig

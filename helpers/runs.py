@@ -161,6 +161,21 @@ def mark_done(run: Run, summary: dict) -> None:
     atomic_write(run.dir / "done.json", json.dumps(summary, indent=1, sort_keys=True).encode())
 
 
+def save_artifact(run: Run, name: str, obj: object) -> None:
+    """Atomically write a torch-saved object into the run folder (e.g. masks and the step-0 head)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(run.dir / name, buffer.getvalue())
+
+
+def load_artifact(run: Run, name: str, map_location: str | torch.device = "cpu") -> object | None:
+    """The object written by save_artifact, or None if the run has none."""
+    path = run.dir / name
+    if not path.exists():
+        return None
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
 class CheckpointClock:
     """Decides when to checkpoint: every `every` epochs/rounds and at least every `minutes` of wall time."""
 
@@ -181,9 +196,11 @@ def tidy_results(runs: list[Run]) -> pd.DataFrame:
         m = run.metrics()
         if m.empty:
             continue
+        clash = sorted(set(run.config) & set(m.columns))
+        if clash:  # a metric named like a parameter would hide the parameter's value
+            raise ValueError(f"{run.dir}/metrics.csv has columns named like parameters: {clash}")
         for key, value in run.config.items():
-            if key not in m.columns:
-                m[key] = value
+            m[key] = value
         m.insert(0, "run_id", run.id)
         m.insert(1, "experiment", run.experiment)
         frames.append(m)

@@ -53,7 +53,7 @@ def test_centralized_beats_chance_on_synthetic_data(tmp_path):
     m = run.metrics()
     assert list(m["epoch"]) == [1, 2, 3] and m["train_loss"].iloc[-1] < m["train_loss"].iloc[0]
     assert run.summary()["test_acc"] > 0.10  # chance is 0.01
-    assert {"val_loss", "val_acc", "test_loss", "test_acc", "lr", "elapsed_s"} <= set(m.columns)
+    assert {"val_loss", "val_acc", "test_loss", "test_acc", "current_lr", "elapsed_s"} <= set(m.columns)
 
 
 def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):

@@ -1,0 +1,147 @@
+"""helpers.report: loading, summaries, LaTeX tables from tiny hand-made CSVs, figures, and the LaTeX build."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers import report
+
+REPO = Path(__file__).resolve().parent.parent
+PROFILE = "smoke"
+
+
+def _runs(experiment: str, step: str, steps: int, grid: list[dict], fed: bool = False) -> pd.DataFrame:
+    """Tidy rows (schema of helpers.report) for every config in `grid`, made up numbers, no training."""
+    rows = []
+    for i, config in enumerate(grid):
+        for t in range(1, steps + 1):
+            acc = 0.1 + 0.05 * t + 0.01 * i
+            row = {"run_id": f"{experiment[:3]}{i:03d}", "experiment": experiment, "profile": PROFILE, **config,
+                   step: t, "train_loss": 4.0 - 0.3 * t, "val_loss": 4.1 - 0.3 * t, "val_acc": acc,
+                   "test_loss": 4.2 - 0.3 * t if t == steps else np.nan, "test_acc": acc if t == steps else np.nan,
+                   "elapsed_s": 0.5 * t}
+            if fed:
+                row.update(upload_bytes=4000 * (1 + i), drift_norm=1.0 + 0.1 * i, drift_cos=0.5 - 0.05 * i)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_fixture(root: Path) -> Path:
+    """A results root with one small CSV per results file the report uses."""
+    folder = root / PROFILE
+    folder.mkdir(parents=True)
+    seeds = [0, 1]
+    base = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-5, "scheduler": "cosine"}
+    files = {
+        "centralized_probe": _runs("centralized", "epoch", 2, [{**base, "train_mode": "head", "seed": 0}]),
+        "centralized_grid": _runs("centralized", "epoch", 2, [
+            {**base, "lr": lr, "weight_decay": wd, "seed": 0} for lr, wd in product([0.01, 0.03], [0.0, 5e-5])]),
+        "centralized_schedulers": _runs("centralized", "epoch", 3, [
+            {**base, "scheduler": s, "seed": 0} for s in ["cosine", "step", "constant"]]),
+        "centralized_final": _runs("centralized", "epoch", 3, [{**base, "seed": s} for s in seeds]),
+        "fedavg_iid": _runs("fedavg", "round", 3, [{"sharding": "iid", "local_steps": 4, "seed": s} for s in seeds],
+                            fed=True),
+        "fedavg_noniid": _runs("fedavg", "round", 3, [
+            {"sharding": sh, "classes_per_client": nc, "local_steps": j, "seed": 0}
+            for sh, nc in [("noniid", 1), ("noniid", 5), ("iid", 5)] for j in [4, 8]], fed=True),
+        "editing_centralized": _runs("sparse_centralized", "epoch", 2, [
+            {"sparsity": s, "calibration_rounds": r, "mask_rule": "least_sensitive", "seed": 0}
+            for s, r in product([0.9, 0.99], [1, 4])] + [{"train_mode": "full", "seed": 0}]),
+        "editing_federated": _runs("sparse_fedavg", "round", 3, [
+            {"sharding": sh, "classes_per_client": 1, "sparsity": sp, "seed": 0}
+            for sh, sp in product(["iid", "noniid"], [0.9, np.nan])], fed=True),
+        "mask_strategies": _runs("sparse_centralized", "epoch", 2, [
+            {"mask_rule": rule, "sparsity": 0.9, "calibration_rounds": 1, "seed": 0}
+            for rule in ["least_sensitive", "most_sensitive", "random"]]),
+    }
+    for name, frame in files.items():
+        frame.to_csv(folder / f"{name}.csv", index=False)
+    return root
+
+
+@pytest.fixture()
+def results_root(tmp_path: Path) -> Path:
+    return write_fixture(tmp_path / "results")
+
+
+def test_load_results_adds_source_and_refuses_mixed_profiles(results_root: Path):
+    df = report.load_results(PROFILE, results_root)
+    assert {"source", "run_id", "experiment"} <= set(df.columns)
+    assert "fedavg_noniid" in set(df["source"])
+    assert report.check_one_profile(df) == PROFILE
+    with pytest.raises(ValueError, match="mix profiles"):
+        report.check_one_profile(pd.concat([df, df.assign(profile="full")]))
+    assert report.load_results(PROFILE, results_root / "nowhere").empty
+
+
+def test_summarize_gives_mean_std_n_over_seeds(results_root: Path):
+    df = report.load_results(PROFILE, results_root)
+    stats = report.summarize(df[df["source"] == "centralized_final"], ["scheduler"], ["test_acc"])
+    assert stats.loc["cosine", ("test_acc", "n")] == 2
+    assert stats.loc["cosine", ("test_acc", "mean")] == pytest.approx((0.25 + 0.26) / 2)
+
+
+def test_latex_tables_follow_the_csvs(results_root: Path, tmp_path: Path):
+    df = report.load_results(PROFILE, results_root)
+    paths = report.write_tables(df, PROFILE, tmp_path / "gen")
+    texts = {p.stem: p.read_text() for p in paths}
+    assert r"\toprule" in texts["fedavg_grid"] and r"\mathbf" in texts["fedavg_grid"]
+    assert r"\pm" in texts["centralized_final"]
+    assert all("not run yet" not in t for t in texts.values())
+    assert r"\newcommand{\profile}{smoke}" in (tmp_path / "gen" / "profile.tex").read_text()
+
+    path = results_root / PROFILE / "mask_strategies.csv"
+    frame = pd.read_csv(path)
+    frame.loc[frame["test_acc"].notna(), "test_acc"] = 0.123456
+    frame.to_csv(path, index=False)
+    changed = report.write_tables(report.load_results(PROFILE, results_root), PROFILE, tmp_path / "gen2")
+    new = {p.stem: p.read_text() for p in changed}
+    assert new["mask_rules"] != texts["mask_rules"] and "0.123" in new["mask_rules"]
+    assert new["fedavg_grid"] == texts["fedavg_grid"]
+
+
+def test_missing_results_give_placeholders(tmp_path: Path):
+    empty = report.load_results(PROFILE, tmp_path / "none")
+    tables = report.write_tables(empty, PROFILE, tmp_path / "gen")
+    assert all("not run yet" in p.read_text() for p in tables if p.stem != "profile")
+    for name in report.FIGURES:
+        fig = report.make_figure(empty, name, strict=True)
+        assert any("not run yet" in t.get_text() for ax in fig.axes for t in ax.texts)
+
+
+def test_every_figure_builds_from_the_fixture(results_root: Path, tmp_path: Path):
+    df = report.load_results(PROFILE, results_root)
+    figures = report.write_figures(df, PROFILE, tmp_path / "fig", strict=True)
+    for name, fig in figures.items():
+        assert not any("not run yet" in t.get_text() for ax in fig.axes for t in ax.texts), name
+        assert (tmp_path / "fig" / PROFILE / f"{name}.pdf").stat().st_size > 0
+        assert (tmp_path / "fig" / PROFILE / f"{name}.png").stat().st_size > 0
+
+
+def _body_pages(aux: Path) -> int:
+    """Pages before \\label{references-start}, which main.tex puts after a \\clearpage that flushes all floats."""
+    match = re.search(r"\\newlabel\{references-start\}\{\{[^}]*\}\{(\d+)\}", aux.read_text())
+    assert match, "main.tex lost its \\label{references-start}"
+    return int(match.group(1)) - 1
+
+
+@pytest.mark.skipif(shutil.which("latexmk") is None, reason="latexmk not installed: the LaTeX build is not checked")
+def test_report_compiles_within_eight_pages(results_root: Path, tmp_path: Path):
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO / "report", copy / "report", ignore=shutil.ignore_patterns("generated", "*.pdf", "*.aux"))
+    df = report.load_results(PROFILE, results_root)
+    report.write_tables(df, PROFILE, copy / "report" / "generated")
+    report.write_figures(df, PROFILE, copy / "figures")
+    done = subprocess.run(["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", "main.tex"],
+                          cwd=copy / "report", capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert (copy / "report" / "main.pdf").stat().st_size > 0
+    assert _body_pages(copy / "report" / "main.aux") <= 8
