@@ -13,6 +13,8 @@ from helpers.config import EXPERIMENTS, PROFILES, make_config, parse_value
 RUNNERS = {
     "centralized": "helpers.centralized:run_centralized",
     "fedavg": "helpers.fedavg:run_fedavg",
+    "sparse_centralized": "helpers.editing:run_sparse_centralized",
+    "sparse_fedavg": "helpers.editing:run_sparse_fedavg",
 }
 
 

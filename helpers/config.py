@@ -110,7 +110,7 @@ PROFILE_DEFAULTS = {
     "full": {
         "dataset": "cifar100", "model": "vit_small_patch16_224.dino", "pretrained": True, "img_size": 224,
         "batch_size": 64, "eval_batch_size": 256, "lr": 0.01, "epochs": 10, "rounds": 500,
-        "calibration_batches": 8, "step0_epochs": 5,
+        "calibration_batches": 4, "step0_epochs": 5,
     },
     "smoke": {
         "dataset": "synthetic", "model": "vit_tiny_smoke", "pretrained": False, "img_size": 32,

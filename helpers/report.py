@@ -39,12 +39,19 @@ TABLES_ROOT_ENV = "FLME_TABLES_ROOT"
 STEP_COLUMNS = ("epoch", "round")
 PALETTE = "colorblind"
 LABELS = {  # axis labels with units
-    "epoch": "epoch", "round": "communication round", "train_loss": "train loss (cross-entropy, nats)",
-    "val_loss": "validation loss (cross-entropy, nats)", "test_loss": "test loss (cross-entropy, nats)",
-    "val_acc": "validation accuracy (fraction)", "test_acc": "test accuracy (fraction)",
-    "drift_norm": "client update norm (L2)", "drift_cos": "mean pairwise cosine of client updates",
-    "upload_mb": "uploaded by clients, cumulative (MB)", "local_steps": "local steps J",
-    "sparsity": "sparsity (fraction frozen)", "calibration_rounds": "calibration rounds R",
+    "epoch": "epoch",
+    "round": "communication round",
+    "train_loss": "train loss (cross-entropy, nats)",
+    "val_loss": "validation loss (cross-entropy, nats)",
+    "test_loss": "test loss (cross-entropy, nats)",
+    "val_acc": "validation accuracy (fraction)",
+    "test_acc": "test accuracy (fraction)",
+    "drift_norm": "client update norm (L2)",
+    "drift_cos": "mean pairwise cosine of client updates",
+    "upload_mb": "uploaded by clients, cumulative (MB)",
+    "local_steps": "local steps J",
+    "sparsity": "sparsity (fraction frozen)",
+    "calibration_rounds": "calibration rounds R",
 }
 
 
@@ -139,8 +146,10 @@ def with_labels(df: pd.DataFrame) -> pd.DataFrame:
 
 def _setting_order(values) -> list[str]:
     """Non-IID settings by increasing Nc, IID last (from most to least heterogeneous)."""
+
     def key(v: str) -> float:
         return math.inf if v == "IID" else float(re.sub(r"\D", "", v) or 0)
+
     return sorted(pd.unique(pd.Series(list(values)).dropna()), key=key)
 
 
@@ -188,8 +197,17 @@ def write_profile_macro(profile: str, root: str | Path | None = None) -> Path:
 def latex_escape(text: object) -> str:
     """`text` with LaTeX special characters escaped."""
     out = str(text)
-    for char, repl in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
-                       ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}")):
+    for char, repl in (
+        ("\\", r"\textbackslash{}"),
+        ("&", r"\&"),
+        ("%", r"\%"),
+        ("$", r"\$"),
+        ("#", r"\#"),
+        ("_", r"\_"),
+        ("{", r"\{"),
+        ("}", r"\}"),
+        ("~", r"\textasciitilde{}"),
+    ):
         out = out.replace(char, repl)
     return out
 
@@ -205,8 +223,17 @@ def _higher_is_better(metric: str) -> bool:
     return not metric.endswith(("loss", "_s", "bytes", "norm"))
 
 
-def latex_table(df: pd.DataFrame, index: str | list[str], metric: str | list[str], columns: str | None = None, *,
-                digits: int = 3, caption: str = "", label: str = "", higher_is_better: bool | None = None) -> str:
+def latex_table(
+    df: pd.DataFrame,
+    index: str | list[str],
+    metric: str | list[str],
+    columns: str | None = None,
+    *,
+    digits: int = 3,
+    caption: str = "",
+    label: str = "",
+    higher_is_better: bool | None = None,
+) -> str:
     """Booktabs table of final `metric` (mean $\\pm$ std over seeds) per `index` (x `columns`); best in bold.
 
     With `columns`, one metric is pivoted (best over all cells); without, one column per metric (best per column).
@@ -220,8 +247,10 @@ def latex_table(df: pd.DataFrame, index: str | list[str], metric: str | list[str
         m = metrics[0]
         rows_in_order = list(pd.unique(stats.index.droplevel(columns)))
         cols_in_order = list(pd.unique(stats.index.get_level_values(columns)))
-        grid = {s: stats[(m, s)].unstack(columns).reindex(index=rows_in_order, columns=cols_in_order)
-                for s in ("mean", "std", "n")}
+        grid = {
+            s: stats[(m, s)].unstack(columns).reindex(index=rows_in_order, columns=cols_in_order)
+            for s in ("mean", "std", "n")
+        }
         col_keys = list(grid["mean"].columns)
         short = SHORT_NAMES.get(columns, columns)
         headers = [latex_escape(f"{short} = {_fmt_key(c)}" if short else _fmt_key(c)) for c in col_keys]
@@ -235,18 +264,26 @@ def latex_table(df: pd.DataFrame, index: str | list[str], metric: str | list[str
         best_pool = {m: stats[(m, "mean")].to_numpy(dtype=float) for m in metrics}
         row_keys = list(stats.index)
         hib = {m: _higher_is_better(m) if higher_is_better is None else higher_is_better for m in metrics}
-    best = {k: (np.nanmax if hib[k] else np.nanmin)(v) if np.isfinite(v).any() else np.nan
-            for k, v in best_pool.items()}
-    lines = [r"\begin{table}[t]", r"\centering", r"\small",
-             r"\begin{tabular}{" + "l" * len(index) + "r" * len(cells) + "}", r"\toprule",
-             " & ".join([latex_escape(i.replace("_", " ")) for i in index] + headers) + r" \\", r"\midrule"]
+    best = {
+        k: (np.nanmax if hib[k] else np.nanmin)(v) if np.isfinite(v).any() else np.nan for k, v in best_pool.items()
+    }
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        r"\begin{tabular}{" + "l" * len(index) + "r" * len(cells) + "}",
+        r"\toprule",
+        " & ".join([latex_escape(i.replace("_", " ")) for i in index] + headers) + r" \\",
+        r"\midrule",
+    ]
     for pos, key in enumerate(row_keys):
         key_cells = key if isinstance(key, tuple) else (key,)
         row = [latex_escape(_fmt_key(k)) for k in key_cells]
         for name, (mean, std, n) in cells.items():
             mu, sd, count = mean.iloc[pos], std.iloc[pos], n.iloc[pos]
-            row.append(_cell(mu, sd, 0 if pd.isna(count) else int(count), digits,
-                             pd.notna(mu) and np.isclose(mu, best[name])))
+            row.append(
+                _cell(mu, sd, 0 if pd.isna(count) else int(count), digits, pd.notna(mu) and np.isclose(mu, best[name]))
+            )
         lines.append(" & ".join(row) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     if caption:
@@ -265,33 +302,86 @@ def _fmt_key(value: object) -> str:
 
 def placeholder_table(caption: str, label: str, missing: str) -> str:
     """A table that says which results are missing, so the report still compiles."""
-    return "\n".join([
-        r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l}", r"\toprule",
-        r"\textbf{not run yet}: " + latex_escape(missing) + r" \\", r"\bottomrule", r"\end{tabular}",
-        r"\caption{" + caption + "}", r"\label{" + label + "}", r"\end{table}", ""])
+    return "\n".join(
+        [
+            r"\begin{table}[t]",
+            r"\centering",
+            r"\begin{tabular}{l}",
+            r"\toprule",
+            r"\textbf{not run yet}: " + latex_escape(missing) + r" \\",
+            r"\bottomrule",
+            r"\end{tabular}",
+            r"\caption{" + caption + "}",
+            r"\label{" + label + "}",
+            r"\end{table}",
+            "",
+        ]
+    )
 
 
 # name -> (source, index, metric, columns, caption, filter)
 TABLES: dict[str, tuple] = {
-    "centralized_final": ("centralized_*", ["stage", "scheduler"], ["val_acc", "test_acc", "test_loss"], None,
-                          "Centralized fine-tuning: final metrics per stage and learning-rate scheduler.", None),
-    "hparam_search": ("centralized_grid", ["lr", "momentum"], "val_acc", "weight_decay",
-                      "Hyperparameter search (validation accuracy, chosen on the validation split).", None),
-    "fedavg_grid": ("fedavg_noniid", "setting", "test_acc", "local_steps",
-                    "FedAvg final test accuracy per client heterogeneity (Nc classes per client) and local steps J.",
-                    None),
-    "sparse_editing": ("editing_centralized", "sparsity", "test_acc", "calibration_rounds",
-                       "Sparse fine-tuning: final test accuracy per sparsity and calibration rounds R.", "sparse"),
-    "federated_editing": ("editing_federated", "setting", "test_acc", "method",
-                          "Dense vs sparse federated fine-tuning: final test accuracy per client heterogeneity.",
-                          None),
-    "mask_rules": ("mask_strategies", "mask_rule", "test_acc", "sparsity",
-                   "Mask rules: final test accuracy per rule and sparsity.", None),
+    "centralized_final": (
+        "centralized_*",
+        ["stage", "scheduler"],
+        ["val_acc", "test_acc", "test_loss"],
+        None,
+        "Centralized fine-tuning: final metrics per stage and learning-rate scheduler.",
+        None,
+    ),
+    "hparam_search": (
+        "centralized_grid",
+        ["lr", "momentum"],
+        "val_acc",
+        "weight_decay",
+        "Hyperparameter search (validation accuracy, chosen on the validation split).",
+        None,
+    ),
+    "fedavg_grid": (
+        "fedavg_noniid",
+        "setting",
+        "test_acc",
+        "local_steps",
+        "FedAvg final test accuracy per client heterogeneity (Nc classes per client) and local steps J.",
+        None,
+    ),
+    "sparse_editing": (
+        "editing_centralized",
+        "sparsity",
+        "test_acc",
+        "calibration_rounds",
+        "Sparse fine-tuning: final test accuracy per sparsity and calibration rounds R.",
+        "sparse",
+    ),
+    "federated_editing": (
+        "editing_federated",
+        "setting",
+        "test_acc",
+        "method",
+        "Dense vs sparse federated fine-tuning: final test accuracy per client heterogeneity.",
+        None,
+    ),
+    "mask_rules": (
+        "mask_strategies",
+        "mask_rule",
+        "test_acc",
+        "setting",
+        "Mask rules at one sparsity: final test accuracy per rule and client heterogeneity.",
+        None,
+    ),
 }
-SHORT_NAMES = {"local_steps": "J", "calibration_rounds": "R", "weight_decay": "wd", "method": "",
-               "classes_per_client": "Nc"}
-STAGES = {"centralized_probe": "linear probe", "centralized_schedulers": "scheduler comparison",
-          "centralized_final": "final runs"}
+SHORT_NAMES = {
+    "local_steps": "J",
+    "calibration_rounds": "R",
+    "weight_decay": "wd",
+    "method": "",
+    "classes_per_client": "Nc",
+}
+STAGES = {
+    "centralized_probe": "linear probe",
+    "centralized_schedulers": "scheduler comparison",
+    "centralized_final": "final runs",
+}
 
 
 def table_data(df: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -305,8 +395,11 @@ def table_data(df: pd.DataFrame, name: str) -> pd.DataFrame:
     part = with_labels(select(df, source))
     if only:
         part = part[part["method"] == only]
-    needed = [*([index] if isinstance(index, str) else index), *([columns] if columns else []),
-              *([metric] if isinstance(metric, str) else metric)]
+    needed = [
+        *([index] if isinstance(index, str) else index),
+        *([columns] if columns else []),
+        *([metric] if isinstance(metric, str) else metric),
+    ]
     lacking = [c for c in needed if c not in part or part[c].isna().all()]
     if part.empty or lacking:
         raise MissingResults(f"{source}.csv" + (f" (no {', '.join(lacking)})" if lacking else ""))
@@ -315,8 +408,9 @@ def table_data(df: pd.DataFrame, name: str) -> pd.DataFrame:
 
 def _sorted(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Rows sorted by `keys`, sharding settings from Nc=1 up to IID (tables keep this order)."""
-    order = {k: _setting_order(df[k]) if k == "setting" else list(STAGES.values()) for k in keys
-             if k in ("setting", "stage")}
+    order = {
+        k: _setting_order(df[k]) if k == "setting" else list(STAGES.values()) for k in keys if k in ("setting", "stage")
+    }
     ranked = df.assign(**{f"_{k}": df[k].map(v.index) for k, v in order.items()})
     by = [f"_{k}" if k in order else k for k in keys]
     return ranked.sort_values(by, kind="stable").drop(columns=[f"_{k}" for k in order])
@@ -357,8 +451,9 @@ def placeholder_figure(title: str, missing: str) -> Figure:
     fig = Figure(figsize=(6, 2.4), layout="constrained")
     ax = fig.subplots()
     ax.text(0.5, 0.55, "not run yet", ha="center", va="center", fontsize=16, transform=ax.transAxes)
-    ax.text(0.5, 0.3, f"needs results/<profile>/{missing}", ha="center", va="center", fontsize=9,
-            transform=ax.transAxes)
+    ax.text(
+        0.5, 0.3, f"needs results/<profile>/{missing}", ha="center", va="center", fontsize=9, transform=ax.transAxes
+    )
     ax.set_title(title)
     ax.set_axis_off()
     return fig
@@ -369,8 +464,15 @@ def _panels(n: int, width: float = 3.6, height: float = 3.0) -> tuple[Figure, np
     return fig, np.atleast_1d(fig.subplots(1, n, squeeze=False)[0])
 
 
-def _lines(df: pd.DataFrame, x: str, metrics: list[str], hue: str | None, title: str, legend: str | None = None,
-           reference: dict[str, float] | None = None) -> Figure:
+def _lines(
+    df: pd.DataFrame,
+    x: str,
+    metrics: list[str],
+    hue: str | None,
+    title: str,
+    legend: str | None = None,
+    reference: dict[str, float] | None = None,
+) -> Figure:
     """One panel per metric against `x`, mean +- std band over runs sharing `hue`; references dashed."""
     import seaborn as sns
 
@@ -378,8 +480,19 @@ def _lines(df: pd.DataFrame, x: str, metrics: list[str], hue: str | None, title:
     order = _setting_order(df[hue]) if hue == "setting" else (list(pd.unique(df[hue].dropna())) if hue else None)
     for i, (ax, metric) in enumerate(zip(axes, metrics)):
         data = df.dropna(subset=[metric])
-        sns.lineplot(data=data, x=x, y=metric, hue=hue, hue_order=order, errorbar="sd", marker="o", markersize=3,
-                     ax=ax, palette=PALETTE if hue else None, legend=bool(hue) and i == len(metrics) - 1)
+        sns.lineplot(
+            data=data,
+            x=x,
+            y=metric,
+            hue=hue,
+            hue_order=order,
+            errorbar="sd",
+            marker="o",
+            markersize=3,
+            ax=ax,
+            palette=PALETTE if hue else None,
+            legend=bool(hue) and i == len(metrics) - 1,
+        )
         if reference and metric in reference:
             ax.axhline(reference[metric], ls="--", color="grey", label="centralized")
         ax.set_xlabel(LABELS.get(x, x))
@@ -393,16 +506,18 @@ def _lines(df: pd.DataFrame, x: str, metrics: list[str], hue: str | None, title:
 def _label_columns(df: pd.DataFrame, mapping: dict[str, str]) -> pd.Series:
     """A legend label per row naming the configuration, e.g. 'scheduler=cosine, lr=0.01'."""
     cols = [c for c in mapping if c in df and df[c].nunique(dropna=True) > 0]
-    return df[cols].apply(lambda r: ", ".join(f"{mapping[c]}={_fmt_key(v)}" for c, v in r.items() if pd.notna(v)),
-                          axis=1)
+    return df[cols].apply(
+        lambda r: ", ".join(f"{mapping[c]}={_fmt_key(v)}" for c, v in r.items() if pd.notna(v)), axis=1
+    )
 
 
 def fig_centralized_curves(df: pd.DataFrame) -> Figure:
     """Test loss and accuracy per epoch of the final centralized runs (band: seeds)."""
     part = select(df, "centralized_final", ("epoch", "test_acc"))
     part["config"] = _label_columns(part, {"scheduler": "scheduler", "lr": "lr", "weight_decay": "wd"})
-    return _lines(part, "epoch", ["test_loss", "test_acc"], "config", "centralized fine-tuning (final runs)",
-                  "configuration")
+    return _lines(
+        part, "epoch", ["test_loss", "test_acc"], "config", "centralized fine-tuning (final runs)", "configuration"
+    )
 
 
 def fig_schedulers(df: pd.DataFrame) -> Figure:
@@ -416,8 +531,13 @@ def fig_hparam_search(df: pd.DataFrame) -> Figure:
     from helpers.plots import plot_heatmap
 
     part = final_rows(select(df, "centralized_grid", ("lr", "weight_decay", "val_acc")))
-    fig = plot_heatmap(part.sort_values(["lr", "weight_decay"]), "lr", "weight_decay", "val_acc",
-                       title="hyperparameter search (final validation accuracy)")
+    fig = plot_heatmap(
+        part.sort_values(["lr", "weight_decay"]),
+        "lr",
+        "weight_decay",
+        "val_acc",
+        title="hyperparameter search (final validation accuracy)",
+    )
     fig.axes[0].set_ylabel("learning rate")
     fig.axes[0].set_xlabel("weight decay")
     return fig
@@ -436,8 +556,15 @@ def fig_fedavg_iid(df: pd.DataFrame) -> Figure:
     """FedAvg IID validation loss/accuracy per round, centralized final result dashed."""
     part = select(df, "fedavg_iid", ("round", "val_acc"))
     part["config"] = _label_columns(part, {"local_steps": "J", "participation": "C", "num_clients": "K"})
-    return _lines(part, "round", ["val_loss", "val_acc"], "config", "FedAvg, IID shards (dashed: centralized)",
-                  "configuration", reference=_centralized_reference(df))
+    return _lines(
+        part,
+        "round",
+        ["val_loss", "val_acc"],
+        "config",
+        "FedAvg, IID shards (dashed: centralized)",
+        "configuration",
+        reference=_centralized_reference(df),
+    )
 
 
 def fig_fedavg_heatmap(df: pd.DataFrame) -> Figure:
@@ -462,8 +589,19 @@ def fig_fedavg_curves(df: pd.DataFrame) -> Figure:
     fig, axes = _panels(len(steps), width=3.2)
     order = _setting_order(part["setting"])
     for i, (ax, j) in enumerate(zip(axes, steps)):
-        sns.lineplot(data=part[part["local_steps"] == j], x="round", y="val_acc", hue="setting", hue_order=order,
-                     errorbar="sd", marker="o", markersize=3, palette=PALETTE, ax=ax, legend=i == len(steps) - 1)
+        sns.lineplot(
+            data=part[part["local_steps"] == j],
+            x="round",
+            y="val_acc",
+            hue="setting",
+            hue_order=order,
+            errorbar="sd",
+            marker="o",
+            markersize=3,
+            palette=PALETTE,
+            ax=ax,
+            legend=i == len(steps) - 1,
+        )
         ax.set_title(f"J = {int(j)}")
         ax.set_xlabel(LABELS["round"])
         ax.set_ylabel(LABELS["val_acc"])
@@ -482,8 +620,18 @@ def fig_drift(df: pd.DataFrame) -> Figure:
     order = _setting_order(per_run["setting"])
     fig, axes = _panels(2)
     for i, (ax, metric) in enumerate(zip(axes, ["drift_norm", "drift_cos"])):
-        sns.pointplot(data=per_run, x="setting", y=metric, hue="local_steps", order=order, errorbar="sd",
-                      palette=PALETTE, ax=ax, legend=i == 1, markersize=4)
+        sns.pointplot(
+            data=per_run,
+            x="setting",
+            y=metric,
+            hue="local_steps",
+            order=order,
+            errorbar="sd",
+            palette=PALETTE,
+            ax=ax,
+            legend=i == 1,
+            markersize=4,
+        )
         ax.set_xlabel("sharding (classes per client)")
         ax.set_ylabel(LABELS[metric] + " (mean over rounds)")
     if axes[-1].get_legend() is not None:
@@ -500,8 +648,9 @@ def fig_sparse_grid(df: pd.DataFrame) -> Figure:
     sparse = part[part["method"] == "sparse"].sort_values(["sparsity", "calibration_rounds"])
     if sparse.empty or sparse["calibration_rounds"].isna().all():
         raise MissingResults("editing_centralized.csv (no sparse runs)")
-    fig = plot_heatmap(sparse, "sparsity", "calibration_rounds", "test_acc",
-                       title="sparse fine-tuning: final test accuracy")
+    fig = plot_heatmap(
+        sparse, "sparsity", "calibration_rounds", "test_acc", title="sparse fine-tuning: final test accuracy"
+    )
     dense = part.loc[part["method"] == "dense", "test_acc"]
     if not dense.empty:
         fig.axes[0].set_title(f"sparse fine-tuning: final test accuracy (dense: {dense.mean():.3f})")
@@ -526,8 +675,15 @@ def _bars(part: pd.DataFrame, x: str, hue: str, title: str, xlabel: str, legend:
 def fig_dense_vs_sparse(df: pd.DataFrame) -> Figure:
     """Final test accuracy of dense and sparse federated fine-tuning per sharding."""
     part = final_rows(with_labels(select(df, "editing_federated", ("sharding", "test_acc"))))
-    return _bars(part, "setting", "method", "dense vs sparse federated fine-tuning", "sharding (classes per client)",
-                 "method", order=_setting_order(part["setting"]))
+    return _bars(
+        part,
+        "setting",
+        "method",
+        "dense vs sparse federated fine-tuning",
+        "sharding (classes per client)",
+        "method",
+        order=_setting_order(part["setting"]),
+    )
 
 
 def fig_mask_rules(df: pd.DataFrame) -> Figure:
@@ -546,27 +702,48 @@ def fig_communication(df: pd.DataFrame) -> Figure:
     part = with_labels(df.dropna(subset=["upload_bytes", "round"]))
     part = part.sort_values(["source", "run_id", "round"])
     part["upload_mb"] = part.groupby(["source", "run_id"])["upload_bytes"].cumsum() / 1e6
-    part["config"] = part["method"] + ", " + part.get("setting", "") + part["local_steps"].map(
-        lambda j: f", J={int(j)}" if pd.notna(j) else "")
+    part["config"] = (
+        part["method"]
+        + ", "
+        + part.get("setting", "")
+        + part["local_steps"].map(lambda j: f", J={int(j)}" if pd.notna(j) else "")
+    )
     part = part.dropna(subset=["val_acc"])
     fig, axes = _panels(1, width=5.5, height=3.4)
-    sns.lineplot(data=part, x="upload_mb", y="val_acc", hue="config", errorbar="sd", marker="o", markersize=3,
-                 palette=PALETTE, ax=axes[0])
+    sns.lineplot(
+        data=part,
+        x="upload_mb",
+        y="val_acc",
+        hue="config",
+        errorbar="sd",
+        marker="o",
+        markersize=3,
+        palette=PALETTE,
+        ax=axes[0],
+    )
     axes[0].set_xscale("log")
     axes[0].set_xlabel(LABELS["upload_mb"] + ", log scale")
     axes[0].set_ylabel(LABELS["val_acc"])
     if axes[0].get_legend() is not None:
-        sns.move_legend(axes[0], "upper left", bbox_to_anchor=(1.02, 1), title="configuration", frameon=False,
-                        fontsize=7)
+        sns.move_legend(
+            axes[0], "upper left", bbox_to_anchor=(1.02, 1), title="configuration", frameon=False, fontsize=7
+        )
     fig.suptitle("communication cost against accuracy")
     return fig
 
 
 FIGURES: dict[str, Callable[[pd.DataFrame], Figure]] = {
-    "centralized_curves": fig_centralized_curves, "centralized_schedulers": fig_schedulers,
-    "hparam_search": fig_hparam_search, "fedavg_iid": fig_fedavg_iid, "fedavg_heatmap": fig_fedavg_heatmap,
-    "fedavg_curves": fig_fedavg_curves, "client_drift": fig_drift, "sparse_grid": fig_sparse_grid,
-    "dense_vs_sparse": fig_dense_vs_sparse, "mask_rules": fig_mask_rules, "communication": fig_communication,
+    "centralized_curves": fig_centralized_curves,
+    "centralized_schedulers": fig_schedulers,
+    "hparam_search": fig_hparam_search,
+    "fedavg_iid": fig_fedavg_iid,
+    "fedavg_heatmap": fig_fedavg_heatmap,
+    "fedavg_curves": fig_fedavg_curves,
+    "client_drift": fig_drift,
+    "sparse_grid": fig_sparse_grid,
+    "dense_vs_sparse": fig_dense_vs_sparse,
+    "mask_rules": fig_mask_rules,
+    "communication": fig_communication,
 }
 
 
@@ -587,8 +764,9 @@ def make_figure(df: pd.DataFrame, name: str, strict: bool = False) -> Figure:
         return placeholder_figure(name.replace("_", " "), f"(could not plot: {type(exc).__name__})")
 
 
-def write_figures(df: pd.DataFrame, profile: str, root: str | Path | None = None,
-                  strict: bool = False) -> dict[str, Figure]:
+def write_figures(
+    df: pd.DataFrame, profile: str, root: str | Path | None = None, strict: bool = False
+) -> dict[str, Figure]:
     """Make and save every figure in FIGURES as PNG and PDF under figures/<profile>/; returns them."""
     figures = {}
     for name in FIGURES:
@@ -621,9 +799,26 @@ def explorer(df: pd.DataFrame):
     sources = sorted(df["source"].unique()) if "source" in df and not df.empty else []
     if not sources:
         return widgets.HTML("<b>not run yet</b>: no results files for this profile")
-    metrics = [m for m in ("val_acc", "val_loss", "test_acc", "test_loss", "train_loss", "drift_norm", "drift_cos",
-                           "upload_bytes", "elapsed_s") if m in df]
-    config = [c for c in df.columns if c not in (*metrics, *STEP_COLUMNS, "source", "run_id", "clients", "current_lr", "client_lr")]
+    metrics = [
+        m
+        for m in (
+            "val_acc",
+            "val_loss",
+            "test_acc",
+            "test_loss",
+            "train_loss",
+            "drift_norm",
+            "drift_cos",
+            "upload_bytes",
+            "elapsed_s",
+        )
+        if m in df
+    ]
+    config = [
+        c
+        for c in df.columns
+        if c not in (*metrics, *STEP_COLUMNS, "source", "run_id", "clients", "current_lr", "client_lr")
+    ]
     source = widgets.Dropdown(options=sources, description="results")
     metric = widgets.Dropdown(options=metrics, description="metric")
     group = widgets.Dropdown(options=["(none)", "run_id", *config], value="run_id", description="group by")

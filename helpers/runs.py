@@ -225,9 +225,12 @@ def write_results(runs: list[Run], name: str, root: str | Path | None = None) ->
 
 
 def _repo_results() -> Path:
-    # $FLME_RESULTS_ROOT (tests point it elsewhere), else results/ beside the helpers package.
+    # $FLME_RESULTS_ROOT (tests point it elsewhere); Drive in Colab, so results outlive the runtime's clone;
+    # else results/ beside the helpers package.
     if os.environ.get(RESULTS_ROOT_ENV):
         return Path(os.environ[RESULTS_ROOT_ENV])
+    if DRIVE_ROOT.parent.is_dir():
+        return DRIVE_ROOT / "results"
     return Path(__file__).resolve().parent.parent / "results"
 
 
