@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import tempfile
@@ -54,19 +55,21 @@ def forward_flops(model: torch.nn.Module, img_size: int, device: torch.device) -
     return float(counter.get_total_flops())
 
 
+def clock(fn, device: torch.device) -> float:
+    """Wall time of one call, with the GPU's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def timed(fn, device: torch.device, repeats: int = 3) -> float:
     """Best wall time of `repeats` calls after one warm-up (best = least disturbed by other processes)."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return min(clock(fn, device) for _ in range(repeats))
 
 
 def fake_images(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,16 +191,50 @@ def bench_checkpoint(config: dict, device: torch.device) -> dict:
     return {"checkpoint_save_s": save_s, "checkpoint_load_s": load_s, "checkpoint_mb": size / 2**20}
 
 
-def bench_fedavg(config: dict) -> dict:
-    """FedAvg round time / the same optimizer steps on one model (target <= 1.10)."""
-    from helpers.fedavg import round_overhead
+def bench_fedavg(config: dict, repeats: int = 3) -> dict:
+    """FedAvg round time / the same optimizer steps on one model with the same batches (target <= 1.10).
 
-    r = round_overhead(config)
-    return {
-        "fedavg_round_s": r["round_s"],
-        "fedavg_steps_s": r["steps_s"],
-        "fedavg_overhead_ratio": r["ratio"],
-    }
+    The difference is what FedAvg adds: weight copies, fresh optimizers, aggregation, drift statistics.
+    """
+    from helpers.centralized import build_seeded_model
+    from helpers.data import load_data
+    from helpers.fedavg import (
+        check_federated,
+        client_optimizer,
+        client_shards,
+        fedavg_round,
+        local_train,
+        sample_clients,
+    )
+    from helpers.models import set_trainable
+
+    check_federated(config)
+    device = pick_device(config["device"])
+    data = load_data(config, device)
+    model = build_seeded_model(config, device)
+    set_trainable(model, config["train_mode"])
+    shards, scaler = client_shards(config, data), make_scaler(device)
+
+    def plain(rnd: int) -> None:  # one optimizer, no weight copies, no aggregation
+        optimizer = client_optimizer(model, config["lr"], config)
+        for k in sample_clients(config["seed"], rnd, len(shards), config["participation"]):
+            local_train(model, optimizer, data, shards[k], rnd, k, config, scaler)
+
+    fed_s, plain_s = [], []
+    for rnd in range(repeats + 1):  # interleaved so load changes hit both alike; round 0 is a warm-up
+        plain_s.append(clock(lambda r=rnd: plain(r), device))
+        fed_s.append(clock(lambda r=rnd: fedavg_round(model, data, shards, r, config, scaler=scaler), device))
+    round_s, steps_s = min(fed_s[1:]), min(plain_s[1:])
+    return {"fedavg_round_s": round_s, "fedavg_steps_s": steps_s, "fedavg_overhead_ratio": round_s / steps_s}
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux), else the architecture."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 def run_bench(profile: str = "smoke", device: str = "auto", quick: bool = False) -> dict:
@@ -208,12 +245,11 @@ def run_bench(profile: str = "smoke", device: str = "auto", quick: bool = False)
     batch = 256 if big and dev.type == "cuda" else (8 if big else 64)
     out = {
         "profile": profile,
-        "device": torch.cuda.get_device_name(dev)
-        if dev.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_cores": os.cpu_count(),
     }
     out.update(bench_training(config, dev, batch, steps=2 if quick else 8))
     out.update(bench_augmentation(config["img_size"], dev, n=512 if quick else 2048))

@@ -10,7 +10,6 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -328,48 +327,3 @@ def federated_training(
 def _evaluate(model: nn.Module, data: Data, split: str, config: dict) -> dict[str, float]:
     x, y = (data.val_x, data.val_y) if split == "val" else (data.test_x, data.test_y)
     return evaluate(model, x, y, img_size=config["img_size"], batch_size=config["eval_batch_size"])
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-
-def round_overhead(config: dict, repeats: int = 3) -> dict:
-    """Wall time of a FedAvg round / wall time of the same optimizer steps (same batches) on one model.
-
-    Measures what FedAvg adds (weight copies, fresh optimizers, aggregation, drift); target <= 1.10.
-    """
-    check_federated(config)
-    device = pick_device(config["device"])
-    data = load_data(config, device)
-    model = build_seeded_model(config, device)
-    set_trainable(model, config["train_mode"])
-    shards, scaler = client_shards(config, data), make_scaler(device)
-
-    def plain(rnd: int) -> None:  # one optimizer, no weight copies, no aggregation
-        optimizer = client_optimizer(model, config["lr"], config)
-        for k in sample_clients(config["seed"], rnd, len(shards), config["participation"]):
-            local_train(model, optimizer, data, shards[k], rnd, k, config, scaler)
-
-    def timed(fn: Callable[[], object]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
-    fed_s, plain_s = [], []
-    for rnd in range(repeats + 1):  # interleaved so load changes hit both alike; round 0 is a warm-up
-        plain_s.append(timed(partial(plain, rnd)))
-        fed_s.append(timed(partial(fedavg_round, model, data, shards, rnd, config, scaler=scaler)))
-    m = len(sample_clients(config["seed"], 0, len(shards), config["participation"]))
-    round_s, steps_s = min(fed_s[1:]), min(plain_s[1:])  # min: the least disturbed by other processes
-    return {
-        "round_s": round_s,
-        "steps_s": steps_s,
-        "ratio": round_s / steps_s,
-        "clients": m,
-        "local_steps": config["local_steps"],
-        "device": str(device),
-    }
