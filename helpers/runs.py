@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ def default_run_root() -> Path:
         return Path(os.environ[RUN_ROOT_ENV])
     if DRIVE_ROOT.parent.is_dir():
         return DRIVE_ROOT / "runs"
+    if "google.colab" in sys.modules:
+        warnings.warn("Google Drive is not mounted: runs go to ./runs and are lost when the Colab runtime ends. "
+                      "Run the notebook's first cell (it mounts Drive) to keep them.", stacklevel=2)
     return Path("runs")
 
 

@@ -25,7 +25,11 @@ JOBS = {
     "centralized": ["run", "centralized", *SIZES, "--set", "epochs=4"],
     "fedavg": ["run", "fedavg", *SIZES, "--set", "num_clients=10", "--set", "participation=0.3",
                "--set", "local_steps=2", "--set", "rounds=4"],
+    "sparse_fedavg": ["run", "sparse_fedavg", *SIZES, "--set", "num_clients=10", "--set", "participation=0.3",
+                      "--set", "local_steps=2", "--set", "rounds=4", "--set", "sparsity=0.9",
+                      "--set", "calibration_rounds=2"],
 }
+MODULE = {"centralized": "helpers.centralized", "fedavg": "helpers.fedavg", "sparse_fedavg": "helpers.fedavg"}
 
 # Each fault kills the process (SIGKILL: no cleanup, no finally) at the n-th call of a function.
 KILL = "os.kill(os.getpid(), signal.SIGKILL)"
@@ -85,7 +89,7 @@ def references(tmp_path_factory):
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_killed_run_resumes_to_the_uninterrupted_result(job, fault, references, tmp_path):
     module, func, n, action = FAULTS[fault]
-    module = module.format(module=f"helpers.{job}")
+    module = module.format(module=MODULE[job])
     if func == "atomic_write":
         name = ".checkpoint.pt.new" if "checkpoint" in fault else "metrics.csv"
         match, n = f"Path(args[0]).name == {name!r}", 3

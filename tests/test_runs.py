@@ -92,3 +92,15 @@ def test_write_results_is_tidy_and_refuses_mixed_profiles(tmp_path):
     runs[1].config = {**runs[1].config, "profile": "full"}
     with pytest.raises(ValueError, match="mix profiles"):
         write_results(runs, "demo", root=tmp_path / "results")
+
+
+def test_colab_without_drive_warns_and_falls_back(monkeypatch):
+    import sys
+
+    from helpers import runs
+
+    monkeypatch.delenv("FLME_RUN_ROOT", raising=False)
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    monkeypatch.setattr(runs, "DRIVE_ROOT", runs.Path("/nonexistent-drive/MyDrive/x"))
+    with pytest.warns(UserWarning, match="Drive is not mounted"):
+        assert runs.default_run_root() == runs.Path("runs")
