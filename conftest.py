@@ -12,3 +12,10 @@ os.environ.setdefault("FLME_RUN_ROOT", os.path.join(_scratch, "runs"))
 os.environ.setdefault("FLME_RESULTS_ROOT", os.path.join(_scratch, "results"))
 os.environ.setdefault("FLME_FIGURES_ROOT", os.path.join(_scratch, "figures"))
 os.environ.setdefault("FLME_TABLES_ROOT", os.path.join(_scratch, "report-generated"))
+
+
+def pytest_configure(config):
+    # Also when OMP_NUM_THREADS was set elsewhere: tiny smoke models are fastest on one intra-op thread.
+    import torch
+
+    torch.set_num_threads(1)

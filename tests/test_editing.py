@@ -48,15 +48,6 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two shared cores: a second intra-op thread makes tiny models many times slower, never faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def initial_weights(run) -> dict[str, torch.Tensor]:
     """The weights sparse fine-tuning starts from: the seeded backbone and the saved step-0 head."""
     model = build_seeded_model(run.config, CPU)
