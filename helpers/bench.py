@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.config import make_config
+from helpers.cost import forward_flops
 from helpers.data import augment_batch, eval_batch, pick_device, step_batches
 from helpers.models import build_model
 from helpers.runs import Run, load_checkpoint, save_checkpoint
@@ -45,16 +46,6 @@ def peak_flops(device: torch.device) -> float | None:
     return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
 
 
-def forward_flops(model: torch.nn.Module, img_size: int, device: torch.device) -> float:
-    """FLOPs of one image's forward pass, counted by torch's FlopCounterMode (a multiply-add = 2 FLOPs)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.zeros(1, 3, img_size, img_size, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.eval()(x)
-    return float(counter.get_total_flops())
-
-
 def clock(fn, device: torch.device) -> float:
     """Wall time of one call, with the GPU's queue drained before and after."""
     if device.type == "cuda":
@@ -78,8 +69,11 @@ def fake_images(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
     return x.to(device), torch.randint(0, 100, (n,), generator=g).to(device)
 
 
-def bench_training(config: dict, device: torch.device, batch: int, steps: int) -> dict:
-    """Training and evaluation throughput (images/s) and model FLOP utilisation of the training step."""
+def bench_training(config: dict, device: torch.device, batch: int, steps: int, compile: bool = False) -> dict:
+    """Training and evaluation throughput (images/s) and model FLOP utilisation of the training step.
+
+    With `compile`, the same steps again after torch.compile (its compile time is the untimed warm-up).
+    """
     torch.manual_seed(0)
     model = build_model(config["model"], pretrained=False, img_size=config["img_size"]).to(device)
     x, y = fake_images(batch * steps, device)
@@ -95,10 +89,19 @@ def bench_training(config: dict, device: torch.device, batch: int, steps: int) -
     aug_s = timed(
         lambda: [augment_batch(x[b.to(device)], gen, img_size=config["img_size"]) for b in batches], device
     )
-    flops = forward_flops(model, config["img_size"], device)
+    flops = forward_flops(config["model"], config["img_size"])
     train_ips = batch * steps / train_s
     peak = peak_flops(device)
+    out = {}
+    if compile:
+        model.compile()
+        compiled_s = timed(
+            lambda: train_steps(model, opt, x, y, batches, gen, img_size=config["img_size"], scaler=scaler), device
+        )
+        out = {"train_images_per_s_compiled": batch * steps / compiled_s}
+        out["train_mfu_compiled"] = 3 * flops * out["train_images_per_s_compiled"] / peak if peak else None
     return {
+        **out,
         "train_images_per_s": train_ips,
         "eval_images_per_s": len(y) / eval_s,
         "forward_gflops_per_image": flops / 1e9,
@@ -152,7 +155,11 @@ class _Mapped(torch.utils.data.Dataset):
 
 
 def bench_scoring(config: dict, device: torch.device, n: int) -> dict:
-    """Vectorised per-sample sensitivity scores vs one backward per sample on the same n images."""
+    """Vectorised per-sample sensitivity scores vs one backward per sample on the same n images.
+
+    scoring_batched_backward_s is one forward+backward of all n (summed losses): exact per-sample scores
+    cost at least that, so loop / batched is the ceiling of scoring_speedup.
+    """
     torch.manual_seed(0)
     model = build_model(config["model"], pretrained=False, img_size=config["img_size"]).to(device).eval()
     x, y = fake_images(n, device)
@@ -167,12 +174,45 @@ def bench_scoring(config: dict, device: torch.device, n: int) -> dict:
             for t, g in zip(total, torch.autograd.grad(loss, params)):
                 t.add_(g.square())
 
+    def batched():
+        torch.autograd.grad(F.cross_entropy(model(batches[0][0]), y, reduction="sum"), params)
+
     per_sample = timed(loop, device, repeats=1)
+    bound = timed(batched, device, repeats=2)
     return {
         "scoring_vectorised_s": vec,
         "scoring_loop_s": per_sample,
         "scoring_speedup": per_sample / vec,
+        "scoring_batched_backward_s": bound,
         "scoring_samples": n,
+    }
+
+
+def bench_head(config: dict, device: torch.device, batch: int, steps: int) -> dict:
+    """Head-only training (linear probe, step 0): cached features vs the frozen backbone at every step.
+
+    Both do the same `steps` optimizer steps of `batch` images; the one-off feature extraction is timed apart.
+    """
+    from helpers.features import backbone_features
+    from helpers.models import set_trainable
+
+    torch.manual_seed(0)
+    model = build_model(config["model"], pretrained=False, img_size=config["img_size"]).to(device)
+    params = set_trainable(model, "head")
+    x, y = fake_images(batch * steps, device)
+    gen = torch.Generator().manual_seed(0)
+    batches = step_batches(torch.arange(len(y)), batch, steps, gen)
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    opts = dict(img_size=config["img_size"], augment="none", scaler=make_scaler(device))
+    backbone_s = timed(lambda: train_steps(model, opt, x, y, batches, gen, **opts), device)
+    extract_s = timed(lambda: backbone_features(model, x, img_size=config["img_size"], batch_size=batch), device)
+    features = backbone_features(model, x, img_size=config["img_size"], batch_size=batch)
+    cached_s = timed(lambda: train_steps(model.head, opt, features, y, batches, gen, **opts), device)
+    return {
+        "head_steps_backbone_s": backbone_s,
+        "head_steps_cached_s": cached_s,
+        "head_cached_speedup": backbone_s / cached_s,
+        "feature_extraction_images_per_s": len(y) / extract_s,
     }
 
 
@@ -237,7 +277,7 @@ def cpu_name() -> str:
         return platform.machine()
 
 
-def run_bench(profile: str = "smoke", device: str = "auto", quick: bool = False) -> dict:
+def run_bench(profile: str = "smoke", device: str = "auto", quick: bool = False, compile: bool = False) -> dict:
     """Every measurement for `profile` on `device`; returns the results with hardware, versions and date."""
     dev = pick_device(device)
     config = make_config("fedavg", profile, device=str(dev.type), pretrained=False)
@@ -251,9 +291,10 @@ def run_bench(profile: str = "smoke", device: str = "auto", quick: bool = False)
         "cpu_threads": torch.get_num_threads(),
         "cpu_cores": os.cpu_count(),
     }
-    out.update(bench_training(config, dev, batch, steps=2 if quick else 8))
+    out.update(bench_training(config, dev, batch, steps=2 if quick else 8, compile=compile))
     out.update(bench_augmentation(config["img_size"], dev, n=512 if quick else 2048))
     out.update(bench_scoring(config, dev, n=8 if (quick or (big and dev.type == "cpu")) else 64))
+    out.update(bench_head(config, dev, batch, steps=2 if quick or (big and dev.type == "cpu") else 16))
     out.update(bench_checkpoint(config, dev))
     if not big or dev.type == "cuda":
         out.update(
@@ -274,9 +315,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", choices=("smoke", "full"), default="smoke")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a sanity run)")
+    parser.add_argument("--compile", action="store_true", help="also measure training after torch.compile")
     parser.add_argument("--out", default="results/bench", help="folder for the JSON file")
     args = parser.parse_args(argv)
-    result = run_bench(args.profile, args.device, args.quick)
+    result = run_bench(args.profile, args.device, args.quick, args.compile)
     width = max(map(len, result))
     for key, value in result.items():
         print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")

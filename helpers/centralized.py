@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from helpers.config import make_config
 from helpers.data import Data, augment_generator, load_data, pick_device, step_batches
+from helpers.features import head_view
 from helpers.models import build_model, set_trainable
 from helpers.runs import (
     CheckpointClock,
@@ -60,8 +61,12 @@ def centralized_training(
 
     `model` comes in at its initial state (e.g. with a fitted head) and `optimizer` may be SparseSGDM, so
     the same loop serves dense and sparse fine-tuning. A checkpoint, if any, replaces both states.
+    Head-only runs train model.head on cached backbone features (helpers.features); checkpoints hold the model.
     """
     config, device = run.config, data.train_x.device
+    net, inputs = head_view(model, data, config, run.dir.parent.parent)
+    if config["compile"]:
+        net.compile()  # in place: parameter names, checkpoints and the optimizer are unchanged
     scaler = make_scaler(device)
     epochs, batch = config["epochs"], config["batch_size"]
     steps = math.ceil(len(data.train_y) / batch)
@@ -91,10 +96,10 @@ def centralized_training(
         lrs = [lr_at(epoch * steps + i, **schedule) for i in range(steps)]
         try:
             train_loss = train_steps(
-                model,
+                net,
                 optimizer,
-                data.train_x,
-                data.train_y,
+                inputs.train_x,
+                inputs.train_y,
                 batches,
                 gen,
                 img_size=config["img_size"],
@@ -107,15 +112,13 @@ def centralized_training(
         row = {"epoch": epoch + 1, "current_lr": lrs[-1], "train_loss": train_loss}
         last = epoch + 1 == epochs
         if (epoch + 1) % config["eval_every"] == 0 or last:
-            row.update(_eval(model, data.val_x, data.val_y, "val", config))
+            row.update(_eval(net, inputs.val_x, inputs.val_y, "val", config))
         if config["eval_test"] or last:  # the test set only for final numbers, unless curves are asked for
-            row.update(_eval(model, data.test_x, data.test_y, "test", config))
+            row.update(_eval(net, inputs.test_x, inputs.test_y, "test", config))
         elapsed += time.perf_counter() - t0
         row["elapsed_s"] = round(elapsed, 3)
         rows.append(row)
-        bar.set_postfix(
-            {k: round(v, 4) for k, v in row.items() if k in ("train_loss", "val_acc", "test_acc")}
-        )
+        bar.set_postfix({k: round(v, 4) for k, v in row.items() if k in ("train_loss", "val_acc", "test_acc")})
         if clock.due(epoch + 1, final=last):
             state = {
                 "model": model.state_dict(),

@@ -55,6 +55,7 @@ PARAMS: dict[str, Param] = {
     "augment": _choice("crop", "rrc", "none"),
     # optimisation
     "train_mode": _choice("full", "head"),
+    "head_features": _choice("cached", "backbone"),  # head-only runs: train on cached features or via the backbone
     "batch_size": Param(int, low=1),
     "lr": Param(float, low=0, low_open=True),
     "momentum": Param(float, low=0, high=1, high_open=True),
@@ -92,15 +93,17 @@ PARAMS: dict[str, Param] = {
     "checkpoint_every": Param(int, low=1, hashed=False),
     "checkpoint_minutes": Param(float, low=0, low_open=True, hashed=False),
     "device": _choice("auto", "cpu", "cuda", hashed=False),
+    "compile": Param(bool, hashed=False),  # torch.compile the trained module (same math, faster on GPU)
     "data_root": Param(str, hashed=False),
 }
 
 # Profile defaults: `full` is the course's setting, `smoke` the same code paths at toy sizes.
 COMMON_DEFAULTS = {
     "val_fraction": 0.1, "data_seed": 0, "seed": 0, "augment": "crop", "train_mode": "full",
+    "head_features": "cached",
     "momentum": 0.9, "weight_decay": 5e-5, "scheduler": "cosine", "warmup_epochs": 0, "step_size": 3,
     "gamma": 0.1, "eval_every": 1, "eval_test": False, "checkpoint_every": 1, "checkpoint_minutes": 10.0,
-    "device": "auto", "data_root": "./data", "synthetic_train_size": 3000, "synthetic_test_size": 500,
+    "device": "auto", "compile": False, "data_root": "./data", "synthetic_train_size": 3000, "synthetic_test_size": 500,
     "num_clients": 100, "participation": 0.1, "local_steps": 4, "sharding": "iid", "classes_per_client": 5,
     "dirichlet_alpha": 0.5, "server_lr": 1.0, "client_lr_schedule": "constant",
     "sparsity": 0.9, "calibration_rounds": 4, "mask_rule": "least_sensitive", "score_method": "talos",
@@ -123,8 +126,8 @@ PROFILE_DEFAULTS = {
 
 _DATA = ("profile", "dataset", "model", "pretrained", "img_size", "synthetic_train_size",
          "synthetic_test_size", "val_fraction", "data_seed", "seed", "augment", "data_root", "device")
-_OPTIM = ("train_mode", "batch_size", "lr", "momentum", "weight_decay")
-_BOOK = ("eval_every", "eval_batch_size", "checkpoint_every", "checkpoint_minutes")
+_OPTIM = ("train_mode", "head_features", "batch_size", "lr", "momentum", "weight_decay")
+_BOOK = ("eval_every", "eval_batch_size", "checkpoint_every", "checkpoint_minutes", "compile")
 EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "centralized": _DATA + _OPTIM + _BOOK + ("epochs", "scheduler", "warmup_epochs", "step_size", "gamma",
                                              "eval_test"),
@@ -136,8 +139,9 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
 _EDIT = ("sparsity", "calibration_rounds", "mask_rule", "score_method", "calibration_batches", "step0",
          "step0_epochs", "step0_lr", "ridge_lambda")
 # Sparse fine-tuning trains the masked backbone with the step-0 head frozen: train_mode does not apply.
-EXPERIMENTS["sparse_centralized"] = tuple(n for n in EXPERIMENTS["centralized"] if n != "train_mode") + _EDIT
-EXPERIMENTS["sparse_fedavg"] = tuple(n for n in EXPERIMENTS["fedavg"] if n != "train_mode") + _EDIT + (
+_HEAD_ONLY = ("train_mode", "head_features")
+EXPERIMENTS["sparse_centralized"] = tuple(n for n in EXPERIMENTS["centralized"] if n not in _HEAD_ONLY) + _EDIT
+EXPERIMENTS["sparse_fedavg"] = tuple(n for n in EXPERIMENTS["fedavg"] if n not in _HEAD_ONLY) + _EDIT + (
     "mask_scope",)
 
 
@@ -192,6 +196,15 @@ def make_config(experiment: str, profile: str | None = None, **overrides: object
     profile = resolve_profile(profile)
     given = {k: v for k, v in overrides.items() if v is not None}  # None means "the profile's default"
     merged = {**COMMON_DEFAULTS, **PROFILE_DEFAULTS[profile], "profile": profile, **given}
+    if "train_mode" in names and merged["train_mode"] == "head" and merged["head_features"] == "cached":
+        # Cached features are un-augmented: the config states what the run does instead of ignoring `augment`.
+        if given.get("augment", "none") != "none":
+            raise ValueError(
+                f"augment={given['augment']!r} is invalid with train_mode='head' and head_features='cached' "
+                "(cached features are un-augmented): use augment='none', or head_features='backbone' to "
+                "augment through the backbone at every step"
+            )
+        merged["augment"] = "none"
     config = {name: merged[name] for name in names}
     for name, value in config.items():
         config[name] = check_value(name, value)

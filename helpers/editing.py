@@ -16,7 +16,6 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from helpers.centralized import build_seeded_model, centralized_training
 from helpers.config import EXPERIMENTS, make_config
 from helpers.data import NUM_CLASSES, Data, eval_batch, load_data, pick_device, step_batches
+from helpers.features import fingerprint, split_features
 from helpers.fedavg import (
     BYTES_PER_ENTRY,
     check_federated,
@@ -62,7 +62,7 @@ from helpers.sensitivity import (
     overall_density,
 )
 from helpers.sparse_sgdm import SparseSGDM, masks_by_parameter
-from helpers.train import NonFiniteLossError, amp_dtype, evaluate, lr_at
+from helpers.train import NonFiniteLossError, evaluate, lr_at, make_scaler, train_steps
 
 EDITING_FILE = "editing.pt"  # step-0 head, packed masks and calibration cost, in the run folder
 Masks = dict[str, Tensor]
@@ -71,49 +71,9 @@ Masks = dict[str, Tensor]
 # ----------------------------------------------------------------------------- step 0: the head
 
 
-@torch.no_grad()
-def backbone_features(model: nn.Module, images: Tensor, *, img_size: int, batch_size: int = 256) -> Tensor:
-    """Pre-logit features (what model.head sees) of uint8 images: eval mode, no augmentation, float32."""
-    was_training, device = model.training, images.device
-    model.eval()
-    dtype = amp_dtype(device)
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = eval_batch(images[start : start + batch_size], img_size=img_size)
-        with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-            out.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
-    model.train(was_training)
-    return torch.cat(out)
-
-
-_FEATURES: dict[tuple, Tensor] = {}  # the last train-split features: a grid of runs shares one step-0 model
-_FEATURE_KEYS = ("dataset", "data_root", "synthetic_train_size", "synthetic_test_size", "val_fraction",
-                 "data_seed", "model", "img_size", "eval_batch_size")  # fmt: skip
-
-
-@torch.no_grad()
-def _fingerprint(model: nn.Module, head: bool = False) -> tuple[float, ...]:
-    """Per-tensor sums, plain and index-weighted, of the backbone (and head): tells weight states apart."""
-    params = dict(model.named_parameters()) if head else backbone_parameters(model)
-    sums = []
-    for p in params.values():
-        flat = p.detach().double().flatten()
-        sums += [
-            flat.sum(),
-            (flat * torch.arange(1, len(flat) + 1, device=flat.device, dtype=flat.dtype)).sum(),
-        ]
-    return tuple(torch.stack(sums).tolist())
-
-
-def train_features(model: nn.Module, data: Data, config: dict) -> Tensor:
-    """Features of the whole train split (cached per process, keyed by the data and the backbone's weights)."""
-    key = (*(config[k] for k in _FEATURE_KEYS), str(data.train_x.device), _fingerprint(model))
-    if key not in _FEATURES:
-        _FEATURES.clear()
-        _FEATURES[key] = backbone_features(
-            model, data.train_x, img_size=config["img_size"], batch_size=config["eval_batch_size"]
-        )
-    return _FEATURES[key]
+def train_features(model: nn.Module, data: Data, config: dict, run_root: str | Path | None = None) -> Tensor:
+    """Backbone features of the whole train split (cached in memory and under the run root)."""
+    return split_features(model, data, "train", config, run_root)
 
 
 def ridge_statistics(x: Tensor, y: Tensor, num_classes: int = NUM_CLASSES) -> tuple[Tensor, Tensor]:
@@ -138,7 +98,7 @@ def set_head(model: nn.Module, weight: Tensor, bias: Tensor) -> None:
 
 
 def train_head(head: nn.Linear, features: Tensor, labels: Tensor, config: dict) -> float:
-    """SGD with momentum on cached features: step0_epochs epochs of batch_size, cosine from step0_lr."""
+    """SGD with momentum on cached features (the one training loop): step0_epochs epochs, cosine from step0_lr."""
     n, batch, epochs = len(labels), config["batch_size"], config["step0_epochs"]
     steps = math.ceil(n / batch)
     params = list(head.parameters())
@@ -147,34 +107,29 @@ def train_head(head: nn.Linear, features: Tensor, labels: Tensor, config: dict) 
     optimizer = torch.optim.SGD(
         params, lr=config["step0_lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]
     )
-    total = torch.zeros((), device=features.device)
+    scaler, loss = make_scaler(features.device), math.nan
     for epoch in range(epochs):
-        batches = step_batches(torch.arange(n), batch, steps, torch_generator(config["seed"], "step0", epoch))
-        total.zero_()
-        for i, idx in enumerate(batches.to(features.device)):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch * steps + i, base_lr=config["step0_lr"], total_steps=epochs * steps,
-                                    scheduler="cosine")  # fmt: skip
-            loss = F.cross_entropy(head(features[idx]), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-    mean = total.item() / steps
-    if not math.isfinite(mean):
-        raise NonFiniteLossError(
-            f"step 0: head training loss became {mean}; lower step0_lr={config['step0_lr']}"
-        )
-    return mean
+        gen = torch_generator(config["seed"], "step0", epoch)
+        batches = step_batches(torch.arange(n), batch, steps, gen)
+        lrs = [lr_at(epoch * steps + i, base_lr=config["step0_lr"], total_steps=epochs * steps,
+                     scheduler="cosine") for i in range(steps)]  # fmt: skip
+        try:
+            loss = train_steps(head, optimizer, features, labels, batches, gen, img_size=config["img_size"],
+                               lrs=lrs, scaler=scaler)  # fmt: skip
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(f"step 0 (step0_lr={config['step0_lr']}): {exc}") from None
+    return loss
 
 
-def fit_head(model: nn.Module, data: Data, config: dict, *, method: str | None = None) -> dict:
+def fit_head(
+    model: nn.Module, data: Data, config: dict, *, method: str | None = None, run_root: str | Path | None = None
+) -> dict:
     """Step 0, centralized: fit model.head on the frozen backbone's train-split features ("sgd" or "ridge")."""
     method = method or config["step0"]
     if method not in ("sgd", "ridge"):
         raise ValueError(f"step0={method!r} is invalid: must be one of sgd, ridge")
     t0 = time.perf_counter()
-    features = train_features(model, data, config)
+    features = train_features(model, data, config, run_root)
     if method == "ridge":
         set_head(model, *solve_ridge(*ridge_statistics(features, data.train_y), config["ridge_lambda"]))
     else:
@@ -192,7 +147,9 @@ def head_fedavg_config(config: dict) -> dict:
     per_round = m * config["local_steps"] * config["batch_size"]
     rounds = max(1, math.ceil(config["step0_epochs"] * train_split_size(config) / per_round))
     shared = {k: config[k] for k in EXPERIMENTS["fedavg"] if k in config}
-    overrides = {"train_mode": "head", "lr": config["step0_lr"], "rounds": rounds, "eval_every": rounds}
+    # augment=None: the head trains on cached (un-augmented) features, whatever the sparse run augments.
+    overrides = {"train_mode": "head", "lr": config["step0_lr"], "rounds": rounds, "eval_every": rounds,
+                 "augment": None}  # fmt: skip
     return make_config("fedavg", **{**shared, **overrides})
 
 
@@ -209,7 +166,7 @@ def fit_head_federated(
     t0 = time.perf_counter()
     if config["step0"] == "ridge":
         # Row i of the features depends on image i only: this equals every client featurising its own shard.
-        features = train_features(model, data, config)
+        features = train_features(model, data, config, run_root)
         xtx = xty = None
         for shard in shards:  # each client uploads (X_k^T X_k, X_k^T Y_k); the server sums them and solves
             shard = shard.to(features.device)
@@ -221,12 +178,8 @@ def fit_head_federated(
     head_run = run_fedavg(head_fedavg_config(config), run_root=run_root, progress=progress)
     state = load_checkpoint(head_run, map_location=data.train_x.device)
     if state is None:
-        raise RuntimeError(
-            f"step 0: the head's FedAvg run {head_run.dir} has no checkpoint; delete that folder"
-        )
-    model.head.load_state_dict(
-        {k.removeprefix("head."): v for k, v in state["model"].items() if k.startswith("head.")}
-    )
+        raise RuntimeError(f"step 0: the head's FedAvg run {head_run.dir} has no checkpoint; delete that folder")
+    model.head.load_state_dict({k.removeprefix("head."): v for k, v in state["model"].items() if k.startswith("head.")})
     return {
         "step0_s": head_run.summary()["elapsed_s"],
         "step0_upload_bytes": int(head_run.metrics()["upload_bytes"].sum()),
@@ -247,9 +200,7 @@ class Scorer:
     Counts what calibration costs: seconds, samples scored, score tensors uploaded.
     """
 
-    def __init__(
-        self, data: Data, pools: list[Tensor], keys: list[tuple], config: dict, progress: bool = False
-    ):
+    def __init__(self, data: Data, pools: list[Tensor], keys: list[tuple], config: dict, progress: bool = False):
         self.data, self.pools, self.keys, self.config, self.progress = data, pools, keys, config, progress
         self.calls = self.samples = self.uploads = 0
         self.seconds = self.reused_seconds = 0.0  # scoring time, and the part of it taken from the cache
@@ -279,9 +230,7 @@ class Scorer:
                    disable=not self.progress or len(self.pools) < 2)  # fmt: skip
         for pool, key_ in bar:
             gen = torch_generator(self.config["seed"], "talos_labels", *key_)
-            scores = compute_scores(
-                model, self.batches(pool, key_), method=self.config["score_method"], generator=gen
-            )
+            scores = compute_scores(model, self.batches(pool, key_), method=self.config["score_method"], generator=gen)
             self.uploads += 1
             total = scores if total is None else {n: total[n].add_(s) for n, s in scores.items()}
         self.seconds += time.perf_counter() - t0
@@ -299,7 +248,7 @@ class Scorer:
                  "model", "img_size", "seed", "batch_size", "calibration_batches", "score_method")  # fmt: skip
         pools = hashlib.sha1(b"".join(p.cpu().numpy().tobytes() + b"|" for p in self.pools)).hexdigest()
         return (*(self.config[k] for k in names), pools, tuple(self.keys), str(self.data.train_x.device),
-                _fingerprint(model, head=True))  # fmt: skip
+                fingerprint(model, head=True))  # fmt: skip
 
 
 _FIRST_ROUND: dict[tuple, tuple[Masks, tuple]] = {}
@@ -313,9 +262,7 @@ def calibrate(model: nn.Module, scorer: Scorer, config: dict, seed: int | None =
     )  # fmt: skip
 
 
-def calibrate_centralized(
-    model: nn.Module, data: Data, config: dict, progress: bool = False
-) -> tuple[Masks, dict]:
+def calibrate_centralized(model: nn.Module, data: Data, config: dict, progress: bool = False) -> tuple[Masks, dict]:
     """Masks from scores on calibration_batches batches of the train split; returns (masks, cost)."""
     t0 = time.perf_counter()
     scorer = Scorer(data, [torch.arange(len(data.train_y))], [("train",)], config, progress)
@@ -353,8 +300,7 @@ def calibrate_federated(
 def pack_masks(masks: Mapping[str, Tensor]) -> dict[str, tuple[tuple[int, ...], Tensor]]:
     """Bool masks as bits (8x smaller on disk): name -> (shape, uint8 tensor)."""
     return {
-        n: (tuple(m.shape), torch.from_numpy(np.packbits(m.bool().cpu().numpy().ravel())))
-        for n, m in masks.items()
+        n: (tuple(m.shape), torch.from_numpy(np.packbits(m.bool().cpu().numpy().ravel()))) for n, m in masks.items()
     }
 
 
@@ -371,15 +317,9 @@ def load_masks(run: Run, device: str | torch.device = "cpu") -> Masks | list[Mas
     """The masks a sparse run trained with (one dict, or one per client for mask_scope="local")."""
     saved = load_artifact(run, EDITING_FILE)
     if saved is None:
-        raise ValueError(
-            f"run {run.dir} has no {EDITING_FILE}: it is not a sparse run or it has not calibrated yet"
-        )
+        raise ValueError(f"run {run.dir} has no {EDITING_FILE}: it is not a sparse run or it has not calibrated yet")
     packed = saved["masks"]
-    return (
-        [unpack_masks(p, device) for p in packed]
-        if isinstance(packed, list)
-        else unpack_masks(packed, device)
-    )
+    return [unpack_masks(p, device) for p in packed] if isinstance(packed, list) else unpack_masks(packed, device)
 
 
 def _edit_state(
@@ -400,9 +340,7 @@ def _edit_state(
         single = masks if isinstance(masks, dict) else masks[0]
         info.update(cost, backbone_entries=sum(x.numel() for x in single.values()))
         info["mask_density"] = (
-            overall_density(masks)
-            if isinstance(masks, dict)
-            else float(np.mean([overall_density(x) for x in masks]))
+            overall_density(masks) if isinstance(masks, dict) else float(np.mean([overall_density(x) for x in masks]))
         )
         packed = pack_masks(masks) if isinstance(masks, dict) else [pack_masks(x) for x in masks]
         saved = {"head": head, "masks": packed, "info": info}
@@ -439,7 +377,7 @@ def run_sparse_centralized(
     model = build_seeded_model(config, device)
     packed, info = _edit_state(
         run, model, data,
-        step0=lambda: fit_head(model, data, config),
+        step0=lambda: fit_head(model, data, config, run_root=run.dir.parent.parent),
         calibration=lambda: calibrate_centralized(model, data, config, progress),
     )  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
@@ -513,9 +451,7 @@ def method_label(config: Mapping) -> str:
     """Short name of what a run trains: 'dense', 'head only', or 'sparse s=0.9 R=4' (+ rule if not default)."""
     if "sparsity" not in config or pd.isna(config.get("sparsity")):
         return "head only" if config.get("train_mode") == "head" else "dense"
-    rule = (
-        "" if config.get("mask_rule", "least_sensitive") == "least_sensitive" else f" {config['mask_rule']}"
-    )
+    rule = "" if config.get("mask_rule", "least_sensitive") == "least_sensitive" else f" {config['mask_rule']}"
     return f"sparse{rule} s={config['sparsity']:g} R={int(config['calibration_rounds'])}"
 
 
@@ -524,9 +460,7 @@ def with_labels(table: pd.DataFrame) -> pd.DataFrame:
     table = table.copy()
     table.insert(0, "method", [method_label(row) for row in table.to_dict("records")])
     if "sharding" in table:
-        table.insert(
-            1, "Nc", [sharding_label(s, n) for s, n in zip(table["sharding"], table["classes_per_client"])]
-        )
+        table.insert(1, "Nc", [sharding_label(s, n) for s, n in zip(table["sharding"], table["classes_per_client"])])
     return table
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from helpers.centralized import build_seeded_model
 from helpers.config import make_config
 from helpers.data import NUM_CLASSES, Data, augment_generator, load_data, pick_device, step_batches
+from helpers.features import head_view
 from helpers.models import set_trainable
 from helpers.runs import (
     CheckpointClock,
@@ -235,9 +236,7 @@ def _accumulate(
 
 
 @torch.no_grad()
-def _keep_frozen(
-    model: nn.Module, start: list[Tensor], avg: list[Tensor], masks: Mapping[str, Tensor]
-) -> None:
+def _keep_frozen(model: nn.Module, start: list[Tensor], avg: list[Tensor], masks: Mapping[str, Tensor]) -> None:
     """avg <- w where the global mask is 0: the weighted mean of identical values can round off by an ulp,
     which would move frozen entries; this keeps them bit-exact (lerp(w, w, lr) == w)."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -284,8 +283,12 @@ def federated_training(
     """The resumable round loop: checkpoints, metrics rows, done marker. Trains the params that require grad.
 
     `masks` turns it into sparse federated fine-tuning (see fedavg_round); its callers store the masks.
+    Head-only runs train model.head on cached backbone features (helpers.features); checkpoints hold the model.
     """
     config, device = run.config, data.train_x.device
+    net, inputs = head_view(model, data, config, run.dir.parent.parent)
+    if config["compile"]:
+        net.compile()  # in place: parameter names, checkpoints and the optimizer are unchanged
     rounds, every = config["rounds"], config["eval_every"]
     scaler = make_scaler(device)  # one for the run: a fresh scale per client would skip its first steps
     rows, start, elapsed = [], 0, 0.0
@@ -301,7 +304,7 @@ def federated_training(
     for rnd in bar:
         t0 = time.perf_counter()
         try:
-            row = fedavg_round(model, data, shards, rnd, config, masks=masks, scaler=scaler)
+            row = fedavg_round(net, inputs, shards, rnd, config, masks=masks, scaler=scaler)
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"run {run.id}, {exc}") from None
         last = rnd + 1 == rounds
@@ -310,7 +313,7 @@ def federated_training(
             "test": last or (config["eval_test"] and (rnd + 1) % every == 0),
         }
         for split, due in evals.items():
-            m = _evaluate(model, data, split, config) if due else {"loss": math.nan, "acc": math.nan}
+            m = _evaluate(net, inputs, split, config) if due else {"loss": math.nan, "acc": math.nan}
             row.update({f"{split}_loss": m["loss"], f"{split}_acc": m["acc"]})
         elapsed += time.perf_counter() - t0
         row["elapsed_s"] = round(elapsed, 3)

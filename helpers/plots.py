@@ -72,28 +72,45 @@ def plot_image_grid(images, labels, rows: int = 4, cols: int = 8, class_names=No
     return fig
 
 
-def plot_curves(df, x: str, metrics: list[str], hue: str | None = None, title: str | None = None,
-                reference: dict[str, float] | None = None) -> Figure:
+def plot_curves(
+    df,
+    x: str,
+    metrics: list[str],
+    hue: str | None = None,
+    title: str | None = None,
+    reference: dict[str, float] | None = None,
+    *,
+    hue_order: list | None = None,
+    labels: dict[str, str] | None = None,
+    legend_title: str | None = None,
+    reference_label: str = "reference",
+    panel_size: tuple[float, float] = (4.5, 3.4),
+) -> Figure:
     """One panel per metric against `x`; mean +- std band over runs sharing a `hue` value (e.g. seeds).
 
-    `reference` maps a metric to a horizontal line (e.g. the centralized result) drawn dashed.
+    `reference` maps a metric to a dashed horizontal line (e.g. the centralized result); `labels` names axes.
     """
     import seaborn as sns
 
-    fig = Figure(figsize=(5 * len(metrics), 3.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(metrics)))
-    palette = "colorblind"
-    for ax, metric in zip(axes, metrics):
+    labels = labels or {}
+    width, height = panel_size
+    fig = Figure(figsize=(width * len(metrics) + (1.4 if hue else 0), height), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(metrics), squeeze=False)[0])
+    for i, (ax, metric) in enumerate(zip(axes, metrics)):
         data = df.dropna(subset=[metric]) if metric in df else df.iloc[:0]
         if data.empty:
             ax.text(0.5, 0.5, f"{metric}: not run yet", ha="center", va="center", transform=ax.transAxes)
         else:
-            sns.lineplot(data=data, x=x, y=metric, hue=hue, errorbar="sd", marker="o", ax=ax,
-                         palette=palette if hue else None)
+            sns.lineplot(data=data, x=x, y=metric, hue=hue, hue_order=hue_order, errorbar="sd", marker="o",
+                         markersize=3, ax=ax, palette="colorblind" if hue else None,
+                         legend=bool(hue) and i == len(metrics) - 1)  # fmt: skip
         if reference and metric in reference:
-            ax.axhline(reference[metric], ls="--", color="grey", label="reference")
-        ax.set_xlabel(x)
-        ax.set_ylabel(metric.replace("_", " ") + (" (fraction)" if metric.endswith("acc") else ""))
+            ax.axhline(reference[metric], ls="--", color="grey", label=reference_label)
+        ax.set_xlabel(labels.get(x, x))
+        default = metric.replace("_", " ") + (" (fraction)" if metric.endswith("acc") else "")
+        ax.set_ylabel(labels.get(metric, default))
+    if hue and axes[-1].get_legend() is not None:  # one legend, outside the panels
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), title=legend_title or hue, frameon=False)
     if title:
         fig.suptitle(title)
     return fig

@@ -473,34 +473,12 @@ def _lines(
     legend: str | None = None,
     reference: dict[str, float] | None = None,
 ) -> Figure:
-    """One panel per metric against `x`, mean +- std band over runs sharing `hue`; references dashed."""
-    import seaborn as sns
+    """plots.plot_curves in the report's style: settings in their natural order, units on the axes."""
+    from helpers.plots import plot_curves
 
-    fig, axes = _panels(len(metrics))
     order = _setting_order(df[hue]) if hue == "setting" else (list(pd.unique(df[hue].dropna())) if hue else None)
-    for i, (ax, metric) in enumerate(zip(axes, metrics)):
-        data = df.dropna(subset=[metric])
-        sns.lineplot(
-            data=data,
-            x=x,
-            y=metric,
-            hue=hue,
-            hue_order=order,
-            errorbar="sd",
-            marker="o",
-            markersize=3,
-            ax=ax,
-            palette=PALETTE if hue else None,
-            legend=bool(hue) and i == len(metrics) - 1,
-        )
-        if reference and metric in reference:
-            ax.axhline(reference[metric], ls="--", color="grey", label="centralized")
-        ax.set_xlabel(LABELS.get(x, x))
-        ax.set_ylabel(LABELS.get(metric, metric))
-    if hue and axes[-1].get_legend() is not None:
-        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), title=legend or hue, frameon=False)
-    fig.suptitle(title)
-    return fig
+    return plot_curves(df, x, metrics, hue=hue, title=title, reference=reference, hue_order=order, labels=LABELS,
+                       legend_title=legend, reference_label="centralized", panel_size=(3.6, 3.0))  # fmt: skip
 
 
 def _label_columns(df: pd.DataFrame, mapping: dict[str, str]) -> pd.Series:

@@ -36,6 +36,11 @@ def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def _inputs(batch: torch.Tensor, preprocess) -> torch.Tensor:
+    """Model inputs: uint8 images go through `preprocess`; floating-point rows are cached features already."""
+    return batch if batch.is_floating_point() else preprocess(batch)
+
+
 def lr_at(
     step: int,
     *,
@@ -76,7 +81,8 @@ def train_steps(
 ) -> float:
     """One optimizer step per row of `batches` (index tensor); returns the mean training loss.
 
-    Images are augmented on their device; the loss is summed on the device and read once at the end.
+    uint8 images are augmented on their device; float inputs (cached features, see helpers.features) go to
+    `model` as they are. The loss is summed on the device and read once at the end.
     """
     device = images.device
     model.train()
@@ -86,7 +92,7 @@ def train_steps(
             for group in optimizer.param_groups:
                 group["lr"] = lrs[i]
         idx = idx.to(device, non_blocking=True)
-        x = augment_batch(images[idx], generator, img_size=img_size, mode=augment)
+        x = _inputs(images[idx], lambda b: augment_batch(b, generator, img_size=img_size, mode=augment))
         with _autocast(device):
             loss = F.cross_entropy(model(x), labels[idx])
         optimizer.zero_grad(set_to_none=True)
@@ -118,7 +124,7 @@ def evaluate(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     for start in range(0, len(images), batch_size):
-        x = eval_batch(images[start : start + batch_size], img_size=img_size)
+        x = _inputs(images[start : start + batch_size], lambda b: eval_batch(b, img_size=img_size))
         y = labels[start : start + batch_size]
         with _autocast(device):
             logits = model(x)

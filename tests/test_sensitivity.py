@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
@@ -33,9 +34,7 @@ def model():
 @pytest.fixture(scope="module")
 def data():
     gen = torch.Generator().manual_seed(1)
-    return torch.randn(N_SAMPLES, 3, 32, 32, generator=gen), torch.randint(
-        0, 100, (N_SAMPLES,), generator=gen
-    )
+    return torch.randn(N_SAMPLES, 3, 32, 32, generator=gen), torch.randint(0, 100, (N_SAMPLES,), generator=gen)
 
 
 def snapshot(model):
@@ -124,6 +123,93 @@ def test_frozen_backbone_still_scored(model, data):
     assert sum(float(s.sum()) for s in scores.values()) > 0
 
 
+def vit(**kwargs):
+    torch.manual_seed(0)
+    base = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=10)
+    return timm.models.vision_transformer.VisionTransformer(**{**base, **kwargs})
+
+
+class ToyConvNet(torch.nn.Module):
+    """A strided, padded, dilated Conv2d (not a patch embedding) and a Linear, then the head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, kernel_size=3, stride=2, padding=2, dilation=2)
+        self.norm = torch.nn.LayerNorm(4)
+        self.fc = torch.nn.Linear(4, 8, bias=False)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.norm(self.conv(x).flatten(2).transpose(1, 2))  # (n, positions, channels)
+        return self.head(torch.tanh(self.fc(h)).mean(1))
+
+
+VARIANTS = {
+    # DINOv2/DeiT-3 style: position embedding on patches only, register tokens, LayerScale, qk-norm,
+    # Linear layers without bias, a pre-norm, average pooling with fc_norm.
+    "no_embed_class": lambda: vit(
+        no_embed_class=True,
+        reg_tokens=2,
+        init_values=0.1,
+        qk_norm=True,
+        qkv_bias=False,
+        pre_norm=True,
+        global_pool="avg",
+    ),  # fmt: skip
+    "no_class_token": lambda: vit(class_token=False, global_pool="avg"),
+    "conv_net": ToyConvNet,
+}
+
+
+@pytest.mark.parametrize("method", ["talos", "empirical", "batch"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hook_scores_equal_brute_force_on_variants(variant, method):
+    """Every supported layer kind, against one backward per sample (batch: one backward per batch)."""
+    net = VARIANTS[variant]()
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(5, 3, 16, 16, generator=gen), torch.randint(0, 10, (5,), generator=gen)
+    with torch.no_grad():  # a caller's no_grad does not matter
+        got = compute_scores(net, [(x, y)], method=method, generator=torch_generator(0, "labels"))
+    assert all(p.requires_grad for p in net.parameters())  # flags switched off while scoring, restored
+    if method == "batch":
+        net.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        want = {n: p.grad.square() for n, p in backbone_parameters(net).items()}
+    else:
+        want = brute_force_scores(net, x, y, method)
+    assert all(s.dtype == torch.float32 for s in got.values())
+    assert_scores_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "net,match",
+    [
+        (lambda: vit(dynamic_img_size=True), "VisionTransformer"),
+        (lambda: vit(global_pool="map"), "AttentionPoolLatent"),
+        (lambda: vit(pos_embed="none"), "VisionTransformer"),  # its tokens skip pos_drop, the hook site
+    ],
+)
+def test_unsupported_layers_rejected_before_any_compute(data, net, match):
+    with pytest.raises(NotImplementedError, match=match):
+        compute_scores(net(), iter(()))
+
+
+class Twice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.fc(self.fc(x)))
+
+
+def test_module_called_twice_rejected():
+    """Hooks see one input per module and forward: a reused module would get wrong scores, so it fails."""
+    with pytest.raises(RuntimeError, match="twice"):
+        compute_scores(Twice(), [(torch.zeros(2, 4), torch.zeros(2))], method="empirical")
+
+
 # ----------------------------------------------------------------------------------------------
 # Calibration
 
@@ -157,9 +243,7 @@ def test_every_rule_gives_exact_density(model, score_fn, rule, sparsity):
     assert_same_weights(model, before)
 
 
-@pytest.mark.parametrize(
-    "rule", ["least_sensitive", "most_sensitive", "lowest_magnitude", "highest_magnitude"]
-)
+@pytest.mark.parametrize("rule", ["least_sensitive", "most_sensitive", "lowest_magnitude", "highest_magnitude"])
 def test_one_round_keeps_the_right_end_of_the_scores(model, score_fn, rule):
     masks = calibrate_masks(model, score_fn, sparsity=0.7, rule=rule)
     if "magnitude" in rule:
@@ -295,6 +379,4 @@ def test_calibrated_masks_drive_sparse_sgdm(model, data, score_fn):
     for n, p in backbone_parameters(trained).items():
         assert torch.equal(p[~masks[n]], before[n][~masks[n]])
     assert not torch.equal(trained.head.weight, before["head.weight"])
-    assert any(
-        not torch.equal(p[masks[n]], before[n][masks[n]]) for n, p in backbone_parameters(trained).items()
-    )
+    assert any(not torch.equal(p[masks[n]], before[n][masks[n]]) for n, p in backbone_parameters(trained).items())

@@ -1,5 +1,7 @@
 """The one training loop, evaluation, schedules, and the centralized experiment on synthetic data."""
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ from helpers.centralized import run_centralized
 from helpers.config import make_config
 from helpers.data import eval_batch, make_synthetic
 from helpers.models import build_model, set_trainable
+from helpers.runs import load_checkpoint
 from helpers.train import NonFiniteLossError, evaluate, lr_at
 
 
@@ -62,3 +65,19 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
         run_centralized(config, run_root=tmp_path, progress=False)
     folder = next((tmp_path / "centralized").iterdir())
     assert not (folder / "checkpoint.pt").exists() and not (folder / "done.json").exists()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
+def test_compiled_run_matches_eager_and_keeps_checkpoint_names(tmp_path):
+    small = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", epochs=2)
+    eager = run_centralized(make_config("centralized", "smoke", **small), run_root=tmp_path / "a", progress=False)
+    compiled_config = make_config("centralized", "smoke", **small, compile=True)
+    compiled = run_centralized(compiled_config, run_root=tmp_path / "b", progress=False)
+    assert compiled.id == eager.id  # compile is bookkeeping: the same run, the same folder name
+    a, b = load_checkpoint(eager)["model"], load_checkpoint(compiled)["model"]
+    assert list(a) == list(b)  # in-place compile: no "_orig_mod." prefix in the checkpoint
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+    columns = ["train_loss", "val_loss", "val_acc", "test_loss", "test_acc"]
+    ma, mb = eager.metrics()[columns].to_numpy(float), compiled.metrics()[columns].to_numpy(float)
+    torch.testing.assert_close(torch.tensor(ma), torch.tensor(mb), atol=1e-5, rtol=1e-4, equal_nan=True)

@@ -1,0 +1,95 @@
+"""Colab cost estimator: work counted from configs matches what the runs do, shared work is counted once, runs on
+disk count as done, a measured T4 benchmark replaces the FLOP assumption, notebooks expose their plans."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from helpers import cost
+from helpers.centralized import run_centralized
+from helpers.config import make_config
+from helpers.fedavg import clients_per_round, train_split_size
+from helpers.models import build_model
+
+SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu")
+
+
+def test_meta_device_flops_equal_a_real_forward():
+    model = build_model("vit_tiny_smoke", pretrained=False, img_size=32).eval()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, 32, 32))
+    assert cost.forward_flops("vit_tiny_smoke", 32) == counter.get_total_flops() > 0
+
+
+def test_work_counts_follow_the_training_loops():
+    c = make_config("centralized", "smoke", **SMALL, epochs=3, eval_every=2)
+    n_train, n_val, n_test = cost.split_sizes(c)
+    assert n_train == train_split_size(c) and n_train + n_val == 600 and n_test == 100
+    w = cost.run_work("centralized", c)
+    assert w.train == 3 * n_train and w.forward == 2 * n_val + n_test and not w.shared  # val at epochs 2 and 3
+    f = make_config("fedavg", "smoke", **SMALL, rounds=5, eval_every=5, num_clients=20, participation=0.2)
+    w = cost.run_work("fedavg", f)
+    assert w.train == 5 * clients_per_round(20, 0.2) * f["local_steps"] * 16 and w.forward == n_val + n_test
+    probe = cost.run_work("centralized", make_config("centralized", "smoke", **SMALL, train_mode="head"))
+    assert probe.train == probe.forward == 0 and list(probe.shared.values()) == [n_train + n_val + n_test]
+    through = make_config("centralized", "smoke", **SMALL, train_mode="head", head_features="backbone")
+    assert cost.run_work("centralized", through).forward == 2 * n_train + 2 * n_val + n_test
+
+
+def test_editing_work_counts_calibration_only_for_sensitivity_rules():
+    base = dict(**SMALL, num_clients=10, rounds=2, calibration_batches=1)
+    talos = cost.run_work("sparse_fedavg", make_config("sparse_fedavg", "smoke", **base, calibration_rounds=3))
+    magnitude = cost.run_work(
+        "sparse_fedavg",
+        make_config("sparse_fedavg", "smoke", **base, mask_rule="lowest_magnitude", calibration_rounds=1),
+    )
+    samples = 3 * min(10 * 16, 540)
+    assert talos.train - magnitude.train == samples and talos.forward == magnitude.forward
+    assert talos.shared == magnitude.shared  # the same step-0 head run serves both
+
+
+def test_plan_counts_shared_work_once_and_runs_on_disk_as_done(tmp_path):
+    probes = [make_config("centralized", "smoke", **SMALL, train_mode="head", lr=lr) for lr in (0.1, 0.2)]
+    plan = [("centralized", c) for c in probes]
+    one = cost.estimate_plan(plan[:1], tmp_path)
+    two = cost.estimate_plan(plan, tmp_path)
+    assert one.total_s > 0 and math.isclose(two.total_s, one.total_s)  # only the features cost anything
+    full = make_config("centralized", "smoke", **SMALL, epochs=1)
+    plan.append(("centralized", full))
+    before = cost.estimate_plan(plan, tmp_path)
+    assert before.done == 0 and math.isclose(before.left_s, before.total_s)
+    run_centralized(full, run_root=tmp_path, progress=False)
+    after = cost.estimate_plan(plan, tmp_path)
+    own = cost.run_seconds("centralized", full)[0]
+    assert after.done == 1 and math.isclose(after.left_s, before.total_s - own)
+    assert "3 runs" in str(after) and "1 are already done" in str(after)
+
+
+def test_measured_t4_benchmark_replaces_the_assumption(tmp_path, monkeypatch):
+    flops = cost.forward_flops("vit_small_patch16_224.dino", 224)
+    train, forward, source = cost.t4_throughput("vit_small_patch16_224.dino", 224)
+    assert "assumed" in source and math.isclose(forward, cost.T4_PEAK_FLOPS * cost.ASSUMED_T4_MFU / flops)
+    assert math.isclose(train * 3, forward)
+    measured = {"device": "Tesla T4", "train_images_per_s": 123.0, "eval_images_per_s": 456.0}
+    (tmp_path / "full-cuda-2026-01-01.json").write_text(json.dumps(measured))
+    monkeypatch.setattr(cost, "BENCH_DIR", tmp_path)
+    assert cost.t4_throughput("vit_small_patch16_224.dino", 224)[:2] == (123.0, 456.0)
+
+
+@pytest.mark.parametrize("name", ["01_centralized", "02_fedavg_iid", "03_fedavg_noniid", "04_model_editing",
+                                  "05_federated_editing", "06_mask_strategies"])  # fmt: skip
+def test_every_notebook_exposes_its_plan(name):
+    plan = cost.notebook_plan(name, "smoke")
+    assert plan and all(experiment in ("centralized", "fedavg", "sparse_centralized", "sparse_fedavg")
+                        for experiment, _ in plan)  # fmt: skip
+    assert all(config["profile"] == "smoke" for _, config in plan)
+
+
+def test_notebook_plan_takes_parameters():
+    plan = cost.notebook_plan("02_fedavg_iid", "smoke", SEEDS=[0, 1, 2])
+    assert [c["seed"] for _, c in plan] == [0, 1, 2]
