@@ -64,7 +64,7 @@ def centralized_training(
     Head-only runs train model.head on cached backbone features (helpers.features); checkpoints hold the model.
     """
     config, device = run.config, data.train_x.device
-    net, inputs = head_view(model, data, config, run.dir.parent.parent)
+    net, inputs = head_view(model, data, config, run.root)
     if config["compile"]:
         net.compile()  # in place: parameter names, checkpoints and the optimizer are unchanged
     scaler = make_scaler(device)

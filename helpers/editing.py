@@ -71,11 +71,6 @@ Masks = dict[str, Tensor]
 # ----------------------------------------------------------------------------- step 0: the head
 
 
-def train_features(model: nn.Module, data: Data, config: dict, run_root: str | Path | None = None) -> Tensor:
-    """Backbone features of the whole train split (cached in memory and under the run root)."""
-    return split_features(model, data, "train", config, run_root)
-
-
 def ridge_statistics(x: Tensor, y: Tensor, num_classes: int = NUM_CLASSES) -> tuple[Tensor, Tensor]:
     """One client's sufficient statistics (X^T X, X^T Y), X with a bias column, Y one-hot; float64."""
     x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64, device=x.device)], 1)
@@ -129,7 +124,7 @@ def fit_head(
     if method not in ("sgd", "ridge"):
         raise ValueError(f"step0={method!r} is invalid: must be one of sgd, ridge")
     t0 = time.perf_counter()
-    features = train_features(model, data, config, run_root)
+    features = split_features(model, data, "train", config, run_root)
     if method == "ridge":
         set_head(model, *solve_ridge(*ridge_statistics(features, data.train_y), config["ridge_lambda"]))
     else:
@@ -166,7 +161,7 @@ def fit_head_federated(
     t0 = time.perf_counter()
     if config["step0"] == "ridge":
         # Row i of the features depends on image i only: this equals every client featurising its own shard.
-        features = train_features(model, data, config, run_root)
+        features = split_features(model, data, "train", config, run_root)
         xtx = xty = None
         for shard in shards:  # each client uploads (X_k^T X_k, X_k^T Y_k); the server sums them and solves
             shard = shard.to(features.device)
@@ -377,7 +372,7 @@ def run_sparse_centralized(
     model = build_seeded_model(config, device)
     packed, info = _edit_state(
         run, model, data,
-        step0=lambda: fit_head(model, data, config, run_root=run.dir.parent.parent),
+        step0=lambda: fit_head(model, data, config, run_root=run.root),
         calibration=lambda: calibrate_centralized(model, data, config, progress),
     )  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
@@ -402,10 +397,9 @@ def run_sparse_fedavg(
     data = load_data(config, device)
     model = build_seeded_model(config, device)
     shards = client_shards(config, data)
-    root = run.dir.parent.parent
     packed, info = _edit_state(
         run, model, data,
-        step0=lambda: fit_head_federated(model, data, shards, config, run_root=root, progress=progress),
+        step0=lambda: fit_head_federated(model, data, shards, config, run_root=run.root, progress=progress),
         calibration=lambda: calibrate_federated(model, data, shards, config, progress),
     )  # fmt: skip
     if isinstance(packed, list):  # per-client masks, unpacked when the client trains

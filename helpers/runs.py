@@ -79,6 +79,11 @@ class Run:
     dir: Path
 
     @property
+    def root(self) -> Path:
+        """The run root this run lives under (<root>/<experiment>/<run_id>)."""
+        return self.dir.parent.parent
+
+    @property
     def done(self) -> bool:
         return (self.dir / "done.json").exists()
 
