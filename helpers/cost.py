@@ -1,9 +1,10 @@
 """What a grid costs on a free Colab T4, printed by every notebook before its grid starts.
 
-Work is counted in images through the model (forward+backward for training and per-sample scoring, forward only
-for evaluation and feature caching) from the config alone; seconds = work / throughput. Throughput comes from a
-benchmark measured on a T4 (`python -m helpers.bench --profile full --device cuda` on Colab, JSON in
-results/bench/) when one exists, else from the model's FLOP count at an ASSUMED fraction of the T4's peak.
+Work is counted in images through the model (forward+backward for training, the same in fp32 for per-sample
+scoring, forward only for evaluation and feature caching) from the config alone; seconds = work / throughput.
+Throughput comes from a benchmark measured on a T4 (`python -m helpers.bench --profile full --device cuda` on
+Colab, JSON in results/bench/) when one exists, else from the model's FLOP count at an ASSUMED fraction of the T4's
+peak.
 
 `python -m helpers.cost [--profile full]` prints the estimate of every notebook's default grid.
 """
@@ -25,6 +26,7 @@ from helpers.models import build_model
 from helpers.runs import default_run_root, run_id
 
 T4_PEAK_FLOPS = 65e12  # dense fp16 tensor-core peak of a T4 (datasheet)
+T4_FP32_PEAK_FLOPS = 8.1e12  # its fp32 peak: per-sample scoring runs without autocast, so it runs at this rate
 ASSUMED_T4_MFU = 0.25  # an assumption until a T4 benchmark exists: no T4 was available to measure it
 BENCH_DIR = Path(__file__).resolve().parent.parent / "results" / "bench"
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -46,11 +48,12 @@ def forward_flops(model: str, img_size: int) -> float:
 
 @dataclass
 class Work:
-    """Images through the backbone: `train` forward+backward, `forward` forward only; `shared` is work several
-    runs reuse (cached features, the step-0 head run), counted once per key in a grid."""
+    """Images through the backbone: `train` forward+backward, `forward` forward only, `scored` fp32 per-sample
+    gradients; `shared` is work several runs reuse (cached features, the step-0 head run), counted once per key."""
 
     train: float = 0.0
     forward: float = 0.0
+    scored: float = 0.0
     shared: dict[str, float] = field(default_factory=dict)
 
 
@@ -118,26 +121,28 @@ def _add_editing(work: Work, experiment: str, config: dict, n_train: int, n_val:
     pools = config["num_clients"] if experiment == "sparse_fedavg" else 1
     samples = config["calibration_rounds"] * min(pools * per_client, n_train)
     # Per-sample gradients come from one batched forward+backward per chunk (plus per-layer products), so a
-    # scored sample costs about one training image; talos draws its labels from that same forward.
-    work.train += samples
+    # scored sample costs about one training image, in fp32; talos draws its labels from that same forward.
+    work.scored += samples
 
 
-def t4_throughput(model: str, img_size: int) -> tuple[float, float, str]:
-    """(train images/s, forward images/s, where the numbers come from) on a T4 for `model` at `img_size`."""
+def t4_throughput(model: str, img_size: int) -> tuple[float, float, float, str]:
+    """(train, forward, scored images/s, where the numbers come from) on a T4 for `model` at `img_size`."""
     for path in sorted(BENCH_DIR.glob("full-cuda-*.json"), reverse=True):
         measured = json.loads(path.read_text())
         if "T4" in measured.get("device", "") and model == "vit_small_patch16_224.dino" and img_size == 224:
-            return measured["train_images_per_s"], measured["eval_images_per_s"], f"measured ({path.name})"
+            scored = measured["scoring_samples"] / measured["scoring_vectorised_s"]
+            return measured["train_images_per_s"], measured["eval_images_per_s"], scored, f"measured ({path.name})"
     flops = forward_flops(model, img_size)
     rate = T4_PEAK_FLOPS * ASSUMED_T4_MFU
-    return rate / (3 * flops), rate / flops, f"FLOP count at an assumed {ASSUMED_T4_MFU:.0%} of the T4 peak"
+    scored = T4_FP32_PEAK_FLOPS * ASSUMED_T4_MFU / (3 * flops)
+    return rate / (3 * flops), rate / flops, scored, f"FLOP count at an assumed {ASSUMED_T4_MFU:.0%} of the T4 peak"
 
 
 def run_seconds(experiment: str, config: dict) -> tuple[float, dict[str, float]]:
     """T4 seconds of a run's own work, and of its shared work by key."""
-    train_ips, forward_ips, _ = t4_throughput(config["model"], config["img_size"])
+    train_ips, forward_ips, scored_ips, _ = t4_throughput(config["model"], config["img_size"])
     work = run_work(experiment, config)
-    own = work.train / train_ips + work.forward / forward_ips
+    own = work.train / train_ips + work.forward / forward_ips + work.scored / scored_ips
     return own, {key: images / forward_ips for key, images in work.shared.items()}
 
 
@@ -189,7 +194,7 @@ def estimate_plan(plan: Iterable[tuple[str, dict]], run_root: str | Path | None 
             entry[1] |= progress > 0  # a run that started has computed its shared part
     total += sum(s for s, _ in shared.values())
     left += sum(s for s, paid in shared.values() if not paid)
-    source = t4_throughput(plan[0][1]["model"], plan[0][1]["img_size"])[2] if plan else "empty plan"
+    source = t4_throughput(plan[0][1]["model"], plan[0][1]["img_size"])[-1] if plan else "empty plan"
     return Estimate(len(plan), done, started, total, left, source)
 
 

@@ -126,20 +126,47 @@ def step_batches(pool: torch.Tensor, batch_size: int, steps: int, generator: tor
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
-    # Fold the /255 into ImageNet mean/std so uint8 input needs one fused op.
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255
-    return (x - mean) / std
+    """uint8 images to ImageNet-normalised float32 (a new tensor), with the /255 folded into mean and std."""
+    mean, std = _mean_std(x.device)
+    return x.to(torch.float32, copy=True).sub_(mean).div_(std)
 
 
-def _resample(images: torch.Tensor, params: torch.Tensor, img_size: int) -> torch.Tensor:
-    """Crop + flip + resize of every image in one grid_sample; pixels outside the image read as black (padding).
+@functools.cache
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built once per device: at 32 px, making these two small tensors cost as much as normalising a batch.
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    return mean, torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+
+
+def _resize(x: torch.Tensor, img_size: int) -> torch.Tensor:
+    # Bilinear weights sum to one, so normalising first (at 32 px) and resizing after gives the same pixels as
+    # resize-then-normalise, with the per-pixel arithmetic done on 49x fewer pixels at 224.
+    if x.shape[-1] == img_size and x.shape[-2] == img_size:
+        return x
+    return F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+
+
+def _shift_flip(images: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor, padding: int) -> torch.Tensor:
+    """Per-sample integer-pixel crop of the zero-padded images, mirrored where `flip`; an index, no resampling.
+
+    offsets (B, 2) in [-padding, padding] shift the (x, y) window, exactly RandomCrop(side, padding) followed by
+    RandomHorizontalFlip. A mirrored crop is the crop of the mirrored padded image at the mirrored offset.
+    """
+    n, c, side, _ = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    windows = torch.stack([padded, padded.flip(-1)]).unfold(3, side, 1).unfold(4, side, 1)  # (2, B, C, y, x, s, s)
+    x0 = torch.where(flip, -offsets[:, 0], offsets[:, 0]) + padding
+    batch = torch.arange(n, device=images.device)
+    return windows[flip.long(), batch, :, offsets[:, 1] + padding, x0]
+
+
+def _resample(x: torch.Tensor, params: torch.Tensor, img_size: int) -> torch.Tensor:
+    """Random-resized-crop + flip + resize of every (normalised) image in one grid_sample.
 
     params (B, 5) per sample, in normalised [-1, 1] input coordinates: x scale (negative = flip), x shift,
     y scale, y shift, and the window's width in input pixels. Output pixel centres are clamped to the window's
     outer pixel centres, so upsampling matches crop-then-resize (F.interpolate, align_corners=False).
     """
-    x = images.float()
     p = params.to(x.device, torch.float32)
     u = (torch.arange(img_size, device=x.device, dtype=torch.float32) * 2 + 1) / img_size - 1
 
@@ -150,8 +177,8 @@ def _resample(images: torch.Tensor, params: torch.Tensor, img_size: int) -> torc
     gx = axis(p[:, 0], p[:, 1], p[:, 4])
     gy = axis(p[:, 2], p[:, 3], p[:, 4] * p[:, 2].abs() / p[:, 0].abs())
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return _normalize(x)
+    # Windows lie inside the image and the clamp keeps every sample point on a pixel centre's hull: no padding read.
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def augment_batch(
@@ -164,28 +191,27 @@ def augment_batch(
         return eval_batch(images, img_size=img_size)
     n, side = len(images), images.shape[-1]
     # Random numbers come from a CPU generator: identical on every device, pure function of the seed keys.
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    flip = torch.rand(n, generator=generator) < 0.5
     if mode == "crop":
-        # Integer pixel offsets in [-padding, padding] of a side-sized window, as RandomCrop(32, padding=4).
-        offsets = torch.randint(-padding, padding + 1, (n, 2), generator=generator).float() * 2 / side
-        params = torch.stack([flip, offsets[:, 0], torch.ones(n), offsets[:, 1], torch.full((n,), side)], 1)
-    else:
-        # RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)); sides clamped to the image instead of retries.
-        area = torch.empty(n).uniform_(0.08, 1.0, generator=generator)
-        log_ratio = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
-        w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
-        h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
-        tx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - w)
-        ty = (torch.rand(n, generator=generator) * 2 - 1) * (1 - h)
-        params = torch.stack([w * flip, tx, h, ty, w * side], 1)
-    return _resample(images, params, img_size)
+        # Integer pixel offsets in [-padding, padding] of a side-sized window, as RandomCrop(32, padding=4). The
+        # crop runs on uint8 at the source size (black padding), so only the final resize touches img_size pixels.
+        offsets = torch.randint(-padding, padding + 1, (n, 2), generator=generator)
+        x = _shift_flip(images, offsets.to(images.device), flip.to(images.device), padding)
+        return _resize(_normalize(x), img_size)
+    # RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3)); sides clamped to the image instead of retries.
+    area = torch.empty(n).uniform_(0.08, 1.0, generator=generator)
+    log_ratio = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
+    h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    tx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - w)
+    ty = (torch.rand(n, generator=generator) * 2 - 1) * (1 - h)
+    params = torch.stack([torch.where(flip, -w, w), tx, h, ty, w * side], 1)
+    return _resample(_normalize(images), params, img_size)
 
 
 def eval_batch(images: torch.Tensor, *, img_size: int) -> torch.Tensor:
-    """Deterministic preprocessing: resize to img_size and normalise."""
-    side = float(images.shape[-1])
-    params = torch.tensor([1.0, 0.0, 1.0, 0.0, side]).expand(len(images), 5)
-    return _resample(images, params, img_size)
+    """Deterministic preprocessing: normalise and resize to img_size."""
+    return _resize(_normalize(images), img_size)
 
 
 def augment_generator(seed: int, *keys: object) -> torch.Generator:

@@ -49,7 +49,8 @@ def test_editing_work_counts_calibration_only_for_sensitivity_rules():
         make_config("sparse_fedavg", "smoke", **base, mask_rule="lowest_magnitude", calibration_rounds=1),
     )
     samples = 3 * min(10 * 16, 540)
-    assert talos.train - magnitude.train == samples and talos.forward == magnitude.forward
+    assert talos.scored - magnitude.scored == samples and magnitude.scored == 0
+    assert talos.train == magnitude.train and talos.forward == magnitude.forward
     assert talos.shared == magnitude.shared  # the same step-0 head run serves both
 
 
@@ -72,13 +73,16 @@ def test_plan_counts_shared_work_once_and_runs_on_disk_as_done(tmp_path):
 
 def test_measured_t4_benchmark_replaces_the_assumption(tmp_path, monkeypatch):
     flops = cost.forward_flops("vit_small_patch16_224.dino", 224)
-    train, forward, source = cost.t4_throughput("vit_small_patch16_224.dino", 224)
+    train, forward, scored, source = cost.t4_throughput("vit_small_patch16_224.dino", 224)
     assert "assumed" in source and math.isclose(forward, cost.T4_PEAK_FLOPS * cost.ASSUMED_T4_MFU / flops)
     assert math.isclose(train * 3, forward)
+    assert math.isclose(scored / train, cost.T4_FP32_PEAK_FLOPS / cost.T4_PEAK_FLOPS)  # scoring runs in fp32
     measured = {"device": "Tesla T4", "train_images_per_s": 123.0, "eval_images_per_s": 456.0}
+    measured |= {"scoring_samples": 64, "scoring_vectorised_s": 2.0}
     (tmp_path / "full-cuda-2026-01-01.json").write_text(json.dumps(measured))
+    (tmp_path / "full-cuda-2026-02-01.json").write_text(json.dumps({**measured, "device": "NVIDIA H200"}))
     monkeypatch.setattr(cost, "BENCH_DIR", tmp_path)
-    assert cost.t4_throughput("vit_small_patch16_224.dino", 224)[:2] == (123.0, 456.0)
+    assert cost.t4_throughput("vit_small_patch16_224.dino", 224)[:3] == (123.0, 456.0, 32.0)
 
 
 @pytest.mark.parametrize("name", ["01_centralized", "02_fedavg_iid", "03_fedavg_noniid", "04_model_editing",

@@ -62,21 +62,26 @@ def test_eval_batch_native_size_is_exact_normalisation():
     assert up.shape == (5, 3, 64, 64) and torch.allclose(up, ref, atol=1e-4)
 
 
-def test_crop_is_a_padded_crop_with_optional_flip():
-    # Every augmented image equals one of the 9x9x2 reference crops of the zero-padded image.
+@pytest.mark.parametrize("img_size", [32, 56])
+def test_crop_is_a_padded_crop_with_optional_flip_then_resize(img_size):
+    # Every augmented image equals one of the 9x9x2 reference crops of the zero-padded (black) image, as torchvision's
+    # RandomCrop(32, padding=4) + RandomHorizontalFlip, then normalised and bilinearly resized.
     img = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
     batch = img.expand(64, -1, -1, -1)
-    out = augment_batch(batch, torch.Generator().manual_seed(1), img_size=32, mode="crop")
+    out = augment_batch(batch, torch.Generator().manual_seed(1), img_size=img_size, mode="crop")
     padded = F.pad(img.float(), (4, 4, 4, 4))
     refs = []
     for dy in range(9):
         for dx in range(9):
-            crop = normalise(padded[:, :, dy : dy + 32, dx : dx + 32])
-            refs += [crop, crop.flip(-1)]
+            crop = padded[:, :, dy : dy + 32, dx : dx + 32]
+            for view in (crop, crop.flip(-1)):
+                refs.append(F.interpolate(normalise(view), size=img_size, mode="bilinear", align_corners=False))
     refs = torch.cat(refs)
     dist = (out[:, None] - refs[None]).abs().flatten(2).amax(-1)
     assert torch.all(dist.min(1).values < 1e-4)
     assert len({int(i) for i in dist.argmin(1)}) > 20  # different samples get different crops
+    flipped = dist.argmin(1) % 2  # odd references are the mirrored crops
+    assert 0 < int(flipped.sum()) < len(out)
 
 
 def test_augment_shapes_ranges_determinism_and_modes():
