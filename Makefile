@@ -18,4 +18,5 @@ test: $(VENV)/.installed
 	FLME_PROFILE=smoke $(PY) -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check helpers tests
+	$(PY) -m ruff check helpers tests conftest.py
+	$(PY) -m ruff format --check helpers tests conftest.py

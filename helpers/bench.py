@@ -86,9 +86,7 @@ def bench_training(config: dict, device: torch.device, batch: int, steps: int, c
         device,
     )
     eval_s = timed(lambda: evaluate(model, x, y, img_size=config["img_size"], batch_size=batch), device)
-    aug_s = timed(
-        lambda: [augment_batch(x[b.to(device)], gen, img_size=config["img_size"]) for b in batches], device
-    )
+    aug_s = timed(lambda: [augment_batch(x[b.to(device)], gen, img_size=config["img_size"]) for b in batches], device)
     flops = forward_flops(config["model"], config["img_size"])
     train_ips = batch * steps / train_s
     peak = peak_flops(device)
@@ -119,9 +117,7 @@ def bench_augmentation(img_size: int, device: torch.device, n: int = 2048, batch
 
     x, y = fake_images(n, device)
     gen = torch.Generator().manual_seed(0)
-    ours = timed(
-        lambda: [augment_batch(x[i : i + batch], gen, img_size=img_size) for i in range(0, n, batch)], device
-    )
+    ours = timed(lambda: [augment_batch(x[i : i + batch], gen, img_size=img_size) for i in range(0, n, batch)], device)
     pictures = [Image.fromarray(im.permute(1, 2, 0).cpu().numpy()) for im in x]
     transform = T.Compose(
         [
@@ -319,9 +315,7 @@ def run_bench(profile: str = "smoke", device: str = "auto", quick: bool = False,
     if not big or dev.type == "cuda":
         out.update(
             bench_fedavg(
-                make_config(
-                    "fedavg", profile, device=str(dev.type), pretrained=False, rounds=4 if quick else 8
-                )
+                make_config("fedavg", profile, device=str(dev.type), pretrained=False, rounds=4 if quick else 8)
             )
         )
     if dev.type == "cuda":  # the whole benchmark's peak (batch 256), before the default-batch measurement resets it

@@ -97,6 +97,7 @@ PARAMS: dict[str, Param] = {
     "data_root": Param(str, hashed=False),
 }
 
+# fmt: off
 # Profile defaults: `full` is the course's setting, `smoke` the same code paths at toy sizes.
 COMMON_DEFAULTS = {
     "val_fraction": 0.1, "data_seed": 0, "seed": 0, "augment": "crop", "train_mode": "full",
@@ -143,6 +144,7 @@ _HEAD_ONLY = ("train_mode", "head_features")
 EXPERIMENTS["sparse_centralized"] = tuple(n for n in EXPERIMENTS["centralized"] if n not in _HEAD_ONLY) + _EDIT
 EXPERIMENTS["sparse_fedavg"] = tuple(n for n in EXPERIMENTS["fedavg"] if n not in _HEAD_ONLY) + _EDIT + (
     "mask_scope",)
+# fmt: on
 
 
 def as_list(value: object) -> list:
@@ -247,9 +249,7 @@ def _param(name: str) -> Param:
 def _check_combinations(config: dict) -> None:
     """Rules that involve more than one parameter."""
     if config.get("scheduler") == "warmup_cosine" and config["warmup_epochs"] >= config["epochs"]:
-        raise ValueError(
-            f"warmup_epochs={config['warmup_epochs']} is invalid: must be < epochs={config['epochs']}"
-        )
+        raise ValueError(f"warmup_epochs={config['warmup_epochs']} is invalid: must be < epochs={config['epochs']}")
     if config["model"] == "vit_tiny_smoke" and config["pretrained"]:
         raise ValueError("pretrained=True is invalid with model='vit_tiny_smoke': must be false (no weights)")
     if config["model"] != "vit_tiny_smoke" and config["img_size"] % 16:
@@ -264,9 +264,7 @@ def _check_combinations(config: dict) -> None:
         )
     if "num_clients" in config:
         if config["sharding"] == "noniid" and config["classes_per_client"] > 100:
-            raise ValueError(
-                f"classes_per_client={config['classes_per_client']} is invalid: must be in [1, 100]"
-            )
+            raise ValueError(f"classes_per_client={config['classes_per_client']} is invalid: must be in [1, 100]")
         if config["sharding"] == "noniid" and config["num_clients"] * config["classes_per_client"] < 100:
             raise ValueError(
                 f"classes_per_client={config['classes_per_client']} with num_clients={config['num_clients']} "

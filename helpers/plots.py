@@ -127,16 +127,20 @@ def _rounds_frame(df_or_runs):
     return tidy_results([df_or_runs] if isinstance(df_or_runs, Run) else list(df_or_runs))
 
 
-def plot_rounds(df_or_runs, metrics: tuple[str, ...] = ("val_acc", "val_loss"), hue: str | None = None,
-                reference: float | dict[str, float] | None = None, title: str | None = None) -> Figure:
+def plot_rounds(
+    df_or_runs,
+    metrics: tuple[str, ...] = ("val_acc", "val_loss"),
+    hue: str | None = None,
+    reference: float | dict[str, float] | None = None,
+    title: str | None = None,
+) -> Figure:
     """FedAvg accuracy/loss against rounds; `reference` (e.g. centralized accuracy) is drawn dashed.
 
     A number as `reference` goes on the accuracy panels; a dict maps metric -> value.
     """
     if reference is not None and not isinstance(reference, dict):
         reference = {m: float(reference) for m in metrics if m.endswith("acc")}
-    return plot_curves(_rounds_frame(df_or_runs), "round", list(metrics), hue=hue, title=title,
-                       reference=reference)
+    return plot_curves(_rounds_frame(df_or_runs), "round", list(metrics), hue=hue, title=title, reference=reference)
 
 
 def plot_drift(df_or_runs, hue: str | None = None, title: str | None = "client drift") -> Figure:

@@ -30,8 +30,11 @@ def default_run_root() -> Path:
     if DRIVE_ROOT.parent.is_dir():
         return DRIVE_ROOT / "runs"
     if "google.colab" in sys.modules:
-        warnings.warn("Google Drive is not mounted: runs go to ./runs and are lost when the Colab runtime ends. "
-                      "Run the notebook's first cell (it mounts Drive) to keep them.", stacklevel=2)
+        warnings.warn(
+            "Google Drive is not mounted: runs go to ./runs and are lost when the Colab runtime ends. "
+            "Run the notebook's first cell (it mounts Drive) to keep them.",
+            stacklevel=2,
+        )
     return Path("runs")
 
 

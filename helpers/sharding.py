@@ -43,8 +43,7 @@ def _is_int(value) -> bool:
 def _check_num_clients(num_clients, num_samples: int) -> int:
     if not _is_int(num_clients) or not 1 <= num_clients <= num_samples:
         raise ValueError(
-            f"num_clients={num_clients!r} is invalid: must be an integer in [1, {num_samples}] "
-            "(the number of samples)"
+            f"num_clients={num_clients!r} is invalid: must be an integer in [1, {num_samples}] (the number of samples)"
         )
     return int(num_clients)
 
@@ -269,9 +268,7 @@ def noniid_shards(labels, num_clients: int, classes_per_client: int, seed: int) 
 # ----------------------------------------------------------------------------- Dirichlet
 
 
-def dirichlet_shards(
-    labels, num_clients: int, alpha: float, seed: int, min_size: int = 1
-) -> list[np.ndarray]:
+def dirichlet_shards(labels, num_clients: int, alpha: float, seed: int, min_size: int = 1) -> list[np.ndarray]:
     """Hsu et al. 2019: each class is split among the K clients with proportions ~ Dir(alpha * 1_K).
 
     Draws again (up to DIRICHLET_MAX_ATTEMPTS times) until every client has at least `min_size` samples.

@@ -61,9 +61,7 @@ class SparseSGDM(torch.optim.SGD):
                 )
             m = torch.as_tensor(m)
             if m.shape != p.shape:
-                raise ValueError(
-                    f"masks: key #{i} has shape {tuple(m.shape)}, its parameter {tuple(p.shape)}"
-                )
+                raise ValueError(f"masks: key #{i} has shape {tuple(m.shape)}, its parameter {tuple(p.shape)}")
             if not bool(((m == 0) | (m == 1)).all()):
                 raise ValueError(f"masks: key #{i} has values other than 0 and 1 (1 = trainable)")
             # Converted once to the parameter's device/dtype so step() only multiplies.

@@ -8,10 +8,24 @@ from helpers import bench
 def test_quick_bench_writes_every_measurement(tmp_path, capsys):
     bench.main(["--profile", "smoke", "--device", "cpu", "--quick", "--out", str(tmp_path)])
     result = json.loads(next(tmp_path.glob("smoke-cpu-*.json")).read_text())
-    for key in ("train_images_per_s", "eval_images_per_s", "augment_speedup", "augment_share_of_step",
-                "scoring_speedup", "checkpoint_save_s", "checkpoint_load_s", "fedavg_overhead_ratio",
-                "forward_gflops_per_image", "peak_host_mb", "torch", "date", "device", "head_cached_speedup",
-                "head_steps_cached_s", "feature_extraction_images_per_s"):
+    for key in (
+        "train_images_per_s",
+        "eval_images_per_s",
+        "augment_speedup",
+        "augment_share_of_step",
+        "scoring_speedup",
+        "checkpoint_save_s",
+        "checkpoint_load_s",
+        "fedavg_overhead_ratio",
+        "forward_gflops_per_image",
+        "peak_host_mb",
+        "torch",
+        "date",
+        "device",
+        "head_cached_speedup",
+        "head_steps_cached_s",
+        "feature_extraction_images_per_s",
+    ):
         assert key in result, key
     assert result["train_images_per_s"] > 0 and 0 < result["fedavg_overhead_ratio"] < 10
     assert "fedavg_overhead_ratio" in capsys.readouterr().out

@@ -49,9 +49,7 @@ def test_step_batches_without_replacement_then_wrap():
     b = step_batches(pool, 4, 5, torch.Generator().manual_seed(0))  # 20 draws = two passes over 10
     flat = b.flatten()
     assert b.shape == (5, 4) and set(flat.tolist()) <= set(pool.tolist())
-    assert sorted(flat[:10].tolist()) == list(range(10, 20)) and sorted(flat[10:].tolist()) == list(
-        range(10, 20)
-    )
+    assert sorted(flat[:10].tolist()) == list(range(10, 20)) and sorted(flat[10:].tolist()) == list(range(10, 20))
 
 
 def test_eval_batch_native_size_is_exact_normalisation():

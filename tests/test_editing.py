@@ -28,15 +28,11 @@ from helpers.models import backbone_parameters
 from helpers.runs import load_artifact, load_checkpoint
 
 CPU = torch.device("cpu")
-SMALL = dict(
-    synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", calibration_batches=1
-)
+SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", calibration_batches=1)
 
 
 def central_config(**overrides) -> dict:
-    return make_config(
-        "sparse_centralized", "smoke", **{**SMALL, "epochs": 2, "calibration_rounds": 2, **overrides}
-    )
+    return make_config("sparse_centralized", "smoke", **{**SMALL, "epochs": 2, "calibration_rounds": 2, **overrides})
 
 
 def federated_config(**overrides) -> dict:
@@ -81,17 +77,13 @@ def fed_run(tmp_path_factory):
     real_round = fedavg.fedavg_round
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fedavg, "fedavg_round", spy)
-        run = run_sparse_fedavg(
-            federated_config(step0="sgd"), run_root=tmp_path_factory.mktemp("fed"), progress=False
-        )
+        run = run_sparse_fedavg(federated_config(step0="sgd"), run_root=tmp_path_factory.mktemp("fed"), progress=False)
     return run, snapshots
 
 
 @pytest.fixture(scope="module")
 def central_run(tmp_path_factory):
-    return run_sparse_centralized(
-        central_config(sparsity=0.95), run_root=tmp_path_factory.mktemp("c"), progress=False
-    )
+    return run_sparse_centralized(central_config(sparsity=0.95), run_root=tmp_path_factory.mktemp("c"), progress=False)
 
 
 def test_federated_masked_entries_and_head_never_change(fed_run):
@@ -156,9 +148,7 @@ def test_ridge_from_summed_client_statistics_equals_pooled_ridge():
         ({"mask_rule": "largest"}, r"mask_rule='largest' is invalid"),
     ],
 )
-def test_bad_parameters_rejected_before_any_data_or_weights(
-    monkeypatch, tmp_path, runner, overrides, message
-):
+def test_bad_parameters_rejected_before_any_data_or_weights(monkeypatch, tmp_path, runner, overrides, message):
     def loaded(*args, **kwargs):
         raise AssertionError("data or weights were loaded before validation")
 
@@ -217,9 +207,7 @@ def test_interrupted_run_resumes_to_the_same_result(monkeypatch, tmp_path, kind,
 
 
 def test_local_masks_one_per_client_and_one_shot_rules_score_nothing(tmp_path):
-    config = federated_config(
-        sharding="noniid", classes_per_client=10, mask_scope="local", calibration_rounds=1
-    )
+    config = federated_config(sharding="noniid", classes_per_client=10, mask_scope="local", calibration_rounds=1)
     run = run_sparse_fedavg(config, run_root=tmp_path, progress=False)
     masks = load_masks(run)
     assert len(masks) == 10 and not torch.equal(
@@ -230,7 +218,5 @@ def test_local_masks_one_per_client_and_one_shot_rules_score_nothing(tmp_path):
     assert first["upload_bytes"] == 4 * sum(nnz) and run.summary()["calibration_upload_bytes"] == 0
     magnitude = federated_config(mask_rule="lowest_magnitude", calibration_rounds=1)
     data = load_data(magnitude, CPU)
-    _, cost = calibrate_federated(
-        build_seeded_model(magnitude, CPU), data, client_shards(magnitude, data), magnitude
-    )
+    _, cost = calibrate_federated(build_seeded_model(magnitude, CPU), data, client_shards(magnitude, data), magnitude)
     assert cost["calibration_samples"] == 0 and cost["calibration_upload_bytes"] == 0

@@ -23,11 +23,36 @@ REPO = Path(__file__).resolve().parent.parent
 SIZES = ["--set", "synthetic_train_size=600", "--set", "synthetic_test_size=100", "--set", "batch_size=16"]
 JOBS = {
     "centralized": ["run", "centralized", *SIZES, "--set", "epochs=4"],
-    "fedavg": ["run", "fedavg", *SIZES, "--set", "num_clients=10", "--set", "participation=0.3",
-               "--set", "local_steps=2", "--set", "rounds=4"],
-    "sparse_fedavg": ["run", "sparse_fedavg", *SIZES, "--set", "num_clients=10", "--set", "participation=0.3",
-                      "--set", "local_steps=2", "--set", "rounds=4", "--set", "sparsity=0.9",
-                      "--set", "calibration_rounds=2"],
+    "fedavg": [
+        "run",
+        "fedavg",
+        *SIZES,
+        "--set",
+        "num_clients=10",
+        "--set",
+        "participation=0.3",
+        "--set",
+        "local_steps=2",
+        "--set",
+        "rounds=4",
+    ],
+    "sparse_fedavg": [
+        "run",
+        "sparse_fedavg",
+        *SIZES,
+        "--set",
+        "num_clients=10",
+        "--set",
+        "participation=0.3",
+        "--set",
+        "local_steps=2",
+        "--set",
+        "rounds=4",
+        "--set",
+        "sparsity=0.9",
+        "--set",
+        "calibration_rounds=2",
+    ],
 }
 MODULE = {"centralized": "helpers.centralized", "fedavg": "helpers.fedavg", "sparse_fedavg": "helpers.fedavg"}
 
@@ -37,11 +62,14 @@ FAULTS = {
     "during training": ("{module}", "train_steps", 3, KILL),
     "during evaluation": ("{module}", "evaluate", 2, KILL),
     # a checkpoint half written to its temporary file, then death
-    "during a checkpoint write": ("helpers.runs", "atomic_write", None,
-                                  "Path(args[0]).write_bytes(args[1][: len(args[1]) // 2]); " + KILL),
+    "during a checkpoint write": (
+        "helpers.runs",
+        "atomic_write",
+        None,
+        "Path(args[0]).write_bytes(args[1][: len(args[1]) // 2]); " + KILL,
+    ),
     # a torn metrics.csv line, as a non-atomic append would leave, then death
-    "during a CSV write": ("helpers.runs", "atomic_write", None,
-                           "open(args[0], 'ab').write(b'9,0.1,2.'); " + KILL),
+    "during a CSV write": ("helpers.runs", "atomic_write", None, "open(args[0], 'ab').write(b'9,0.1,2.'); " + KILL),
 }
 DRIVER = """
 import os, signal, sys
@@ -64,8 +92,14 @@ sys.exit(main(sys.argv[1:]))
 def run_cli(args: list[str], root: Path, driver: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FLME_PROFILE": "smoke"}
     code = ["-c", driver] if driver else ["-m", "helpers"]
-    return subprocess.run([sys.executable, *code, *args, "--run-root", str(root)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *code, *args, "--run-root", str(root)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def final_state(root: Path) -> tuple[pd.DataFrame, dict]:
@@ -147,8 +181,13 @@ def bad_values(spec: Param) -> list:
     return values
 
 
-CASES = [(exp, name, value) for exp in sorted(set(EXPERIMENTS) & set(RUNNERS)) for name in EXPERIMENTS[exp]
-         if name != "profile" for value in bad_values(PARAMS[name])]
+CASES = [
+    (exp, name, value)
+    for exp in sorted(set(EXPERIMENTS) & set(RUNNERS))
+    for name in EXPERIMENTS[exp]
+    if name != "profile"
+    for value in bad_values(PARAMS[name])
+]
 
 
 @pytest.mark.parametrize("experiment,name,value", CASES)
@@ -167,5 +206,10 @@ def test_papermill_parameter_errors_are_clear(tmp_path):
     import papermill
 
     with pytest.raises(papermill.PapermillExecutionError, match="epochs=0 is invalid"):
-        papermill.execute_notebook(str(REPO / "notebooks" / "01_centralized.ipynb"), str(tmp_path / "out.ipynb"),
-                                   parameters={"EPOCHS": 0}, cwd=str(REPO / "notebooks"), progress_bar=False)
+        papermill.execute_notebook(
+            str(REPO / "notebooks" / "01_centralized.ipynb"),
+            str(tmp_path / "out.ipynb"),
+            parameters={"EPOCHS": 0},
+            cwd=str(REPO / "notebooks"),
+            progress_bar=False,
+        )

@@ -24,10 +24,19 @@ def _runs(experiment: str, step: str, steps: int, grid: list[dict], fed: bool = 
     for i, config in enumerate(grid):
         for t in range(1, steps + 1):
             acc = 0.1 + 0.05 * t + 0.01 * i
-            row = {"run_id": f"{experiment[:3]}{i:03d}", "experiment": experiment, "profile": PROFILE, **config,
-                   step: t, "train_loss": 4.0 - 0.3 * t, "val_loss": 4.1 - 0.3 * t, "val_acc": acc,
-                   "test_loss": 4.2 - 0.3 * t if t == steps else np.nan, "test_acc": acc if t == steps else np.nan,
-                   "elapsed_s": 0.5 * t}
+            row = {
+                "run_id": f"{experiment[:3]}{i:03d}",
+                "experiment": experiment,
+                "profile": PROFILE,
+                **config,
+                step: t,
+                "train_loss": 4.0 - 0.3 * t,
+                "val_loss": 4.1 - 0.3 * t,
+                "val_acc": acc,
+                "test_loss": 4.2 - 0.3 * t if t == steps else np.nan,
+                "test_acc": acc if t == steps else np.nan,
+                "elapsed_s": 0.5 * t,
+            }
             if fed:
                 row.update(upload_bytes=4000 * (1 + i), drift_norm=1.0 + 0.1 * i, drift_cos=0.5 - 0.05 * i)
             rows.append(row)
@@ -42,25 +51,59 @@ def write_fixture(root: Path) -> Path:
     base = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-5, "scheduler": "cosine"}
     files = {
         "centralized_probe": _runs("centralized", "epoch", 2, [{**base, "train_mode": "head", "seed": 0}]),
-        "centralized_grid": _runs("centralized", "epoch", 2, [
-            {**base, "lr": lr, "weight_decay": wd, "seed": 0} for lr, wd in product([0.01, 0.03], [0.0, 5e-5])]),
-        "centralized_schedulers": _runs("centralized", "epoch", 3, [
-            {**base, "scheduler": s, "seed": 0} for s in ["cosine", "step", "constant"]]),
+        "centralized_grid": _runs(
+            "centralized",
+            "epoch",
+            2,
+            [{**base, "lr": lr, "weight_decay": wd, "seed": 0} for lr, wd in product([0.01, 0.03], [0.0, 5e-5])],
+        ),
+        "centralized_schedulers": _runs(
+            "centralized", "epoch", 3, [{**base, "scheduler": s, "seed": 0} for s in ["cosine", "step", "constant"]]
+        ),
         "centralized_final": _runs("centralized", "epoch", 3, [{**base, "seed": s} for s in seeds]),
-        "fedavg_iid": _runs("fedavg", "round", 3, [{"sharding": "iid", "local_steps": 4, "seed": s} for s in seeds],
-                            fed=True),
-        "fedavg_noniid": _runs("fedavg", "round", 3, [
-            {"sharding": sh, "classes_per_client": nc, "local_steps": j, "seed": 0}
-            for sh, nc in [("noniid", 1), ("noniid", 5), ("iid", 5)] for j in [4, 8]], fed=True),
-        "editing_centralized": _runs("sparse_centralized", "epoch", 2, [
-            {"sparsity": s, "calibration_rounds": r, "mask_rule": "least_sensitive", "seed": 0}
-            for s, r in product([0.9, 0.99], [1, 4])] + [{"train_mode": "full", "seed": 0}]),
-        "editing_federated": _runs("sparse_fedavg", "round", 3, [
-            {"sharding": sh, "classes_per_client": 1, "sparsity": sp, "seed": 0}
-            for sh, sp in product(["iid", "noniid"], [0.9, np.nan])], fed=True),
-        "mask_strategies": _runs("sparse_centralized", "epoch", 2, [
-            {"mask_rule": rule, "sparsity": 0.9, "calibration_rounds": 1, "seed": 0}
-            for rule in ["least_sensitive", "most_sensitive", "random"]]),
+        "fedavg_iid": _runs(
+            "fedavg", "round", 3, [{"sharding": "iid", "local_steps": 4, "seed": s} for s in seeds], fed=True
+        ),
+        "fedavg_noniid": _runs(
+            "fedavg",
+            "round",
+            3,
+            [
+                {"sharding": sh, "classes_per_client": nc, "local_steps": j, "seed": 0}
+                for sh, nc in [("noniid", 1), ("noniid", 5), ("iid", 5)]
+                for j in [4, 8]
+            ],
+            fed=True,
+        ),
+        "editing_centralized": _runs(
+            "sparse_centralized",
+            "epoch",
+            2,
+            [
+                {"sparsity": s, "calibration_rounds": r, "mask_rule": "least_sensitive", "seed": 0}
+                for s, r in product([0.9, 0.99], [1, 4])
+            ]
+            + [{"train_mode": "full", "seed": 0}],
+        ),
+        "editing_federated": _runs(
+            "sparse_fedavg",
+            "round",
+            3,
+            [
+                {"sharding": sh, "classes_per_client": 1, "sparsity": sp, "seed": 0}
+                for sh, sp in product(["iid", "noniid"], [0.9, np.nan])
+            ],
+            fed=True,
+        ),
+        "mask_strategies": _runs(
+            "sparse_centralized",
+            "epoch",
+            2,
+            [
+                {"mask_rule": rule, "sparsity": 0.9, "calibration_rounds": 1, "seed": 0}
+                for rule in ["least_sensitive", "most_sensitive", "random"]
+            ],
+        ),
     }
     for name, frame in files.items():
         frame.to_csv(folder / f"{name}.csv", index=False)
@@ -140,8 +183,13 @@ def test_report_compiles_within_eight_pages(results_root: Path, tmp_path: Path):
     df = report.load_results(PROFILE, results_root)
     report.write_tables(df, PROFILE, copy / "report" / "generated")
     report.write_figures(df, PROFILE, copy / "figures")
-    done = subprocess.run(["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", "main.tex"],
-                          cwd=copy / "report", capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        ["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", "main.tex"],
+        cwd=copy / "report",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     assert (copy / "report" / "main.pdf").stat().st_size > 0
     assert _body_pages(copy / "report" / "main.aux") <= 8

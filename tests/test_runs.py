@@ -54,9 +54,7 @@ def test_checkpoint_fallback_to_previous(tmp_path):
 def test_done_run_is_skipped(tmp_path, monkeypatch):
     run = centralized.run_centralized(small(), run_root=tmp_path, progress=False)
     assert run.done
-    monkeypatch.setattr(
-        centralized, "train_steps", lambda *a, **k: pytest.fail("a finished run trained again")
-    )
+    monkeypatch.setattr(centralized, "train_steps", lambda *a, **k: pytest.fail("a finished run trained again"))
     again = centralized.run_centralized(small(), run_root=tmp_path, progress=False)
     assert again.summary() == run.summary()
 

@@ -171,9 +171,7 @@ def test_errors_name_the_parameter(cifar_labels, kwargs, param):
 
 
 def test_error_message_gives_allowed_range(cifar_labels):
-    with pytest.raises(
-        ValueError, match=r"classes_per_client=101 is invalid: must be an integer in \[1, 100\]"
-    ):
+    with pytest.raises(ValueError, match=r"classes_per_client=101 is invalid: must be an integer in \[1, 100\]"):
         noniid_shards(cifar_labels, K, 101, seed=0)
     with pytest.raises(ValueError, match="iid, noniid, dirichlet"):
         make_shards(cifar_labels, sharding="IID", num_clients=K, seed=0)

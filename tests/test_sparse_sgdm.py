@@ -13,9 +13,7 @@ from helpers.sparse_sgdm import SparseSGDM, masks_by_parameter
 
 # (momentum, dampening, nesterov): every combination torch.optim.SGD accepts.
 MOMENTUM_CASES = [
-    (m, d, n)
-    for m, d, n in itertools.product((0.0, 0.9), (0.0, 0.1), (False, True))
-    if not n or (m > 0 and d == 0)
+    (m, d, n) for m, d, n in itertools.product((0.0, 0.9), (0.0, 0.1), (False, True)) if not n or (m > 0 and d == 0)
 ]
 
 
