@@ -1,7 +1,12 @@
 """Offline with the full profile: one clear message for the dataset and one for the weights."""
 
+import subprocess
+import sys
+import types
 import urllib.error
+from pathlib import Path
 
+import nbformat
 import pytest
 import timm
 import torchvision.datasets
@@ -53,3 +58,26 @@ def test_cli_full_profile_offline_is_one_line(monkeypatch, tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: could not load CIFAR-100") and "\n" not in err
+
+
+def _bootstrap_cells() -> dict[str, str]:
+    cells = {}
+    for path in sorted(Path(__file__).resolve().parent.parent.glob("notebooks/*.ipynb")):
+        code = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+        cells[path.name] = code[0].source
+    return cells
+
+
+def test_colab_bootstrap_with_placeholder_url_is_explained(monkeypatch):
+    # On Colab without a copy on Drive and with REPO_URL left as shipped: one clear error, no failed git clone.
+    cells = _bootstrap_cells()
+    assert len(set(cells.values())) == 1, "every notebook starts with the same bootstrap cell"
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(mount=lambda path: None)
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.delenv("FLME_REPO_URL", raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
+    if Path("/content").exists():
+        pytest.skip("a /content folder exists here")
+    with pytest.raises(RuntimeError, match="REPO_URL.*placeholder.*MyDrive/fl-model-editing"):
+        exec(next(iter(cells.values())), {})
