@@ -179,9 +179,12 @@ def fedavg_round(
     lr = client_lr(config, rnd)
     losses, norms, uploaded = [], [], 0
     shared = None if masks is None or callable(masks) else upload_bytes(model, masks)
-    for k in clients:
+    trained = None if callable(masks) else masks  # entries some client trains; the rest must stay bit-exact
+    for i, k in enumerate(clients):
         _copy(params, start)
         own = masks(k) if callable(masks) else masks
+        if callable(masks):  # mask_scope=local: the union of this round's client masks, one client at a time
+            trained = own if i == 0 else _union(trained, own)
         optimizer = client_optimizer(model, lr, config, own)
         try:
             losses.append(local_train(model, optimizer, data, shards[k], rnd, k, config, scaler))
@@ -189,8 +192,8 @@ def fedavg_round(
             raise NonFiniteLossError(f"round {rnd + 1}, client {k}: {exc}") from None
         norms.append(_accumulate(params, start, avg, unit_sum, len(shards[k]) / total))
         uploaded += shared if shared is not None else upload_bytes(model, own)
-    if masks is not None and not callable(masks):
-        _keep_frozen(model, start, avg, masks)
+    if trained is not None:
+        _keep_frozen(model, start, avg, trained)
     _server_step(params, start, avg, config["server_lr"])
     # Mean pairwise cosine from the sum S of unit updates: |S|^2 = m + sum_{i != j} cos_ij.
     m, s2 = len(clients), _global_norm(unit_sum).item() ** 2
@@ -235,9 +238,16 @@ def _accumulate(
     return norm
 
 
+def _union(trained: Mapping[str, Tensor] | None, own: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
+    """Entries trained by either; a client without masks, or a parameter missing from its masks, trains in full."""
+    if trained is None or own is None:
+        return None
+    return {n: trained[n].bool() | own[n].bool() for n in trained.keys() & own.keys()}
+
+
 @torch.no_grad()
 def _keep_frozen(model: nn.Module, start: list[Tensor], avg: list[Tensor], masks: Mapping[str, Tensor]) -> None:
-    """avg <- w where the global mask is 0: the weighted mean of identical values can round off by an ulp,
+    """avg <- w where no client trains (mask 0): the weighted mean of identical values can round off by an ulp,
     which would move frozen entries; this keeps them bit-exact (lerp(w, w, lr) == w)."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     for name, w, a in zip(names, start, avg, strict=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import signal
@@ -85,6 +86,29 @@ def test_server_applies_size_weighted_average(server_lr):
         avg = sum(w / sizes.sum() * c[name].double() for w, c in zip(sizes, clients, strict=True))
         want = start[name].double() + server_lr * (avg - start[name].double())
         assert torch.allclose(got.double(), want, atol=1e-6, rtol=0), name
+
+
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_entries_no_client_trains_stay_bit_exact(scope):
+    # Unequal shard weights make the mean of identical values round off by an ulp unless frozen entries are kept.
+    config = small_config(num_clients=3, participation=1.0, local_steps=2, lr=0.2)
+    data = load_data(config, CPU)
+    shards = [torch.arange(0, 70), torch.arange(70, 170), torch.arange(170, 400)]
+    model = fresh_model(config)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    names = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    per_client = [{n: torch.rand(start[n].shape, generator=gen) < 0.3 for n in names} for _ in shards]
+    masks = per_client[0] if scope == "global" else (lambda k: per_client[k])
+    trained = per_client[:1] if scope == "global" else per_client
+    fedavg.fedavg_round(model, data, shards, 0, config, masks=masks)
+    moved = 0
+    for n in names:
+        frozen = ~functools.reduce(torch.logical_or, [m[n] for m in trained])
+        got = dict(model.named_parameters())[n].detach()
+        assert torch.equal(got[frozen], start[n][frozen]), f"frozen entries of {n} moved"
+        moved += int((got[~frozen] != start[n][~frozen]).sum())
+    assert moved > 0
 
 
 def test_rounds_sample_m_distinct_clients_and_clients_use_only_their_shard(tmp_path, monkeypatch):
