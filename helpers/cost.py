@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = notebook_table(args.profile)
     for row in [*rows, {"notebook": "total", **{k: sum(r[k] for r in rows) for k in ("runs", "t4_hours")}}]:
         print(f"{row['notebook']:<24} {row['runs']:>4} runs  {_duration(row['t4_hours'] * 3600):>18}")
-    print(t4_throughput(*_model_of(args.profile))[2])
+    print(t4_throughput(*_model_of(args.profile))[-1])
 
 
 def _model_of(profile: str) -> tuple[str, int]:

@@ -59,6 +59,10 @@ def test_profiles_and_overrides(monkeypatch):
     assert smoke["dataset"] == "synthetic" and smoke["lr"] == 0.123 and smoke["epochs"] == 7
     assert set(smoke) == set(EXPERIMENTS["centralized"])
     assert make_config("centralized", "smoke", lr=1)["lr"] == 1.0  # ints accepted for floats
+    # full federated runs validate every 5th round; epochs and smoke rounds every time; an explicit value wins
+    assert full["eval_every"] == 1 and make_config("fedavg", "smoke")["eval_every"] == 1
+    assert make_config("fedavg", "full")["eval_every"] == make_config("sparse_fedavg", "full")["eval_every"] == 5
+    assert make_config("fedavg", "full", eval_every=1)["eval_every"] == 1
     monkeypatch.setenv("FLME_PROFILE", "smoke")
     assert resolve_profile("full") == "smoke"  # the environment wins over the notebook parameter
     monkeypatch.setenv("FLME_PROFILE", "huge")

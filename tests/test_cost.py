@@ -97,3 +97,11 @@ def test_every_notebook_exposes_its_plan(name):
 def test_notebook_plan_takes_parameters():
     plan = cost.notebook_plan("02_fedavg_iid", "smoke", SEEDS=[0, 1, 2])
     assert [c["seed"] for _, c in plan] == [0, 1, 2]
+
+
+def test_cli_prints_every_notebook_a_total_and_the_source(capsys):
+    cost.main(["--profile", "smoke"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = [line.split()[0] for line in lines[:-1]]
+    assert names == [p.stem for p in sorted(cost.NOTEBOOKS.glob("0[1-6]_*.ipynb"))] + ["total"]
+    assert lines[-1] == cost.t4_throughput("vit_tiny_smoke", 32)[-1] and "T4" in lines[-1]
