@@ -20,39 +20,19 @@ from helpers.config import EXPERIMENTS, PARAMS, Param
 from helpers.runs import load_checkpoint, open_run, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-SIZES = ["--set", "synthetic_train_size=600", "--set", "synthetic_test_size=100", "--set", "batch_size=16"]
+
+
+def _sets(**values: object) -> list[str]:
+    """CLI `--set name=value` pairs."""
+    return [arg for name, value in values.items() for arg in ("--set", f"{name}={value}")]
+
+
+SIZES = _sets(synthetic_train_size=600, synthetic_test_size=100, batch_size=16)
+FEDERATED = _sets(num_clients=10, participation=0.3, local_steps=2, rounds=4)
 JOBS = {
-    "centralized": ["run", "centralized", *SIZES, "--set", "epochs=4"],
-    "fedavg": [
-        "run",
-        "fedavg",
-        *SIZES,
-        "--set",
-        "num_clients=10",
-        "--set",
-        "participation=0.3",
-        "--set",
-        "local_steps=2",
-        "--set",
-        "rounds=4",
-    ],
-    "sparse_fedavg": [
-        "run",
-        "sparse_fedavg",
-        *SIZES,
-        "--set",
-        "num_clients=10",
-        "--set",
-        "participation=0.3",
-        "--set",
-        "local_steps=2",
-        "--set",
-        "rounds=4",
-        "--set",
-        "sparsity=0.9",
-        "--set",
-        "calibration_rounds=2",
-    ],
+    "centralized": ["run", "centralized", *SIZES, *_sets(epochs=4)],
+    "fedavg": ["run", "fedavg", *SIZES, *FEDERATED],
+    "sparse_fedavg": ["run", "sparse_fedavg", *SIZES, *FEDERATED, *_sets(sparsity=0.9, calibration_rounds=2)],
 }
 MODULE = {"centralized": "helpers.centralized", "fedavg": "helpers.fedavg", "sparse_fedavg": "helpers.fedavg"}
 
