@@ -264,24 +264,18 @@ def bench_fedavg(config: dict, repeats: int = 3) -> dict:
     return {"fedavg_round_s": round_s, "fedavg_steps_s": steps_s, "fedavg_overhead_ratio": round_s / steps_s}
 
 
-def bench_gpu_memory(config: dict, device: torch.device, steps: int = 3) -> dict:
-    """Peak GPU memory of full fine-tuning at the profile's default batch size: the T4 (15 GB) fit check.
+def bench_gpu_memory(config: dict, device: torch.device) -> dict:
+    """Peak GPU memory of the training benchmark at the profile's default batch size: the T4 (15 GB) fit check.
 
     bf16 (H100/H200) and fp16 (T4) activations take the same bytes, so the peak measured here carries over.
     """
     if device.type != "cuda":
         return {}
-    batch = config["batch_size"]
-    torch.manual_seed(0)
-    model = build_model(config["model"], pretrained=False, img_size=config["img_size"]).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x, y = fake_images(batch * steps, device)
-    gen = torch.Generator().manual_seed(0)
-    batches = step_batches(torch.arange(len(y)), batch, steps, gen)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    train_steps(model, opt, x, y, batches, gen, img_size=config["img_size"], scaler=make_scaler(device))
-    return {"peak_gpu_mb_default_batch": torch.cuda.max_memory_allocated(device) / 2**20, "default_batch_size": batch}
+    bench_training(config, device, config["batch_size"], steps=3)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    return {"peak_gpu_mb_default_batch": peak, "default_batch_size": config["batch_size"]}
 
 
 def cpu_name() -> str:
