@@ -234,17 +234,9 @@ def bench_fedavg(config: dict, repeats: int = 3) -> dict:
     """
     from helpers.centralized import build_seeded_model
     from helpers.data import load_data
-    from helpers.fedavg import (
-        check_federated,
-        client_optimizer,
-        client_shards,
-        fedavg_round,
-        local_train,
-        sample_clients,
-    )
+    from helpers.fedavg import client_optimizer, client_shards, fedavg_round, local_train, sample_clients
     from helpers.models import set_trainable
 
-    check_federated(config)
     device = pick_device(config["device"])
     data = load_data(config, device)
     model = build_seeded_model(config, device)

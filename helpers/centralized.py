@@ -36,17 +36,21 @@ def build_seeded_model(config: dict, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
+def run_inputs(config: dict) -> tuple[Data, torch.nn.Module]:
+    """What every runner starts from: the config's data on its device and its seeded model there."""
+    device = pick_device(config["device"])
+    return load_data(config, device), build_seeded_model(config, device)
+
+
 def run_centralized(
     config: dict | None = None, *, run_root: str | Path | None = None, progress: bool = True, **overrides
 ) -> Run:
     """Train (or resume, or skip if done) one centralized run; returns its Run (metrics, summary)."""
-    config = config if config is not None else make_config("centralized", **overrides)
-    run = open_run("centralized", config, run_root)
+    run = open_run("centralized", config or make_config("centralized", **overrides), run_root)
     if run.done:
         return run
-    device = pick_device(config["device"])
-    data = load_data(config, device)
-    model = build_seeded_model(config, device)
+    config = run.config
+    data, model = run_inputs(config)
     params = set_trainable(model, config["train_mode"])
     optimizer = torch.optim.SGD(
         params, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 
 PROFILES = ("smoke", "full")
+NUM_CLASSES = 100  # CIFAR-100 and its synthetic stand-in
 PROFILE_ENV = "FLME_PROFILE"
 
 
@@ -75,6 +76,8 @@ PARAMS: dict[str, Param] = {
     "dirichlet_alpha": Param(float, low=0, low_open=True),
     "server_lr": Param(float, low=0, low_open=True),
     "client_lr_schedule": _choice("constant", "cosine"),
+    # who runs the clients: helpers.fedavg one after another in this process, or Flower apps (helpers.flower)
+    "engine": _choice("sequential", "flower"),
     # model editing (sparse fine-tuning, §9): sparsity = fraction of backbone entries FROZEN
     "sparsity": Param(float, low=0, high=1, high_open=True),
     "calibration_rounds": Param(int, low=1),
@@ -106,7 +109,7 @@ COMMON_DEFAULTS = {
     "gamma": 0.1, "eval_every": 1, "eval_test": False, "checkpoint_every": 1, "checkpoint_minutes": 10.0,
     "device": "auto", "compile": False, "data_root": "./data", "synthetic_train_size": 3000, "synthetic_test_size": 500,
     "num_clients": 100, "participation": 0.1, "local_steps": 4, "sharding": "iid", "classes_per_client": 5,
-    "dirichlet_alpha": 0.5, "server_lr": 1.0, "client_lr_schedule": "constant",
+    "dirichlet_alpha": 0.5, "server_lr": 1.0, "client_lr_schedule": "constant", "engine": "sequential",
     "sparsity": 0.9, "calibration_rounds": 4, "mask_rule": "least_sensitive", "score_method": "talos",
     "step0": "sgd", "step0_lr": 0.1, "ridge_lambda": 1.0, "mask_scope": "global",
 }
@@ -137,7 +140,7 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
                                              "eval_test"),
     "fedavg": _DATA + _OPTIM + _BOOK + ("num_clients", "participation", "local_steps", "rounds", "sharding",
                                         "classes_per_client", "dirichlet_alpha", "server_lr",
-                                        "client_lr_schedule", "eval_test"),
+                                        "client_lr_schedule", "engine", "eval_test"),
 }
 
 _EDIT = ("sparsity", "calibration_rounds", "mask_rule", "score_method", "calibration_batches", "step0",
@@ -273,6 +276,40 @@ def _check_combinations(config: dict) -> None:
             raise ValueError(
                 f"classes_per_client={config['classes_per_client']} with num_clients={config['num_clients']} "
                 "is invalid: num_clients * classes_per_client must be >= 100 (every class needs a client)"
+            )
+        _check_federated(config)
+
+
+def train_class_counts(config: dict) -> list[int]:
+    """Per-class sizes of the train split from the config alone (mirrors data.stratified_split)."""
+    if config["dataset"] == "cifar100":
+        counts = [500] * NUM_CLASSES
+    else:  # data.make_synthetic labels sample i with class i % 100
+        n = config["synthetic_train_size"]
+        counts = [len(range(c, n, NUM_CLASSES)) for c in range(NUM_CLASSES)]
+    return [c - int(round(config["val_fraction"] * c)) for c in counts]
+
+
+def train_split_size(config: dict) -> int:
+    """Number of samples in the train split (45,000 for CIFAR-100 with 10% val)."""
+    return sum(train_class_counts(config))
+
+
+def _check_federated(config: dict) -> None:
+    """Rules that need the train split's size (known from the config alone, before any data is loaded)."""
+    counts, k = train_class_counts(config), config["num_clients"]
+    if k > sum(counts):
+        raise ValueError(
+            f"num_clients={k} is invalid: must be <= {sum(counts)} (the train split size); "
+            "every client needs at least one sample"
+        )
+    if config["sharding"] == "noniid":
+        nc = config["classes_per_client"]
+        slots = sum(min(k, c) for c in counts)  # a class of n samples can have at most n holders
+        if slots < k * nc:
+            raise ValueError(
+                f"classes_per_client={nc} with num_clients={k} is invalid: needs {k * nc} (client, class) "
+                f"pairs but the train split can fill only {slots}; lower num_clients or classes_per_client"
             )
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from helpers.config import make_config
-from helpers.fedavg import clients_per_round, train_split_size
+from helpers.config import make_config, train_split_size
+from helpers.fedavg import clients_per_round
 from helpers.models import build_model
 from helpers.runs import default_run_root, run_id
 

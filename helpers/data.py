@@ -10,9 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from helpers.config import NUM_CLASSES
 from helpers.seeding import numpy_rng, torch_generator
 
-NUM_CLASSES = 100
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTATIONS = ("crop", "rrc", "none")

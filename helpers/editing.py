@@ -26,17 +26,15 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from helpers.centralized import build_seeded_model, centralized_training
-from helpers.config import EXPERIMENTS, make_config
-from helpers.data import NUM_CLASSES, Data, eval_batch, load_data, pick_device, step_batches
+from helpers.centralized import centralized_training, run_inputs
+from helpers.config import EXPERIMENTS, make_config, train_split_size
+from helpers.data import NUM_CLASSES, Data, eval_batch, step_batches
 from helpers.features import fingerprint, split_features
 from helpers.fedavg import (
     BYTES_PER_ENTRY,
-    check_federated,
     client_shards,
     federated_training,
     run_fedavg,
-    train_split_size,
 )
 from helpers.models import backbone_parameters, head_parameters
 from helpers.runs import (
@@ -363,13 +361,12 @@ def run_sparse_centralized(
     config: dict | None = None, *, run_root: str | Path | None = None, progress: bool = True, **overrides
 ) -> Run:
     """Step 0, calibration, then sparse fine-tuning in the centralized loop (resumes, or skips if done)."""
-    config = config if config is not None else make_config("sparse_centralized", **overrides)
-    run = open_run("sparse_centralized", config, run_root)
+    run = open_run("sparse_centralized", config or make_config("sparse_centralized", **overrides), run_root)
     if run.done:
         return _finish(run)
-    device = pick_device(config["device"])
-    data = load_data(config, device)
-    model = build_seeded_model(config, device)
+    config = run.config
+    data, model = run_inputs(config)
+    device = data.train_x.device
     packed, info = _edit_state(
         run, model, data,
         step0=lambda: fit_head(model, data, config, run_root=run.root),
@@ -388,14 +385,12 @@ def run_sparse_fedavg(
     config: dict | None = None, *, run_root: str | Path | None = None, progress: bool = True, **overrides
 ) -> Run:
     """Federated step 0, federated calibration, then sparse FedAvg with the mask (resumes, or skips if done)."""
-    config = config if config is not None else make_config("sparse_fedavg", **overrides)
-    check_federated(config)
-    run = open_run("sparse_fedavg", config, run_root)
+    run = open_run("sparse_fedavg", config or make_config("sparse_fedavg", **overrides), run_root)
     if run.done:
         return _finish(run)
-    device = pick_device(config["device"])
-    data = load_data(config, device)
-    model = build_seeded_model(config, device)
+    config = run.config
+    data, model = run_inputs(config)
+    device = data.train_x.device
     shards = client_shards(config, data)
     packed, info = _edit_state(
         run, model, data,

@@ -12,14 +12,13 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from helpers.centralized import build_seeded_model
+from helpers.centralized import run_inputs
 from helpers.config import make_config
-from helpers.data import NUM_CLASSES, Data, augment_generator, load_data, pick_device, step_batches
+from helpers.data import Data, augment_generator, step_batches
 from helpers.features import head_view
 from helpers.models import set_trainable
 from helpers.runs import (
@@ -42,39 +41,6 @@ BYTES_PER_ENTRY = 4  # fp32 upload
 
 
 # ----------------------------------------------------------------------------- config-only checks
-
-
-def train_class_counts(config: dict) -> np.ndarray:
-    """Per-class sizes of the train split from the config alone (mirrors data.stratified_split)."""
-    if config["dataset"] == "cifar100":
-        counts = [500] * NUM_CLASSES
-    else:  # make_synthetic labels sample i with class i % 100
-        n = config["synthetic_train_size"]
-        counts = [len(range(c, n, NUM_CLASSES)) for c in range(NUM_CLASSES)]
-    return np.array([c - int(round(config["val_fraction"] * c)) for c in counts])
-
-
-def train_split_size(config: dict) -> int:
-    """Number of samples in the train split (45,000 for CIFAR-100 with 10% val)."""
-    return int(train_class_counts(config).sum())
-
-
-def check_federated(config: dict) -> None:
-    """Rules that need the train split's size; raises ValueError before any data or weights are loaded."""
-    counts, k = train_class_counts(config), config["num_clients"]
-    if k > counts.sum():
-        raise ValueError(
-            f"num_clients={k} is invalid: must be <= {counts.sum()} (the train split size); "
-            "every client needs at least one sample"
-        )
-    if config["sharding"] == "noniid":
-        nc = config["classes_per_client"]
-        slots = int(np.minimum(k, counts).sum())  # a class of n samples can have at most n holders
-        if slots < k * nc:
-            raise ValueError(
-                f"classes_per_client={nc} with num_clients={k} is invalid: needs {k * nc} (client, class) "
-                f"pairs but the train split can fill only {slots}; lower num_clients or classes_per_client"
-            )
 
 
 def rounds_for_budget(step_budget: int, local_steps: int) -> int:
@@ -145,6 +111,29 @@ def local_train(
     return train_steps(model, optimizer, data.train_x, data.train_y, batches, gen, **opts)
 
 
+def client_update(
+    model: nn.Module,
+    data: Data,
+    shard: Tensor,
+    rnd: int,
+    client: int,
+    config: dict,
+    *,
+    masks: Mapping[str, Tensor] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> float:
+    """A client's part of round `rnd`: a fresh SGDM (SparseSGDM under `masks`) and J local steps, in place on
+    `model`, which holds the global weights when called; returns the mean training loss.
+
+    Every engine runs clients through this function (helpers.fedavg in one process, helpers.flower on nodes).
+    """
+    optimizer = client_optimizer(model, client_lr(config, rnd), config, masks)
+    try:
+        return local_train(model, optimizer, data, shard, rnd, client, config, scaler)
+    except NonFiniteLossError as exc:
+        raise NonFiniteLossError(f"round {rnd + 1}, client {client}: {exc}") from None
+
+
 def upload_bytes(model: nn.Module, masks: Mapping[str, Tensor] | None) -> int:
     """Bytes one client uploads: 4 x trainable entries, counting only mask entries == 1 where masked."""
     masks = masks or {}
@@ -154,6 +143,75 @@ def upload_bytes(model: nn.Module, masks: Mapping[str, Tensor] | None) -> int:
         if p.requires_grad
     )
     return BYTES_PER_ENTRY * entries
+
+
+def check_no_buffers(model: nn.Module) -> None:
+    """FedAvg averages parameters only: a buffer (BatchNorm statistics) would carry one client's state to the next."""
+    buffers = [n for n, _ in model.named_buffers()]
+    if buffers:
+        raise ValueError(
+            f"FedAvg supports models without buffers; this model has {len(buffers)} (e.g. {', '.join(buffers[:3])}), "
+            "such as BatchNorm running statistics, which the clients would not average: use a model with "
+            "LayerNorm (the ViTs of helpers.models have no buffers)"
+        )
+
+
+class RoundSum:
+    """The server's side of one round: clients are added one at a time (memory does not grow with m), then
+    `apply` moves the global weights, w <- w + server_lr * sum_k n_k/n (w_k - w), and returns the round's metrics.
+
+    Both engines feed it the clients' trained weights in the order of their client ids, so their sums are
+    the same floating-point operations.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.start = _clone([p for p in model.parameters() if p.requires_grad])  # the global weights w
+        self.avg = [torch.zeros_like(w) for w in self.start]  # sum_k n_k/n w_k
+        self.unit_sum = [torch.zeros_like(w) for w in self.start]  # sum_k delta_k / |delta_k|, for the cosine
+        self.norms: list[Tensor] = []
+        self.losses: list[float] = []
+        self.uploaded = 0
+        self.trained: Mapping[str, Tensor] | None = None  # entries some client trains (None: all of them)
+        self.scaler_state: dict | None = None
+
+    def add(
+        self,
+        weights: list[Tensor],
+        share: float,
+        *,
+        loss: float,
+        upload: int,
+        masks: Mapping[str, Tensor] | None = None,
+        scaler_state: dict | None = None,
+    ) -> None:
+        """Add one client: its trained weights w_k (used as scratch space: overwritten), n_k/n, its loss,
+        upload bytes, masks and final GradScaler state."""
+        first = not self.norms
+        self.norms.append(_accumulate(weights, self.start, self.avg, self.unit_sum, share))
+        self.losses.append(loss)
+        self.uploaded += upload
+        # mask_scope=local: the union of the round's client masks (a global mask is the same object every time)
+        self.trained = masks if first or masks is self.trained else _union(self.trained, masks)
+        if scaler_state is not None:  # the most cautious client's scale goes on (the lowest, then least grown)
+            key = lambda s: (s["scale"], s["_growth_tracker"])  # noqa: E731
+            self.scaler_state = min(self.scaler_state or scaler_state, scaler_state, key=key)
+
+    def apply(self, params: list[Tensor], server_lr: float) -> dict:
+        """Write the new global weights into `params` (the model's trainable parameters); returns the metrics."""
+        if self.trained is not None:
+            _keep_frozen(self.names, self.start, self.avg, self.trained)
+        _server_step(params, self.start, self.avg, server_lr)
+        norms = torch.stack(self.norms)
+        # Mean pairwise cosine over the clients that moved, from the sum S of their unit updates:
+        # |S|^2 = m + sum_{i != j} cos_ij. A zero update has no direction: it is left out, not counted as cos 0.
+        m, s2 = int((norms > 0).sum()), _global_norm(self.unit_sum).item() ** 2
+        return {
+            "train_loss": statistics.fmean(self.losses),
+            "drift_norm": norms.mean().item(),
+            "drift_cos": (s2 - m) / (m * (m - 1)) if m > 1 else math.nan,
+            "upload_bytes": self.uploaded,
+        }
 
 
 def fedavg_round(
@@ -168,44 +226,29 @@ def fedavg_round(
 ) -> dict:
     """One round (0-based `rnd`) on the global weights held by `model`, updated in place; returns its row.
 
-    Clients start from the global weights, the server does w <- w + server_lr * sum_k n_k/n (w_k - w).
+    Clients run one after another on `model` itself (weights reloaded in place, no copies), each from the
+    round's global weights and the round's GradScaler state, so no client depends on the one before it.
     """
+    check_no_buffers(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    start = _clone(params)  # the global weights w
-    avg = [torch.zeros_like(p) for p in params]  # sum_k n_k/n w_k
-    unit_sum = [torch.zeros_like(p) for p in params]  # sum_k delta_k / |delta_k|, for the pairwise cosine
+    server = RoundSum(model)
     clients = sample_clients(config["seed"], rnd, len(shards), config["participation"])
     total = sum(len(shards[k]) for k in clients)
-    lr = client_lr(config, rnd)
-    losses, norms, uploaded = [], [], 0
     shared = None if masks is None or callable(masks) else upload_bytes(model, masks)
-    trained = None if callable(masks) else masks  # entries some client trains; the rest must stay bit-exact
-    for i, k in enumerate(clients):
-        _copy(params, start)
+    scaler_start = scaler.state_dict() if scaler is not None else None
+    for k in clients:
+        _copy(params, server.start)
+        if scaler is not None:
+            scaler.load_state_dict(scaler_start)
         own = masks(k) if callable(masks) else masks
-        if callable(masks):  # mask_scope=local: the union of this round's client masks, one client at a time
-            trained = own if i == 0 else _union(trained, own)
-        optimizer = client_optimizer(model, lr, config, own)
-        try:
-            losses.append(local_train(model, optimizer, data, shards[k], rnd, k, config, scaler))
-        except NonFiniteLossError as exc:
-            raise NonFiniteLossError(f"round {rnd + 1}, client {k}: {exc}") from None
-        norms.append(_accumulate(params, start, avg, unit_sum, len(shards[k]) / total))
-        uploaded += shared if shared is not None else upload_bytes(model, own)
-    if trained is not None:
-        _keep_frozen(model, start, avg, trained)
-    _server_step(params, start, avg, config["server_lr"])
-    # Mean pairwise cosine from the sum S of unit updates: |S|^2 = m + sum_{i != j} cos_ij.
-    m, s2 = len(clients), _global_norm(unit_sum).item() ** 2
-    return {
-        "round": rnd + 1,
-        "clients": " ".join(map(str, clients)),
-        "client_lr": lr,
-        "train_loss": statistics.fmean(losses),
-        "drift_norm": torch.stack(norms).mean().item(),
-        "drift_cos": (s2 - m) / (m * (m - 1)) if m > 1 else math.nan,
-        "upload_bytes": uploaded,
-    }
+        loss = client_update(model, data, shards[k], rnd, k, config, masks=own, scaler=scaler)
+        upload = shared if shared is not None else upload_bytes(model, own)
+        server.add(params, len(shards[k]) / total, loss=loss, upload=upload, masks=own,
+                   scaler_state=scaler.state_dict() if scaler is not None else None)  # fmt: skip
+    if scaler is not None:
+        scaler.load_state_dict(server.scaler_state)
+    row = server.apply(params, config["server_lr"])
+    return {"round": rnd + 1, "clients": " ".join(map(str, clients)), "client_lr": client_lr(config, rnd), **row}
 
 
 @torch.no_grad()
@@ -224,17 +267,17 @@ def _global_norm(tensors: list[Tensor]) -> Tensor:
 
 @torch.no_grad()
 def _accumulate(
-    params: list[Tensor], start: list[Tensor], avg: list[Tensor], unit_sum: list[Tensor], weight: float
+    weights: list[Tensor], start: list[Tensor], avg: list[Tensor], unit_sum: list[Tensor], share: float
 ) -> Tensor:
     """Add the client's weights to the average and its unit update to unit_sum; returns |delta| (no sync).
 
-    Reuses the model's own tensors as scratch (they are reloaded for the next client): memory does not grow.
+    Overwrites `weights` (the model's own tensors, reloaded for the next client): memory does not grow.
     """
-    torch._foreach_add_(avg, params, alpha=weight)
-    torch._foreach_sub_(params, start)  # params now hold delta_k = w_k - w
-    norm = _global_norm(params)
-    torch._foreach_div_(params, norm.clamp_min(1e-30))  # a zero update adds nothing to unit_sum
-    torch._foreach_add_(unit_sum, params)
+    torch._foreach_add_(avg, weights, alpha=share)
+    torch._foreach_sub_(weights, start)  # weights now hold delta_k = w_k - w
+    norm = _global_norm(weights)
+    torch._foreach_div_(weights, norm.clamp_min(1e-30))  # a zero update adds nothing to unit_sum
+    torch._foreach_add_(unit_sum, weights)
     return norm
 
 
@@ -246,10 +289,9 @@ def _union(trained: Mapping[str, Tensor] | None, own: Mapping[str, Tensor] | Non
 
 
 @torch.no_grad()
-def _keep_frozen(model: nn.Module, start: list[Tensor], avg: list[Tensor], masks: Mapping[str, Tensor]) -> None:
+def _keep_frozen(names: list[str], start: list[Tensor], avg: list[Tensor], masks: Mapping[str, Tensor]) -> None:
     """avg <- w where no client trains (mask 0): the weighted mean of identical values can round off by an ulp,
     which would move frozen entries; this keeps them bit-exact (lerp(w, w, lr) == w)."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     for name, w, a in zip(names, start, avg, strict=True):
         if name in masks:
             a.copy_(torch.where(masks[name].to(a.device).bool(), a, w))
@@ -269,16 +311,12 @@ def run_fedavg(
     config: dict | None = None, *, run_root: str | Path | None = None, progress: bool = True, **overrides
 ) -> Run:
     """Train (or resume, or skip if done) one FedAvg run; returns its Run (metrics, summary)."""
-    config = config if config is not None else make_config("fedavg", **overrides)
-    check_federated(config)
-    run = open_run("fedavg", config, run_root)
+    run = open_run("fedavg", config or make_config("fedavg", **overrides), run_root)
     if run.done:
         return run
-    device = pick_device(config["device"])
-    data = load_data(config, device)
-    model = build_seeded_model(config, device)
-    set_trainable(model, config["train_mode"])
-    return federated_training(run, model, data, client_shards(config, data), progress=progress)
+    data, model = run_inputs(run.config)
+    set_trainable(model, run.config["train_mode"])
+    return federated_training(run, model, data, client_shards(run.config, data), progress=progress)
 
 
 def federated_training(
@@ -289,18 +327,22 @@ def federated_training(
     *,
     masks: Masks = None,
     progress: bool = True,
+    round_fn: Callable[..., dict] | None = None,
 ) -> Run:
     """The resumable round loop: checkpoints, metrics rows, done marker. Trains the params that require grad.
 
     `masks` turns it into sparse federated fine-tuning (see fedavg_round); its callers store the masks.
+    `round_fn` (default fedavg_round, same signature) runs one round: helpers.flower passes one that trains
+    the clients on Flower nodes.
     Head-only runs train model.head on cached backbone features (helpers.features); checkpoints hold the model.
     """
     config, device = run.config, data.train_x.device
     net, inputs = head_view(model, data, config, run.root)
     if config["compile"]:
         net.compile()  # in place: parameter names, checkpoints and the optimizer are unchanged
+    round_fn = round_fn or fedavg_round
     rounds, every = config["rounds"], config["eval_every"]
-    scaler = make_scaler(device)  # one for the run: a fresh scale per client would skip its first steps
+    scaler = make_scaler(device)  # carried over rounds: a fresh scale every round would skip its first steps
     rows, start, elapsed = [], 0, 0.0
     state = load_checkpoint(run, map_location=device)
     if state is not None:
@@ -314,7 +356,7 @@ def federated_training(
     for rnd in bar:
         t0 = time.perf_counter()
         try:
-            row = fedavg_round(net, inputs, shards, rnd, config, masks=masks, scaler=scaler)
+            row = round_fn(net, inputs, shards, rnd, config, masks=masks, scaler=scaler)
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"run {run.id}, {exc}") from None
         last = rnd + 1 == rounds

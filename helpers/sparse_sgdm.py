@@ -20,10 +20,11 @@ def masks_by_parameter(model: nn.Module, masks_by_name: Mapping[str, Tensor]) ->
 
 
 class SparseSGDM(torch.optim.SGD):
-    """torch.optim.SGD where masked parameters use g' = mask * (grad + wd * theta); mask 1 = trainable.
+    """torch.optim.SGD where masked parameters use g' = grad + wd * theta where mask is 1, and 0 where it is 0.
 
-    Masked entries never move (weight decay included) and their momentum buffer stays 0. Parameters
-    without a mask are dense. With all-ones masks the trajectory equals torch.optim.SGD bit for bit.
+    g' is a select, not a product: 0 * inf would be NaN. So masked entries never move (not by weight decay,
+    not by a non-finite gradient) and their momentum buffer stays 0. Parameters without a mask are dense.
+    With all-ones masks the trajectory equals torch.optim.SGD bit for bit.
     Note: `step` writes g' into `p.grad` of masked parameters (in place, to avoid a copy per step).
     """
 
@@ -45,7 +46,7 @@ class SparseSGDM(torch.optim.SGD):
             params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, foreach=foreach,
         )  # fmt: skip
-        self.masks: dict[nn.Parameter, Tensor] = {}
+        self.frozen: dict[nn.Parameter, Tensor] = {}  # True where an entry never moves (mask 0)
         self.set_masks(masks)
 
     @torch.no_grad()
@@ -64,14 +65,14 @@ class SparseSGDM(torch.optim.SGD):
                 raise ValueError(f"masks: key #{i} has shape {tuple(m.shape)}, its parameter {tuple(p.shape)}")
             if not bool(((m == 0) | (m == 1)).all()):
                 raise ValueError(f"masks: key #{i} has values other than 0 and 1 (1 = trainable)")
-            # Converted once to the parameter's device/dtype so step() only multiplies.
-            checked[p] = m.detach().to(device=p.device, dtype=p.dtype).clone()
-        self.masks = checked
+            # Inverted once, on the parameter's device, so step() only selects.
+            checked[p] = m.detach().to(p.device) == 0
+        self.frozen = checked
         # A buffer that is non-zero at a frozen entry would keep moving it: zero it.
-        for p, m in self.masks.items():
+        for p, frozen in self.frozen.items():
             buf = self.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
-                buf.mul_(m)
+                buf.masked_fill_(frozen, 0.0)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -81,8 +82,8 @@ class SparseSGDM(torch.optim.SGD):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            dense = [p for p in group["params"] if p.grad is not None and p not in self.masks]
-            masked = [p for p in group["params"] if p.grad is not None and p in self.masks]
+            dense = [p for p in group["params"] if p.grad is not None and p not in self.frozen]
+            masked = [p for p in group["params"] if p.grad is not None and p in self.frozen]
             self._sgd(group, dense, group["weight_decay"], group["maximize"])
             if masked:
                 self._mask_grads(group, masked)
@@ -91,7 +92,7 @@ class SparseSGDM(torch.optim.SGD):
         return loss
 
     def _mask_grads(self, group: dict, params: list[Tensor]) -> None:
-        """p.grad <- mask * (±grad + wd * p), in place, with the same kernels SGD would use for it."""
+        """p.grad <- ±grad + wd * p where trainable, exactly 0 where frozen; in place, with the kernels SGD uses."""
         grads = [p.grad for p in params]
         if any(g.is_sparse for g in grads):
             raise RuntimeError("SparseSGDM does not support sparse gradients on masked parameters")
@@ -99,20 +100,20 @@ class SparseSGDM(torch.optim.SGD):
         foreach = group["foreach"]
         if foreach is None and group["fused"] is None:
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-        wd, masks = group["weight_decay"], [self.masks[p] for p in params]
+        wd = group["weight_decay"]
         if foreach:
             if group["maximize"]:
                 torch._foreach_neg_(grads)
             if wd != 0:
                 torch._foreach_add_(grads, params, alpha=wd)
-            torch._foreach_mul_(grads, masks)
         else:
-            for g, p, m in zip(grads, params, masks, strict=True):
+            for g, p in zip(grads, params, strict=True):
                 if group["maximize"]:
                     g.neg_()
                 if wd != 0:
                     g.add_(p, alpha=wd)
-                g.mul_(m)
+        for g, p in zip(grads, params, strict=True):
+            g.masked_fill_(self.frozen[p], 0.0)  # a select: inf or NaN at a frozen entry becomes 0, not NaN
 
     def _sgd(self, group: dict, params: list[Tensor], weight_decay: float, maximize: bool) -> None:
         """Run torch's functional SGD on `params` and store the momentum buffers, as SGD.step does."""

@@ -12,8 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import cost
 from helpers.centralized import run_centralized
-from helpers.config import make_config
-from helpers.fedavg import clients_per_round, train_split_size
+from helpers.config import make_config, train_split_size
+from helpers.fedavg import clients_per_round
 from helpers.models import build_model
 
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu")

@@ -152,8 +152,7 @@ def test_bad_parameters_rejected_before_any_data_or_weights(monkeypatch, tmp_pat
     def loaded(*args, **kwargs):
         raise AssertionError("data or weights were loaded before validation")
 
-    monkeypatch.setattr(editing, "load_data", loaded)
-    monkeypatch.setattr(editing, "build_seeded_model", loaded)
+    monkeypatch.setattr(editing, "run_inputs", loaded)
     with pytest.raises(ValueError, match=message):
         runner(run_root=tmp_path, progress=False, **SMALL, **overrides)
     assert not any(tmp_path.iterdir())

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import config as config_module
 from helpers import fedavg
 from helpers.centralized import build_seeded_model
 from helpers.config import make_config
@@ -150,8 +151,12 @@ def test_rounds_for_budget_keeps_total_steps():
         fedavg.rounds_for_budget(10, 0)
 
 
-def test_drift_and_aggregation_match_explicit_formulas(monkeypatch):
-    """Clients replaced by known updates: drift_norm, drift_cos and the new weights are checked exactly."""
+@pytest.mark.parametrize("idle", [None, 2])
+def test_drift_and_aggregation_match_explicit_formulas(monkeypatch, idle):
+    """Clients replaced by known updates: drift_norm, drift_cos and the new weights are checked exactly.
+
+    A client whose update is zero (`idle`) has no direction: the cosine is the mean over the other clients' pairs.
+    """
     config = small_config(num_clients=4, participation=1.0, server_lr=1.0)
     data = load_data(config, CPU)
     shards = [torch.arange(0, 10), torch.arange(10, 30), torch.arange(30, 60), torch.arange(60, 100)]
@@ -159,7 +164,7 @@ def test_drift_and_aggregation_match_explicit_formulas(monkeypatch):
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(0)
-    deltas = [[torch.randn(p.shape, generator=gen) * (k + 1) for p in params] for k in range(4)]
+    deltas = [[torch.randn(p.shape, generator=gen) * (k + 1) * (k != idle) for p in params] for k in range(4)]
     calls = iter(deltas)
 
     def fake_train_steps(model, *args, **kwargs):
@@ -170,7 +175,8 @@ def test_drift_and_aggregation_match_explicit_formulas(monkeypatch):
     monkeypatch.setattr(fedavg, "train_steps", fake_train_steps)
     row = fedavg.fedavg_round(model, data, shards, 0, config)
     flat = [torch.cat([d.flatten() for d in delta]).double() for delta in deltas]
-    cos = [torch.dot(a, b) / (a.norm() * b.norm()) for i, a in enumerate(flat) for b in flat[i + 1 :]]
+    moving = [f for k, f in enumerate(flat) if k != idle]
+    cos = [torch.dot(a, b) / (a.norm() * b.norm()) for i, a in enumerate(moving) for b in moving[i + 1 :]]
     assert row["drift_norm"] == pytest.approx(float(torch.stack([f.norm() for f in flat]).mean()), rel=1e-5)
     assert row["drift_cos"] == pytest.approx(float(torch.stack(cos).mean()), abs=1e-5)
     weights = [len(s) / 100 for s in shards]
@@ -255,8 +261,7 @@ def test_bad_parameters_fail_before_compute(overrides, name, tmp_path, monkeypat
     def no_compute(*args, **kwargs):
         raise AssertionError("data or model loaded before validation")
 
-    monkeypatch.setattr(fedavg, "load_data", no_compute)
-    monkeypatch.setattr(fedavg, "build_seeded_model", no_compute)
+    monkeypatch.setattr(fedavg, "run_inputs", no_compute)
     with pytest.raises(ValueError, match=f"^{name}="):
         fedavg.run_fedavg(run_root=tmp_path, progress=False, **{**SMALL, **overrides})
     assert not any(tmp_path.iterdir())  # no run folder for an invalid config
@@ -265,10 +270,10 @@ def test_bad_parameters_fail_before_compute(overrides, name, tmp_path, monkeypat
 def test_train_split_size_mirrors_the_data_split(monkeypatch):
     config = small_config(synthetic_train_size=777, val_fraction=0.15)
     data = load_data(config, CPU)
-    assert fedavg.train_split_size(config) == len(data.train_y)
-    assert np.array_equal(fedavg.train_class_counts(config), np.bincount(data.train_y.numpy(), minlength=100))
+    assert config_module.train_split_size(config) == len(data.train_y)
+    assert np.array_equal(config_module.train_class_counts(config), np.bincount(data.train_y.numpy(), minlength=100))
     monkeypatch.delenv("FLME_PROFILE", raising=False)  # it would override the profile asked for
-    assert fedavg.train_split_size(make_config("fedavg", "full")) == 45_000
+    assert config_module.train_split_size(make_config("fedavg", "full")) == 45_000
 
 
 def cli(*args: str, root: Path) -> subprocess.Popen:
@@ -341,3 +346,44 @@ def test_round_plots_accept_runs_and_frames(tmp_path):
     fig = plot_rounds(runs[0].metrics(), metrics=("val_acc", "test_acc"), reference=0.5)
     assert any(line.get_linestyle() == "--" for line in fig.axes[0].lines)
     fig.savefig(tmp_path / "rounds.png")
+
+
+def test_models_with_buffers_are_rejected_before_any_client_trains():
+    config = small_config(num_clients=2, participation=1.0)
+    data = load_data(config, CPU)
+    model = fresh_model(config)
+    model.register_buffer("running_mean", torch.zeros(3))  # what a BatchNorm would hold
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="buffers.*running_mean"):
+        fedavg.fedavg_round(model, data, fedavg.client_shards(config, data), 0, config)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_a_client_does_not_depend_on_the_client_before_it(monkeypatch):
+    """fp16 GradScaler: every client starts from the round's scaler state, so client 1 trains the same weights
+    whether or not client 0 (whose first steps overflow and lower the scale) ran before it in the round."""
+    config = small_config(num_clients=2, participation=1.0, local_steps=6, lr=0.1)
+    data = load_data(config, CPU)
+    shards = fedavg.client_shards(config, data)
+    real_update = fedavg.client_update
+
+    def round_with(clients: list[int]) -> tuple[dict, torch.amp.GradScaler]:
+        trained = {}
+
+        def recording(model, data, shard, rnd, client, config, **kwargs):
+            loss = real_update(model, data, shard, rnd, client, config, **kwargs)
+            trained[client] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+            return loss
+
+        monkeypatch.setattr(fedavg, "sample_clients", lambda *args: clients)
+        monkeypatch.setattr(fedavg, "client_update", recording)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126)  # overflows until the scale has halved a few times
+        fedavg.fedavg_round(fresh_model(config), data, shards, 0, config, scaler=scaler)
+        return trained, scaler
+
+    both, scaler = round_with([0, 1])
+    alone, _ = round_with([1])
+    assert scaler.get_scale() < 2.0**126  # steps did overflow: a shared scaler would hand client 1 a lower scale
+    start = [p for p in fresh_model(config).parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(both[1], start, strict=True))  # client 1 did train
+    assert all(torch.equal(a, b) for a, b in zip(both[1], alone[1], strict=True))

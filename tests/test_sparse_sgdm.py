@@ -146,16 +146,40 @@ def test_set_masks_zeroes_momentum_of_newly_frozen_entries():
     for p, m in masks.items():
         assert torch.equal(p[~m], before[p][~m])
     opt.set_masks(None)
-    assert opt.masks == {}
+    assert opt.frozen == {}
 
 
-def test_masks_are_converted_once_to_param_dtype_and_copied():
+def test_masks_are_copied_as_frozen_entries():
     model = make_model()
     p = next(model.parameters())
     mask = torch.ones(p.shape, dtype=torch.bool)
     opt = SparseSGDM(model.parameters(), lr=0.1, masks={p: mask})
     mask.zero_()  # the optimizer holds its own copy
-    assert opt.masks[p].dtype == p.dtype and bool(opt.masks[p].all())
+    assert opt.frozen[p].dtype == torch.bool and not bool(opt.frozen[p].any())
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_non_finite_gradients_at_frozen_entries_change_nothing(bad, foreach, nesterov):
+    """0 * inf is NaN: a multiplied mask would turn these frozen entries into NaN; a select leaves them alone."""
+    hp = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov, foreach=foreach)
+    model = make_model()
+    masks = random_masks(model)
+    init = [p.detach().clone() for p in model.parameters()]
+    opt = SparseSGDM(model.parameters(), masks=masks, **hp)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(50):
+        for p in model.parameters():
+            g = torch.randn(p.shape, generator=gen)
+            g[~masks[p]] = bad  # every frozen entry gets a non-finite gradient, every step
+            p.grad = g
+        opt.step()
+    for p, p0 in zip(model.parameters(), init, strict=True):
+        frozen = ~masks[p]
+        assert torch.equal(p[frozen], p0[frozen])
+        assert torch.equal(opt.state[p]["momentum_buffer"][frozen], torch.zeros(int(frozen.sum())))
+        assert bool(torch.isfinite(p).all()) and not torch.equal(p[~frozen], p0[~frozen])
 
 
 def test_bad_masks_rejected():
