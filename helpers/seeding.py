@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import numbers
 
 import numpy as np
 import torch
 
 
 def derive_seed(seed: int, *keys: object) -> int:
-    """A 63-bit seed that depends only on (seed, *keys), e.g. (seed, "client", round, k)."""
-    text = repr((int(seed),) + tuple(keys)).encode()
+    """A 63-bit seed that depends only on (seed, *keys), e.g. (seed, "client", round, k).
+
+    Integer keys count by value: numpy.int64(3), torch-derived ints and 3 give the same seed.
+    """
+    keys = tuple(int(k) if isinstance(k, numbers.Integral) and not isinstance(k, bool) else k for k in keys)
+    text = repr((int(seed),) + keys).encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
 
 

@@ -242,7 +242,7 @@ def noniid_shards(labels, num_clients: int, classes_per_client: int, seed: int) 
     assignment = _assign_classes(demand, k, nc, rng)
     holds = np.zeros((k, n_classes), dtype=bool)
     holds[np.arange(k)[:, None], assignment] = True
-    if np.ptp(counts) > 0:  # equal-sized classes need no regrouping (and stay exactly balanced)
+    if np.ptp(counts / demand) > 0:  # holders of different classes get different shares: regroup
         _swap_for_balance(holds, counts, demand, max_swaps=10 * k)
 
     # Start from an even split of each class among its holders (exact when classes are equal-sized and

@@ -88,6 +88,18 @@ def test_noniid_uneven(uneven_labels, k, nc):
     assert sizes.max() - sizes.min() <= max(2, 0.02 * sizes.mean())
 
 
+@pytest.mark.parametrize("k, nc, lowest, highest", [(7, 15, 6412, 6450), (13, 9, 3461, 3462), (64, 11, 703, 704)])
+def test_noniid_equal_classes_balanced_when_k_nc_is_not_a_multiple(cifar_labels, k, nc, lowest, highest):
+    """Equal classes but K*Nc not a multiple of 100: some classes have one more holder, so holders get unequal
+    shares and the classes must be regrouped. K=7, Nc=15 cannot be balanced exactly: 5 extra holders cannot join
+    7 clients into one group that trades samples, and the best split (groups of 4 and 3 clients) is 6412-6450."""
+    shards = noniid_shards(cifar_labels, k, nc, seed=0)
+    assert_partition(shards, cifar_labels.size)
+    assert (classes_per_shard(cifar_labels, shards) == nc).all()
+    sizes = np.array([s.size for s in shards])
+    assert lowest <= sizes.min() and sizes.max() <= highest
+
+
 def test_noniid_near_uniform_classes_within_one():
     # A stratified split can leave some classes with one extra sample; sizes must stay within 1.
     labels = np.concatenate([np.repeat(np.arange(C), PER_CLASS), np.arange(0, C, 3)])
