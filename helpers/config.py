@@ -83,7 +83,10 @@ PARAMS: dict[str, Param] = {
     "calibration_rounds": Param(int, low=1),
     "mask_rule": _choice("least_sensitive", "most_sensitive", "lowest_magnitude", "highest_magnitude", "random"),
     "score_method": _choice("talos", "empirical", "batch"),
-    "calibration_batches": Param(int, low=1),  # per client in federated runs (at most its whole shard)
+    # samples scored per calibration round: of the train split, or of each client's shard (at most all of it)
+    "calibration_samples": Param(int, low=1),
+    # cls_token and pos_embed: under the mask like every backbone tensor, or trained densely (the TaLoS reference)
+    "embeddings": _choice("masked", "dense"),
     "step0": _choice("sgd", "ridge"),
     "step0_epochs": Param(int, low=1),
     "step0_lr": Param(float, low=0, low_open=True),
@@ -111,20 +114,20 @@ COMMON_DEFAULTS = {
     "num_clients": 100, "participation": 0.1, "local_steps": 4, "sharding": "iid", "classes_per_client": 5,
     "dirichlet_alpha": 0.5, "server_lr": 1.0, "client_lr_schedule": "constant", "engine": "sequential",
     "sparsity": 0.9, "calibration_rounds": 4, "mask_rule": "least_sensitive", "score_method": "talos",
-    "step0": "sgd", "step0_lr": 0.1, "ridge_lambda": 1.0, "mask_scope": "global",
+    "step0": "sgd", "step0_lr": 0.1, "ridge_lambda": 1.0, "mask_scope": "global", "embeddings": "masked",
 }
 PROFILE_DEFAULTS = {
     "full": {
         "dataset": "cifar100", "model": "vit_small_patch16_224.dino", "pretrained": True, "img_size": 224,
         "batch_size": 64, "eval_batch_size": 256, "lr": 0.01, "epochs": 10, "rounds": 500,
-        "calibration_batches": 4, "step0_epochs": 5,
+        "calibration_samples": 5000, "step0_epochs": 5,
     },
     "smoke": {
         "dataset": "synthetic", "model": "vit_tiny_smoke", "pretrained": False, "img_size": 32,
         # 6000 images: 54 per class in the train split, enough for K=100 clients with Nc=50 (the course grid).
         "batch_size": 32, "eval_batch_size": 500, "lr": 0.05, "epochs": 2, "rounds": 4,
         "synthetic_train_size": 6000, "synthetic_test_size": 500,
-        "calibration_batches": 1, "step0_epochs": 2,
+        "calibration_samples": 256, "step0_epochs": 2,
     },
 }
 # Federated runs only: at 224 px a val pass (5,000 images) every round is about 40% of a FedAvg run's T4 time;
@@ -143,8 +146,10 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
                                         "client_lr_schedule", "engine", "eval_test"),
 }
 
-_EDIT = ("sparsity", "calibration_rounds", "mask_rule", "score_method", "calibration_batches", "step0",
-         "step0_epochs", "step0_lr", "ridge_lambda")
+_EDIT = ("sparsity", "calibration_rounds", "mask_rule", "score_method", "calibration_samples", "embeddings",
+         "step0", "step0_epochs", "step0_lr", "ridge_lambda")
+# What only the mask depends on: sparsity 0 (the dense control) has no mask, so these take their defaults.
+MASK_ONLY = ("calibration_rounds", "mask_rule", "score_method", "calibration_samples", "embeddings", "mask_scope")
 # Sparse fine-tuning trains the masked backbone with the step-0 head frozen: train_mode does not apply.
 _HEAD_ONLY = ("train_mode", "head_features")
 EXPERIMENTS["sparse_centralized"] = tuple(n for n in EXPERIMENTS["centralized"] if n not in _HEAD_ONLY) + _EDIT
@@ -217,8 +222,20 @@ def make_config(experiment: str, profile: str | None = None, **overrides: object
     config = {name: merged[name] for name in names}
     for name, value in config.items():
         config[name] = check_value(name, value)
+    if "sparsity" in names:
+        _derive_editing(config, given, {**COMMON_DEFAULTS, **PROFILE_DEFAULTS[profile]})
     _check_combinations(config)
     return config
+
+
+def _derive_editing(config: dict, given: dict, defaults: dict) -> None:
+    """Editing values that follow from others (in place, on validated values)."""
+    if config["sparsity"] == 0:
+        # The dense control: an all-ones mask, nothing to calibrate. One run id whatever the mask settings say.
+        config.update({k: defaults[k] for k in MASK_ONLY if k in config}, calibration_rounds=1)
+    if "num_clients" in config and (config["sparsity"] == 0 or "calibration_samples" not in given):
+        # The profile's count is a total: a federated run's clients score that many together (TaLoS: 5,000).
+        config["calibration_samples"] = math.ceil(defaults["calibration_samples"] / config["num_clients"])
 
 
 def check_value(name: str, value: object) -> object:

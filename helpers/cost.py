@@ -101,11 +101,11 @@ def run_work(experiment: str, config: dict) -> Work:
     work.train += images
     work.forward += evaluation
     if experiment.startswith("sparse_"):
-        _add_editing(work, experiment, config, n_train, n_val)
+        _add_editing(work, experiment, config, n_train, n_val + n_test)
     return work
 
 
-def _add_editing(work: Work, experiment: str, config: dict, n_train: int, n_val: int) -> None:
+def _add_editing(work: Work, experiment: str, config: dict, n_train: int, n_eval: int) -> None:
     """Step 0 (shared between runs on the same backbone/shards) and calibration (per-sample gradients)."""
     if experiment == "sparse_fedavg" and config["step0"] == "sgd":
         from helpers.editing import head_fedavg_config
@@ -114,12 +114,11 @@ def _add_editing(work: Work, experiment: str, config: dict, n_train: int, n_val:
         work.shared[f"step0:{run_id(head)}"] = sum(run_work("fedavg", head).shared.values())
     else:
         work.shared[_features_key(config)] = n_train
-    work.forward += n_val  # step-0 validation
-    if config["mask_rule"] not in ("least_sensitive", "most_sensitive"):
-        return  # magnitude and random masks need no scoring
-    per_client = config["calibration_batches"] * config["batch_size"]
+    work.forward += n_eval  # the step-0 model on val and test (the no-training control)
+    if config["mask_rule"] not in ("least_sensitive", "most_sensitive") or config["sparsity"] == 0:
+        return  # magnitude and random masks need no scoring, nor does the dense control
     pools = config["num_clients"] if experiment == "sparse_fedavg" else 1
-    samples = config["calibration_rounds"] * min(pools * per_client, n_train)
+    samples = config["calibration_rounds"] * min(pools * config["calibration_samples"], n_train)
     # Per-sample gradients come from one batched forward+backward per chunk (plus per-layer products), so a
     # scored sample costs about one training image, in fp32; talos draws its labels from that same forward.
     work.scored += samples

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from helpers.centralized import centralized_training, run_inputs
-from helpers.config import EXPERIMENTS, make_config, train_split_size
+from helpers.config import EXPERIMENTS, MASK_ONLY, make_config, train_split_size
 from helpers.data import NUM_CLASSES, Data, eval_batch, step_batches
 from helpers.features import fingerprint, split_features
 from helpers.fedavg import (
@@ -47,6 +47,7 @@ from helpers.runs import (
     open_run,
     save_artifact,
     tidy_results,
+    with_integer_columns,
     write_results,
 )
 from helpers.seeding import derive_seed, torch_generator
@@ -185,11 +186,12 @@ def fit_head_federated(
 
 class Scorer:
     """score_fn for calibrate_masks: the sum over `pools` (the train split, or each client's shard) of
-    compute_scores on up to calibration_batches x batch_size samples of that pool, eval preprocessing.
+    compute_scores on calibration_samples samples of that pool (all of it if smaller), eval preprocessing.
 
     Each pool is scored on its own (its own samples and label draws), then the sums are added: the server's
-    sum of client scores. Scores are a pure function of the weights, so the first round (the step-0 model,
-    shared by a grid over sparsity and rounds) is computed once per process and its cost counted each time.
+    sum of client scores. Every round draws fresh labels (the generator's key holds the round). Scores are a
+    pure function of the weights and the round, so the first round (the step-0 model, shared by a grid over
+    sparsity and rounds) is computed once per process and its cost counted each time.
     Counts what calibration costs: seconds, samples scored, score tensors uploaded.
     """
 
@@ -202,7 +204,7 @@ class Scorer:
         """The pool's calibration batches: a seeded subset without replacement (the same in every round)."""
         size, dev = self.config["batch_size"], self.data.train_x.device
         order = torch.randperm(len(pool), generator=torch_generator(self.config["seed"], "calibration", *key))
-        chosen = pool[order][: self.config["calibration_batches"] * size]
+        chosen = pool[order][: self.config["calibration_samples"]]
         self.samples += len(chosen)
         for idx in chosen.split(size):
             idx = idx.to(dev)
@@ -222,7 +224,7 @@ class Scorer:
         bar = tqdm(pools, total=len(self.pools), desc=f"scoring (round {self.calls})", leave=False,
                    disable=not self.progress or len(self.pools) < 2)  # fmt: skip
         for pool, key_ in bar:
-            gen = torch_generator(self.config["seed"], "talos_labels", *key_)
+            gen = torch_generator(self.config["seed"], "talos_labels", self.calls, *key_)  # fresh labels every round
             scores = compute_scores(model, self.batches(pool, key_), method=self.config["score_method"], generator=gen)
             self.uploads += 1
             total = scores if total is None else {n: total[n].add_(s) for n, s in scores.items()}
@@ -238,7 +240,7 @@ class Scorer:
 
     def _cache_key(self, model: nn.Module) -> tuple:
         names = ("dataset", "data_root", "synthetic_train_size", "synthetic_test_size", "val_fraction", "data_seed",
-                 "model", "img_size", "seed", "batch_size", "calibration_batches", "score_method")  # fmt: skip
+                 "model", "img_size", "seed", "batch_size", "calibration_samples", "score_method")  # fmt: skip
         pools = hashlib.sha1(b"".join(p.cpu().numpy().tobytes() + b"|" for p in self.pools)).hexdigest()
         return (*(self.config[k] for k in names), pools, tuple(self.keys), str(self.data.train_x.device),
                 fingerprint(model, head=True))  # fmt: skip
@@ -247,21 +249,45 @@ class Scorer:
 _FIRST_ROUND: dict[tuple, tuple[Masks, tuple]] = {}
 
 
+TOKEN_EMBEDDINGS = ("cls_token", "reg_token", "pos_embed")  # parameters of the ViT itself, not of a layer
+
+
+def masked_names(model: nn.Module, config: dict) -> list[str]:
+    """The backbone parameters under the mask: all of them, or (embeddings="dense", as in the TaLoS reference)
+    all but the token embeddings, which then train densely."""
+    dense = TOKEN_EMBEDDINGS if config["embeddings"] == "dense" else ()
+    return [n for n in backbone_parameters(model) if n not in dense]
+
+
+def check_masks(model: nn.Module, masks: Mapping[str, Tensor], config: dict) -> None:
+    """Masks must cover exactly the masked parameters: one left out would silently train densely."""
+    want = masked_names(model, config)
+    missing, extra = [n for n in want if n not in masks], sorted(set(masks) - set(want))
+    if missing or extra:
+        raise ValueError(
+            f"masks do not match the masked parameters (embeddings={config['embeddings']!r}): "
+            + (f"no mask for {missing[:5]} ({len(missing)} in all), which would train densely; " if missing else "")
+            + (f"masks for {extra[:5]}, which are not masked parameters; " if extra else "")
+            + "recalibrate: delete the run folder"
+        )
+
+
 def calibrate(model: nn.Module, scorer: Scorer, config: dict, seed: int | None = None) -> Masks:
-    """calibrate_masks with the config's sparsity, rounds and rule (one-shot rules never call the scorer)."""
+    """calibrate_masks with the config's sparsity, rounds, rule and masked parameters (one-shot rules and
+    sparsity 0 never call the scorer)."""
     return calibrate_masks(
         model, scorer, sparsity=config["sparsity"], rounds=config["calibration_rounds"], rule=config["mask_rule"],
-        seed=config["seed"] if seed is None else seed,
+        seed=config["seed"] if seed is None else seed, names=masked_names(model, config),
     )  # fmt: skip
 
 
 def calibrate_centralized(model: nn.Module, data: Data, config: dict, progress: bool = False) -> tuple[Masks, dict]:
-    """Masks from scores on calibration_batches batches of the train split; returns (masks, cost)."""
+    """Masks from scores on calibration_samples samples of the train split; returns (masks, cost)."""
     t0 = time.perf_counter()
     scorer = Scorer(data, [torch.arange(len(data.train_y))], [("train",)], config, progress)
     masks = calibrate(model, scorer, config)
     seconds = time.perf_counter() - t0 + scorer.reused_seconds
-    return masks, {"calibration_s": round(seconds, 3), "calibration_samples": scorer.samples}
+    return masks, {"calibration_s": round(seconds, 3), "calibration_scored": scorer.samples}
 
 
 def calibrate_federated(
@@ -284,10 +310,38 @@ def calibrate_federated(
     uploads = sum(sc.uploads for sc in scorers) if config["mask_scope"] == "global" else 0
     cost = {
         "calibration_s": round(time.perf_counter() - t0 + sum(sc.reused_seconds for sc in scorers), 3),
-        "calibration_samples": sum(sc.samples for sc in scorers),
+        "calibration_scored": sum(sc.samples for sc in scorers),
         "calibration_upload_bytes": BYTES_PER_ENTRY * entries * uploads,
     }
     return masks, cost
+
+
+def sample_count_study(model: nn.Module, data: Data, config: dict, counts: list[int]) -> tuple[pd.DataFrame, Figure]:
+    """How the mask depends on the calibration sample count: centralized masks (the config's sparsity, rule and
+    rounds) from each count, and their Jaccard overlap with the mask from the largest count; with a plot.
+
+    `model` holds its step-0 head. Each count draws its own first samples of one seeded order of the train split,
+    so a smaller count scores a subset of a larger one.
+    """
+    counts = sorted({int(n) for n in counts})
+    masks, rows = {}, []
+    for n in counts:
+        masks[n], cost = calibrate_centralized(model, data, {**config, "calibration_samples": n})
+        rows.append({"calibration_samples": n, "calibration_s": cost["calibration_s"]})
+    table = pd.DataFrame(rows)
+    table["jaccard_vs_largest"] = [mask_jaccard(masks[n], masks[counts[-1]]) for n in counts]
+    density = 1 - config["sparsity"]
+    fig = Figure(figsize=(5, 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(table["calibration_samples"], table["jaccard_vs_largest"], marker="o")
+    ax.axhline(density / (2 - density), color="grey", ls=":", label="two random masks")
+    ax.axvline(config["calibration_samples"], color="tab:red", ls="--", label="profile default")
+    ax.set_xscale("log")
+    ax.set_xlabel("calibration samples per round (log scale)")
+    ax.set_ylabel(f"Jaccard with the mask from {counts[-1]:,}")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    return table, fig
 
 
 def pack_masks(masks: Mapping[str, Tensor]) -> dict[str, tuple[tuple[int, ...], Tensor]]:
@@ -315,6 +369,21 @@ def load_masks(run: Run, device: str | torch.device = "cpu") -> Masks | list[Mas
     return [unpack_masks(p, device) for p in packed] if isinstance(packed, list) else unpack_masks(packed, device)
 
 
+def load_run_masks(
+    model: nn.Module, packed: dict | list, config: dict, device: torch.device
+) -> Masks | Callable[[int], Masks]:
+    """A sparse FedAvg run's masks for fedavg_round: one checked dict, or client -> its checked masks
+    (mask_scope="local", unpacked when the client trains)."""
+    if isinstance(packed, list):
+        return lambda k: _checked(model, unpack_masks(packed[k], device), config)
+    return _checked(model, unpack_masks(packed, device), config)
+
+
+def _checked(model: nn.Module, masks: Masks, config: dict) -> Masks:
+    check_masks(model, masks, config)
+    return masks
+
+
 def _edit_state(
     run: Run, model: nn.Module, data: Data, step0: Callable[[], dict], calibration: Callable[[], tuple]
 ) -> tuple[dict | list, dict]:
@@ -326,9 +395,10 @@ def _edit_state(
     if saved is None:
         info = step0()
         head = {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}
-        m = evaluate(model, data.val_x, data.val_y, img_size=run.config["img_size"],
-                     batch_size=run.config["eval_batch_size"])  # fmt: skip
-        info.update(step0_val_loss=m["loss"], step0_val_acc=m["acc"])
+        for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y)):
+            # the step-0 model is the control with no backbone training: its val and test results are kept
+            m = evaluate(model, x, y, img_size=run.config["img_size"], batch_size=run.config["eval_batch_size"])
+            info.update({f"step0_{split}_loss": m["loss"], f"step0_{split}_acc": m["acc"]})
         masks, cost = calibration()
         single = masks if isinstance(masks, dict) else masks[0]
         info.update(cost, backbone_entries=sum(x.numel() for x in single.values()))
@@ -372,10 +442,12 @@ def run_sparse_centralized(
         step0=lambda: fit_head(model, data, config, run_root=run.root),
         calibration=lambda: calibrate_centralized(model, data, config, progress),
     )  # fmt: skip
+    masks = unpack_masks(packed, device)
+    check_masks(model, masks, config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = SparseSGDM(
         params, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"],
-        masks=masks_by_parameter(model, unpack_masks(packed, device)),
+        masks=masks_by_parameter(model, masks),
     )  # fmt: skip
     centralized_training(run, model, data, optimizer, progress=progress)
     return _finish(run, info)
@@ -397,18 +469,18 @@ def run_sparse_fedavg(
         step0=lambda: fit_head_federated(model, data, shards, config, run_root=run.root, progress=progress),
         calibration=lambda: calibrate_federated(model, data, shards, config, progress),
     )  # fmt: skip
-    if isinstance(packed, list):  # per-client masks, unpacked when the client trains
-        masks = lambda k: unpack_masks(packed[k], device)
-    else:
-        masks = unpack_masks(packed, device)
+    masks = load_run_masks(model, packed, config, device)
     federated_training(run, model, data, shards, masks=masks, progress=progress)
     return _finish(run, info)
 
 
 # ----------------------------------------------------------------------------- tables and figures
 
-INFO_COLUMNS = ("step0_s", "step0_val_acc", "step0_val_loss", "step0_upload_bytes", "calibration_s",
-                "calibration_samples", "calibration_upload_bytes", "mask_density", "backbone_entries")  # fmt: skip
+DENSE_STEP0_LABEL = "dense, step-0 head"  # control (a): the whole backbone trained, head fixed after step 0
+STEP0_LABEL = "step-0 model"  # control (b): the step-0 head on the untouched backbone
+INFO_COLUMNS = ("step0_s", "step0_val_acc", "step0_val_loss", "step0_test_acc", "step0_test_loss",
+                "step0_upload_bytes", "calibration_s",
+                "calibration_scored", "calibration_upload_bytes", "mask_density", "backbone_entries")  # fmt: skip
 
 
 def summary_table(runs: list[Run]) -> pd.DataFrame:
@@ -418,17 +490,39 @@ def summary_table(runs: list[Run]) -> pd.DataFrame:
 
 
 def write_editing_results(runs: list[Run], name: str, extra: pd.DataFrame | None = None) -> Path:
-    """results/<profile>/<name>.csv: tidy rows per (run, epoch|round) plus step-0 and calibration cost columns;
-    `extra` tidy rows (e.g. the dense FedAvg reference read from 02/03) are appended as they are."""
+    """results/<profile>/<name>.csv: tidy rows per (run, epoch|round) plus step-0 and calibration cost columns,
+    and a row per step-0 model (step0_rows); `extra` tidy rows (e.g. the dense FedAvg reference read from 02/03)
+    are appended as they are."""
     path = write_results(runs, name)  # the path and the one-profile check of every results file
     table, info = tidy_results(runs), summary_table(runs)
     columns = ["run_id"] + [c for c in INFO_COLUMNS if c in info]
     if len(columns) > 1 and not table.empty:
         table = table.merge(info[columns], on="run_id", how="left")
-    if extra is not None and not extra.empty:
-        table = pd.concat([table, extra], ignore_index=True)
+    parts = [t for t in (table, step0_rows(runs), extra) if t is not None and not t.empty]
+    table = with_integer_columns(pd.concat(parts, ignore_index=True)) if parts else table
     atomic_write(path, table.to_csv(index=False).encode())
     return path
+
+
+STEP0_METRICS = ("val_loss", "val_acc", "test_loss", "test_acc")
+
+
+def step0_rows(runs: list[Run]) -> pd.DataFrame:
+    """The no-backbone-training control: one tidy row (experiment "step0", step 0) per distinct step-0 model
+    among the finished sparse runs, holding its val and test metrics. Runs sharing a step 0 (same data, shards,
+    seed and head training) give one row; mask settings are left empty."""
+    rows = {}
+    for run in runs:
+        summary = run.summary() if run.done and run.experiment.startswith("sparse_") else {}
+        if "step0_test_acc" not in summary:
+            continue
+        metrics = {m: summary[f"step0_{m}"] for m in STEP0_METRICS}
+        config = {k: v for k, v in run.config.items() if k not in ("sparsity", *MASK_ONLY)}
+        key = hashlib.sha1(repr(sorted(metrics.items()) + [config.get("sharding"), config.get("classes_per_client"),
+                                                            config["seed"]]).encode()).hexdigest()[:12]  # fmt: skip
+        step = "round" if "rounds" in run.config else "epoch"
+        rows.setdefault(key, {"run_id": f"step0-{key}", "experiment": "step0", step: 0, **metrics, **config})
+    return pd.DataFrame(list(rows.values()))
 
 
 def sharding_label(sharding: str, classes_per_client: object) -> str:
@@ -437,17 +531,40 @@ def sharding_label(sharding: str, classes_per_client: object) -> str:
 
 
 def method_label(config: Mapping) -> str:
-    """Short name of what a run trains: 'dense', 'head only', or 'sparse s=0.9 R=4' (+ rule if not default)."""
+    """Short name of what a run trains: 'dense', 'head only', 'sparse s=0.9 R=4' (+ rule if not default), or a
+    control: 'dense, step-0 head' (sparsity 0) and 'step-0 model' (no backbone training, see step0_rows)."""
+    if config.get("experiment") == "step0":
+        return STEP0_LABEL
     if "sparsity" not in config or pd.isna(config.get("sparsity")):
         return "head only" if config.get("train_mode") == "head" else "dense"
+    if config["sparsity"] == 0:
+        return DENSE_STEP0_LABEL
     rule = "" if config.get("mask_rule", "least_sensitive") == "least_sensitive" else f" {config['mask_rule']}"
-    return f"sparse{rule} s={config['sparsity']:g} R={int(config['calibration_rounds'])}"
+    rounds = f" R={int(config['calibration_rounds'])}" if pd.notna(config.get("calibration_rounds")) else ""
+    return f"sparse{rule} s={config['sparsity']:g}{rounds}"
+
+
+def method_labels(table: pd.DataFrame) -> pd.Series:
+    """method_label of every row of a tidy table (computed once per distinct configuration)."""
+    keys = [c for c in ("experiment", "sparsity", "train_mode", "mask_rule", "calibration_rounds") if c in table]
+    configs = table[keys].astype(object).where(table[keys].notna(), None)
+    rows = list(configs.itertuples(index=False, name=None))
+    labels = {row: method_label({k: v for k, v in zip(keys, row) if v is not None}) for row in set(rows)}
+    return pd.Series([labels[row] for row in rows], index=table.index, dtype=object)
+
+
+def rules_with_controls(table: pd.DataFrame) -> pd.DataFrame:
+    """A labelled table (with `method`) whose `mask_rule` names the controls and dense runs by their method,
+    so that one column lists the rules and what they are compared with."""
+    rule = table["sparsity"].fillna(0) > 0 if "sparsity" in table else pd.Series(False, index=table.index)
+    mask_rule = table["mask_rule"] if "mask_rule" in table else pd.Series(None, index=table.index, dtype=object)
+    return table.assign(mask_rule=mask_rule.where(rule, table["method"]))
 
 
 def with_labels(table: pd.DataFrame) -> pd.DataFrame:
     """Add 'method' (see method_label) and, for federated rows, 'Nc' (see sharding_label) columns."""
     table = table.copy()
-    table.insert(0, "method", [method_label(row) for row in table.to_dict("records")])
+    table.insert(0, "method", method_labels(table))
     if "sharding" in table:
         table.insert(1, "Nc", [sharding_label(s, n) for s, n in zip(table["sharding"], table["classes_per_client"])])
     return table

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from helpers.runs import _repo_results
+from helpers.runs import _repo_results, with_integer_columns
 
 REPO = Path(__file__).resolve().parent.parent
 FIGURES_ROOT_ENV = "FLME_FIGURES_ROOT"
@@ -75,7 +75,7 @@ def load_results(profile: str, root: str | Path | None = None) -> pd.DataFrame:
         frames.append(frame.assign(source=path.stem))
     if not frames:
         return pd.DataFrame(columns=["source", "run_id", "experiment", "profile"])
-    df = pd.concat(frames, ignore_index=True)
+    df = with_integer_columns(pd.concat(frames, ignore_index=True))
     if "profile" not in df:
         df["profile"] = profile
     return df
@@ -131,11 +131,12 @@ def summarize(df: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataF
 
 
 def with_labels(df: pd.DataFrame) -> pd.DataFrame:
-    """Add `method` (dense / sparse / head only) and `setting` (IID or Nc=k) columns where they apply."""
+    """Add `method` (helpers.editing.method_label: dense, head only, sparse s=.. R=.., the two controls) and
+    `setting` (IID or Nc=k) columns where they apply."""
+    from helpers.editing import method_labels
+
     df = df.copy()
-    sparse = df["sparsity"].notna() if "sparsity" in df else pd.Series(False, index=df.index)
-    head = df["train_mode"].eq("head") if "train_mode" in df else pd.Series(False, index=df.index)
-    df["method"] = np.where(sparse, "sparse", np.where(head, "head only", "dense"))
+    df["method"] = method_labels(df)
     if "sharding" in df:
         nc = df["classes_per_client"] if "classes_per_client" in df else pd.Series(np.nan, index=df.index)
         df["setting"] = [
@@ -353,12 +354,22 @@ TABLES: dict[str, tuple] = {
         "Sparse fine-tuning: final test accuracy per sparsity and calibration rounds R.",
         "sparse",
     ),
+    "centralized_editing": (
+        "editing_centralized",
+        "method",
+        ["val_acc", "test_acc"],
+        None,
+        "Centralized fine-tuning with the controls: dense with a new head (01), the linear probe (head only), "
+        "dense with the step-0 head frozen, the step-0 model (no backbone training), and every sparse run.",
+        None,
+    ),
     "federated_editing": (
         "editing_federated",
-        "setting",
-        "test_acc",
         "method",
-        "Dense vs sparse federated fine-tuning: final test accuracy per client heterogeneity.",
+        "test_acc",
+        "setting",
+        "Federated fine-tuning per client heterogeneity: dense FedAvg (new head, 02/03), the controls (dense with "
+        "the step-0 head frozen; the step-0 model) and sparse runs (sparsity s, calibration rounds R).",
         None,
     ),
     "mask_rules": (
@@ -366,7 +377,7 @@ TABLES: dict[str, tuple] = {
         "mask_rule",
         "test_acc",
         "setting",
-        "Mask rules at one sparsity: final test accuracy per rule and client heterogeneity.",
+        "Mask rules at one sparsity, with the controls: final test accuracy per rule and client heterogeneity.",
         None,
     ),
 }
@@ -393,8 +404,12 @@ def table_data(df: pd.DataFrame, name: str) -> pd.DataFrame:
             raise MissingResults("centralized_probe/schedulers/final.csv")
         return part.assign(stage=part["source"].map(STAGES), scheduler=part.get("scheduler", "--"))
     part = with_labels(select(df, source))
-    if only:
-        part = part[part["method"] == only]
+    if only == "sparse":  # sparse runs proper: the dense control (sparsity 0) and step-0 rows left out
+        part = part[part["sparsity"].fillna(0) > 0] if "sparsity" in part else part.iloc[:0]
+    if name == "mask_rules":
+        from helpers.editing import rules_with_controls
+
+        part = rules_with_controls(part)
     needed = [
         *([index] if isinstance(index, str) else index),
         *([columns] if columns else []),
@@ -414,6 +429,35 @@ def _sorted(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     ranked = df.assign(**{f"_{k}": df[k].map(v.index) for k, v in order.items()})
     by = [f"_{k}" if k in order else k for k in keys]
     return ranked.sort_values(by, kind="stable").drop(columns=[f"_{k}" for k in order])
+
+
+def deviations_table(profile: str) -> str:
+    """Where our runs differ from the TaLoS reference implementation, with the values the code uses."""
+    from helpers.config import make_config
+
+    central, fed = make_config("sparse_centralized", profile), make_config("sparse_fedavg", profile)
+    k, per_client = fed["num_clients"], fed["calibration_samples"]
+    rows = [
+        ("optimiser", "AdamW-type (AdaptW), label smoothing optional",
+         f"SGD with momentum {central['momentum']:g}, weight decay {central['weight_decay']:g} (SparseSGDM)"),
+        ("gradient clipping", "global norm clipped to 1.0", "none"),
+        ("masked entries", "Linear, attention, Conv2d and LayerNorm tensors; class and position embeddings "
+         "trained densely", "every backbone tensor, class token and position embedding included "
+         "(the parameter embeddings=dense selects the reference's choice)"),
+        ("calibration samples", "its held-out split, up to 5,000 images per round",
+         f"{central['calibration_samples']:,} train-split images per round centrally; {per_client:,} per client "
+         f"({k * per_client:,} over K={k}) in FL"),
+        ("density", "one threshold, every entry tied with it kept: can exceed the target",
+         "exact: ties at the threshold broken by index"),
+    ]  # fmt: skip
+    body = [" & ".join(latex_escape(c) for c in row) + r" \\" for row in rows]
+    return "\n".join([
+        r"\begin{table}[t]", r"\centering", r"\small",
+        r"\begin{tabular}{p{0.16\linewidth}p{0.36\linewidth}p{0.38\linewidth}}", r"\toprule",
+        r"aspect & TaLoS reference & this project \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}",
+        r"\caption{Deviations from the TaLoS reference implementation (values: profile \texttt{" + profile + "}).}",
+        r"\label{tab:deviations}", r"\end{table}", "",
+    ])  # fmt: skip
 
 
 def make_table(df: pd.DataFrame, name: str) -> str:
@@ -439,6 +483,8 @@ def write_tables(df: pd.DataFrame, profile: str, root: str | Path | None = None)
         path = folder / f"{name}.tex"
         path.write_text(make_table(df, name))
         paths.append(path)
+    paths.append(folder / "deviations.tex")
+    paths[-1].write_text(deviations_table(profile))
     paths.append(write_profile_macro(profile, folder.parent))
     return paths
 
@@ -620,18 +666,22 @@ def fig_drift(df: pd.DataFrame) -> Figure:
 
 def fig_sparse_grid(df: pd.DataFrame) -> Figure:
     """Sparse fine-tuning: final test accuracy over sparsity x calibration rounds, dense as reference."""
+    from helpers.editing import DENSE_STEP0_LABEL, STEP0_LABEL
     from helpers.plots import plot_heatmap
 
     part = final_rows(with_labels(select(df, "editing_centralized", ("test_acc",))))
-    sparse = part[part["method"] == "sparse"].sort_values(["sparsity", "calibration_rounds"])
+    sparse = part[part["sparsity"].fillna(0) > 0] if "sparsity" in part else part.iloc[:0]
     if sparse.empty or sparse["calibration_rounds"].isna().all():
         raise MissingResults("editing_centralized.csv (no sparse runs)")
     fig = plot_heatmap(
-        sparse, "sparsity", "calibration_rounds", "test_acc", title="sparse fine-tuning: final test accuracy"
-    )
-    dense = part.loc[part["method"] == "dense", "test_acc"]
-    if not dense.empty:
-        fig.axes[0].set_title(f"sparse fine-tuning: final test accuracy (dense: {dense.mean():.3f})")
+        sparse.sort_values(["sparsity", "calibration_rounds"]), "sparsity", "calibration_rounds", "test_acc",
+        title="sparse fine-tuning: final test accuracy",
+    )  # fmt: skip
+    references = [(label, part.loc[part["method"] == label, "test_acc"]) for label in
+                  ("dense", DENSE_STEP0_LABEL, STEP0_LABEL)]  # fmt: skip
+    shown = ", ".join(f"{label}: {acc.mean():.3f}" for label, acc in references if not acc.empty)
+    if shown:
+        fig.axes[0].set_title(f"sparse fine-tuning: final test accuracy\n({shown})", fontsize=9)
     fig.axes[0].set_ylabel(LABELS["sparsity"])
     fig.axes[0].set_xlabel(LABELS["calibration_rounds"])
     return fig
@@ -644,6 +694,7 @@ def _bars(part: pd.DataFrame, x: str, hue: str, title: str, xlabel: str, legend:
     sns.barplot(data=part, x=x, y="test_acc", hue=hue, order=order, errorbar="sd", palette=PALETTE, ax=axes[0])
     axes[0].set_xlabel(xlabel)
     axes[0].set_ylabel(LABELS["test_acc"])
+    axes[0].tick_params(axis="x", labelrotation=25)  # method and rule names are long
     if axes[0].get_legend() is not None:
         sns.move_legend(axes[0], "upper left", bbox_to_anchor=(1.02, 1), title=legend, frameon=False)
     fig.suptitle(title)
@@ -665,10 +716,13 @@ def fig_dense_vs_sparse(df: pd.DataFrame) -> Figure:
 
 
 def fig_mask_rules(df: pd.DataFrame) -> Figure:
-    """Final test accuracy per mask rule, one bar per sparsity."""
-    part = final_rows(select(df, "mask_strategies", ("mask_rule", "test_acc")))
-    hue = "sparsity" if "sparsity" in part and part["sparsity"].notna().any() else None
-    return _bars(part, "mask_rule", hue, "mask rules", "mask rule", LABELS["sparsity"])
+    """Final test accuracy per mask rule and the controls, one bar per sharding."""
+    from helpers.editing import rules_with_controls
+
+    part = rules_with_controls(final_rows(with_labels(select(df, "mask_strategies", ("mask_rule", "test_acc")))))
+    hue = "setting" if "setting" in part else None
+    return _bars(part, "mask_rule", hue, "mask rules and controls", "mask rule or control", "sharding",
+                 order=list(pd.unique(part["mask_rule"])))  # fmt: skip
 
 
 def fig_communication(df: pd.DataFrame) -> Figure:

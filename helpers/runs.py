@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from helpers.config import hashed_items
+from helpers.config import PARAMS, hashed_items
 
 DRIVE_ROOT = Path("/content/drive/MyDrive/fl-model-editing")
 RUN_ROOT_ENV = "FLME_RUN_ROOT"
@@ -201,6 +201,19 @@ class CheckpointClock:
         return False
 
 
+INTEGER_COLUMNS = (*(n for n, p in PARAMS.items() if p.kind is int), "epoch", "round")
+
+
+def with_integer_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """Integer parameters and steps as nullable integers (J=4, not 4.0), also where some rows lack them (NaN)."""
+    for column in INTEGER_COLUMNS:
+        if column in table and pd.api.types.is_numeric_dtype(table[column]):
+            values = table[column].dropna()
+            if (values == values.round()).all():
+                table[column] = table[column].astype("Int64")
+    return table
+
+
 def tidy_results(runs: list[Run]) -> pd.DataFrame:
     """One row per (run, epoch|round): metrics joined with every config column, run id and experiment."""
     frames = []
@@ -216,7 +229,7 @@ def tidy_results(runs: list[Run]) -> pd.DataFrame:
         m.insert(0, "run_id", run.id)
         m.insert(1, "experiment", run.experiment)
         frames.append(m)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return with_integer_columns(pd.concat(frames, ignore_index=True)) if frames else pd.DataFrame()
 
 
 def results_dir(profile: str, root: str | Path = "results") -> Path:
@@ -269,7 +282,7 @@ def load_results(name: str, profile: str, root: str | Path | None = None) -> pd.
     if not path.exists() or not path.read_text().strip():
         return None
     try:
-        return pd.read_csv(path, dtype={"clients": str})
+        return with_integer_columns(pd.read_csv(path, dtype={"clients": str}))
     except (pd.errors.EmptyDataError, pd.errors.ParserError):
         return None
 

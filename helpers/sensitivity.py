@@ -384,20 +384,32 @@ def calibrate_masks(
     rule: str = "least_sensitive",
     seed: int = 0,
     history: list[Masks] | None = None,
+    names: Iterable[str] | None = None,
 ) -> Masks:
     """Bool masks (True = trainable) over backbone parameter names with density 1 - sparsity, exactly.
 
     Sensitivity rules run R rounds: after round r a fraction density**(r/R) stays trainable (one global
     threshold), frozen entries never return and are damped x0.1 while later rounds score. Weights are
-    restored bit-exactly. `history`, if given, receives a copy of the masks after every round.
+    restored bit-exactly. `history`, if given, receives a copy of the masks after every round. `names`
+    limits the mask to those backbone parameters (default: all); sparsity 0 scores nothing (all ones).
     """
     _check_calibration_args(sparsity, rounds, rule)
     params = backbone_parameters(model)
+    if names is not None:
+        names = list(names)
+        unknown = [n for n in names if n not in params]
+        if unknown:
+            raise ValueError(f"names: {unknown[:5]} are not backbone parameters of the model")
+        params = {n: params[n] for n in names}
     density = 1.0 - float(sparsity)
     total = sum(p.numel() for p in params.values())
     trainable = {n: torch.ones(p.shape, dtype=torch.bool, device=p.device) for n, p in params.items()}
     lowest = rule in ("least_sensitive", "lowest_magnitude", "random")
 
+    if density == 1.0:  # nothing to freeze: no scores needed
+        if history is not None:
+            history.append({n: m.clone() for n, m in trainable.items()})
+        return trainable
     if rule not in SENSITIVITY_RULES:
         trainable = _select(_rule_scores(params, rule, seed), trainable, round(density * total), lowest)
         if history is not None:

@@ -42,7 +42,7 @@ def test_work_counts_follow_the_training_loops():
 
 
 def test_editing_work_counts_calibration_only_for_sensitivity_rules():
-    base = dict(**SMALL, num_clients=10, rounds=2, calibration_batches=1)
+    base = dict(**SMALL, num_clients=10, rounds=2, calibration_samples=16)
     talos = cost.run_work("sparse_fedavg", make_config("sparse_fedavg", "smoke", **base, calibration_rounds=3))
     magnitude = cost.run_work(
         "sparse_fedavg",

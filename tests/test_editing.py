@@ -28,7 +28,7 @@ from helpers.models import backbone_parameters
 from helpers.runs import load_artifact, load_checkpoint
 
 CPU = torch.device("cpu")
-SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", calibration_batches=1)
+SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", calibration_samples=16)
 
 
 def central_config(**overrides) -> dict:
@@ -101,7 +101,7 @@ def test_upload_bytes_count_the_global_mask(fed_run):
     m = max(1, round(run.config["participation"] * run.config["num_clients"]))
     assert (run.metrics()["upload_bytes"] == 4 * nnz * m).all()
     summary = run.summary()
-    assert summary["calibration_samples"] == 10 * 16 * 2  # K clients x one batch x R rounds
+    assert summary["calibration_scored"] == 10 * 16 * 2  # K clients x one batch x R rounds
     assert summary["calibration_upload_bytes"] == 4 * summary["backbone_entries"] * 10 * 2
 
 
@@ -114,7 +114,7 @@ def test_centralized_masked_entries_unchanged_and_density_exact(central_run):
     nnz = sum(int(m.sum()) for m in masks.values())
     assert abs(nnz - (1 - 0.95) * total) <= len(masks)
     assert set(masks) == set(backbone_parameters(build_seeded_model(run.config, CPU)))
-    assert run.summary()["calibration_samples"] == 16 * 2 and run.summary()["calibration_s"] >= 0
+    assert run.summary()["calibration_scored"] == 16 * 2 and run.summary()["calibration_s"] >= 0
 
 
 def test_ridge_from_summed_client_statistics_equals_pooled_ridge():
@@ -218,4 +218,119 @@ def test_local_masks_one_per_client_and_one_shot_rules_score_nothing(tmp_path):
     magnitude = federated_config(mask_rule="lowest_magnitude", calibration_rounds=1)
     data = load_data(magnitude, CPU)
     _, cost = calibrate_federated(build_seeded_model(magnitude, CPU), data, client_shards(magnitude, data), magnitude)
-    assert cost["calibration_samples"] == 0 and cost["calibration_upload_bytes"] == 0
+    assert cost["calibration_scored"] == 0 and cost["calibration_upload_bytes"] == 0
+
+
+# ----------------------------------------------------------------------------- calibration data and masked set
+
+
+def test_every_calibration_round_draws_fresh_labels():
+    """Scoring the same weights twice: talos scores change (new labels), the true-label scores do not."""
+    config = central_config()
+    data = load_data(config, CPU)
+    model = build_seeded_model(config, CPU)
+    scores = {}
+    for method in ("talos", "empirical"):
+        scorer = editing.Scorer(
+            data, [torch.arange(len(data.train_y))], [("pool",)], {**config, "score_method": method}
+        )
+        scores[method] = [scorer(model), scorer(model)]
+        assert scorer.samples == 2 * config["calibration_samples"]
+    first, second = scores["talos"]
+    assert any(not torch.equal(first[n], second[n]) for n in first)
+    first, second = scores["empirical"]
+    assert all(torch.equal(first[n], second[n]) for n in first)
+
+
+def test_sample_count_is_per_round_and_capped_by_the_pool(monkeypatch):
+    config = federated_config(calibration_samples=40)  # smoke shards hold 54 samples: 40 fit, 100 do not
+    data = load_data(config, CPU)
+    shards = client_shards(config, data)
+    model = build_seeded_model(config, CPU)
+    for n, per_pool in ((40, [40] * 10), (100, [len(s) for s in shards])):
+        scorer = editing.Scorer(data, shards, [("client", k) for k in range(10)], {**config, "calibration_samples": n})
+        scorer(model)
+        assert scorer.samples == sum(per_pool)
+    monkeypatch.delenv("FLME_PROFILE", raising=False)  # it would override the profile asked for
+    default = make_config("sparse_fedavg", "full", num_clients=40)
+    assert default["calibration_samples"] * 40 >= 5000 and (default["calibration_samples"] - 1) * 40 < 5000
+    assert make_config("sparse_centralized", "full")["calibration_samples"] == 5000
+
+
+def test_dense_embeddings_train_densely_and_the_rest_stays_masked(tmp_path):
+    run = run_sparse_centralized(central_config(sparsity=0.95, embeddings="dense"), run_root=tmp_path, progress=False)
+    masks, start = load_masks(run), initial_weights(run)
+    weights = load_checkpoint(run)["model"]
+    assert not {"cls_token", "pos_embed"} & set(masks)
+    assert set(masks) | {"cls_token", "pos_embed"} == set(backbone_parameters(build_seeded_model(run.config, CPU)))
+    for name in ("cls_token", "pos_embed"):  # dense: every entry free to move, and they do
+        assert (weights[name] != start[name]).float().mean() > 0.9, name
+    kept = lambda weights: {n: w for n, w in weights.items() if n in masks or n.startswith("head.")}  # noqa: E731
+    assert_masked_entries_unchanged(kept(weights), kept(start), masks)
+    nnz, total = sum(int(m.sum()) for m in masks.values()), sum(m.numel() for m in masks.values())
+    assert abs(nnz - 0.05 * total) <= len(masks)  # the density is over the masked tensors
+
+
+@pytest.mark.parametrize("runner, config", [(run_sparse_centralized, central_config),
+                                            (run_sparse_fedavg, federated_config)])  # fmt: skip
+def test_masks_missing_a_parameter_are_refused_before_training(monkeypatch, tmp_path, runner, config):
+    real = editing.calibrate_masks
+
+    def drops_one(*args, **kwargs):
+        masks = real(*args, **kwargs)
+        del masks["blocks.0.attn.qkv.weight"]
+        return masks
+
+    monkeypatch.setattr(editing, "calibrate_masks", drops_one)
+    trained = []
+    monkeypatch.setattr(centralized, "train_steps", lambda *a, **k: trained.append(1))
+    with pytest.raises(ValueError, match=r"no mask for \['blocks\.0\.attn\.qkv\.weight'\].*train densely"):
+        runner(config(sparsity=0.9, step0="ridge"), run_root=tmp_path, progress=False)
+    assert not trained
+
+
+# ----------------------------------------------------------------------------- controls
+
+
+def test_dense_control_is_one_canonical_run_through_the_same_engine(tmp_path):
+    """Sparsity 0: no calibration (nothing scored), every backbone entry trainable, the step-0 head frozen; the
+    mask settings do not matter, so every notebook's control with the same step 0 and budget is the same run."""
+    a = central_config(sparsity=0.0, calibration_rounds=4, mask_rule="most_sensitive", calibration_samples=99)
+    b = central_config(sparsity=0.0, calibration_rounds=1, mask_rule="random", embeddings="dense")
+    assert a == b and a["calibration_rounds"] == 1
+    run = run_sparse_centralized(a, run_root=tmp_path, progress=False)
+    summary, start, weights = run.summary(), initial_weights(run), load_checkpoint(run)["model"]
+    assert summary["calibration_scored"] == 0 and summary["mask_density"] == 1.0
+    assert all(bool(m.all()) for m in load_masks(run).values())
+    for name, w in start.items():
+        assert torch.equal(weights[name], w) == name.startswith("head."), name
+
+
+def test_step0_rows_give_one_control_row_per_step0_model(tmp_path):
+    runs = [run_sparse_centralized(central_config(sparsity=s, epochs=1), run_root=tmp_path, progress=False)
+            for s in (0.9, 0.0)] + [run_sparse_centralized(central_config(sparsity=0.9, epochs=1, seed=1),
+                                                           run_root=tmp_path, progress=False)]  # fmt: skip
+    rows = editing.step0_rows(runs)
+    assert len(rows) == 2 and set(rows["experiment"]) == {"step0"} and (rows["epoch"] == 0).all()
+    for _, row in rows.iterrows():
+        summary = next(r.summary() for r in runs if r.config["seed"] == row["seed"])
+        assert row["test_acc"] == summary["step0_test_acc"] and row["val_loss"] == summary["step0_val_loss"]
+        assert pd.isna(row.get("sparsity"))
+    labels = editing.with_labels(pd.concat([editing.summary_table(runs), rows]))
+    assert list(labels["method"]) == ["sparse s=0.9 R=2", "dense, step-0 head", "sparse s=0.9 R=2", "step-0 model",
+                                      "step-0 model"]  # fmt: skip
+
+
+def test_sample_count_study_compares_prefixes_with_the_largest(tmp_path):
+    config = central_config(sparsity=0.9, calibration_rounds=1)
+    data = load_data(config, CPU)
+    model = build_seeded_model(config, CPU)
+    fit_head(model, data, config)
+    table, _ = editing.sample_count_study(model, data, config, [64, 16, 32])
+    assert list(table["calibration_samples"]) == [16, 32, 64] and table["jaccard_vs_largest"].iloc[-1] == 1.0
+    assert (table["jaccard_vs_largest"].iloc[:-1] < 1).all()
+    masks, _ = editing.calibrate_centralized(model, data, {**config, "calibration_samples": 32})
+    direct = editing.mask_jaccard(
+        masks, editing.calibrate_centralized(model, data, {**config, "calibration_samples": 64})[0]
+    )
+    assert table["jaccard_vs_largest"].iloc[1] == pytest.approx(direct)

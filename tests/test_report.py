@@ -16,6 +16,7 @@ from helpers import report
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE = "smoke"
+SHARDINGS = ["iid", "noniid"]
 
 
 def _runs(experiment: str, step: str, steps: int, grid: list[dict], fed: bool = False) -> pd.DataFrame:
@@ -75,36 +76,32 @@ def write_fixture(root: Path) -> Path:
             ],
             fed=True,
         ),
-        "editing_centralized": _runs(
-            "sparse_centralized",
-            "epoch",
-            2,
-            [
+        "editing_centralized": pd.concat([
+            _runs("sparse_centralized", "epoch", 2, [
                 {"sparsity": s, "calibration_rounds": r, "mask_rule": "least_sensitive", "seed": 0}
-                for s, r in product([0.9, 0.99], [1, 4])
-            ]
-            + [{"train_mode": "full", "seed": 0}],
-        ),
-        "editing_federated": _runs(
-            "sparse_fedavg",
-            "round",
-            3,
-            [
-                {"sharding": sh, "classes_per_client": 1, "sparsity": sp, "seed": 0}
-                for sh, sp in product(["iid", "noniid"], [0.9, np.nan])
-            ],
-            fed=True,
-        ),
-        "mask_strategies": _runs(
-            "sparse_centralized",
-            "epoch",
-            2,
-            [
-                {"mask_rule": rule, "sparsity": 0.9, "calibration_rounds": 1, "seed": 0}
-                for rule in ["least_sensitive", "most_sensitive", "random"]
-            ],
-        ),
-    }
+                for s, r in [*product([0.9, 0.99], [1, 4]), (0.0, 1)]  # sparsity 0: the dense control
+            ]),
+            _runs("centralized", "epoch", 2, [{"train_mode": "full", "seed": 0}]),
+            _runs("step0", "epoch", 1, [{"seed": 0}]),  # the step-0 control
+        ]),
+        "editing_federated": pd.concat([
+            _runs("sparse_fedavg", "round", 3, [
+                {"sharding": sh, "classes_per_client": 1, "sparsity": sp, "calibration_rounds": 2, "seed": 0}
+                for sh, sp in product(["iid", "noniid"], [0.9, 0.0, np.nan])
+            ], fed=True),
+            _runs("step0", "round", 1, [{"sharding": sh, "classes_per_client": 1, "seed": 0} for sh in SHARDINGS]),
+        ]),
+        "mask_strategies": pd.concat([
+            _runs("sparse_fedavg", "round", 2, [
+                {"mask_rule": rule, "sparsity": sp, "calibration_rounds": 1, "sharding": sh, "classes_per_client": 2,
+                 "seed": 0}
+                for rule, sp in [("least_sensitive", 0.9), ("most_sensitive", 0.9), ("random", 0.9),
+                                 ("least_sensitive", 0.0)]
+                for sh in ["iid", "noniid"]
+            ], fed=True),
+            _runs("step0", "round", 1, [{"sharding": sh, "classes_per_client": 2, "seed": 0} for sh in SHARDINGS]),
+        ]),
+    }  # fmt: skip
     for name, frame in files.items():
         frame.to_csv(folder / f"{name}.csv", index=False)
     return root
@@ -140,6 +137,11 @@ def test_latex_tables_follow_the_csvs(results_root: Path, tmp_path: Path):
     assert r"\pm" in texts["centralized_final"]
     assert all("not run yet" not in t for t in texts.values())
     assert r"\newcommand{\profile}{smoke}" in (tmp_path / "gen" / "profile.tex").read_text()
+    for name in ("centralized_editing", "federated_editing", "mask_rules"):  # controls next to the sparse rows
+        assert "dense, step-0 head" in texts[name] and "step-0 model" in texts[name], name
+        assert "sparse" in texts[name] or name == "mask_rules", name
+    assert "s=0.9 R=2" in texts["federated_editing"]  # sparse configurations are not averaged together
+    assert "step-0" not in texts["sparse_editing"] and "0.99" in texts["sparse_editing"]
 
     path = results_root / PROFILE / "mask_strategies.csv"
     frame = pd.read_csv(path)
@@ -154,7 +156,7 @@ def test_latex_tables_follow_the_csvs(results_root: Path, tmp_path: Path):
 def test_missing_results_give_placeholders(tmp_path: Path):
     empty = report.load_results(PROFILE, tmp_path / "none")
     tables = report.write_tables(empty, PROFILE, tmp_path / "gen")
-    assert all("not run yet" in p.read_text() for p in tables if p.stem != "profile")
+    assert all("not run yet" in p.read_text() for p in tables if p.stem not in ("profile", "deviations"))
     for name in report.FIGURES:
         fig = report.make_figure(empty, name, strict=True)
         assert any("not run yet" in t.get_text() for ax in fig.axes for t in ax.texts)
@@ -205,3 +207,16 @@ def test_report_compiles_within_eight_pages(results_root: Path, tmp_path: Path):
     assert done.returncode == 0, done.stdout[-3000:]
     assert (copy / "report" / "main.pdf").stat().st_size > 0
     assert _body_pages(copy / "report" / "main.aux") <= 8
+
+
+def test_integer_parameters_stay_integers_in_tables_csvs_and_axes(results_root: Path, tmp_path: Path):
+    """All files load into one frame where most rows lack J or R (NaN): they must still read 4, not 4.0."""
+    df = report.load_results(PROFILE, results_root)
+    for column in ("local_steps", "calibration_rounds", "classes_per_client", "round", "epoch", "seed"):
+        assert str(df[column].dtype) == "Int64", column
+    text = df[["local_steps", "calibration_rounds", "classes_per_client", "round"]].to_csv(index=False)
+    assert ".0" not in text and "4" in text
+    for name, axis_values in {"fedavg_heatmap": {"4", "8"}, "sparse_grid": {"1", "4"}}.items():
+        fig = report.make_figure(df, name, strict=True)
+        ticks = {t.get_text() for ax in fig.axes[:1] for t in [*ax.get_xticklabels(), *ax.get_yticklabels()]}
+        assert axis_values <= ticks and not any(t.endswith(".0") for t in ticks), (name, ticks)

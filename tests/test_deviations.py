@@ -1,0 +1,74 @@
+"""Every row of the report's table of deviations from the TaLoS reference is true of the code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import report
+from helpers.centralized import build_seeded_model
+from helpers.config import make_config
+from helpers.data import augment_generator, load_data
+from helpers.editing import masked_names
+from helpers.fedavg import client_optimizer
+from helpers.sensitivity import calibrate_masks
+from helpers.sparse_sgdm import SparseSGDM
+from helpers.train import train_steps
+
+CPU = torch.device("cpu")
+SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu")
+
+
+@pytest.fixture()
+def model():
+    return build_seeded_model(make_config("sparse_centralized", "smoke", **SMALL), CPU)
+
+
+def test_clients_optimise_with_sgd_momentum_not_adamw(model):
+    config = make_config("sparse_fedavg", "smoke", **SMALL)
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+    for opt in (client_optimizer(model, 0.1, config), client_optimizer(model, 0.1, config, masks)):
+        assert type(opt) in (torch.optim.SGD, SparseSGDM) and isinstance(opt, torch.optim.SGD)
+        assert opt.param_groups[0]["momentum"] == config["momentum"] == 0.9
+    assert f"momentum {config['momentum']:g}" in report.deviations_table("smoke")
+
+
+def test_no_gradient_clipping(model):
+    """One plain SGD step of the training loop moves every weight by exactly lr x its gradient, however large."""
+    config = make_config("centralized", "smoke", **SMALL)
+    data = load_data(config, CPU)
+    idx = torch.arange(16)
+    model.head.weight.data.mul_(1e3)  # huge logits: a gradient norm far above the reference's clip at 1.0
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    gen = augment_generator(0, "test")
+    train_steps(model, optimizer, data.train_x, data.train_y, idx[None], gen, img_size=32, augment="none")
+    grads = [p.grad for p in model.parameters()]
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) > 10
+    for p, p0, g in zip(model.parameters(), before, grads, strict=True):
+        torch.testing.assert_close(p.detach(), p0 - 0.01 * g, rtol=0, atol=1e-6)
+
+
+def test_masked_entries_default_and_the_reference_choice(model):
+    everything = [n for n, _ in model.named_parameters() if not n.startswith("head.")]
+    default = make_config("sparse_centralized", "smoke", **SMALL)
+    assert default["embeddings"] == "masked" and masked_names(model, default) == everything
+    reference = masked_names(model, {**default, "embeddings": "dense"})
+    assert set(everything) - set(reference) == {"cls_token", "pos_embed"}
+
+
+def test_sample_counts_in_the_table_are_the_config_defaults(monkeypatch):
+    monkeypatch.delenv("FLME_PROFILE", raising=False)  # it would override the profile asked for
+    text = report.deviations_table("full")
+    assert make_config("sparse_centralized", "full")["calibration_samples"] == 5000 and "5,000 train-split" in text
+    assert make_config("sparse_fedavg", "full")["calibration_samples"] == 50 and "50 per client" in text
+
+
+def test_exact_density_with_ties_broken_by_index(model):
+    """All scores equal: the reference would keep every entry (all tie with the threshold); ours keeps exactly
+    the density, the lowest flat indices first."""
+    masks = calibrate_masks(model, lambda m: {n: torch.zeros_like(p) for n, p in m.named_parameters()},
+                            sparsity=0.9, rounds=1)  # fmt: skip
+    flat = torch.cat([m.flatten() for m in masks.values()])
+    keep = round(0.1 * flat.numel())
+    assert int(flat.sum()) == keep and bool(flat[:keep].all()) and not bool(flat[keep:].any())
