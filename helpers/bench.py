@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -184,6 +185,35 @@ def bench_scoring(config: dict, device: torch.device, n: int) -> dict:
     }
 
 
+def bench_calibration(profile: str, device: torch.device, scale: int = 1) -> dict:
+    """One calibration round (talos scores, fresh labels) at the profile's default sample counts, through the runs'
+    own Scorer: centralized (one pool of the train split) and federated (K client pools, the per-client count each).
+
+    scale > 1 scores 1/scale of the samples (at least one per pool) and extrapolates the round's time: full sizes
+    on a CPU would take many minutes; the JSON says whether the figures are extrapolated.
+    """
+    from helpers.data import Data
+    from helpers.editing import Scorer
+
+    out = {"calibration_extrapolated": scale > 1}
+    for kind in ("centralized", "federated"):
+        config = make_config(f"sparse_{'fedavg' if kind == 'federated' else kind}", profile, device=device.type,
+                             pretrained=False)  # fmt: skip
+        pools = config["num_clients"] if kind == "federated" else 1
+        per_pool = max(1, config["calibration_samples"] // scale)
+        x, y = fake_images(pools * per_pool, device)
+        data = Data(x, y, x[:1], y[:1], x[:1], y[:1])
+        torch.manual_seed(0)
+        model = build_model(config["model"], pretrained=False, img_size=config["img_size"]).to(device)
+        keys = [("client", k) for k in range(pools)]
+        scorer = Scorer(data, list(torch.arange(pools * per_pool).split(per_pool)), keys, config)
+        seconds = clock(functools.partial(scorer, model), device)
+        total = pools * config["calibration_samples"]
+        out[f"calibration_{kind}_samples"] = total
+        out[f"calibration_{kind}_round_s"] = seconds * total / (pools * per_pool)
+    return out
+
+
 def bench_head(config: dict, device: torch.device, batch: int, steps: int) -> dict:
     """Head-only training (linear probe, step 0): cached features vs the frozen backbone at every step.
 
@@ -297,6 +327,7 @@ def run_bench(profile: str = "smoke", device: str = "auto", quick: bool = False,
     out.update(bench_augmentation(config["img_size"], dev, n=512 if quick else 2048))
     out.update(bench_scoring(config, dev, n=8 if (quick or (big and dev.type == "cpu")) else 64))
     out.update(bench_head(config, dev, batch, steps=2 if quick or (big and dev.type == "cpu") else 16))
+    out.update(bench_calibration(profile, dev, scale=64 if big and dev.type == "cpu" else 1))
     out.update(bench_checkpoint(config, dev))
     if not big or dev.type == "cuda":
         out.update(

@@ -25,7 +25,12 @@ def test_quick_bench_writes_every_measurement(tmp_path, capsys):
         "head_cached_speedup",
         "head_steps_cached_s",
         "feature_extraction_images_per_s",
+        "calibration_centralized_round_s",
+        "calibration_federated_round_s",
     ):
         assert key in result, key
     assert result["train_images_per_s"] > 0 and 0 < result["fedavg_overhead_ratio"] < 10
     assert "fedavg_overhead_ratio" in capsys.readouterr().out
+    # one round at the profile's default counts: 256 images centrally, 3 per client over 100 clients
+    assert result["calibration_centralized_samples"] == 256 and result["calibration_federated_samples"] == 300
+    assert result["calibration_extrapolated"] is False and result["calibration_federated_round_s"] > 0
