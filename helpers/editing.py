@@ -476,6 +476,7 @@ def run_sparse_fedavg(
 
 # ----------------------------------------------------------------------------- tables and figures
 
+DENSE_LABEL = "dense, new head"  # dense fine-tuning / FedAvg of 01-03: the head trained from scratch with the rest
 DENSE_STEP0_LABEL = "dense, step-0 head"  # control (a): the whole backbone trained, head fixed after step 0
 STEP0_LABEL = "step-0 model"  # control (b): the step-0 head on the untouched backbone
 INFO_COLUMNS = ("step0_s", "step0_val_acc", "step0_val_loss", "step0_test_acc", "step0_test_loss",
@@ -531,12 +532,12 @@ def sharding_label(sharding: str, classes_per_client: object) -> str:
 
 
 def method_label(config: Mapping) -> str:
-    """Short name of what a run trains: 'dense', 'head only', 'sparse s=0.9 R=4' (+ rule if not default), or a
+    """Short name of what a run trains: 'dense, new head', 'head only', 'sparse s=0.9 R=4' (+ rule), or a
     control: 'dense, step-0 head' (sparsity 0) and 'step-0 model' (no backbone training, see step0_rows)."""
     if config.get("experiment") == "step0":
         return STEP0_LABEL
     if "sparsity" not in config or pd.isna(config.get("sparsity")):
-        return "head only" if config.get("train_mode") == "head" else "dense"
+        return "head only" if config.get("train_mode") == "head" else DENSE_LABEL
     if config["sparsity"] == 0:
         return DENSE_STEP0_LABEL
     rule = "" if config.get("mask_rule", "least_sensitive") == "least_sensitive" else f" {config['mask_rule']}"

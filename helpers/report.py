@@ -666,7 +666,7 @@ def fig_drift(df: pd.DataFrame) -> Figure:
 
 def fig_sparse_grid(df: pd.DataFrame) -> Figure:
     """Sparse fine-tuning: final test accuracy over sparsity x calibration rounds, dense as reference."""
-    from helpers.editing import DENSE_STEP0_LABEL, STEP0_LABEL
+    from helpers.editing import DENSE_LABEL, DENSE_STEP0_LABEL, STEP0_LABEL
     from helpers.plots import plot_heatmap
 
     part = final_rows(with_labels(select(df, "editing_centralized", ("test_acc",))))
@@ -678,7 +678,7 @@ def fig_sparse_grid(df: pd.DataFrame) -> Figure:
         title="sparse fine-tuning: final test accuracy",
     )  # fmt: skip
     references = [(label, part.loc[part["method"] == label, "test_acc"]) for label in
-                  ("dense", DENSE_STEP0_LABEL, STEP0_LABEL)]  # fmt: skip
+                  (DENSE_LABEL, DENSE_STEP0_LABEL, STEP0_LABEL)]  # fmt: skip
     shown = ", ".join(f"{label}: {acc.mean():.3f}" for label, acc in references if not acc.empty)
     if shown:
         fig.axes[0].set_title(f"sparse fine-tuning: final test accuracy\n({shown})", fontsize=9)
