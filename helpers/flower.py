@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from helpers.__main__ import parse_sets
 from helpers.centralized import run_inputs
 from helpers.config import check_value, make_config
 from helpers.data import Data
@@ -62,9 +63,7 @@ log = logging.getLogger(__name__)
 
 def flower_config(config: Mapping, experiment: str | None = None) -> dict:
     """`config` (full or overrides) validated for Flower, engine="flower"; raises ValueError before compute."""
-    experiment = experiment or experiment_of(config)
-    if experiment not in EXPERIMENTS_ON_FLOWER:
-        raise ValueError(f"experiment={experiment!r} is invalid on Flower: must be one of fedavg, sparse_fedavg")
+    experiment = check_experiment(experiment or experiment_of(config))
     config = make_config(experiment, **{**config, "engine": "flower"})
     if config.get("train_mode") == "head":
         raise ValueError(
@@ -74,16 +73,23 @@ def flower_config(config: Mapping, experiment: str | None = None) -> dict:
     return config
 
 
+def check_experiment(experiment: str) -> str:
+    if experiment not in EXPERIMENTS_ON_FLOWER:
+        raise ValueError(f"experiment={experiment!r} is invalid on Flower: must be one of fedavg, sparse_fedavg")
+    return experiment
+
+
 def experiment_of(config: Mapping) -> str:
     """sparse_fedavg for configs with a sparsity, else fedavg."""
     return "sparse_fedavg" if "sparsity" in config else "fedavg"
 
 
 def deployed_config(run_config: Mapping) -> dict:
-    """The config of a `flwr run` deployment: `experiment` plus parameters from [tool.flwr.app.config] and
-    --run-config; `run-root` is the server's run root."""
-    overrides = {k: v for k, v in run_config.items() if k not in ("experiment", "run-root")}
-    return flower_config(overrides, str(run_config.get("experiment", "fedavg")))
+    """The config of a `flwr run` deployment from its run config (pyproject.toml's [tool.flwr.app.config] and
+    --run-config): `experiment`, `profile`, and `set`, "name=value ..." as `python -m helpers run --set` takes."""
+    experiment = check_experiment(str(run_config.get("experiment") or "fedavg"))
+    sets = parse_sets(str(run_config.get("set", "")).split(), experiment)
+    return flower_config({**sets, "profile": run_config.get("profile") or None}, experiment)
 
 
 def with_node_overrides(config: dict, context: Context) -> dict:
@@ -133,9 +139,12 @@ def _apps(
 
 
 # For `flwr run` on a real federation (pyproject.toml names these): the config comes from the run config.
-server_app, client_app = _apps(
+# Two plain assignments: `flwr run` finds the components by reading this file's syntax tree.
+_deployed = _apps(
     lambda context: deployed_config(context.run_config), lambda context: context.run_config.get("run-root") or None
 )
+server_app = _deployed[0]
+client_app = _deployed[1]
 
 
 def run_flower(config: dict, *, run_root: str | Path | None = None, progress: bool = True) -> Run:
