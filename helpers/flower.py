@@ -206,18 +206,8 @@ def node_trainer(grid: Grid, nodes: dict[int, int]) -> Callable[..., Iterator[Cl
     every node the frozen weights and its mask; every round, the sampled clients train on their nodes."""
     ready = []  # set up (once per run: a resumed run has new nodes)
 
-    def train_clients(
-        model: nn.Module,
-        data: Data,
-        shards: list[Tensor],
-        rnd: int,
-        clients: list[int],
-        config: dict,
-        *,
-        masks,
-        start: list[Tensor],
-        scaler: torch.amp.GradScaler | None,
-    ) -> Iterator[ClientResult]:
+    # fedavg_round's train_in_turn signature; data and shards live on the nodes
+    def train_clients(model, data, shards, rnd, clients, config, *, masks, start, scaler) -> Iterator[ClientResult]:
         if not ready:
             send_setup(grid, nodes, model, masks, config)
             ready.append(True)

@@ -24,7 +24,7 @@ from helpers import flower  # noqa: E402
 from helpers.__main__ import main  # noqa: E402
 from helpers.config import make_config  # noqa: E402
 from helpers.editing import run_sparse_fedavg  # noqa: E402
-from helpers.fedavg import run_fedavg, sample_clients  # noqa: E402
+from helpers.fedavg import client_update, run_fedavg, sample_clients  # noqa: E402
 from helpers.flower import FAULT_ENV, reply_content, run_flower  # noqa: E402
 from helpers.runs import Run, load_checkpoint, run_id  # noqa: E402
 from helpers.train import NonFiniteLossError  # noqa: E402
@@ -171,3 +171,46 @@ def test_non_finite_loss_on_a_node_stays_a_non_finite_loss_error():
         reply_content(failed("\x1b[31mValueError: bad\x1b[0m"), "round 2, client 4")
     with pytest.raises(RuntimeError, match=r"^round 2, client 4: no reply"):
         reply_content(None, "round 2, client 4")
+
+
+def test_grad_scaler_state_travels_to_and_from_the_node(monkeypatch):
+    """fp16 (T4) runs carry a GradScaler: the node starts from the round's state the server sends and returns its
+    final state, as train_in_turn does; weights and state equal client_update's with that scaler (in-process)."""
+    config = flower.flower_config({**SMALL, **IID, "local_steps": 6, "lr": 0.1})
+    data, model, shards = flower.node_inputs(config)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    start = torch.amp.GradScaler("cpu", init_scale=2.0**126)  # overflows until the scale has halved a few times
+    monkeypatch.setattr(flower, "make_scaler", lambda device: torch.amp.GradScaler("cpu"))
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
+    flower.node_query(
+        RecordDict({"setup": ConfigRecord({"run": run_id(config)}), "frozen": ArrayRecord()}), context, config
+    )
+    task = ConfigRecord({"run": run_id(config), "round": 0, "client": 2})
+    content = RecordDict({"weights": ArrayRecord(weights), "task": task, "scaler": ConfigRecord(start.state_dict())})
+    reply = flower.node_train(content, context, config)
+    got = reply["weights"].to_torch_state_dict()
+
+    model.load_state_dict(weights)  # the same client on the same weights and scaler, in this process
+    reference = torch.amp.GradScaler("cpu")
+    reference.load_state_dict(start.state_dict())
+    loss = client_update(model, data, shards[2], 0, 2, config, scaler=reference)
+    assert reference.get_scale() < 2.0**126  # steps did overflow: the state that comes back has moved
+    assert dict(reply["scaler"]) == reference.state_dict() and reply["result"]["loss"] == loss
+    assert all(torch.equal(got[n], p) for n, p in model.named_parameters())
+
+
+def test_deployed_config_is_the_cli_config():
+    """`flwr run` nodes build their config from the run config (pyproject.toml + --run-config) as the CLI does."""
+    run_config = {
+        "experiment": "sparse_fedavg",
+        "profile": "smoke",
+        "set": "num_clients=10 sparsity=0.95",
+        "run-root": "",
+    }
+    want = make_config("sparse_fedavg", "smoke", num_clients=10, sparsity=0.95, engine="flower")
+    assert flower.deployed_config(run_config) == want
+    with pytest.raises(ValueError, match=r"^experiment='centralized' is invalid on Flower"):
+        flower.deployed_config({**run_config, "experiment": "centralized"})
+    with pytest.raises(ValueError, match=r"^unknown parameter 'sparsity' for experiment 'fedavg'"):
+        flower.deployed_config({**run_config, "experiment": "fedavg"})
+    assert isinstance(flower.server_app, flower.ServerApp) and isinstance(flower.client_app, flower.ClientApp)
