@@ -147,6 +147,8 @@ def test_a_failing_client_is_named_and_the_cli_rerun_resumes(tmp_path, monkeypat
     # It resumed (round 1's row and time come from the checkpoint) and ends where the sequential engine does.
     assert resumed.metrics()["elapsed_s"].iloc[0] == saved["metrics"][0]["elapsed_s"]
     assert_same_run(resumed, run_fedavg(config, run_root=tmp_path / "sequential", progress=False))
+    monkeypatch.setattr(flower, "simulate", lambda *args: pytest.fail("a finished run started Flower again"))
+    assert run_flower(config, run_root=tmp_path / "flower", progress=False).dir == run_dir
 
 
 def test_non_finite_loss_on_a_node_stays_a_non_finite_loss_error():
