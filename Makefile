@@ -14,7 +14,12 @@ $(VENV)/.installed: requirements.txt
 smoke: $(VENV)/.installed
 	FLME_PROFILE=smoke $(PY) -m helpers pipeline --profile smoke
 
-test: $(VENV)/.installed
+# Flower (optional) for tests/test_flower.py; resolved together with requirements.txt (it pins e.g. packaging<26).
+$(VENV)/.installed-flower: $(VENV)/.installed requirements-flower.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-flower.txt
+	touch $@
+
+test: $(VENV)/.installed $(VENV)/.installed-flower
 	FLME_PROFILE=smoke $(PY) -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider
 
 lint: $(VENV)/.installed

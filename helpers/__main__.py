@@ -1,4 +1,5 @@
-"""Command line: `python -m helpers run EXPERIMENT --profile smoke --set lr=0.01`, `python -m helpers pipeline`."""
+"""Command line: `python -m helpers run EXPERIMENT --profile smoke --set lr=0.01`, `python -m helpers flower`,
+`python -m helpers pipeline`."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ RUNNERS = {
     "sparse_centralized": "helpers.editing:run_sparse_centralized",
     "sparse_fedavg": "helpers.editing:run_sparse_fedavg",
 }
+FLOWER_RUNNER = "helpers.flower:run_flower"  # engine="flower" (fedavg, sparse_fedavg); imports flwr
 
 
-def runner(experiment: str):
-    """The function that runs `experiment`."""
-    module, func = RUNNERS[experiment].split(":")
+def runner(experiment: str, engine: str = "sequential"):
+    """The function that runs `experiment` (on Flower's simulation engine for engine="flower")."""
+    module, func = (FLOWER_RUNNER if engine == "flower" else RUNNERS[experiment]).split(":")
     return getattr(importlib.import_module(module), func)
 
 
@@ -43,19 +45,27 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one experiment (resumes or skips as needed)")
     run.add_argument("experiment", choices=sorted(set(EXPERIMENTS) & set(RUNNERS)))
-    run.add_argument("--profile", choices=PROFILES, default=None, help="default: $FLME_PROFILE or smoke")
-    run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a parameter")
-    run.add_argument("--run-root", default=None, help="default: $FLME_RUN_ROOT, Drive in Colab, else ./runs")
-    run.add_argument("--results", default=None, metavar="NAME", help="also write results/<profile>/NAME.csv")
+    flower = sub.add_parser("flower", help="run fedavg or sparse_fedavg on Flower's simulation engine "
+                            "(engine=flower; needs requirements-flower.txt)")  # fmt: skip
+    flower.add_argument("experiment", nargs="?", default="fedavg", choices=["fedavg", "sparse_fedavg"])
+    for p in (run, flower):
+        p.add_argument("--profile", choices=PROFILES, default=None, help="default: $FLME_PROFILE or smoke")
+        p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a parameter")
+        p.add_argument("--run-root", default=None, help="default: $FLME_RUN_ROOT, Drive in Colab, else ./runs")
+        p.add_argument("--results", default=None, metavar="NAME", help="also write results/<profile>/NAME.csv")
     pipe = sub.add_parser("pipeline", help="execute the notebooks with papermill")
     pipe.add_argument("--profile", choices=PROFILES, default="smoke")
     pipe.add_argument("--notebooks", nargs="*", default=None, help="e.g. 01 02 (default: all)")
     pipe.add_argument("--output-dir", default="notebooks/executed")
     args = parser.parse_args(argv)
     try:
-        if args.command == "run":
-            config = make_config(args.experiment, args.profile, **parse_sets(args.set, args.experiment))
-            result = runner(args.experiment)(config, run_root=args.run_root, progress=sys.stderr.isatty())
+        if args.command in ("run", "flower"):
+            sets = parse_sets(args.set, args.experiment)
+            if args.command == "flower":
+                sets["engine"] = "flower"
+            config = make_config(args.experiment, args.profile, **sets)
+            run_fn = runner(args.experiment, config.get("engine", "sequential"))
+            result = run_fn(config, run_root=args.run_root, progress=sys.stderr.isatty())
             if args.results:
                 from helpers.runs import write_results
 
@@ -65,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             from helpers.pipeline import run_pipeline
 
             run_pipeline(profile=args.profile, notebooks=args.notebooks, output_dir=args.output_dir)
-    except (ValueError, OSError, RuntimeError) as exc:  # the user's input or environment: one line, no traceback
+    # the user's input or environment (ImportError: Flower not installed): one line, no traceback
+    except (ValueError, OSError, RuntimeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

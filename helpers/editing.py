@@ -32,6 +32,7 @@ from helpers.data import NUM_CLASSES, Data, eval_batch, step_batches
 from helpers.features import fingerprint, split_features
 from helpers.fedavg import (
     BYTES_PER_ENTRY,
+    check_engine,
     client_shards,
     federated_training,
     run_fedavg,
@@ -142,8 +143,9 @@ def head_fedavg_config(config: dict) -> dict:
     rounds = max(1, math.ceil(config["step0_epochs"] * train_split_size(config) / per_round))
     shared = {k: config[k] for k in EXPERIMENTS["fedavg"] if k in config}
     # augment=None: the head trains on cached (un-augmented) features, whatever the sparse run augments.
+    # engine="sequential": both engines share one step-0 run (helpers.flower runs step 0 on the server).
     overrides = {"train_mode": "head", "lr": config["step0_lr"], "rounds": rounds, "eval_every": rounds,
-                 "augment": None}  # fmt: skip
+                 "augment": None, "engine": "sequential"}  # fmt: skip
     return make_config("fedavg", **{**shared, **overrides})
 
 
@@ -454,10 +456,20 @@ def run_sparse_centralized(
 
 
 def run_sparse_fedavg(
-    config: dict | None = None, *, run_root: str | Path | None = None, progress: bool = True, **overrides
+    config: dict | None = None,
+    *,
+    run_root: str | Path | None = None,
+    progress: bool = True,
+    round_fn: Callable[..., dict] | None = None,
+    **overrides,
 ) -> Run:
-    """Federated step 0, federated calibration, then sparse FedAvg with the mask (resumes, or skips if done)."""
-    run = open_run("sparse_fedavg", config or make_config("sparse_fedavg", **overrides), run_root)
+    """Federated step 0, federated calibration, then sparse FedAvg with the mask (resumes, or skips if done).
+
+    `round_fn`: see federated_training (helpers.flower runs the rounds on Flower nodes through it).
+    """
+    config = config or make_config("sparse_fedavg", **overrides)
+    check_engine(config, round_fn)
+    run = open_run("sparse_fedavg", config, run_root)
     if run.done:
         return _finish(run)
     config = run.config
@@ -470,7 +482,7 @@ def run_sparse_fedavg(
         calibration=lambda: calibrate_federated(model, data, shards, config, progress),
     )  # fmt: skip
     masks = load_run_masks(model, packed, config, device)
-    federated_training(run, model, data, shards, masks=masks, progress=progress)
+    federated_training(run, model, data, shards, masks=masks, progress=progress, round_fn=round_fn)
     return _finish(run, info)
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -214,6 +215,16 @@ class RoundSum:
         }
 
 
+class ClientResult(NamedTuple):
+    """One client's part of a round, as the server aggregates it."""
+
+    client: int
+    weights: list[Tensor]  # the trained trainable parameters (RoundSum.add overwrites them)
+    loss: float
+    masks: Mapping[str, Tensor] | None  # the client's masks (for upload bytes and frozen entries)
+    scaler_state: dict | None  # its final GradScaler state
+
+
 def fedavg_round(
     model: nn.Module,
     data: Data,
@@ -223,11 +234,12 @@ def fedavg_round(
     *,
     masks: Masks = None,
     scaler: torch.amp.GradScaler | None = None,
+    train_clients: Callable[..., Iterator[ClientResult]] | None = None,
 ) -> dict:
     """One round (0-based `rnd`) on the global weights held by `model`, updated in place; returns its row.
 
-    Clients run one after another on `model` itself (weights reloaded in place, no copies), each from the
-    round's global weights and the round's GradScaler state, so no client depends on the one before it.
+    `train_clients` (default train_in_turn, same signature) trains the round's clients and yields their
+    results in client order; helpers.flower passes one that trains them on Flower nodes.
     """
     check_no_buffers(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -235,20 +247,40 @@ def fedavg_round(
     clients = sample_clients(config["seed"], rnd, len(shards), config["participation"])
     total = sum(len(shards[k]) for k in clients)
     shared = None if masks is None or callable(masks) else upload_bytes(model, masks)
-    scaler_start = scaler.state_dict() if scaler is not None else None
-    for k in clients:
-        _copy(params, server.start)
-        if scaler is not None:
-            scaler.load_state_dict(scaler_start)
-        own = masks(k) if callable(masks) else masks
-        loss = client_update(model, data, shards[k], rnd, k, config, masks=own, scaler=scaler)
+    train_clients = train_clients or train_in_turn
+    results = train_clients(model, data, shards, rnd, clients, config, masks=masks, start=server.start, scaler=scaler)
+    for k, weights, loss, own, scaler_state in results:
         upload = shared if shared is not None else upload_bytes(model, own)
-        server.add(params, len(shards[k]) / total, loss=loss, upload=upload, masks=own,
-                   scaler_state=scaler.state_dict() if scaler is not None else None)  # fmt: skip
+        server.add(weights, len(shards[k]) / total, loss=loss, upload=upload, masks=own, scaler_state=scaler_state)
     if scaler is not None:
         scaler.load_state_dict(server.scaler_state)
     row = server.apply(params, config["server_lr"])
     return {"round": rnd + 1, "clients": " ".join(map(str, clients)), "client_lr": client_lr(config, rnd), **row}
+
+
+def train_in_turn(
+    model: nn.Module,
+    data: Data,
+    shards: list[Tensor],
+    rnd: int,
+    clients: list[int],
+    config: dict,
+    *,
+    masks: Masks,
+    start: list[Tensor],
+    scaler: torch.amp.GradScaler | None,
+) -> Iterator[ClientResult]:
+    """The clients one after another on `model` itself (weights reloaded in place from `start`, no copies),
+    each from the round's global weights and GradScaler state, so no client depends on the one before it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    scaler_start = scaler.state_dict() if scaler is not None else None
+    for k in clients:
+        _copy(params, start)
+        if scaler is not None:
+            scaler.load_state_dict(scaler_start)
+        own = masks(k) if callable(masks) else masks
+        loss = client_update(model, data, shards[k], rnd, k, config, masks=own, scaler=scaler)
+        yield ClientResult(k, params, loss, own, scaler.state_dict() if scaler is not None else None)
 
 
 @torch.no_grad()
@@ -308,15 +340,35 @@ def _server_step(params: list[Tensor], start: list[Tensor], avg: list[Tensor], s
 
 
 def run_fedavg(
-    config: dict | None = None, *, run_root: str | Path | None = None, progress: bool = True, **overrides
+    config: dict | None = None,
+    *,
+    run_root: str | Path | None = None,
+    progress: bool = True,
+    round_fn: Callable[..., dict] | None = None,
+    **overrides,
 ) -> Run:
-    """Train (or resume, or skip if done) one FedAvg run; returns its Run (metrics, summary)."""
-    run = open_run("fedavg", config or make_config("fedavg", **overrides), run_root)
+    """Train (or resume, or skip if done) one FedAvg run; returns its Run (metrics, summary).
+
+    `round_fn`: see federated_training (helpers.flower runs the rounds on Flower nodes through it).
+    """
+    config = config or make_config("fedavg", **overrides)
+    check_engine(config, round_fn)
+    run = open_run("fedavg", config, run_root)
     if run.done:
         return run
     data, model = run_inputs(run.config)
     set_trainable(model, run.config["train_mode"])
-    return federated_training(run, model, data, client_shards(run.config, data), progress=progress)
+    shards = client_shards(run.config, data)
+    return federated_training(run, model, data, shards, progress=progress, round_fn=round_fn)
+
+
+def check_engine(config: dict, round_fn: Callable[..., dict] | None) -> None:
+    """A run with engine="flower" trains on Flower nodes: run here without them, it would be mislabelled."""
+    if config.get("engine") == "flower" and round_fn is None:
+        raise ValueError(
+            "engine='flower' runs train on Flower nodes: start them with helpers.flower.run_flower "
+            "(python -m helpers flower), or use engine='sequential'"
+        )
 
 
 def federated_training(

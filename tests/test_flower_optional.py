@@ -1,0 +1,54 @@
+"""Flower is optional: every module but helpers.flower imports without flwr, the Flower entry points say what to
+install, and the sequential runners refuse a run labelled engine="flower"."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.__main__ import main
+from helpers.config import make_config
+from helpers.editing import run_sparse_fedavg
+from helpers.fedavg import run_fedavg
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", num_clients=10)
+WITHOUT_FLWR = """
+import importlib, pkgutil, sys
+sys.modules["flwr"] = None  # as if not installed
+import helpers
+for m in pkgutil.iter_modules(helpers.__path__):
+    if m.name != "flower":
+        importlib.import_module(f"helpers.{m.name}")
+try:
+    import helpers.flower
+except ImportError as exc:
+    print(exc)
+"""
+
+
+def test_helpers_import_without_flwr():
+    out = subprocess.run([sys.executable, "-c", WITHOUT_FLWR], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Flower is not installed: pip install -r requirements-flower.txt")
+
+
+def test_flower_entry_points_without_flwr_say_what_to_install(monkeypatch, capsys, tmp_path):
+    for name in [m for m in sys.modules if m == "flwr" or m.startswith("flwr.")] + ["flwr"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "helpers.flower", raising=False)
+    for argv in (["flower", "--profile", "smoke"], ["run", "fedavg", "--profile", "smoke", "--set", "engine=flower"]):
+        assert main([*argv, "--run-root", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: Flower is not installed: pip install -r requirements-flower.txt")
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("runner, experiment", [(run_fedavg, "fedavg"), (run_sparse_fedavg, "sparse_fedavg")])
+def test_sequential_runners_refuse_engine_flower(runner, experiment, tmp_path):
+    config = make_config(experiment, "smoke", **SMALL, engine="flower")
+    with pytest.raises(ValueError, match=r"^engine='flower' runs train on Flower nodes"):
+        runner(config, run_root=tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())
