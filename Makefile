@@ -19,8 +19,11 @@ $(VENV)/.installed-flower: $(VENV)/.installed requirements-flower.txt
 	$(PY) -m pip install -q -r requirements.txt -r requirements-flower.txt
 	touch $@
 
+# Every test runs single-threaded: WORKERS processes share the machine's cores (one test file each at a time, so a
+# notebook's cells stay in one kernel). CI machines have 2 cores.
+WORKERS ?= 2
 test: $(VENV)/.installed $(VENV)/.installed-flower
-	FLME_PROFILE=smoke $(PY) -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider
+	FLME_PROFILE=smoke $(PY) -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider -n $(WORKERS) --dist loadfile
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check helpers tests conftest.py
