@@ -8,7 +8,7 @@ import importlib
 import json
 import sys
 
-from helpers.config import EXPERIMENTS, PROFILES, make_config, parse_value
+from helpers.config import EXPERIMENTS, PROFILES, make_config, parse_sets
 
 # experiment name -> "module:function"; each function takes (config, run_root=..., progress=...) -> Run
 RUNNERS = {
@@ -24,20 +24,6 @@ def runner(experiment: str, engine: str = "sequential"):
     """The function that runs `experiment` (on Flower's simulation engine for engine="flower")."""
     module, func = (FLOWER_RUNNER if engine == "flower" else RUNNERS[experiment]).split(":")
     return getattr(importlib.import_module(module), func)
-
-
-def parse_sets(pairs: list[str], experiment: str) -> dict:
-    """['lr=0.1', 'epochs=3'] -> {'lr': 0.1, 'epochs': 3}, typed by each parameter's kind."""
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--set {pair!r} is invalid: must look like name=value")
-        name, text = (part.strip() for part in pair.split("=", 1))
-        if name not in EXPERIMENTS[experiment]:
-            allowed = ", ".join(sorted(EXPERIMENTS[experiment]))
-            raise ValueError(f"unknown parameter {name!r} for experiment {experiment!r}; allowed: {allowed}")
-        out[name] = parse_value(name, text)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -195,6 +195,20 @@ def parse_value(name: str, text: str) -> object:
         raise ValueError(f"{name}={text!r} is invalid: must be {_param(name).allowed()}") from None
 
 
+def parse_sets(pairs: list[str], experiment: str) -> dict:
+    """['lr=0.1', 'epochs=3'] -> {'lr': 0.1, 'epochs': 3}, typed by each parameter's kind."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set {pair!r} is invalid: must look like name=value")
+        name, text = (part.strip() for part in pair.split("=", 1))
+        if name not in EXPERIMENTS[experiment]:
+            allowed = ", ".join(sorted(EXPERIMENTS[experiment]))
+            raise ValueError(f"unknown parameter {name!r} for experiment {experiment!r}; allowed: {allowed}")
+        out[name] = parse_value(name, text)
+    return out
+
+
 def make_config(experiment: str, profile: str | None = None, **overrides: object) -> dict:
     """Profile defaults for `experiment`, then explicit overrides, all validated; raises ValueError."""
     if experiment not in EXPERIMENTS:

@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from helpers.__main__ import parse_sets
 from helpers.centralized import run_inputs
-from helpers.config import check_value, make_config
+from helpers.config import check_value, make_config, parse_sets
 from helpers.data import Data
 from helpers.editing import run_sparse_fedavg
 from helpers.fedavg import ClientResult, client_shards, client_update, fedavg_round, run_fedavg

@@ -2,8 +2,8 @@
 
 import pytest
 
-from helpers.__main__ import main, parse_sets
-from helpers.config import EXPERIMENTS, PARAMS, make_config, parse_value, resolve_profile
+from helpers.__main__ import main
+from helpers.config import EXPERIMENTS, PARAMS, make_config, parse_sets, parse_value, resolve_profile
 
 BAD = [
     ("val_fraction", 0.0, "(0, 1)"),
