@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shlex
 import sys
 
 from helpers.config import EXPERIMENTS, PROFILES, make_config, parse_sets
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     flower = sub.add_parser("flower", help="run fedavg or sparse_fedavg on Flower's simulation engine "
                             "(engine=flower; needs requirements-flower.txt)")  # fmt: skip
     flower.add_argument("experiment", nargs="?", default="fedavg", choices=["fedavg", "sparse_fedavg"])
+    flower.add_argument("--print-flwr-run", nargs="?", const="local", default=None, metavar="CONNECTION",
+                        help="print the `flwr run` command (Flower's CLI) for this run on a SuperLink connection "
+                        "(default: local, Flower's local simulation) instead of running it")  # fmt: skip
     for p in (run, flower):
         p.add_argument("--profile", choices=PROFILES, default=None, help="default: $FLME_PROFILE or smoke")
         p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a parameter")
@@ -50,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "flower":
                 sets["engine"] = "flower"
             config = make_config(args.experiment, args.profile, **sets)
+            if args.command == "flower" and args.print_flwr_run:
+                from helpers.flower import flwr_run_command
+                from helpers.runs import default_run_root
+
+                root = args.run_root or default_run_root()
+                print(shlex.join(flwr_run_command(config, root, superlink=args.print_flwr_run)))
+                return 0
             run_fn = runner(args.experiment, config.get("engine", "sequential"))
             result = run_fn(config, run_root=args.run_root, progress=sys.stderr.isatty())
             if args.results:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -583,9 +583,12 @@ def with_labels(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def dense_fedavg_reference(profile: str, **match: object) -> pd.DataFrame:
+def dense_fedavg_reference(
+    profile: str, settings: Iterable[tuple[str, object]] | None = None, **match: object
+) -> pd.DataFrame:
     """Tidy rows of the dense FedAvg runs of 02/03 (results/<profile>/fedavg_iid.csv, fedavg_noniid.csv) whose
-    columns equal `match` (e.g. local_steps=4, lr=0.01); empty when those notebooks have not run yet."""
+    columns equal `match` (e.g. local_steps=4, lr=0.01) and, if given, whose (sharding, classes_per_client) is one
+    of `settings` (03 may have run more Nc than the caller compares); empty when those notebooks have not run yet."""
     tables = [load_results(name, profile) for name in ("fedavg_iid", "fedavg_noniid")]
     tables = [t for t in tables if t is not None and not t.empty]
     if not tables:
@@ -594,6 +597,10 @@ def dense_fedavg_reference(profile: str, **match: object) -> pd.DataFrame:
     for key, value in {"train_mode": "full", **match}.items():
         if key in table:
             table = table[table[key] == value]
+    if settings is not None:
+        wanted = {sharding_label(sh, nc) for sh, nc in settings}
+        labels = [sharding_label(sh, nc) for sh, nc in zip(table["sharding"], table["classes_per_client"])]
+        table = table[[label in wanted for label in labels]]
     return table.reset_index(drop=True)
 
 

@@ -6,7 +6,9 @@ partition-id k is client k; its ClientApp loads the config's data, takes shard k
 and runs client_update, the same J steps as the sequential engine. Weights travel as the trainable parameters
 only; the frozen ones (the step-0 head) and the node's mask are sent once, at the first round.
 
-Flower is optional (requirements-flower.txt); nothing else in helpers imports this module.
+run_flower drives Flower's simulation in-process; flwr_run_command gives the `flwr run` command (Flower's CLI, its
+local simulation or a real federation) for the same config. Flower is optional (requirements-flower.txt); nothing
+else in helpers imports this module.
 """
 
 from __future__ import annotations
@@ -89,6 +91,34 @@ def deployed_config(run_config: Mapping) -> dict:
     experiment = check_experiment(str(run_config.get("experiment") or "fedavg"))
     sets = parse_sets(str(run_config.get("set", "")).split(), experiment)
     return flower_config({**sets, "profile": run_config.get("profile") or None}, experiment)
+
+
+APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml's [tool.flwr.app]
+
+
+def flwr_run_command(config: Mapping, run_root: str | Path, *, superlink: str = "local") -> list[str]:
+    """The `flwr run` command (Flower's CLI) that runs `config` with these apps on a SuperLink connection:
+    "local" is Flower's managed local simulation, num_clients nodes of one CPU each. Its run config gives
+    `config` back through deployed_config: `set` holds every value that differs from the profile's default."""
+    config = flower_config(config)
+    experiment, root = experiment_of(config), str(Path(run_root).resolve())
+    defaults = make_config(experiment, config["profile"])
+    sets = []
+    for name, value in config.items():
+        if name in ("engine", "profile") or value == defaults.get(name):
+            continue
+        text = repr(value) if isinstance(value, float) else str(value)
+        if not isinstance(value, (str, int, float)) or re.search(r'[\s"\\]', text):
+            raise ValueError(f"{name}={value!r} cannot travel in flwr run's run config: no spaces, quotes or lists")
+        sets.append(f"{name}={text}")
+    if re.search(r'["\\]', root):
+        raise ValueError(f"run_root={root!r} cannot travel in flwr run's run config: no quotes or backslashes")
+    run_config = f'experiment="{experiment}" profile="{config["profile"]}" set="{" ".join(sets)}" run-root="{root}"'
+    command = ["flwr", "run", str(APP_DIR), superlink, "--stream", "--run-config", run_config]
+    if superlink == "local":
+        federation = f"num-supernodes={config['num_clients']} client-resources-num-cpus=1"
+        command[5:5] = ["--federation-config", federation]
+    return command
 
 
 def with_node_overrides(config: dict, context: Context) -> dict:

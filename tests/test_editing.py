@@ -334,3 +334,23 @@ def test_sample_count_study_compares_prefixes_with_the_largest(tmp_path):
         masks, editing.calibrate_centralized(model, data, {**config, "calibration_samples": 64})[0]
     )
     assert table["jaccard_vs_largest"].iloc[1] == pytest.approx(direct)
+
+
+def test_dense_reference_keeps_only_the_matching_runs_and_settings(monkeypatch, tmp_path):
+    """05/06 compare against 02/03's dense runs of their own shardings only: 03 may have run other Nc."""
+    monkeypatch.setenv("FLME_RESULTS_ROOT", str(tmp_path))
+    (tmp_path / "smoke").mkdir()
+    rows = [("iid", None, 0.01), ("noniid", 1, 0.01), ("noniid", 5, 0.01), ("noniid", 10, 0.01), ("noniid", 1, 0.1)]
+    table = pd.DataFrame(
+        [
+            {"run_id": f"r{i}", "round": r, "sharding": sh, "classes_per_client": nc, "lr": lr, "train_mode": "full"}
+            for i, (sh, nc, lr) in enumerate(rows)
+            for r in (1, 2)
+        ]
+    )
+    table[table["sharding"] == "iid"].to_csv(tmp_path / "smoke" / "fedavg_iid.csv", index=False)
+    table[table["sharding"] != "iid"].to_csv(tmp_path / "smoke" / "fedavg_noniid.csv", index=False)
+    picked = editing.dense_fedavg_reference("smoke", [("noniid", 1), ("iid", None), ("noniid", 50)], lr=0.01)
+    assert sorted(set(picked["run_id"])) == ["r0", "r1"] and len(picked) == 4
+    assert sorted(set(editing.dense_fedavg_reference("smoke", lr=0.01)["run_id"])) == ["r0", "r1", "r2", "r3"]
+    assert editing.dense_fedavg_reference("full", [("iid", None)]).empty

@@ -7,7 +7,13 @@ Each simulation starts and stops Ray (15-40 s on two cores): the tests share as 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +32,7 @@ from helpers.config import make_config  # noqa: E402
 from helpers.editing import run_sparse_fedavg  # noqa: E402
 from helpers.fedavg import client_update, run_fedavg, sample_clients  # noqa: E402
 from helpers.flower import FAULT_ENV, reply_content, run_flower  # noqa: E402
-from helpers.runs import Run, load_checkpoint, run_id  # noqa: E402
+from helpers.runs import Run, load_checkpoint, open_run, run_id  # noqa: E402
 from helpers.train import NonFiniteLossError  # noqa: E402
 
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", rounds=3, server_lr=0.7)
@@ -216,3 +222,75 @@ def test_deployed_config_is_the_cli_config():
     with pytest.raises(ValueError, match=r"^unknown parameter 'sparsity' for experiment 'fedavg'"):
         flower.deployed_config({**run_config, "experiment": "fedavg"})
     assert isinstance(flower.server_app, flower.ServerApp) and isinstance(flower.client_app, flower.ClientApp)
+
+
+def run_config_of(command: list[str]) -> dict:
+    """The --run-config of a `flwr run` command as Flower reads it (TOML values)."""
+    import tomllib
+
+    return tomllib.loads(command[command.index("--run-config") + 1].replace('" ', '"\n'))
+
+
+@pytest.mark.parametrize("case", ["iid-sparse", "noniid-dense"])
+def test_flwr_run_command_carries_the_whole_config(case, tmp_path, capsys):
+    """What `flwr run` nodes rebuild from the printed command's run config is the config itself (its run id)."""
+    config = {**case_config(case), "lr": 0.1 + 0.2, "data_root": str(tmp_path / "d")}  # a float repr must round-trip
+    command = flower.flwr_run_command(config, tmp_path / "runs")
+    assert command[:4] == ["flwr", "run", str(flower.APP_DIR), "local"] and "--stream" in command
+    assert (flower.APP_DIR / "pyproject.toml").is_file()
+    federation = command[command.index("--federation-config") + 1]
+    assert federation == f"num-supernodes={config['num_clients']} client-resources-num-cpus=1"
+    run_config = run_config_of(command)
+    assert run_config["run-root"] == str((tmp_path / "runs").resolve())
+    assert flower.deployed_config(run_config) == flower.flower_config(config)
+    assert "--federation-config" not in flower.flwr_run_command(config, tmp_path, superlink="remote")
+    with pytest.raises(ValueError, match=r"^data_root='/a b' cannot travel"):
+        flower.flwr_run_command({**config, "data_root": "/a b"}, tmp_path)
+    experiment, overrides = CASES[case]
+    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    args = ["flower", experiment, "--profile", "smoke", *sets, "--run-root", str(tmp_path), "--print-flwr-run"]
+    assert main(args) == 0 and not any(tmp_path.iterdir())  # printed, nothing run
+    want = flower.flwr_run_command(make_config(experiment, "smoke", **overrides), tmp_path)
+    assert capsys.readouterr().out.strip() == shlex.join(want)
+
+
+def stop_local_superlink(port: int) -> None:
+    """Flower starts its local SuperLink detached, in its own session: stop that session."""
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0") if proc.name.isdigit() else []
+        except OSError:
+            continue
+        if any(a.endswith(b"flower-superlink") for a in args) and str(port).encode() in args:
+            os.killpg(int(proc.name), signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Flower's detached SuperLink through /proc")
+def test_flwr_run_on_the_local_simulation_equals_the_sequential_engine(tmp_path):
+    """The same apps through Flower's current CLI (`flwr run`, its managed local SuperLink in simulation mode):
+    the command flwr_run_command prints gives the sequential engine's run (one torch thread everywhere)."""
+    config = case_config("iid-sparse")
+    http, control = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # flwr, flower-superlink
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control),
+        "OMP_NUM_THREADS": "1",
+    }
+    try:
+        done = subprocess.run(flower.flwr_run_command(config, tmp_path / "flower"), env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=400)  # fmt: skip
+    finally:
+        stop_local_superlink(http)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    flw = open_run("sparse_fedavg", flower.flower_config(config), tmp_path / "flower")
+    assert flw.done, done.stdout[-3000:] + done.stderr[-3000:]
+    assert_same_run(flw, run_sparse_fedavg(config, run_root=tmp_path / "sequential", progress=False))
