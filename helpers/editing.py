@@ -374,7 +374,7 @@ def load_masks(run: Run, device: str | torch.device = "cpu") -> Masks | list[Mas
 def load_run_masks(
     model: nn.Module, packed: dict | list, config: dict, device: torch.device
 ) -> Masks | Callable[[int], Masks]:
-    """A sparse FedAvg run's masks for fedavg_round: one checked dict, or client -> its checked masks
+    """A sparse run's saved masks, checked against the model: one dict, or client -> its masks
     (mask_scope="local", unpacked when the client trains)."""
     if isinstance(packed, list):
         return lambda k: _checked(model, unpack_masks(packed[k], device), config)
@@ -444,8 +444,7 @@ def run_sparse_centralized(
         step0=lambda: fit_head(model, data, config, run_root=run.root),
         calibration=lambda: calibrate_centralized(model, data, config, progress),
     )  # fmt: skip
-    masks = unpack_masks(packed, device)
-    check_masks(model, masks, config)
+    masks = load_run_masks(model, packed, config, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = SparseSGDM(
         params, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"],
@@ -566,10 +565,17 @@ def method_labels(table: pd.DataFrame) -> pd.Series:
     return pd.Series([labels[row] for row in rows], index=table.index, dtype=object)
 
 
+def sparse_rows(table: pd.DataFrame) -> pd.Series:
+    """True for the rows of sparse runs proper (sparsity > 0): not the dense control, step-0 or dense rows."""
+    if "sparsity" not in table:
+        return pd.Series(False, index=table.index)
+    return table["sparsity"].fillna(0) > 0
+
+
 def rules_with_controls(table: pd.DataFrame) -> pd.DataFrame:
     """A labelled table (with `method`) whose `mask_rule` names the controls and dense runs by their method,
     so that one column lists the rules and what they are compared with."""
-    rule = table["sparsity"].fillna(0) > 0 if "sparsity" in table else pd.Series(False, index=table.index)
+    rule = sparse_rows(table)
     mask_rule = table["mask_rule"] if "mask_rule" in table else pd.Series(None, index=table.index, dtype=object)
     return table.assign(mask_rule=mask_rule.where(rule, table["method"]))
 
@@ -600,7 +606,7 @@ def dense_fedavg_reference(
     if settings is not None:
         wanted = {sharding_label(sh, nc) for sh, nc in settings}
         labels = [sharding_label(sh, nc) for sh, nc in zip(table["sharding"], table["classes_per_client"])]
-        table = table[[label in wanted for label in labels]]
+        table = table[pd.Series(labels, index=table.index, dtype=object).isin(wanted)]
     return table.reset_index(drop=True)
 
 

@@ -195,7 +195,7 @@ class RoundSum:
         # mask_scope=local: the union of the round's client masks (a global mask is the same object every time)
         self.trained = masks if first or masks is self.trained else _union(self.trained, masks)
         if scaler_state is not None:  # the most cautious client's scale goes on (the lowest, then least grown)
-            key = lambda s: (s["scale"], s["_growth_tracker"])  # noqa: E731
+            key = lambda s: (s["scale"], s["_growth_tracker"])
             self.scaler_state = min(self.scaler_state or scaler_state, scaler_state, key=key)
 
     def apply(self, params: list[Tensor], server_lr: float) -> dict:

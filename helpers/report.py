@@ -405,7 +405,9 @@ def table_data(df: pd.DataFrame, name: str) -> pd.DataFrame:
         return part.assign(stage=part["source"].map(STAGES), scheduler=part.get("scheduler", "--"))
     part = with_labels(select(df, source))
     if only == "sparse":  # sparse runs proper: the dense control (sparsity 0) and step-0 rows left out
-        part = part[part["sparsity"].fillna(0) > 0] if "sparsity" in part else part.iloc[:0]
+        from helpers.editing import sparse_rows
+
+        part = part[sparse_rows(part)]
     if name == "mask_rules":
         from helpers.editing import rules_with_controls
 
@@ -666,11 +668,11 @@ def fig_drift(df: pd.DataFrame) -> Figure:
 
 def fig_sparse_grid(df: pd.DataFrame) -> Figure:
     """Sparse fine-tuning: final test accuracy over sparsity x calibration rounds, dense as reference."""
-    from helpers.editing import DENSE_LABEL, DENSE_STEP0_LABEL, STEP0_LABEL
+    from helpers.editing import DENSE_LABEL, DENSE_STEP0_LABEL, STEP0_LABEL, sparse_rows
     from helpers.plots import plot_heatmap
 
     part = final_rows(with_labels(select(df, "editing_centralized", ("test_acc",))))
-    sparse = part[part["sparsity"].fillna(0) > 0] if "sparsity" in part else part.iloc[:0]
+    sparse = part[sparse_rows(part)]
     if sparse.empty or sparse["calibration_rounds"].isna().all():
         raise MissingResults("editing_centralized.csv (no sparse runs)")
     fig = plot_heatmap(
