@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers.config import make_config
-from helpers.cost import forward_flops
 from helpers.data import augment_batch, eval_batch, pick_device, step_batches
-from helpers.models import build_model
+from helpers.models import build_model, forward_flops
 from helpers.runs import Run, load_checkpoint, save_checkpoint
 from helpers.sensitivity import compute_scores
 from helpers.train import amp_dtype, evaluate, make_scaler, train_steps

@@ -12,17 +12,14 @@ peak.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from helpers.config import make_config, train_split_size
 from helpers.fedavg import clients_per_round
-from helpers.models import build_model
+from helpers.models import forward_flops
 from helpers.runs import default_run_root, run_id
 
 T4_PEAK_FLOPS = 65e12  # dense fp16 tensor-core peak of a T4 (datasheet)
@@ -31,19 +28,6 @@ ASSUMED_T4_MFU = 0.25  # an assumption until a T4 benchmark exists: no T4 was av
 BENCH_DIR = Path(__file__).resolve().parent.parent / "results" / "bench"
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 Plan = list[tuple[str, dict]]  # (experiment, config) of every run a notebook starts
-
-
-@functools.lru_cache(maxsize=8)
-def forward_flops(model: str, img_size: int) -> float:
-    """FLOPs of one image's forward pass (multiply-add = 2), counted on the meta device: no compute, no weights."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        net = build_model(model, pretrained=False, img_size=img_size).eval()
-        x = torch.zeros(1, 3, img_size, img_size)
-    with FlopCounterMode(display=False) as counter:
-        net(x)
-    return float(counter.get_total_flops())
 
 
 @dataclass

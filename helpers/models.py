@@ -9,6 +9,11 @@ from torch import nn
 DINO_VIT_S16 = "vit_small_patch16_224.dino"
 TINY_VIT = "vit_tiny_smoke"
 MODEL_NAMES = (DINO_VIT_S16, TINY_VIT)
+# The shape of each model: timm's ViT-S/16 (which DINO uses) and the tiny smoke ViT that build_model makes from it.
+VIT_SHAPES = {
+    DINO_VIT_S16: dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0),
+    TINY_VIT: dict(patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0),
+}
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -21,11 +26,7 @@ def build_model(name: str, num_classes: int = 100, pretrained: bool = True, img_
         # Same timm class as DINO ViT-S/16, only smaller: every code path is shared with `full`.
         return timm.models.vision_transformer.VisionTransformer(
             img_size=img_size,
-            patch_size=8,
-            embed_dim=64,
-            depth=2,
-            num_heads=4,
-            mlp_ratio=2.0,
+            **VIT_SHAPES[TINY_VIT],
             num_classes=num_classes,
             global_pool="token",
             class_token=True,
@@ -40,6 +41,22 @@ def build_model(name: str, num_classes: int = 100, pretrained: bool = True, img_
             f"{type(exc).__name__}: {str(exc)[:200]}. The full profile needs internet on first use "
             "(the weights are then cached). To run offline use the smoke profile: FLME_PROFILE=smoke."
         ) from None
+
+
+def forward_flops(name: str, img_size: int, num_classes: int = 100) -> int:
+    """FLOPs of one image's forward pass (a multiply-add counts 2) from the model's shape alone: patch embedding; per
+    block qkv, attention scores, attention-weighted sum, projection, MLP; the head on the class token. Norms, softmax,
+    GELU and biases are left out, so the figure does not depend on which attention kernel a torch version runs."""
+    if name not in VIT_SHAPES:
+        raise ValueError(f"model={name!r} is not supported; allowed: {', '.join(MODEL_NAMES)}")
+    shape = VIT_SHAPES[name]
+    patch, dim = shape["patch_size"], shape["embed_dim"]
+    patches = (img_size // patch) ** 2
+    tokens = patches + 1  # the class token
+    hidden = int(dim * shape["mlp_ratio"])
+    embedding = patches * 3 * patch * patch * dim
+    block = tokens * dim * 3 * dim + 2 * tokens * tokens * dim + tokens * dim * dim + 2 * tokens * dim * hidden
+    return 2 * (embedding + shape["depth"] * block + dim * num_classes)
 
 
 def is_head(name: str) -> bool:
