@@ -331,8 +331,11 @@ def _keep_frozen(names: list[str], start: list[Tensor], avg: list[Tensor], masks
 
 @torch.no_grad()
 def _server_step(params: list[Tensor], start: list[Tensor], avg: list[Tensor], server_lr: float) -> None:
-    # w + lr (avg - w) as lerp: exact at lr=1 (w_new == avg), so one full-data client equals plain training.
-    torch._foreach_lerp_(start, avg, server_lr)
+    # w + lr (avg - w); at lr=1 (FedAvg) w_new == avg exactly, so one full-data client equals plain training.
+    if server_lr == 1:
+        torch._foreach_copy_(start, avg)
+    else:
+        torch._foreach_lerp_(start, avg, server_lr)
     _copy(params, start)
 
 

@@ -6,8 +6,14 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import _default_to_fused_or_foreach
 from torch.optim.sgd import sgd
+
+try:  # torch's own (private) choice of kernels for SGD: all-ones masks then match SGD bit for bit on every device
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+except ImportError:  # a torch without it: its documented default, foreach kernels for CUDA tensors
+
+    def _default_to_fused_or_foreach(params, differentiable, use_fused=False):
+        return False, not differentiable and all(p.is_cuda for p in params)
 
 
 def masks_by_parameter(model: nn.Module, masks_by_name: Mapping[str, Tensor]) -> dict[nn.Parameter, Tensor]:

@@ -8,7 +8,7 @@ import torch
 
 from helpers import features
 from helpers.centralized import build_seeded_model, run_centralized
-from helpers.config import make_config
+from helpers.config import make_config, train_split_size
 from helpers.data import load_data
 from helpers.fedavg import run_fedavg
 from helpers.runs import load_checkpoint
@@ -45,7 +45,9 @@ def test_cached_head_training_equals_training_through_the_backbone(tmp_path, exp
         tol = 1e-4 if name.startswith("head.") else 0.0  # backbone: frozen, bit-identical
         torch.testing.assert_close(wa[name], wb[name], atol=tol, rtol=tol, msg=name)
     ma, mb = a.metrics(), b.metrics()
-    for column in ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc"):
+    for column in ("val_acc", "test_acc"):  # the heads agree to 1e-4: a prediction at a tie may flip
+        assert (ma[column] - mb[column]).abs().max() <= 1 / (600 - train_split_size(cached)) + 1e-9
+    for column in ("train_loss", "val_loss", "test_loss"):
         torch.testing.assert_close(
             torch.tensor(ma[column].to_numpy()),
             torch.tensor(mb[column].to_numpy()),

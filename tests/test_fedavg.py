@@ -295,7 +295,7 @@ def test_cli_rejects_bad_parameters_with_one_line(tmp_path):
 
 RESUME_SETS = (
     "num_clients=10 participation=0.3 local_steps=2 rounds=20 synthetic_train_size=600 "
-    "synthetic_test_size=100 batch_size=16 checkpoint_every=1 eval_every=3"
+    "synthetic_test_size=100 batch_size=16 checkpoint_every=1 eval_every=3 device=cpu"
 ).split()
 
 

@@ -27,7 +27,7 @@ def _sets(**values: object) -> list[str]:
     return [arg for name, value in values.items() for arg in ("--set", f"{name}={value}")]
 
 
-SIZES = _sets(synthetic_train_size=600, synthetic_test_size=100, batch_size=16)
+SIZES = _sets(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu")  # exact on CPU
 FEDERATED = _sets(num_clients=10, participation=0.3, local_steps=2, rounds=4)
 JOBS = {
     "centralized": ["run", "centralized", *SIZES, *_sets(epochs=4)],

@@ -12,7 +12,7 @@ from helpers.runs import load_checkpoint, open_run, run_id, save_checkpoint, wri
 
 
 def small(**kw):
-    return make_config("centralized", "smoke", synthetic_train_size=400, epochs=3, **kw)
+    return make_config("centralized", "smoke", synthetic_train_size=400, epochs=3, device="cpu", **kw)
 
 
 def test_run_id_ignores_bookkeeping_and_tracks_everything_else():

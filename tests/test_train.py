@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.centralized import run_centralized
-from helpers.config import make_config
+from helpers.config import make_config, train_split_size
 from helpers.data import eval_batch, make_synthetic
 from helpers.models import build_model, set_trainable
 from helpers.runs import load_checkpoint
@@ -76,8 +76,13 @@ def test_compiled_run_matches_eager_and_keeps_checkpoint_names(tmp_path):
     assert compiled.id == eager.id  # compile is bookkeeping: the same run, the same folder name
     a, b = load_checkpoint(eager)["model"], load_checkpoint(compiled)["model"]
     assert list(a) == list(b)  # in-place compile: no "_orig_mod." prefix in the checkpoint
+    # Compiled kernels fuse and reorder float operations (differently in every torch version): after ~70 steps the
+    # two runs agree to rounding, not bit for bit; an accuracy may differ by one flipped prediction.
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
-    columns = ["train_loss", "val_loss", "val_acc", "test_loss", "test_acc"]
-    ma, mb = eager.metrics()[columns].to_numpy(float), compiled.metrics()[columns].to_numpy(float)
-    torch.testing.assert_close(torch.tensor(ma), torch.tensor(mb), atol=1e-5, rtol=1e-4, equal_nan=True)
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3)
+    losses, accuracies = ["train_loss", "val_loss", "test_loss"], ["val_acc", "test_acc"]
+    ma, mb = eager.metrics(), compiled.metrics()
+    torch.testing.assert_close(torch.tensor(ma[losses].to_numpy(float)), torch.tensor(mb[losses].to_numpy(float)),
+                               atol=1e-4, rtol=1e-3, equal_nan=True)  # fmt: skip
+    one = 1 / (600 - train_split_size(compiled_config))  # one prediction of the val split (60 < 100 test images)
+    assert (ma[accuracies] - mb[accuracies]).abs().max().max() <= one + 1e-9
