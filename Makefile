@@ -1,6 +1,9 @@
 # Two ways in on a fresh machine: `make smoke` (the whole pipeline, offline) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# `make test CONSTRAINTS=constraints.txt` installs exactly the versions the suite last passed with (see constraints.txt).
+CONSTRAINTS ?=
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 export MPLBACKEND := Agg
 
 .PHONY: smoke test lint
@@ -8,7 +11,7 @@ export MPLBACKEND := Agg
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt $(PIP_C)
 	touch $@
 
 smoke: $(VENV)/.installed
@@ -16,7 +19,7 @@ smoke: $(VENV)/.installed
 
 # Flower (optional) for tests/test_flower.py; resolved together with requirements.txt (it pins e.g. packaging<26).
 $(VENV)/.installed-flower: $(VENV)/.installed requirements-flower.txt
-	$(PY) -m pip install -q -r requirements.txt -r requirements-flower.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-flower.txt $(PIP_C)
 	touch $@
 
 # Every test runs single-threaded: WORKERS processes share the machine's cores (one test file each at a time, so a

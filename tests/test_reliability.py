@@ -201,15 +201,15 @@ def test_papermill_lists_every_parameter_with_its_type(path, caplog):
     import json
     import logging
 
-    from papermill.translators import PythonTranslator
+    import papermill
 
     cell = next(c for c in json.loads(path.read_text())["cells"] if "parameters" in c["metadata"].get("tags", []))
     source = "".join(cell["source"])
     assigned = [line.split(":")[0].split("=")[0].strip() for line in source.splitlines() if line and line[0].isalpha()]
     with caplog.at_level(logging.WARNING, logger="papermill"):
-        params = PythonTranslator.inspect({"source": source})
-    assert [p.name for p in params] == assigned
-    assert all(p.inferred_type_name not in ("None", "") for p in params), [p.name for p in params]
+        params = papermill.inspect_notebook(str(path))  # what `papermill --help-notebook` prints
+    assert list(params) == assigned
+    assert all(p["inferred_type_name"] not in ("None", "") for p in params.values()), list(params)
     assert not caplog.records, [r.getMessage() for r in caplog.records]
     namespace: dict = {}
     exec(source, namespace)  # annotations that need imports would fail here, in the notebook itself
