@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export MPLBACKEND := Agg
 
-.PHONY: smoke test lint
+.PHONY: smoke test lint report
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -28,3 +28,10 @@ test: $(VENV)/.installed $(VENV)/.installed-flower
 lint: $(VENV)/.installed
 	$(PY) -m ruff check helpers tests conftest.py
 	$(PY) -m ruff format --check helpers tests conftest.py
+
+# The report from whatever is in results/<PROFILE>/: its figures and tables (helpers.report), then
+# report/main-<PROFILE>.pdf with latexmk (needs a LaTeX installation: see docs/report.md).
+PROFILE ?= smoke
+report: $(VENV)/.installed
+	$(PY) -m helpers.report --profile $(PROFILE)
+	cd report && latexmk -pdf -interaction=nonstopmode -halt-on-error -jobname=main-$(PROFILE) main.tex

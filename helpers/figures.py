@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from helpers.plots import HALF_WIDTH_IN, TEXT_WIDTH_IN, integer_ticks, paper_style, plot_heatmap
 from helpers.report_data import (
@@ -34,7 +35,7 @@ MAX_LEGEND = 8
 PALETTE = "colorblind"
 LABELS = {  # axis labels, short enough for a panel a quarter of the text wide
     "epoch": "epoch",
-    "round": "communication round",
+    "round": "round",
     "train_loss": "train loss (nats)",
     "val_loss": "val. loss (nats)",
     "test_loss": "test loss (nats)",
@@ -109,11 +110,12 @@ def _curves(
     reference_label: str = "centralized",
     legend: str | None = None,
     ncols: int = 4,
+    height: float = HEIGHT,
 ) -> Figure:
     """One panel per metric against step `x`, one line per `hue` value (band: std over the runs sharing it)."""
     import seaborn as sns
 
-    fig, axes = _figure(width, len(metrics))
+    fig, axes = _figure(width, len(metrics), height)
     order = _order(part, hue)
     for ax, metric in zip(axes, metrics):
         data = part.dropna(subset=[metric])
@@ -228,12 +230,14 @@ def fig_drift(df: pd.DataFrame) -> Figure:
     per_run = part.groupby(["run_id", "setting", "local_steps"], as_index=False)[["drift_norm", "drift_cos"]].mean()
     order = list(_short_setting(pd.Series(setting_order(per_run["setting"]))))
     per_run = per_run.assign(setting=_short_setting(per_run["setting"]), J=per_run["local_steps"].map("J={}".format))
+    j_order = [f"J={j}" for j in sorted(per_run["local_steps"].unique())]
     fig, axes = _figure(FULL, 2)
     for ax, metric in zip(axes, ["drift_norm", "drift_cos"]):
-        sns.pointplot(data=per_run, x="setting", y=metric, hue="J", order=order, errorbar="sd", palette=PALETTE,
+        sns.pointplot(data=per_run, x="setting", y=metric, hue="J", order=order, hue_order=j_order, errorbar="sd",
+            palette=PALETTE,
                       dodge=0.3, markersize=3, linewidth=1, ax=ax)  # fmt: skip
         ax.set_xlabel(LABELS["setting"])
-        ax.set_ylabel(LABELS[metric] + " (mean over rounds)")
+        ax.set_ylabel(LABELS[metric])
     _legend_on_top(fig, axes, None)
     return fig
 
@@ -262,7 +266,7 @@ def fig_editing_curves(df: pd.DataFrame) -> Figure:
     lines = part[keep & (part["method"] != STEP0_LABEL)]
     reference = {"val_acc": float(step0.mean())} if not step0.empty else None
     return _curves(lines, "epoch", ["val_acc"], "method", HALF, reference=reference, reference_label=STEP0_LABEL,
-                   ncols=2)  # fmt: skip
+                   ncols=2, height=HEIGHT + 0.4)  # fmt: skip
 
 
 def _cumulative_upload(part: pd.DataFrame) -> pd.Series:
@@ -289,9 +293,11 @@ def fig_communication(df: pd.DataFrame) -> Figure:
         sns.lineplot(data=part[part["setting"] == setting], x="upload_mb", y="val_acc", hue="method", hue_order=order,
                      errorbar="sd", palette=PALETTE, ax=ax)  # fmt: skip
         ax.set_xscale("log")
-        ax.set_title(setting)
-        ax.set_xlabel(LABELS["upload_mb"])
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks of a short log range overlap
+        ax.set_title(setting if setting == "IID" else setting.replace("=", " = "))
+        ax.set_xlabel("")
         ax.set_ylabel(LABELS["val_acc"])
+    fig.supxlabel(LABELS["upload_mb"] + ", log scale; calibration uploads included", fontsize=8)
     _legend_on_top(fig, axes, None)
     return fig
 

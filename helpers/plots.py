@@ -49,7 +49,8 @@ def integer_ticks(ax, axis: str = "x") -> None:
     """Ticks only at integers on `axis` of `ax` (epochs, rounds, J): never 4.0 or 2.5."""
     from matplotlib.ticker import MaxNLocator
 
-    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+    # min_n_ticks=1: with the default (2) a range holding one integer (a one-round run) gets fractional ticks
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
 
 
 def plot_shard_stats(labels, shards, num_classes: int | None = None, title: str | None = None) -> Figure:

@@ -108,7 +108,7 @@ def latex_table(
         k: (np.nanmax if hib[k] else np.nanmin)(v) if np.isfinite(v).any() else np.nan for k, v in best_pool.items()
     }
     lines = [
-        r"\begin{table}[t]",
+        r"\begin{table}[!htb]",
         r"\centering",
         r"\small",
         r"\begin{tabular}{" + "l" * len(index) + "r" * len(cells) + "}",
@@ -138,7 +138,7 @@ def placeholder_table(caption: str, label: str, missing: str) -> str:
     """A table that says which results are missing, so the report still compiles."""
     return "\n".join(
         [
-            r"\begin{table}[t]",
+            r"\begin{table}[!htb]",
             r"\centering",
             r"\begin{tabular}{l}",
             r"\toprule",
@@ -190,11 +190,12 @@ TABLES: dict[str, tuple] = {
     "centralized_editing": (
         "editing_centralized",
         "method",
-        ["val_acc", "test_acc"],
+        ["test_acc", "test_loss"],
         None,
-        "Centralized fine-tuning with the controls: dense with a new head (01), the linear probe (head only), "
-        "dense with the step-0 head frozen, the step-0 model (no backbone training), and every sparse run.",
-        None,
+        "Centralised dense runs and controls beside the sparse runs of Figure~\\ref{fig:sparse}: dense with a new "
+        "head (01), the linear probe (head only), dense with the step-0 head frozen, and the step-0 model (no "
+        "backbone training).",
+        "controls",
     ),
     "federated_editing": (
         "editing_federated",
@@ -237,10 +238,10 @@ def table_data(df: pd.DataFrame, name: str) -> pd.DataFrame:
             raise MissingResults("centralized_probe/schedulers/final.csv")
         return part.assign(stage=part["source"].map(STAGES), scheduler=part.get("scheduler", "--"))
     part = with_labels(select(df, source))
-    if only == "sparse":  # sparse runs proper: the dense control (sparsity 0) and step-0 rows left out
+    if only in ("sparse", "controls"):  # sparse runs proper, or everything else (dense runs, controls)
         from helpers.editing import sparse_rows
 
-        part = part[sparse_rows(part)]
+        part = part[sparse_rows(part) == (only == "sparse")]
     if name == "mask_rules":
         from helpers.editing import rules_with_controls
 
@@ -287,7 +288,7 @@ def deviations_table(profile: str) -> str:
     ]  # fmt: skip
     body = [" & ".join(latex_escape(c) for c in row) + r" \\" for row in rows]
     return "\n".join([
-        r"\begin{table}[t]", r"\centering", r"\small",
+        r"\begin{table}[!htb]", r"\centering", r"\small",
         r"\begin{tabular}{p{0.16\linewidth}p{0.36\linewidth}p{0.38\linewidth}}", r"\toprule",
         r"aspect & TaLoS reference & this project \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}",
         r"\caption{Deviations from the TaLoS reference implementation (values: profile \texttt{" + profile + "}).}",
