@@ -50,7 +50,7 @@ def integer_ticks(ax, axis: str = "x") -> None:
     from matplotlib.ticker import MaxNLocator
 
     # min_n_ticks=1: with the default (2) a range holding one integer (a one-round run) gets fractional ticks
-    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(nbins="auto", integer=True, min_n_ticks=1))
 
 
 def plot_shard_stats(labels, shards, num_classes: int | None = None, title: str | None = None) -> Figure:
