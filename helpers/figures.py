@@ -291,7 +291,7 @@ def fig_communication(df: pd.DataFrame) -> Figure:
     order = list(pd.unique(part.sort_values("method", key=lambda m: ~m.str.startswith("dense"))["method"]))
     for ax, setting in zip(axes, settings):
         sns.lineplot(data=part[part["setting"] == setting], x="upload_mb", y="val_acc", hue="method", hue_order=order,
-                     errorbar="sd", palette=PALETTE, ax=ax)  # fmt: skip
+                     errorbar="sd", palette=PALETTE, marker="o", markersize=2.5, markeredgewidth=0, ax=ax)  # fmt: skip
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks of a short log range overlap
         ax.set_title(setting if setting == "IID" else setting.replace("=", " = "))
