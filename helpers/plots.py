@@ -205,7 +205,7 @@ def plot_heatmap(
     """Annotated heatmap of `value` (mean over rows sharing a cell, e.g. seeds) over (`index`, `columns`).
 
     Rows and columns keep their order of first appearance in `df` (so e.g. an "IID" row can be put last);
-    cells with no data stay blank.
+    cells with no data stay blank. `figsize` (inches) defaults to a size that grows with the table.
     """
     import pandas as pd
     import seaborn as sns
