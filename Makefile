@@ -6,7 +6,7 @@ CONSTRAINTS ?=
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 export MPLBACKEND := Agg
 
-.PHONY: smoke test lint
+.PHONY: smoke test lint report
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -31,3 +31,10 @@ test: $(VENV)/.installed $(VENV)/.installed-flower
 lint: $(VENV)/.installed
 	$(PY) -m ruff check helpers tests conftest.py
 	$(PY) -m ruff format --check helpers tests conftest.py
+
+# The report from whatever is in results/<PROFILE>/: its figures and tables (helpers.report), then
+# report/main-<PROFILE>.pdf with latexmk (needs a LaTeX installation: see docs/report.md).
+PROFILE ?= smoke
+report: $(VENV)/.installed
+	$(PY) -m helpers.report --profile $(PROFILE)
+	cd report && latexmk -pdf -interaction=nonstopmode -halt-on-error -jobname=main-$(PROFILE) main.tex

@@ -6,10 +6,51 @@ many are made in a loop, it works headless (MPLBACKEND=Agg), and a notebook stil
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 from matplotlib.figure import Figure
 
 from helpers.sharding import _as_labels, shard_class_counts
+
+# The report's article class (10pt, a4paper, 2.2 cm margins) has \textwidth = 472.31595 pt (72.27 pt per inch):
+# report figures are drawn at these printed widths and included unscaled, so a 7 pt font prints at 7 pt.
+TEXT_WIDTH_IN = 472.31595 / 72.27
+HALF_WIDTH_IN = (TEXT_WIDTH_IN - 0.15) / 2  # two figures side by side with a \hfill gap
+MIN_FONT_PT = 7
+PAPER_RC = {
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "figure.titlesize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "legend.title_fontsize": 7,
+    "lines.linewidth": 1.2,
+    "lines.markersize": 3,
+    "axes.linewidth": 0.6,
+    "grid.linewidth": 0.4,
+    "pdf.fonttype": 42,  # TrueType in the PDF: text stays text (searchable, sharp at any zoom)
+}
+
+
+@contextmanager
+def paper_style():
+    """Seaborn's whitegrid with the report's font sizes (>= MIN_FONT_PT at printed size)."""
+    import matplotlib as mpl
+    import seaborn as sns
+
+    with sns.axes_style("whitegrid"), mpl.rc_context(PAPER_RC):
+        yield
+
+
+def integer_ticks(ax, axis: str = "x") -> None:
+    """Ticks only at integers on `axis` of `ax` (epochs, rounds, J): never 4.0 or 2.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    # min_n_ticks=1: with the default (2) a range holding one integer (a one-round run) gets fractional ticks
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(nbins="auto", integer=True, min_n_ticks=1))
 
 
 def plot_shard_stats(labels, shards, num_classes: int | None = None, title: str | None = None) -> Figure:
@@ -90,6 +131,7 @@ def plot_curves(
 
     `reference` maps a metric to a dashed horizontal line (e.g. the centralized result); `labels` names axes.
     """
+    import pandas as pd
     import seaborn as sns
 
     labels = labels or {}
@@ -106,6 +148,8 @@ def plot_curves(
                          legend=bool(hue) and i == len(metrics) - 1)  # fmt: skip
         if reference and metric in reference:
             ax.axhline(reference[metric], ls="--", color="grey", label=reference_label)
+        if x in df and pd.api.types.is_integer_dtype(df[x]):  # epochs, rounds: no fractional ticks
+            integer_ticks(ax)
         ax.set_xlabel(labels.get(x, x))
         default = metric.replace("_", " ") + (" (fraction)" if metric.endswith("acc") else "")
         ax.set_ylabel(labels.get(metric, default))
@@ -149,12 +193,19 @@ def plot_drift(df_or_runs, hue: str | None = None, title: str | None = "client d
 
 
 def plot_heatmap(
-    df, index: str, columns: str, value: str, fmt: str = ".3f", title: str | None = None, cmap: str = "viridis"
+    df,
+    index: str,
+    columns: str,
+    value: str,
+    fmt: str = ".3f",
+    title: str | None = None,
+    cmap: str = "viridis",
+    figsize: tuple[float, float] | None = None,
 ) -> Figure:
     """Annotated heatmap of `value` (mean over rows sharing a cell, e.g. seeds) over (`index`, `columns`).
 
     Rows and columns keep their order of first appearance in `df` (so e.g. an "IID" row can be put last);
-    cells with no data stay blank.
+    cells with no data stay blank. `figsize` (inches) defaults to a size that grows with the table.
     """
     import pandas as pd
     import seaborn as sns
@@ -162,7 +213,7 @@ def plot_heatmap(
     rows, cols = list(pd.unique(df[index])), list(pd.unique(df[columns]))
     table = df.groupby([index, columns], sort=False)[value].mean().unstack(columns)
     table = table.reindex(index=rows, columns=cols).astype(float)
-    fig = Figure(figsize=(1.3 * len(cols) + 2.5, 0.55 * len(rows) + 1.6), layout="constrained")
+    fig = Figure(figsize=figsize or (1.3 * len(cols) + 2.5, 0.55 * len(rows) + 1.6), layout="constrained")
     ax = fig.subplots()
     if table.empty or table.isna().all().all():
         ax.text(0.5, 0.5, f"{value}: not run yet", ha="center", va="center", transform=ax.transAxes)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from itertools import product
@@ -139,7 +138,7 @@ def test_latex_tables_follow_the_csvs(results_root: Path, tmp_path: Path):
     assert r"\newcommand{\profile}{smoke}" in (tmp_path / "gen" / "profile.tex").read_text()
     for name in ("centralized_editing", "federated_editing", "mask_rules"):  # controls next to the sparse rows
         assert "dense, step-0 head" in texts[name] and "step-0 model" in texts[name], name
-        assert "sparse" in texts[name] or name == "mask_rules", name
+        assert ("sparse s=" in texts[name]) == (name == "federated_editing"), name  # centralized: Figure sparse_grid
     assert "s=0.9 R=2" in texts["federated_editing"]  # sparse configurations are not averaged together
     assert "step-0" not in texts["sparse_editing"] and "0.99" in texts["sparse_editing"]
 
@@ -171,13 +170,6 @@ def test_every_figure_builds_from_the_fixture(results_root: Path, tmp_path: Path
         assert (tmp_path / "fig" / PROFILE / f"{name}.png").stat().st_size > 0
 
 
-def _body_pages(aux: Path) -> int:
-    """Pages before \\label{references-start}, which main.tex puts after a \\clearpage that flushes all floats."""
-    match = re.search(r"\\newlabel\{references-start\}\{\{[^}]*\}\{(\d+)\}", aux.read_text())
-    assert match, "main.tex lost its \\label{references-start}"
-    return int(match.group(1)) - 1
-
-
 def _latexmk(folder: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", "main.tex"],
@@ -194,19 +186,6 @@ def test_fresh_checkout_builds_with_placeholders(tmp_path: Path):
     assert done.returncode == 0, done.stdout[-3000:]
     assert "not generated" in subprocess.run(["pdftotext", "main.pdf", "-"], cwd=copy, capture_output=True,
                                              text=True).stdout  # fmt: skip
-
-
-@pytest.mark.skipif(shutil.which("latexmk") is None, reason="latexmk not installed: the LaTeX build is not checked")
-def test_report_compiles_within_eight_pages(results_root: Path, tmp_path: Path):
-    copy = tmp_path / "repo"
-    shutil.copytree(REPO / "report", copy / "report", ignore=shutil.ignore_patterns("generated", "*.pdf", "*.aux"))
-    df = report.load_results(PROFILE, results_root)
-    report.write_tables(df, PROFILE, copy / "report" / "generated")
-    report.write_figures(df, PROFILE, copy / "figures")
-    done = _latexmk(copy / "report")
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert (copy / "report" / "main.pdf").stat().st_size > 0
-    assert _body_pages(copy / "report" / "main.aux") <= 8
 
 
 def test_integer_parameters_stay_integers_in_tables_csvs_and_axes(results_root: Path, tmp_path: Path):

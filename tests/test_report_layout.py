@@ -1,0 +1,152 @@
+"""The report reads like a paper: figures legible at print size, every body float before the Conclusion, at most
+8 pages before the references, on the smoke-like fixture and on a synthetic results set of the whole full study."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+from full_results import MARK, write_full_results
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.text import Text
+from test_report import write_fixture
+
+from helpers import report
+from helpers.plots import MIN_FONT_PT, TEXT_WIDTH_IN
+
+REPO = Path(__file__).resolve().parent.parent
+STEP_LABELS = {"epoch", "round", "local steps J", "calibration rounds R"}
+# table -> the figure that plots the same final metric of the same runs
+SAME_NUMBERS = {"fedavg_grid": "fedavg_heatmap", "sparse_editing": "sparse_grid", "mask_rules": "mask_rules",
+                "hparam_search": "hparam_search"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def full_root(tmp_path_factory) -> Path:
+    return write_full_results(tmp_path_factory.mktemp("full") / "results")
+
+
+def _texts(fig: Figure) -> list:
+    """Every text drawn: titles, labels, annotations, legends, and the tick labels inside the view limits."""
+    undrawn = set()
+    for ax in fig.axes:
+        for axis, (lo, hi) in ((ax.xaxis, sorted(ax.get_xlim())), (ax.yaxis, sorted(ax.get_ylim()))):
+            for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]:
+                if not lo - 1e-9 <= tick.get_loc() <= hi + 1e-9:
+                    undrawn |= {id(tick.label1), id(tick.label2)}
+    return [t for t in fig.findobj(Text) if id(t) not in undrawn and t.get_visible() and t.get_text().strip()]
+
+
+def assert_legible(name: str, fig: Figure) -> None:
+    """At most text width; fonts >= MIN_FONT_PT; texts inside the figure and not overlapping; legends <= 8
+    entries; integer ticks on step axes."""
+    assert fig.get_size_inches()[0] <= TEXT_WIDTH_IN + 1e-6, name
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    texts = _texts(fig)
+    small = [(t.get_text(), t.get_fontsize()) for t in texts if t.get_fontsize() < MIN_FONT_PT]
+    assert not small, (name, small)
+    boxes = [(t.get_text(), t.get_window_extent(renderer).padded(-0.5)) for t in texts]
+    page = fig.bbox.padded(1.0)
+    outside = [text for text, box in boxes if not page.contains(box.x0, box.y0) or not page.contains(box.x1, box.y1)]
+    assert not outside, (name, "text outside the figure", outside)
+    overlaps = [(a, b) for (a, ba), (b, bb) in combinations(boxes, 2) if ba.overlaps(bb)]
+    assert not overlaps, (name, "overlapping texts", overlaps[:5])
+    for legend in [*fig.legends, *(ax.get_legend() for ax in fig.axes)]:
+        assert legend is None or len(legend.get_texts()) <= 8, (name, len(legend.get_texts()))
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.label.get_text() in STEP_LABELS:
+                labels = [t.get_text() for t in axis.get_ticklabels() if t.get_text()]
+                assert labels and all(re.fullmatch(r"−?\d+", s) for s in labels), (name, labels)
+
+
+def test_the_legibility_check_catches_small_crowded_and_clipped_text():
+    fig = Figure(figsize=(TEXT_WIDTH_IN + 1, 2))
+    with pytest.raises(AssertionError):
+        assert_legible("too wide", fig)
+    for case in ("small", "overlap", "outside", "fractional"):
+        fig = Figure(figsize=(3, 2), layout="constrained")
+        ax = fig.subplots()
+        ax.plot([1, 2], [0, 1])
+        ax.set_xlabel("epoch")
+        if case == "small":
+            ax.set_title("tiny", fontsize=5)
+        if case == "overlap":
+            ax.text(0.5, 0.5, "one", transform=ax.transAxes)
+            ax.text(0.5, 0.5, "two", transform=ax.transAxes)
+        if case == "outside":
+            ax.text(1.2, 0.5, "beyond the right edge", transform=ax.transAxes)
+        if case != "fractional":
+            ax.set_xticks([1, 2])
+        with pytest.raises(AssertionError):
+            assert_legible(case, fig)
+
+
+def test_figures_are_legible_at_print_size_on_the_fixture(tmp_path: Path):
+    df = report.load_results("smoke", write_fixture(tmp_path / "results"))
+    for name in report.FIGURES:
+        assert_legible(name, report.make_figure(df, name, strict=True))
+
+
+def test_figures_are_legible_at_print_size_on_the_full_study(full_root: Path):
+    df = report.load_results("full", full_root)
+    assert set(df["data_root"]) == {MARK}  # every row says it is synthetic
+    for name in report.FIGURES:
+        assert_legible(name, report.make_figure(df, name, strict=True))
+
+
+def test_a_result_shown_in_a_figure_is_not_also_a_table_in_the_body():
+    """One home per number: no table of main.tex summarises the same runs and metric as one of its figures."""
+    tex = re.sub(r"(?m)%.*$", "", (REPO / "report" / "main.tex").read_text())  # comments mention \reportfig{name}
+    figures, tables = set(re.findall(r"\\reportfig\{(\w+)\}", tex)), set(re.findall(r"\\reporttable\{(\w+)\}", tex))
+    assert figures <= set(report.FIGURES) and tables - {"deviations"} <= set(report.TABLES)
+    for table, figure in SAME_NUMBERS.items():
+        assert not (table in tables and figure in figures), (table, figure)
+    assert {"mask_rules", "communication", "fedavg_heatmap", "sparse_grid"} <= figures
+
+
+def _build(results_root: Path, profile: str, tmp_path: Path) -> Path:
+    """The report built as `make report` does, in a copy: figures, tables, then latexmk."""
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO / "report", copy / "report", ignore=shutil.ignore_patterns("generated", "*.pdf", "*.aux"))
+    report.write_report_inputs(profile, results_root, copy / "figures", copy / "report" / "generated")
+    done = subprocess.run(["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", "main.tex"],
+                          cwd=copy / "report", capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+    return copy / "report"
+
+
+def assert_paper_layout(folder: Path) -> None:
+    """At most 8 pages up to the end of the Conclusion; every body figure and table on a page no later than the
+    Conclusion's, and before its heading in reading order; no figure placeholder; nothing overfull."""
+    pages = dict(re.findall(r"\\newlabel\{([^}]+)\}\{\{[^}]*\}\{(\d+)\}", (folder / "main.aux").read_text()))
+    assert int(pages["body-end"]) <= 8, pages
+    floats = {k: int(v) for k, v in pages.items() if k.startswith(("fig:", "tab:"))}
+    assert len(floats) >= 10 and max(floats.values()) <= int(pages["sec:conclusion"]), pages
+    text = subprocess.run(["pdftotext", "main.pdf", "-"], cwd=folder, capture_output=True, text=True).stdout
+    conclusion = re.search(r"\n\d+\s+Conclusion\n", text)
+    assert conclusion, "no Conclusion heading"
+    captions = [m.start() for m in re.finditer(r"(?m)^(?:Figure|Table) \d+:", text)]
+    assert captions and max(captions) < conclusion.start(), "a caption comes after the Conclusion heading"
+    assert "not generated" not in text and "not run yet" not in text
+    assert "Overfull \\hbox" not in (folder / "main.log").read_text()
+
+
+needs_latex = pytest.mark.skipif(shutil.which("latexmk") is None, reason="latexmk not installed: LaTeX not checked")
+
+
+@needs_latex
+def test_full_study_report_fits_eight_pages_with_floats_before_the_conclusion(full_root: Path, tmp_path: Path):
+    assert_paper_layout(_build(full_root, "full", tmp_path))
+
+
+@needs_latex
+def test_fixture_report_fits_eight_pages_with_floats_before_the_conclusion(tmp_path: Path):
+    assert_paper_layout(_build(write_fixture(tmp_path / "results"), "smoke", tmp_path))
