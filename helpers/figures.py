@@ -211,9 +211,10 @@ def fig_fedavg_curves(df: pd.DataFrame) -> Figure:
     steps = sorted(part["local_steps"].unique())
     fig, axes = _figure(FULL, len(steps), sharey=True)
     order = setting_order(part["setting"])
+    # markers: a run of one round (large J at a small budget) is a single point, invisible as a line
     for ax, j in zip(axes, steps):
         sns.lineplot(data=part[part["local_steps"] == j], x="round", y="val_acc", hue="setting", hue_order=order,
-                     errorbar="sd", palette=PALETTE, ax=ax)  # fmt: skip
+                     errorbar="sd", palette=PALETTE, marker="o", markersize=4, markeredgewidth=0, ax=ax)  # fmt: skip
         ax.set_title(f"J = {int(j)}")
         integer_ticks(ax)
         ax.set_xlabel(LABELS["round"])
