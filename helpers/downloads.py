@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -54,8 +55,9 @@ def reachable(hosts: list[str], seconds: float = PROBE_SECONDS) -> dict[str, boo
     threads = [threading.Thread(target=probe, args=(host,), daemon=True) for host in hosts]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + seconds
     for t in threads:
-        t.join(seconds)
+        t.join(max(0.0, deadline - time.monotonic()))
     return dict(found)
 
 
@@ -89,8 +91,8 @@ def fail_if_unreachable(missing: dict[str, str]) -> None:
     what = [missing[host] for host in offline]
     error = DatasetUnavailableError if "www.cs.toronto.edu" in offline else WeightsUnavailableError
     raise error(
-        f"could not load {' and '.join(w.split(' (')[0] for w in what)}: no connection to {', '.join(offline)} "
-        f"within {PROBE_SECONDS:g} s, and the full profile downloads them on first use (then they are cached). "
+        f"could not load {' and '.join(w.split(' (')[0] for w in what)}: cannot reach {', '.join(offline)} "
+        f"(tried for {PROBE_SECONDS:g} s), and the full profile downloads them on first use (then they are cached). "
         f"Missing: {'; '.join(what)}. {OFFLINE_HINT}"
     )
 

@@ -65,6 +65,13 @@ def assigned_names(notebook: str) -> set[str]:
     return names
 
 
+def undeclared(name: str, notebook: str, declared: list[str]) -> str:
+    """The error for a parameter `notebook` does not declare, naming the closest declared one."""
+    close = difflib.get_close_matches(name.upper(), declared, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"parameter {name} is not declared by notebook {notebook}: {hint}its parameters are {', '.join(declared)}"
+
+
 @dataclass
 class NotebookParameters:
     """What check_parameters found: the notebook, its declared defaults and the parameters that differ."""
@@ -98,12 +105,7 @@ def check_parameters(namespace: dict, notebook: str) -> NotebookParameters:
     for name in namespace:
         # papermill -p NAME defines NAME whatever the notebook declares; lower case catches `-p rounds 3` too
         if (name.isupper() or name.upper() in defaults) and name not in known:
-            close = difflib.get_close_matches(name.upper(), defaults, n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]}? " if close else ""
-            raise ValueError(
-                f"parameter {name} is not declared by notebook {notebook}: {hint}"
-                f"its parameters are {', '.join(defaults)}"
-            )
+            raise ValueError(undeclared(name, notebook, list(defaults)))
     changed = {}
     for name, default in defaults.items():
         value = namespace.get(name, default)

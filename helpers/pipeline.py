@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import ast
-import difflib
 import os
 from pathlib import Path
 
-from helpers.notebook import declared_parameters
+from helpers.notebook import declared_parameters, undeclared
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,12 +38,7 @@ def check_pipeline_parameters(parameters: dict, paths: list[Path]) -> None:
         declared = declared_parameters(path.stem)
         for name in parameters:
             if name not in declared:
-                close = difflib.get_close_matches(name.upper(), declared, n=1, cutoff=0.5)
-                hint = f"did you mean {close[0]}? " if close else ""
-                raise ValueError(
-                    f"parameter {name} is not declared by notebook {path.stem}: {hint}its parameters are "
-                    f"{', '.join(declared)} (select notebooks with --notebooks)"
-                )
+                raise ValueError(undeclared(name, path.stem, list(declared)) + " (choose notebooks with --notebooks)")
 
 
 def describe_notebooks() -> str:
