@@ -123,7 +123,7 @@ def check_notebook_value(name: str, value: object, default: object) -> None:
             raise ValueError(f"{name}={value!r} is invalid: must be True or False")
         return
     key = CONFIG_KEYS.get(name, name.lower())
-    if key not in PARAMS or key == "profile":  # PROFILE has its own check (resolve_profile names FLME_PROFILE)
+    if key not in PARAMS:  # e.g. RUN_ROOT, STEP_BUDGET: checked where they are used
         return
     try:
         if isinstance(default, list) or (isinstance(value, str) and PARAMS[key].kind is not str):

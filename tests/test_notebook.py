@@ -58,6 +58,7 @@ def test_every_notebook_parameter_with_a_config_key_is_validated_under_its_own_n
         "06_mask_strategies": ("RULES", ["best"], "mask_rule"),
         "01_centralized": ("GRID_LR", [-0.1], "lr"),
         "05_federated_editing": ("MASK_SCOPE", "both", "mask_scope"),
+        "07_report_figures": ("PROFILE", "ful", "profile"),
     }
     for notebook, (name, value, key) in cases.items():
         defaults = declared_parameters(notebook)
@@ -167,3 +168,19 @@ def test_every_schema_parameter_is_in_the_help_of_its_commands(capsys):
     out = capsys.readouterr().out
     for notebook in NOTEBOOKS:
         assert all(f"{name}=" in out for name in declared_parameters(notebook))
+
+
+def test_executing_02_with_other_rounds_leaves_the_study_csv_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLME_RESULTS_ROOT", str(tmp_path / "results"))
+    study = tmp_path / "results" / "smoke" / "fedavg_iid.csv"
+    study.parent.mkdir(parents=True)
+    study.write_text("run_id,round\nstudy,1\n")  # stands for the study's rows that 07 reads
+    papermill.execute_notebook(
+        str(REPO / "notebooks" / "02_fedavg_iid.ipynb"), str(tmp_path / "out.ipynb"),
+        parameters={"ROUNDS": 1, "NUM_CLIENTS": 10, "RUN_ROOT": str(tmp_path / "runs")},
+        cwd=str(REPO / "notebooks"), progress_bar=False,
+    )  # fmt: skip
+    assert study.read_text() == "run_id,round\nstudy,1\n"
+    (custom,) = (tmp_path / "results" / "smoke" / "custom").glob("fedavg_iid-*.csv")
+    rows = pd.read_csv(custom)
+    assert set(rows["rounds"]) == {1} and set(rows["num_clients"]) == {10}
