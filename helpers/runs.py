@@ -159,7 +159,7 @@ def announce_start(run: Run, state: dict | None) -> None:
     unit = "round" if "rounds" in run.config else "epoch"
     total = run.config[f"{unit}s"]
     if state is None:
-        print(f"[start] {describe(run.experiment, run.config, run.id)}: {total} {unit}s", flush=True)
+        print(f"[start] {describe(run.experiment, run.config, run.id)}: {total} {unit}{'s' * (total != 1)}", flush=True)
     else:
         print(f"[resume] {describe(run.experiment, run.config, run.id)}: from {unit} {state[unit]} of {total}",
               flush=True)  # fmt: skip
