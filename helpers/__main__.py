@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.results:
                 from helpers.runs import write_results
 
-                print(f"results: {write_results([result], args.results)}", file=sys.stderr)
+                path = write_results([result], args.results)
+                print(f"results: {path} (written whole: the rows it held before were replaced)", file=sys.stderr)
             print(json.dumps({"run_dir": str(result.dir), **result.summary()}))
         else:
             parameters = parse_parameters(args.parameter)
