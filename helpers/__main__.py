@@ -84,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
             run_fn = runner(args.experiment, config.get("engine", "sequential"))
             result = run_fn(config, run_root=args.run_root, progress=sys.stderr.isatty())
             if args.results:
-                from helpers.runs import write_results
+                from helpers.runs import load_results, write_results
 
+                existed = load_results(args.results, config["profile"]) is not None
                 path = write_results([result], args.results)
-                print(f"results: {path} (written whole: the rows it held before were replaced)", file=sys.stderr)
+                note = " (replaced: it now holds this run's rows only)" if existed else ""
+                print(f"results: {path}{note}", file=sys.stderr)
             print(json.dumps({"run_dir": str(result.dir), **result.summary()}))
         else:
             parameters = parse_parameters(args.parameter)

@@ -184,3 +184,15 @@ def test_executing_02_with_other_rounds_leaves_the_study_csv_alone(tmp_path, mon
     (custom,) = (tmp_path / "results" / "smoke" / "custom").glob("fedavg_iid-*.csv")
     rows = pd.read_csv(custom)
     assert set(rows["rounds"]) == {1} and set(rows["num_clients"]) == {10}
+
+
+def test_cli_results_says_when_it_replaces_a_file(tmp_path, capsys, monkeypatch):
+    from helpers.__main__ import main
+
+    monkeypatch.setenv("FLME_RESULTS_ROOT", str(tmp_path / "results"))
+    argv = ["run", "centralized", "--run-root", str(tmp_path / "runs"), "--results", "demo",
+            "--set", "synthetic_train_size=400", "--set", "epochs=1", "--set", "device=cpu"]  # fmt: skip
+    assert main(argv) == 0
+    assert "replaced" not in capsys.readouterr().err
+    assert main([*argv, "--set", "lr=0.2"]) == 0
+    assert "demo.csv (replaced: it now holds this run's rows only)" in capsys.readouterr().err
