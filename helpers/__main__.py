@@ -9,7 +9,8 @@ import json
 import shlex
 import sys
 
-from helpers.config import EXPERIMENTS, PROFILES, make_config, parse_sets
+from helpers.config import EXPERIMENTS, PROFILES, describe_parameters, make_config, parse_sets
+from helpers.pipeline import describe_notebooks, parse_parameters, run_pipeline
 
 # experiment name -> "module:function"; each function takes (config, run_root=..., progress=...) -> Run
 RUNNERS = {
@@ -27,13 +28,27 @@ def runner(experiment: str, engine: str = "sequential"):
     return getattr(importlib.import_module(module), func)
 
 
+def _schema_help(experiments: list[str]) -> dict:
+    """argparse keywords that list every --set parameter of `experiments` below the options."""
+    epilog = (
+        "parameters (--set NAME=VALUE), with each profile's default ('a or b': experiments differ):\n"
+        + describe_parameters(experiments)
+        + "\n\ncalibration_samples is a total: federated runs give each client ceil(total / num_clients) unless "
+        "it is set.\nEach run's config is validated before any compute; a finished run is skipped, an interrupted one "
+        "resumes."
+    )
+    return {"epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one experiment (resumes or skips as needed)")
-    run.add_argument("experiment", choices=sorted(set(EXPERIMENTS) & set(RUNNERS)))
+    experiments = sorted(set(EXPERIMENTS) & set(RUNNERS))
+    run = sub.add_parser("run", help="run one experiment (resumes or skips as needed)", **_schema_help(experiments))
+    run.add_argument("experiment", choices=experiments)
     flower = sub.add_parser("flower", help="run fedavg or sparse_fedavg on Flower's simulation engine "
-                            "(engine=flower; needs requirements-flower.txt)")  # fmt: skip
+                            "(engine=flower; needs requirements-flower.txt)",
+                            **_schema_help(["fedavg", "sparse_fedavg"]))  # fmt: skip
     flower.add_argument("experiment", nargs="?", default="fedavg", choices=["fedavg", "sparse_fedavg"])
     flower.add_argument("--print-flwr-run", nargs="?", const="local", default=None, metavar="CONNECTION",
                         help="print the `flwr run` command (Flower's CLI) for this run on a SuperLink connection "
@@ -43,10 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a parameter")
         p.add_argument("--run-root", default=None, help="default: $FLME_RUN_ROOT, Drive in Colab, else ./runs")
         p.add_argument("--results", default=None, metavar="NAME", help="also write results/<profile>/NAME.csv")
-    pipe = sub.add_parser("pipeline", help="execute the notebooks with papermill")
+    pipe = sub.add_parser("pipeline", help="execute the notebooks with papermill",
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="notebook parameters (-p NAME VALUE) and their defaults; PROFILE comes from "
+                          "--profile:\n" + describe_notebooks())  # fmt: skip
     pipe.add_argument("--profile", choices=PROFILES, default="smoke")
     pipe.add_argument("--notebooks", nargs="*", default=None, help="e.g. 01 02 (default: all)")
     pipe.add_argument("--output-dir", default="notebooks/executed")
+    pipe.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                      help="a notebook parameter (a Python literal, else text), e.g. -p ROUNDS 3")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         if args.command in ("run", "flower"):
@@ -64,14 +84,16 @@ def main(argv: list[str] | None = None) -> int:
             run_fn = runner(args.experiment, config.get("engine", "sequential"))
             result = run_fn(config, run_root=args.run_root, progress=sys.stderr.isatty())
             if args.results:
-                from helpers.runs import write_results
+                from helpers.runs import load_results, write_results
 
-                print(f"results: {write_results([result], args.results)}", file=sys.stderr)
+                existed = load_results(args.results, config["profile"]) is not None
+                path = write_results([result], args.results)
+                note = " (replaced: it now holds this run's rows only)" if existed else ""
+                print(f"results: {path}{note}", file=sys.stderr)
             print(json.dumps({"run_dir": str(result.dir), **result.summary()}))
         else:
-            from helpers.pipeline import run_pipeline
-
-            run_pipeline(profile=args.profile, notebooks=args.notebooks, output_dir=args.output_dir)
+            parameters = parse_parameters(args.parameter)
+            run_pipeline(args.profile, args.notebooks, args.output_dir, parameters)
     # the user's input or environment (ImportError: Flower not installed): one line, no traceback
     except (ValueError, OSError, RuntimeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)

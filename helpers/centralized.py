@@ -16,6 +16,7 @@ from helpers.models import build_model, set_trainable
 from helpers.runs import (
     CheckpointClock,
     Run,
+    announce_start,
     load_checkpoint,
     mark_done,
     open_run,
@@ -82,6 +83,7 @@ def centralized_training(
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         rows, start, elapsed = state["metrics"], state["epoch"], state["elapsed"]
+    announce_start(run, state)
     write_metrics(run, rows)  # drops rows written after the checkpoint we resume from
     clock = CheckpointClock(config["checkpoint_every"], config["checkpoint_minutes"])
     schedule = dict(

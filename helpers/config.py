@@ -158,6 +158,29 @@ EXPERIMENTS["sparse_fedavg"] = tuple(n for n in EXPERIMENTS["fedavg"] if n not i
 # fmt: on
 
 
+def profile_defaults(experiment: str, profile: str) -> dict:
+    """Each parameter's default for `experiment` under `profile` (before values derived from others)."""
+    federated = FEDERATED_DEFAULTS[profile] if "rounds" in EXPERIMENTS[experiment] else {}
+    merged = {**COMMON_DEFAULTS, **PROFILE_DEFAULTS[profile], **federated, "profile": profile}
+    return {name: merged[name] for name in EXPERIMENTS[experiment]}
+
+
+def describe_parameters(experiments: list[str]) -> str:
+    """A text table of every parameter of `experiments`: type, allowed values, each profile's default."""
+    kinds = {int: "int", float: "float", bool: "bool", str: "str"}
+    defaults = {(e, p): profile_defaults(e, p) for e in experiments for p in PROFILES}
+    rows = [("name", "type", *PROFILES, "allowed")]
+    for name in (n for n in PARAMS if any(n in EXPERIMENTS[e] for e in experiments)):
+        users = [e for e in experiments if name in EXPERIMENTS[e]]
+        # 'a or b' where experiments differ, e.g. eval_every under full: 1 centralized, 5 federated
+        shown = [" or ".join(sorted({str(defaults[e, p][name]) for e in users})) for p in PROFILES]
+        only = f" ({', '.join(users)} only)" if len(users) < len(experiments) else ""
+        rows.append((name, kinds[PARAMS[name].kind], *shown, PARAMS[name].allowed() + only))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+    return "\n".join(lines)
+
+
 def as_list(value: object) -> list:
     """A notebook list parameter as a list: papermill `-p NAME "[1, 5]"` passes text, `-y` passes a list."""
     if isinstance(value, str):

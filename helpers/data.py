@@ -11,15 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from helpers.config import NUM_CLASSES
+from helpers.downloads import OFFLINE_HINT, DatasetUnavailableError, check_downloads
 from helpers.seeding import numpy_rng, torch_generator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTATIONS = ("crop", "rrc", "none")
-
-
-class DatasetUnavailableError(RuntimeError):
-    """CIFAR-100 could not be found or downloaded."""
 
 
 @dataclass
@@ -44,8 +41,7 @@ def load_cifar100(root: str, download: bool = True) -> tuple[torch.Tensor, ...]:
     except Exception as exc:  # URLError, RuntimeError("Dataset not found"), SSL errors...
         raise DatasetUnavailableError(
             f"could not load CIFAR-100 from {root!r} ({type(exc).__name__}: {str(exc)[:200]}). "
-            "The full profile downloads it with torchvision on first use, which needs internet. "
-            "To run offline use the smoke profile: FLME_PROFILE=smoke (synthetic data, tiny ViT)."
+            "The full profile downloads it with torchvision on first use, which needs internet. " + OFFLINE_HINT
         ) from None
     out = []
     for ds in sets:
@@ -100,6 +96,7 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def load_data(config: dict, device: torch.device) -> Data:
     """The train/val/test splits for a config, on `device` (cached per process: grids reuse it)."""
+    check_downloads(config)  # offline with `full`: one message in seconds, before any library retries
     key = ("dataset", "data_root", "synthetic_train_size", "synthetic_test_size", "val_fraction", "data_seed")
     return _load_data(tuple(config[k] for k in key), str(device))
 

@@ -25,6 +25,7 @@ from helpers.models import set_trainable
 from helpers.runs import (
     CheckpointClock,
     Run,
+    announce_start,
     load_checkpoint,
     mark_done,
     open_run,
@@ -405,6 +406,7 @@ def federated_training(
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         rows, start, elapsed = state["metrics"], state["round"], state["elapsed"]
+    announce_start(run, state)
     write_metrics(run, rows)  # drops rows written after the checkpoint we resume from
     clock = CheckpointClock(config["checkpoint_every"], config["checkpoint_minutes"])
     bar = tqdm(range(start, rounds), desc=f"{run.experiment} {run.id}", disable=not progress, leave=False)

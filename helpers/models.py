@@ -6,6 +6,8 @@ import timm
 import torch
 from torch import nn
 
+from helpers.downloads import WeightsUnavailableError, cached_weights, fail_if_unreachable, missing_weights
+
 DINO_VIT_S16 = "vit_small_patch16_224.dino"
 TINY_VIT = "vit_tiny_smoke"
 MODEL_NAMES = (DINO_VIT_S16, TINY_VIT)
@@ -14,10 +16,6 @@ VIT_SHAPES = {
     DINO_VIT_S16: dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0),
     TINY_VIT: dict(patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0),
 }
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be fetched (usually: no internet)."""
 
 
 def build_model(name: str, num_classes: int = 100, pretrained: bool = True, img_size: int = 224) -> nn.Module:
@@ -33,8 +31,13 @@ def build_model(name: str, num_classes: int = 100, pretrained: bool = True, img_
         )
     if name != DINO_VIT_S16:
         raise ValueError(f"model={name!r} is not supported; allowed: {', '.join(MODEL_NAMES)}")
+    local = cached_weights(name) if pretrained else None
+    if pretrained and local is None:
+        fail_if_unreachable(missing_weights(name))
+    # Cached weights load from the file: no hub request, no network retries when offline.
+    overlay = {"pretrained_cfg_overlay": {"file": local}} if local else {}
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, img_size=img_size)
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, img_size=img_size, **overlay)
     except Exception as exc:  # hub/network errors come in many types; all mean the same to the user
         raise WeightsUnavailableError(
             f"could not load the DINO ViT-S/16 weights ({name}) from the Hugging Face hub: "

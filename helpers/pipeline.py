@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import os
 from pathlib import Path
+
+from helpers.notebook import declared_parameters, undeclared
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,6 +21,35 @@ def notebook_paths(selection: list[str] | None = None) -> list[Path]:
     return paths
 
 
+def parse_parameters(pairs: list[list[str]]) -> dict:
+    """[['ROUNDS', '3'], ['NC_LIST', '[1, 5]']] -> {'ROUNDS': 3, 'NC_LIST': [1, 5]} (Python literals, else text)."""
+    out = {}
+    for name, text in pairs:
+        try:
+            out[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[name] = text
+    return out
+
+
+def check_pipeline_parameters(parameters: dict, paths: list[Path]) -> None:
+    """Every parameter must be declared by every selected notebook: papermill would pass it to all of them."""
+    for path in paths:
+        declared = declared_parameters(path.stem)
+        for name in parameters:
+            if name not in declared:
+                raise ValueError(undeclared(name, path.stem, list(declared)) + " (choose notebooks with --notebooks)")
+
+
+def describe_notebooks() -> str:
+    """Each notebook's parameters and defaults, for `python -m helpers pipeline --help`."""
+    lines = []
+    for path in notebook_paths():
+        params = ", ".join(f"{k}={v!r}" for k, v in declared_parameters(path.stem).items())
+        lines.append(f"{path.stem}: {params}")
+    return "\n".join(lines)
+
+
 def run_pipeline(
     profile: str = "smoke",
     notebooks: list[str] | None = None,
@@ -27,13 +59,17 @@ def run_pipeline(
     """Execute each notebook in order with PROFILE=profile (plus `parameters`); returns the executed copies."""
     import papermill
 
+    paths = notebook_paths(notebooks)
+    check_pipeline_parameters(parameters or {}, paths)  # before the first kernel starts
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MPLBACKEND", "Agg")
     if profile == "smoke":  # tiny models: one thread per kernel; more fight over the cores and run 10x slower
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # The kernel warns at start that TCP is unencrypted: talk to it over a local socket file instead (POSIX only).
+    ipc = {"config": _ipc_config()} if os.name == "posix" else {}
     done = []
-    for path in notebook_paths(notebooks):
+    for path in paths:
         target = out / path.name
         print(f"[pipeline] {path.name} (profile={profile})", flush=True)
         papermill.execute_notebook(
@@ -42,6 +78,13 @@ def run_pipeline(
             parameters={"PROFILE": profile, **(parameters or {})},
             cwd=str(path.parent),
             progress_bar=False,
+            **ipc,
         )
         done.append(target)
     return done
+
+
+def _ipc_config():
+    from traitlets.config import Config
+
+    return Config({"KernelManager": {"transport": "ipc"}})

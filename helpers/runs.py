@@ -127,7 +127,50 @@ def open_run(experiment: str, config: dict, run_root: str | Path | None = None) 
             )
     else:
         atomic_write(path, json.dumps(config, indent=1, sort_keys=True).encode())
-    return Run(experiment, config, rid, folder)
+    run = Run(experiment, config, rid, folder)
+    if run.done:
+        print(f"[skip] {describe(experiment, config, rid)}: done", flush=True)
+    return run
+
+
+def describe(experiment: str, config: dict, rid: str | None = None) -> str:
+    """One line naming a run and what it is, e.g. "fedavg 3f2a1b2c3d4e (K=100 C=0.1 J=4 iid, lr=0.01, seed 0)"."""
+    parts = []
+    if "num_clients" in config:
+        sharding = config["sharding"]
+        if sharding == "noniid":
+            sharding = f"noniid Nc={config['classes_per_client']}"
+        elif sharding == "dirichlet":
+            sharding = f"dirichlet alpha={config['dirichlet_alpha']:g}"
+        parts.append(f"K={config['num_clients']} C={config['participation']:g} J={config['local_steps']} {sharding}")
+    elif config.get("train_mode") == "head":
+        parts.append("linear probe")
+    if "sparsity" in config:
+        rule = f"sparsity {config['sparsity']:g} {config['mask_rule']} R={config['calibration_rounds']}"
+        parts.append("dense, step-0 head frozen" if config["sparsity"] == 0 else rule)
+    if "scheduler" in config:
+        parts.append(config["scheduler"])
+    parts.append(f"lr={config['lr']:g}, seed {config['seed']}")
+    return f"{experiment} {rid or run_id(config)} ({', '.join(parts)})"
+
+
+def announce_start(run: Run, state: dict | None) -> None:
+    """Print where a run starts: fresh, or from which epoch/round of how many (the checkpoint it resumes)."""
+    unit = "round" if "rounds" in run.config else "epoch"
+    total = run.config[f"{unit}s"]
+    if state is None:
+        print(f"[start] {describe(run.experiment, run.config, run.id)}: {total} {unit}{'s' * (total != 1)}", flush=True)
+    else:
+        print(f"[resume] {describe(run.experiment, run.config, run.id)}: from {unit} {state[unit]} of {total}",
+              flush=True)  # fmt: skip
+
+
+def run_state(experiment: str, config: dict, run_root: str | Path | None = None) -> str:
+    """ "done", "started" (a checkpoint to resume from) or "new", from the files alone (creates nothing)."""
+    folder = Path(run_root if run_root is not None else default_run_root()) / experiment / run_id(config)
+    if (folder / "done.json").exists():
+        return "done"
+    return "started" if (folder / CHECKPOINT).exists() or (folder / PREVIOUS).exists() else "new"
 
 
 def save_checkpoint(run: Run, state: dict) -> None:
@@ -245,6 +288,7 @@ def write_results(runs: list[Run], name: str, root: str | Path | None = None) ->
     if len(profiles) != 1:
         raise ValueError(f"runs mix profiles {sorted(profiles)}: write one results file per profile")
     path = results_dir(profiles.pop(), root if root is not None else _repo_results()) / f"{name}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)  # names such as custom/<name>-<hash> (helpers.notebook)
     atomic_write(path, tidy_results(runs).to_csv(index=False).encode())
     return path
 

@@ -185,7 +185,9 @@ def test_every_bad_parameter_fails_before_any_data_is_loaded(experiment, name, v
 def test_papermill_parameter_errors_are_clear(tmp_path):
     import papermill
 
-    with pytest.raises(papermill.PapermillExecutionError, match="epochs=0 is invalid"):
+    with pytest.raises(
+        papermill.PapermillExecutionError, match="EPOCHS=0 is invalid: must be an integer >= 1 \\(config key epochs\\)"
+    ):
         papermill.execute_notebook(
             str(REPO / "notebooks" / "01_centralized.ipynb"),
             str(tmp_path / "out.ipynb"),
