@@ -5,8 +5,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
-# Added by other parts of the work (the report's page, the lead's version pins): links to them are expected.
-ELSEWHERE = {"docs/report.md", "constraints.txt"}
 
 
 def links(path: Path) -> list[str]:
@@ -27,9 +25,9 @@ def test_every_link_of_the_readme_and_docs_resolves():
     for page in pages:
         for target in links(page):
             resolved = (page.parent / target).resolve().relative_to(REPO).as_posix()
-            assert resolved in ELSEWHERE or (REPO / resolved).exists(), f"{page.name}: {target}"
+            assert (REPO / resolved).exists(), f"{page.name}: {target}"
     linked = {(REPO / t).resolve() for t in links(REPO / "README.md")}
-    assert set((REPO / "docs").glob("*.md")) <= linked | {REPO / p for p in ELSEWHERE}, "a docs page nobody links"
+    assert set((REPO / "docs").glob("*.md")) <= linked, "a docs page nobody links"
 
 
 def test_the_former_readme_sections_live_in_docs():
