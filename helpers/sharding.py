@@ -170,16 +170,12 @@ def _regroup(holds: np.ndarray, counts: np.ndarray, demand: np.ndarray, max_move
             else:
                 ea, eb = mass[ga] - size[ga] * mean, mass[gb] - size[gb] * mean  # excess over the mean
                 moved = n[give][:, None] - n[take][None, :]  # mass a's group loses if both classes are private
-                gain += ((ea - moved) ** 2 - ea**2) / size[ga] + ((eb + moved) ** 2 - eb**2) / size[gb]
-                groups = ((mass[ga], size[ga]), (mass[gb], size[gb]))
-                for i, j in zip(*np.nonzero(shared[give][:, None] | shared[take][None, :])):
-                    pieces = _swap_pieces(a, give[i], b, take[j], *groups, shared, n, cut)
-                    gain[i, j] += sum((m - s * mean) ** 2 / s for m, s in pieces) - (
-                        ea**2 / size[ga] + eb**2 / size[gb]
-                    )
-                    gain[i, j] -= ((ea - moved[i, j]) ** 2 - ea**2) / size[ga] + (
-                        (eb + moved[i, j]) ** 2 - eb**2
-                    ) / size[gb]
+                f = ((ea - moved) ** 2 - ea**2) / size[ga] + ((eb + moved) ** 2 - eb**2) / size[gb]
+                groups, before = ((mass[ga], size[ga]), (mass[gb], size[gb])), ea**2 / size[ga] + eb**2 / size[gb]
+                for i, j in zip(*np.nonzero(shared[give][:, None] | shared[take][None, :])):  # may merge or split
+                    parts = _swap_pieces(a, give[i], b, take[j], *groups, shared, n, cut)
+                    f[i, j] = sum((m - s * mean) ** 2 / s for m, s in parts) - before
+                gain += f
             if gain.size and gain.min() < best:
                 i, j = np.unravel_index(np.argmin(gain), gain.shape)
                 best, move = gain[i, j], (a, give[i], b, take[j])
