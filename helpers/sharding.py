@@ -189,20 +189,22 @@ def _best_grouping(holds: np.ndarray, counts: np.ndarray, demand: np.ndarray, nc
     """The most balanced of REGROUP_TRIES regrouped assignments (this one, then fresh ones from rng).
 
     Sizes are judged after balancing the samples (a group joined by one small class cannot share much);
-    stops early at a spread of 1 (0 when the samples divide evenly), which no grouping can beat.
+    stops at a spread of 1 (0 when the samples divide evenly), which no grouping can beat.
     """
     k = holds.shape[0]
-    best, best_key = holds, None
-    for attempt in range(REGROUP_TRIES):
-        if attempt:
+    best, best_key, floor = holds, None, int(counts.sum() % k > 0)
+    for attempt in range(2 * REGROUP_TRIES):  # even attempts: as drawn, odd: after _regroup
+        if attempt % 2:
+            holds = holds.copy()
+            _regroup(holds, counts, demand, max_moves=4 * k)
+        elif attempt:
             holds = np.zeros_like(holds)
             holds[np.arange(k)[:, None], _assign_classes(demand, k, nc, rng)] = True
-        _regroup(holds, counts, demand, max_moves=4 * k)
         totals = _balance_counts(_even_split(holds, counts), holds).sum(axis=1)
         key = (int(np.ptp(totals)), int((totals.astype(np.float64) ** 2).sum()))
         if best_key is None or key < best_key:
             best, best_key = holds, key
-        if key[0] <= int(counts.sum() % k > 0):
+        if key[0] <= floor:
             break
     return best
 
