@@ -31,8 +31,10 @@ def _groups(linked: np.ndarray) -> np.ndarray:
     return group
 
 
-def regroup(holds: np.ndarray, counts: np.ndarray, demand: np.ndarray, max_moves: int) -> None:
-    """Swap classes between any two clients while that lowers F + L (steepest descent). In place.
+def regroup(holds: np.ndarray, counts: np.ndarray, demand: np.ndarray, max_scans: int) -> int:
+    """Swap classes between any two clients while that lowers F + L (steepest descent); in place.
+
+    Stops after max_scans passes over all client pairs (one pass per swap); returns the passes made.
 
     F = sum over groups of (mass - size*mean)^2 / size: what the client sizes would be if every group shared
     its samples out evenly (so it rewards merging groups). L = sum over clients of (load - mean)^2 with
@@ -42,7 +44,7 @@ def regroup(holds: np.ndarray, counts: np.ndarray, demand: np.ndarray, max_moves
     shared = demand > 1
     share = n / demand
     mean = n.sum() / holds.shape[0]
-    for _ in range(max_moves):
+    for scan in range(1, max_scans + 1):
         linked = holds & shared
         group = _groups(linked)
         mass = np.bincount(group[holds.argmax(axis=0)], weights=n)
@@ -76,9 +78,10 @@ def regroup(holds: np.ndarray, counts: np.ndarray, demand: np.ndarray, max_moves
                 i, j = np.unravel_index(np.argmin(gain), gain.shape)
                 best, move = gain[i, j], (a, give[i], b, take[j])
         if move is None:
-            return
+            return scan
         a, c1, b, c2 = move
         holds[a, c1], holds[a, c2], holds[b, c2], holds[b, c1] = False, True, False, True
+    return max_scans
 
 
 def _cuts(holds: np.ndarray, linked: np.ndarray, n: np.ndarray) -> dict:

@@ -18,6 +18,7 @@ from helpers.seeding import numpy_rng
 SHARDINGS = ("iid", "noniid", "dirichlet")
 DIRICHLET_MAX_ATTEMPTS = 1000
 REGROUP_TRIES = 8  # random restarts of the non-iid class grouping when class shares differ
+REGROUP_PAIR_BUDGET = 10_000  # client pairs the regrouping may examine per call (bounds its time at large K)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -123,10 +124,13 @@ def _best_grouping(holds: np.ndarray, counts: np.ndarray, demand: np.ndarray, nc
     """
     k = holds.shape[0]
     best, best_key, floor = holds, None, int(counts.sum() % k > 0)
+    scans = REGROUP_PAIR_BUDGET // (k * (k - 1) // 2)  # passes over all client pairs, over all attempts
     for attempt in range(2 * REGROUP_TRIES):  # even attempts: as drawn, odd: after regroup
         if attempt % 2:
+            if scans == 0:
+                break
             holds = holds.copy()
-            regroup(holds, counts, demand, max_moves=4 * k)
+            scans -= regroup(holds, counts, demand, max_scans=min(4 * k, scans))
         elif attempt:
             holds = np.zeros_like(holds)
             holds[np.arange(k)[:, None], _assign_classes(demand, k, nc, rng)] = True
@@ -249,7 +253,9 @@ def noniid_shards(labels, num_clients: int, classes_per_client: int, seed: int) 
     assignment = _assign_classes(demand, k, nc, rng)
     holds = np.zeros((k, n_classes), dtype=bool)
     holds[np.arange(k)[:, None], assignment] = True
-    if np.ptp(counts / demand) > 0:  # holders of different classes get different shares: regroup
+    # Holders of different classes get different shares: regroup (with one class each, or all, there is no
+    # other grouping: swapping a client's only class just relabels the clients).
+    if np.ptp(counts / demand) > 0 and 1 < nc < n_classes:
         holds = _best_grouping(holds, counts, demand, nc, numpy_rng(seed, "shards", "noniid", "regroup"))
 
     # Start from an even split of each class among its holders (exact when classes are equal-sized and
