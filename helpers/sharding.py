@@ -12,10 +12,13 @@ import heapq
 import numpy as np
 import pandas as pd
 
+from helpers.noniid_groups import regroup
 from helpers.seeding import numpy_rng
 
 SHARDINGS = ("iid", "noniid", "dirichlet")
 DIRICHLET_MAX_ATTEMPTS = 1000
+REGROUP_TRIES = 8  # random restarts of the non-iid class grouping when class shares differ
+REGROUP_PAIR_BUDGET = 10_000  # client pairs the regrouping may examine per call (bounds its time at large K)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -113,30 +116,38 @@ def _assign_classes(demand: np.ndarray, num_clients: int, classes_per_client: in
     return assignment
 
 
-def _swap_for_balance(holds: np.ndarray, counts: np.ndarray, demand: np.ndarray, max_swaps: int) -> None:
-    """Swap classes between the heaviest and lightest client while that narrows their expected sizes.
+def _best_grouping(holds: np.ndarray, counts: np.ndarray, demand: np.ndarray, nc: int, rng) -> np.ndarray:
+    """The most balanced of REGROUP_TRIES regrouped assignments (this one, then fresh ones from rng).
 
-    With unequal class sizes the random grouping can put several big classes on one client; the sample
-    balancing afterwards can only move samples between co-holders, so fix the grouping first. In place.
+    Sizes are judged after balancing the samples (a group joined by one small class cannot share much);
+    stops at a spread of 1 (0 when the samples divide evenly), which no grouping can beat.
     """
-    share = counts / demand  # expected samples a holder gets from each class
-    load = holds.astype(np.float64) @ share
-    for _ in range(max_swaps):
-        a, b = int(np.argmax(load)), int(np.argmin(load))
-        gap = load[a] - load[b]
-        give = np.flatnonzero(holds[a] & ~holds[b])  # a -> b keeps both clients' classes distinct
-        take = np.flatnonzero(holds[b] & ~holds[a])
-        if gap <= 1e-9 or give.size == 0 or take.size == 0:
-            return
-        diff = share[give][:, None] - share[take][None, :]  # how much a's load drops by swapping
-        new_gap = np.abs(gap - 2 * diff)
-        i, j = np.unravel_index(np.argmin(new_gap), new_gap.shape)
-        if new_gap[i, j] >= gap - 1e-9:
-            return
-        c1, c2 = give[i], take[j]
-        holds[a, c1], holds[a, c2], holds[b, c2], holds[b, c1] = False, True, False, True
-        load[a] -= diff[i, j]
-        load[b] += diff[i, j]
+    k = holds.shape[0]
+    best, best_key, floor = holds, None, int(counts.sum() % k > 0)
+    scans = REGROUP_PAIR_BUDGET // (k * (k - 1) // 2)  # passes over all client pairs, over all attempts
+    for attempt in range(2 * REGROUP_TRIES):  # even attempts: as drawn, odd: after regroup
+        if attempt % 2:
+            if scans == 0:
+                break
+            holds = holds.copy()
+            scans -= regroup(holds, counts, demand, max_scans=min(4 * k, scans))
+        elif attempt:
+            holds = np.zeros_like(holds)
+            holds[np.arange(k)[:, None], _assign_classes(demand, k, nc, rng)] = True
+        totals = _balance_counts(_even_split(holds, counts), holds).sum(axis=1)
+        key = (int(np.ptp(totals)), int((totals.astype(np.float64) ** 2).sum()))
+        if best_key is None or key < best_key:
+            best, best_key = holds, key
+        if key[0] <= floor:
+            break
+    return best
+
+
+def _even_split(holds: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """K x C sample counts: each class split evenly among its holders, the first holders taking the remainder."""
+    d = holds.sum(axis=0)
+    rank = np.cumsum(holds, axis=0) - 1  # a holder's rank among its class's holders
+    return np.where(holds, counts // d + (rank < counts % d), 0).astype(np.int64)
 
 
 def _balance_counts(x: np.ndarray, holds: np.ndarray) -> np.ndarray:
@@ -242,8 +253,10 @@ def noniid_shards(labels, num_clients: int, classes_per_client: int, seed: int) 
     assignment = _assign_classes(demand, k, nc, rng)
     holds = np.zeros((k, n_classes), dtype=bool)
     holds[np.arange(k)[:, None], assignment] = True
-    if np.ptp(counts / demand) > 0:  # holders of different classes get different shares: regroup
-        _swap_for_balance(holds, counts, demand, max_swaps=10 * k)
+    # Holders of different classes get different shares: regroup (with one class each, or all, there is no
+    # other grouping: swapping a client's only class just relabels the clients).
+    if np.ptp(counts / demand) > 0 and 1 < nc < n_classes:
+        holds = _best_grouping(holds, counts, demand, nc, numpy_rng(seed, "shards", "noniid", "regroup"))
 
     # Start from an even split of each class among its holders (exact when classes are equal-sized and
     # evenly shared), then balance the client totals by moving samples between co-holders.
