@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from helpers.runs import _repo_results, with_integer_columns
+from helpers.runs import default_results_root, with_integer_columns
 
 REPO = Path(__file__).resolve().parent.parent
 FIGURES_ROOT_ENV = "FLME_FIGURES_ROOT"
@@ -46,7 +46,7 @@ class MissingResults(LookupError):
 
 def load_results(profile: str, root: str | Path | None = None) -> pd.DataFrame:
     """Every CSV under <root>/<profile>/ in one frame with a `source` column (file stem); empty if none."""
-    folder = Path(root if root is not None else _repo_results()) / profile
+    folder = Path(root if root is not None else default_results_root()) / profile
     frames = []
     for path in sorted(folder.glob("*.csv")):
         try:

@@ -287,15 +287,15 @@ def write_results(runs: list[Run], name: str, root: str | Path | None = None) ->
     profiles = {run.config["profile"] for run in runs}
     if len(profiles) != 1:
         raise ValueError(f"runs mix profiles {sorted(profiles)}: write one results file per profile")
-    path = results_dir(profiles.pop(), root if root is not None else _repo_results()) / f"{name}.csv"
+    path = results_dir(profiles.pop(), root if root is not None else default_results_root()) / f"{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)  # names such as custom/<name>-<hash> (helpers.notebook)
     atomic_write(path, tidy_results(runs).to_csv(index=False).encode())
     return path
 
 
-def _repo_results() -> Path:
-    # $FLME_RESULTS_ROOT (tests point it elsewhere); Drive in Colab, so results outlive the runtime's clone;
-    # else results/ beside the helpers package.
+def default_results_root() -> Path:
+    """$FLME_RESULTS_ROOT if set (tests point it elsewhere); Drive when mounted in Colab, so results outlive the
+    runtime's clone; else results/ beside the helpers package."""
     if os.environ.get(RESULTS_ROOT_ENV):
         return Path(os.environ[RESULTS_ROOT_ENV])
     if DRIVE_ROOT.parent.is_dir():
@@ -322,7 +322,7 @@ def seed_summary(runs: list[Run], keys: list[str], metrics: list[str]) -> pd.Dat
 
 def load_results(name: str, profile: str, root: str | Path | None = None) -> pd.DataFrame | None:
     """results/<profile>/<name>.csv as written by write_results (same root logic); None if absent or empty."""
-    path = Path(root if root is not None else _repo_results()) / profile / f"{name}.csv"
+    path = Path(root if root is not None else default_results_root()) / profile / f"{name}.csv"
     if not path.exists() or not path.read_text().strip():
         return None
     try:
