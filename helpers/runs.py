@@ -320,7 +320,7 @@ def seed_summary(runs: list[Run], keys: list[str], metrics: list[str]) -> pd.Dat
     return grouped.agg(["mean", "std", "count"]) if keys else grouped.agg(["mean", "std", "count"]).T
 
 
-def load_results(name: str, profile: str, root: str | Path | None = None) -> pd.DataFrame | None:
+def read_results(name: str, profile: str, root: str | Path | None = None) -> pd.DataFrame | None:
     """results/<profile>/<name>.csv as written by write_results (same root logic); None if absent or empty."""
     path = Path(root if root is not None else default_results_root()) / profile / f"{name}.csv"
     if not path.exists() or not path.read_text().strip():
@@ -331,10 +331,15 @@ def load_results(name: str, profile: str, root: str | Path | None = None) -> pd.
         return None
 
 
+# Old name, kept until its callers move to read_results: helpers/__main__.py, helpers/editing.py and the import cell of
+# notebooks/02_fedavg_iid.ipynb. Then delete it (tests/test_architecture.py lists it as pending).
+load_results = read_results
+
+
 def final_means(df: pd.DataFrame | None, metrics: list[str], step: str = "epoch") -> dict[str, float]:
     """Mean over runs of each run's last `step` value of every metric in `metrics` that the table has.
 
-    For reference lines (e.g. the centralized result from `load_results`): metrics missing from the table
+    For reference lines (e.g. the centralized result from `read_results`): metrics missing from the table
     or NaN in every run are left out, so an absent or partial results file gives a smaller (or empty) dict.
     """
     if df is None or df.empty or "run_id" not in df or step not in df:
