@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from helpers import caches
 from helpers.config import NUM_CLASSES
 from helpers.downloads import OFFLINE_HINT, DatasetUnavailableError, check_downloads
 from helpers.seeding import numpy_rng, torch_generator
@@ -95,13 +95,13 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def load_data(config: dict, device: torch.device) -> Data:
-    """The train/val/test splits for a config, on `device` (cached per process: grids reuse it)."""
+    """The train/val/test splits for a config, on `device` (kept in caches.DATA: grids reuse them)."""
     check_downloads(config)  # offline with `full`: one message in seconds, before any library retries
     key = ("dataset", "data_root", "synthetic_train_size", "synthetic_test_size", "val_fraction", "data_seed")
-    return _load_data(tuple(config[k] for k in key), str(device))
+    values = tuple(config[k] for k in key)
+    return caches.DATA.get((values, str(device)), lambda: _load_data(values, str(device)))
 
 
-@functools.lru_cache(maxsize=2)
 def _load_data(key: tuple, device: str) -> Data:
     dataset, root, n_train, n_test, val_fraction, data_seed = key
     if dataset == "cifar100":
@@ -124,13 +124,12 @@ def step_batches(pool: torch.Tensor, batch_size: int, steps: int, generator: tor
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     """uint8 images to ImageNet-normalised float32 (a new tensor), with the /255 folded into mean and std."""
-    mean, std = _mean_std(x.device)
+    mean, std = caches.NORMALIZATION.get(x.device, lambda: _mean_std(x.device))
     return x.to(torch.float32, copy=True).sub_(mean).div_(std)
 
 
-@functools.cache
 def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Built once per device: at 32 px, making these two small tensors cost as much as normalising a batch.
+    # Built once per device (caches.NORMALIZATION): at 32 px, making them costs as much as normalising a batch.
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
     return mean, torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from helpers import caches
 from helpers.data import Data, eval_batch
 from helpers.models import backbone_parameters
 from helpers.runs import atomic_write, default_run_root
@@ -26,8 +27,6 @@ from helpers.train import amp_dtype
 
 SPLITS = ("train", "val", "test")
 _DATA_KEYS = ("dataset", "synthetic_train_size", "synthetic_test_size", "val_fraction", "data_seed")
-_MEMORY: dict[str, Tensor] = {}  # the most recent features by key; a grid of head-only runs shares them
-_MEMORY_ENTRIES = 6
 
 
 @torch.no_grad()
@@ -69,14 +68,18 @@ def feature_key(model: nn.Module, config: dict, split: str, device: torch.device
 def split_features(
     model: nn.Module, data: Data, split: str, config: dict, run_root: str | Path | None = None
 ) -> Tensor:
-    """Features of one split (train, val or test): from memory, else <run_root>/features/, else computed."""
+    """Features of one split (train, val or test): from memory (caches.FEATURES), else <run_root>/features/,
+    else computed."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is invalid: must be one of {', '.join(SPLITS)}")
     images = getattr(data, f"{split}_x")
     key = feature_key(model, config, split, images.device)
-    if key in _MEMORY:
-        return _MEMORY[key]
-    path = Path(run_root if run_root is not None else default_run_root()) / "features" / f"{split}-{key}.pt"
+    return caches.FEATURES.get(key, lambda: _read_or_compute(model, images, config, f"{split}-{key}.pt", run_root))
+
+
+def _read_or_compute(model: nn.Module, images: Tensor, config: dict, name: str, run_root: str | Path | None) -> Tensor:
+    """The features stored as <run_root>/features/<name>, else computed from `images` and stored there."""
+    path = Path(run_root if run_root is not None else default_run_root()) / "features" / name
     features = _read(path, images.device, len(images))
     if features is None:
         features = backbone_features(model, images, img_size=config["img_size"], batch_size=config["eval_batch_size"])
@@ -84,9 +87,6 @@ def split_features(
         buffer = io.BytesIO()
         torch.save(features.cpu(), buffer)
         atomic_write(path, buffer.getvalue())
-    while len(_MEMORY) >= _MEMORY_ENTRIES:
-        _MEMORY.pop(next(iter(_MEMORY)))
-    _MEMORY[key] = features
     return features
 
 

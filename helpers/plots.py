@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import numpy as np
 from matplotlib.figure import Figure
 
-from helpers.sharding import _as_labels, shard_class_counts
+from helpers.sharding import as_labels, shard_class_counts
 
 # The report's article class (10pt, a4paper, 2.2 cm margins) has \textwidth = 472.31595 pt (72.27 pt per inch):
 # report figures are drawn at these printed widths and included unscaled, so a 7 pt font prints at 7 pt.
@@ -55,7 +55,7 @@ def integer_ticks(ax, axis: str = "x") -> None:
 
 def plot_shard_stats(labels, shards, num_classes: int | None = None, title: str | None = None) -> Figure:
     """Client x class count heatmap (clients on y) beside each client's shard size (bars on the same y)."""
-    y = _as_labels(labels)
+    y = as_labels(labels)
     num_classes = int(y.max()) + 1 if num_classes is None else num_classes
     counts = shard_class_counts(y, shards, num_classes)
     sizes = counts.sum(axis=1)
@@ -89,7 +89,7 @@ def plot_shard_stats(labels, shards, num_classes: int | None = None, title: str 
 
 def plot_class_histogram(labels, num_classes: int = 100, title: str = "training samples per class") -> Figure:
     """Bar chart of samples per class (checks the split is stratified and balanced)."""
-    counts = np.bincount(_as_labels(labels), minlength=num_classes)
+    counts = np.bincount(as_labels(labels), minlength=num_classes)
     fig = Figure(figsize=(10, 2.8), layout="constrained")
     ax = fig.subplots()
     ax.bar(np.arange(num_classes), counts, width=1.0, color="tab:blue", linewidth=0)
@@ -103,7 +103,7 @@ def plot_image_grid(images, labels, rows: int = 4, cols: int = 8, class_names=No
     """The first rows*cols uint8 images (N, 3, H, W) with their labels."""
     n = min(rows * cols, len(images))
     pictures = np.asarray(images[:n].cpu()).transpose(0, 2, 3, 1)
-    names = [class_names[int(i)] if class_names else str(int(i)) for i in _as_labels(labels)[:n]]
+    names = [class_names[int(i)] if class_names else str(int(i)) for i in as_labels(labels)[:n]]
     fig = Figure(figsize=(cols * 1.2, rows * 1.35), layout="constrained")
     for i, ax in enumerate(fig.subplots(rows, cols).flat):
         ax.axis("off")

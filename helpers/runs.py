@@ -287,15 +287,15 @@ def write_results(runs: list[Run], name: str, root: str | Path | None = None) ->
     profiles = {run.config["profile"] for run in runs}
     if len(profiles) != 1:
         raise ValueError(f"runs mix profiles {sorted(profiles)}: write one results file per profile")
-    path = results_dir(profiles.pop(), root if root is not None else _repo_results()) / f"{name}.csv"
+    path = results_dir(profiles.pop(), root if root is not None else default_results_root()) / f"{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)  # names such as custom/<name>-<hash> (helpers.notebook)
     atomic_write(path, tidy_results(runs).to_csv(index=False).encode())
     return path
 
 
-def _repo_results() -> Path:
-    # $FLME_RESULTS_ROOT (tests point it elsewhere); Drive in Colab, so results outlive the runtime's clone;
-    # else results/ beside the helpers package.
+def default_results_root() -> Path:
+    """$FLME_RESULTS_ROOT if set (tests point it elsewhere); Drive when mounted in Colab, so results outlive the
+    runtime's clone; else results/ beside the helpers package."""
     if os.environ.get(RESULTS_ROOT_ENV):
         return Path(os.environ[RESULTS_ROOT_ENV])
     if DRIVE_ROOT.parent.is_dir():
@@ -320,9 +320,9 @@ def seed_summary(runs: list[Run], keys: list[str], metrics: list[str]) -> pd.Dat
     return grouped.agg(["mean", "std", "count"]) if keys else grouped.agg(["mean", "std", "count"]).T
 
 
-def load_results(name: str, profile: str, root: str | Path | None = None) -> pd.DataFrame | None:
+def read_results(name: str, profile: str, root: str | Path | None = None) -> pd.DataFrame | None:
     """results/<profile>/<name>.csv as written by write_results (same root logic); None if absent or empty."""
-    path = Path(root if root is not None else _repo_results()) / profile / f"{name}.csv"
+    path = Path(root if root is not None else default_results_root()) / profile / f"{name}.csv"
     if not path.exists() or not path.read_text().strip():
         return None
     try:
@@ -331,10 +331,15 @@ def load_results(name: str, profile: str, root: str | Path | None = None) -> pd.
         return None
 
 
+# Old name, kept until its callers move to read_results: helpers/__main__.py, helpers/editing.py and the import cell of
+# notebooks/02_fedavg_iid.ipynb. Then delete it (tests/test_architecture.py lists it as pending).
+load_results = read_results
+
+
 def final_means(df: pd.DataFrame | None, metrics: list[str], step: str = "epoch") -> dict[str, float]:
     """Mean over runs of each run's last `step` value of every metric in `metrics` that the table has.
 
-    For reference lines (e.g. the centralized result from `load_results`): metrics missing from the table
+    For reference lines (e.g. the centralized result from `read_results`): metrics missing from the table
     or NaN in every run are left out, so an absent or partial results file gives a smaller (or empty) dict.
     """
     if df is None or df.empty or "run_id" not in df or step not in df:

@@ -24,7 +24,7 @@ REGROUP_PAIR_BUDGET = 10_000  # client pairs the regrouping may examine per call
 # ----------------------------------------------------------------------------- validation
 
 
-def _as_labels(labels) -> np.ndarray:
+def as_labels(labels) -> np.ndarray:
     """Labels as a 1-D int64 numpy array (accepts numpy arrays, torch tensors and sequences)."""
     if hasattr(labels, "detach") and hasattr(labels, "cpu"):  # torch.Tensor, without importing torch
         labels = labels.detach().cpu().numpy()
@@ -65,7 +65,7 @@ def iid_shards(labels, num_clients: int, seed: int) -> list[np.ndarray]:
 
     Stratified: shuffle within each class, concatenate the classes, deal the result round robin.
     """
-    y = _as_labels(labels)
+    y = as_labels(labels)
     k = _check_num_clients(num_clients, y.size)
     rng = numpy_rng(_check_seed(seed), "shards", "iid")
     # Dealing one continuous class-sorted sequence round robin balances totals and every class at once.
@@ -222,7 +222,7 @@ def noniid_shards(labels, num_clients: int, classes_per_client: int, seed: int) 
 
     Every sample is used exactly once. With 450 samples in each of 100 classes and K=100 every shard has 450.
     """
-    y = _as_labels(labels)
+    y = as_labels(labels)
     classes, counts = np.unique(y, return_counts=True)
     n_classes = classes.size
     k = _check_num_clients(num_clients, y.size)
@@ -286,7 +286,7 @@ def dirichlet_shards(labels, num_clients: int, alpha: float, seed: int, min_size
 
     Draws again (up to DIRICHLET_MAX_ATTEMPTS times) until every client has at least `min_size` samples.
     """
-    y = _as_labels(labels)
+    y = as_labels(labels)
     k = _check_num_clients(num_clients, y.size)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
         raise ValueError(f"alpha={alpha!r} is invalid: must be a finite number > 0")
@@ -353,7 +353,7 @@ def make_shards(
 
 def shard_class_counts(labels, shards, num_classes: int) -> np.ndarray:
     """K x C matrix: counts[k, c] = samples of class c in shard k."""
-    y = _as_labels(labels)
+    y = as_labels(labels)
     if y.max() >= num_classes:
         raise ValueError(f"num_classes={num_classes} is invalid: labels go up to {y.max()}")
     return np.stack([np.bincount(y[np.asarray(s, dtype=np.int64)], minlength=num_classes) for s in shards])
@@ -361,7 +361,7 @@ def shard_class_counts(labels, shards, num_classes: int) -> np.ndarray:
 
 def shard_stats(labels, shards, num_classes: int | None = None) -> pd.DataFrame:
     """One row per client: client, size, num_classes (distinct), entropy_bits, top_class_fraction."""
-    y = _as_labels(labels)
+    y = as_labels(labels)
     counts = shard_class_counts(y, shards, int(y.max()) + 1 if num_classes is None else num_classes)
     sizes = counts.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):  # empty shards give NaN fractions, by design

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import features
+from helpers import caches, features
 from helpers.centralized import build_seeded_model, run_centralized
 from helpers.config import make_config, train_split_size
 from helpers.data import load_data
@@ -19,9 +19,9 @@ SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, d
 
 @pytest.fixture(autouse=True)
 def empty_memory_cache():
-    features._MEMORY.clear()
+    caches.FEATURES.clear()
     yield
-    features._MEMORY.clear()
+    caches.FEATURES.clear()
 
 
 def final_state(run) -> dict[str, torch.Tensor]:
@@ -64,7 +64,7 @@ def test_features_persist_on_disk_and_are_reused(tmp_path, monkeypatch):
     first = features.split_features(model, data, "val", config, tmp_path)
     expected = features.backbone_features(model, data.val_x, img_size=config["img_size"])
     torch.testing.assert_close(first, expected, atol=1e-5, rtol=1e-5)
-    features._MEMORY.clear()  # a new process: only the file is left
+    caches.FEATURES.clear()  # a new process: only the file is left
 
     def no_compute(*args, **kwargs):
         raise AssertionError("features recomputed although cached on disk")
@@ -92,7 +92,7 @@ def test_unreadable_cache_file_is_recomputed_with_a_warning(tmp_path):
     good = features.split_features(model, data, "test", config, tmp_path)
     (path,) = (tmp_path / "features").glob("test-*.pt")
     path.write_bytes(b"torn")
-    features._MEMORY.clear()
+    caches.FEATURES.clear()
     with pytest.warns(UserWarning, match="unreadable"):
         again = features.split_features(model, data, "test", config, tmp_path)
     assert torch.equal(again, good)
