@@ -26,7 +26,7 @@ $(VENV)/.installed-flower: $(VENV)/.installed requirements-flower.txt
 # notebook's cells stay in one kernel). CI machines have 2 cores.
 WORKERS ?= 2
 test: $(VENV)/.installed $(VENV)/.installed-flower
-	FLME_PROFILE=smoke $(PY) -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider -n $(WORKERS) --dist loadfile
+	FLME_PROFILE=smoke $(PY) -m pytest -q tests notebooks --ignore=notebooks/executed --nbval-lax -p no:cacheprovider -n $(WORKERS) --dist loadfile
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check helpers tests conftest.py
