@@ -16,8 +16,8 @@ from helpers.pipeline import describe_notebooks, parse_parameters, run_pipeline
 RUNNERS = {
     "centralized": "helpers.centralized:run_centralized",
     "fedavg": "helpers.fedavg:run_fedavg",
-    "sparse_centralized": "helpers.editing:run_sparse_centralized",
-    "sparse_fedavg": "helpers.editing:run_sparse_fedavg",
+    "sparse_centralized": "helpers.sparse_runs:run_sparse_centralized",
+    "sparse_fedavg": "helpers.sparse_runs:run_sparse_fedavg",
 }
 FLOWER_RUNNER = "helpers.flower:run_flower"  # engine="flower" (fedavg, sparse_fedavg); imports flwr
 

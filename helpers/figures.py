@@ -245,7 +245,7 @@ def fig_drift(df: pd.DataFrame) -> Figure:
 
 def fig_sparse_grid(df: pd.DataFrame) -> Figure:
     """Centralized sparse fine-tuning: final test accuracy over sparsity x calibration rounds."""
-    from helpers.editing import sparse_rows
+    from helpers.editing_views import sparse_rows
 
     part = final_rows(with_labels(select(df, "editing_centralized", ("test_acc",))))
     sparse = part[sparse_rows(part)]
@@ -257,7 +257,7 @@ def fig_sparse_grid(df: pd.DataFrame) -> Figure:
 
 def fig_editing_curves(df: pd.DataFrame) -> Figure:
     """Validation accuracy per epoch: each sparsity at the largest R, the dense runs; the step-0 model dashed."""
-    from helpers.editing import STEP0_LABEL, sparse_rows
+    from helpers.editing_views import STEP0_LABEL, sparse_rows
 
     part = with_labels(select(df, "editing_centralized", ("epoch", "val_acc")))
     sparse = sparse_rows(part)
@@ -307,7 +307,7 @@ def fig_mask_rules(df: pd.DataFrame) -> Figure:
     """Per mask rule and control: final test accuracy and mean client-update cosine, one bar per sharding."""
     import seaborn as sns
 
-    from helpers.editing import rules_with_controls
+    from helpers.editing_views import rules_with_controls
 
     part = rules_with_controls(with_labels(select(df, "mask_strategies", ("mask_rule", "test_acc"))))
     part["mask_rule"] = part["mask_rule"].str.replace("_", " ")

@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from helpers.centralized import run_inputs
 from helpers.config import check_value, make_config, parse_sets
 from helpers.data import Data
-from helpers.editing import run_sparse_fedavg
 from helpers.fedavg import ClientResult, client_shards, client_update, fedavg_round, run_fedavg
 from helpers.runs import Run, open_run, run_id
+from helpers.sparse_runs import run_sparse_fedavg
 from helpers.train import NonFiniteLossError, make_scaler
 
 MISSING = "Flower is not installed: pip install -r requirements-flower.txt"

@@ -113,9 +113,9 @@ def summarize(df: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataF
 
 
 def with_labels(df: pd.DataFrame) -> pd.DataFrame:
-    """Add `method` (helpers.editing.method_label: dense, head only, sparse s=.. R=.., the two controls) and
+    """Add `method` (helpers.editing_views.method_label: dense, head only, sparse s=.. R=.., the two controls) and
     `setting` (IID or Nc=k) columns where they apply."""
-    from helpers.editing import method_labels
+    from helpers.editing_views import method_labels
 
     df = df.copy()
     df["method"] = method_labels(df)

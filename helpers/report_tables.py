@@ -239,11 +239,11 @@ def table_data(df: pd.DataFrame, name: str) -> pd.DataFrame:
         return part.assign(stage=part["source"].map(STAGES), scheduler=part.get("scheduler", "--"))
     part = with_labels(select(df, source))
     if only in ("sparse", "controls"):  # sparse runs proper, or everything else (dense runs, controls)
-        from helpers.editing import sparse_rows
+        from helpers.editing_views import sparse_rows
 
         part = part[sparse_rows(part) == (only == "sparse")]
     if name == "mask_rules":
-        from helpers.editing import rules_with_controls
+        from helpers.editing_views import rules_with_controls
 
         part = rules_with_controls(part)
     needed = [
