@@ -17,7 +17,7 @@ from helpers.calibration import EDITING_FILE, calibrate_centralized, calibrate_f
 from helpers.centralized import centralized_training, run_inputs
 from helpers.config import make_config
 from helpers.data import Data
-from helpers.fedavg import check_engine, client_shards, federated_training
+from helpers.fedavg import TrainClients, check_engine, client_shards, federated_training
 from helpers.mask_stats import overall_density
 from helpers.models import head_parameters
 from helpers.runs import Run, load_artifact, mark_done, open_run, save_artifact
@@ -96,15 +96,15 @@ def run_sparse_fedavg(
     *,
     run_root: str | Path | None = None,
     progress: bool = True,
-    round_fn: Callable[..., dict] | None = None,
+    train_clients: TrainClients | None = None,
     **overrides,
 ) -> Run:
     """Federated step 0, federated calibration, then sparse FedAvg with the mask (resumes, or skips if done).
 
-    `round_fn`: see federated_training (helpers.flower runs the rounds on Flower nodes through it).
+    `train_clients`: the engine seam of fedavg_round (helpers.flower trains the clients on Flower nodes).
     """
     config = config or make_config("sparse_fedavg", **overrides)
-    check_engine(config, round_fn)
+    check_engine(config, train_clients)
     run = open_run("sparse_fedavg", config, run_root)
     if run.done:
         return _finish(run)
@@ -118,5 +118,5 @@ def run_sparse_fedavg(
         calibration=lambda: calibrate_federated(model, data, shards, config, progress),
     )  # fmt: skip
     masks = load_run_masks(model, packed, config, device)
-    federated_training(run, model, data, shards, masks=masks, progress=progress, round_fn=round_fn)
+    federated_training(run, model, data, shards, masks=masks, progress=progress, train_clients=train_clients)
     return _finish(run, info)
