@@ -8,7 +8,6 @@ folder (EDITING_FILE), so a resumed run never recalibrates.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -19,7 +18,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from helpers.data import Data, eval_batch
-from helpers.features import fingerprint
 from helpers.fedavg import BYTES_PER_ENTRY
 from helpers.models import backbone_parameters
 from helpers.runs import Run, load_artifact
@@ -34,16 +32,13 @@ class Scorer:
     compute_scores on calibration_samples samples of that pool (all of it if smaller), eval preprocessing.
 
     Each pool is scored on its own (its own samples and label draws), then the sums are added: the server's
-    sum of client scores. Every round draws fresh labels (the generator's key holds the round). Scores are a
-    pure function of the weights and the round, so the first round (the step-0 model, shared by a grid over
-    sparsity and rounds) is computed once per process and its cost counted each time.
-    Counts what calibration costs: seconds, samples scored, score tensors uploaded.
+    sum of client scores. Every round draws fresh labels (the generator's key holds the round).
+    Counts what calibration costs: samples scored and score tensors uploaded (calibrate_* time it).
     """
 
     def __init__(self, data: Data, pools: list[Tensor], keys: list[tuple], config: dict, progress: bool = False):
         self.data, self.pools, self.keys, self.config, self.progress = data, pools, keys, config, progress
         self.calls = self.samples = self.uploads = 0
-        self.seconds = self.reused_seconds = 0.0  # scoring time, and the part of it taken from the cache
 
     def batches(self, pool: Tensor, key: tuple):
         """The pool's calibration batches: a seeded subset without replacement (the same in every round)."""
@@ -57,41 +52,16 @@ class Scorer:
 
     def __call__(self, model: nn.Module) -> Masks:
         self.calls += 1
-        key = self._cache_key(model) if self.calls == 1 else None
-        if key is not None and key in _FIRST_ROUND:
-            scores, cost = _FIRST_ROUND[key]
-            self.seconds, self.samples, self.uploads = (a + b for a, b in zip(self.cost(), cost, strict=True))
-            self.reused_seconds += cost[0]
-            return {n: s.clone() for n, s in scores.items()}
-        before, t0 = self.cost(), time.perf_counter()
         total = None
         pools = zip(self.pools, self.keys, strict=True)
         bar = tqdm(pools, total=len(self.pools), desc=f"scoring (round {self.calls})", leave=False,
                    disable=not self.progress or len(self.pools) < 2)  # fmt: skip
-        for pool, key_ in bar:
-            gen = torch_generator(self.config["seed"], "talos_labels", self.calls, *key_)  # fresh labels every round
-            scores = compute_scores(model, self.batches(pool, key_), method=self.config["score_method"], generator=gen)
+        for pool, key in bar:
+            gen = torch_generator(self.config["seed"], "talos_labels", self.calls, *key)  # fresh labels every round
+            scores = compute_scores(model, self.batches(pool, key), method=self.config["score_method"], generator=gen)
             self.uploads += 1
             total = scores if total is None else {n: total[n].add_(s) for n, s in scores.items()}
-        self.seconds += time.perf_counter() - t0
-        if key is not None:
-            _FIRST_ROUND.clear()
-            cost = tuple(a - b for a, b in zip(self.cost(), before, strict=True))
-            _FIRST_ROUND[key] = ({n: s.clone() for n, s in total.items()}, cost)
         return total
-
-    def cost(self) -> tuple[float, int, int]:
-        return self.seconds, self.samples, self.uploads
-
-    def _cache_key(self, model: nn.Module) -> tuple:
-        names = ("dataset", "data_root", "synthetic_train_size", "synthetic_test_size", "val_fraction", "data_seed",
-                 "model", "img_size", "seed", "batch_size", "calibration_samples", "score_method")  # fmt: skip
-        pools = hashlib.sha1(b"".join(p.cpu().numpy().tobytes() + b"|" for p in self.pools)).hexdigest()
-        return (*(self.config[k] for k in names), pools, tuple(self.keys), str(self.data.train_x.device),
-                fingerprint(model, head=True))  # fmt: skip
-
-
-_FIRST_ROUND: dict[tuple, tuple[Masks, tuple]] = {}
 
 
 TOKEN_EMBEDDINGS = ("cls_token", "reg_token", "pos_embed")  # parameters of the ViT itself, not of a layer
@@ -131,8 +101,7 @@ def calibrate_centralized(model: nn.Module, data: Data, config: dict, progress: 
     t0 = time.perf_counter()
     scorer = Scorer(data, [torch.arange(len(data.train_y))], [("train",)], config, progress)
     masks = calibrate(model, scorer, config)
-    seconds = time.perf_counter() - t0 + scorer.reused_seconds
-    return masks, {"calibration_s": round(seconds, 3), "calibration_scored": scorer.samples}
+    return masks, {"calibration_s": round(time.perf_counter() - t0, 3), "calibration_scored": scorer.samples}
 
 
 def calibrate_federated(
@@ -154,7 +123,7 @@ def calibrate_federated(
     entries = sum(p.numel() for p in backbone_parameters(model).values())
     uploads = sum(sc.uploads for sc in scorers) if config["mask_scope"] == "global" else 0
     cost = {
-        "calibration_s": round(time.perf_counter() - t0 + sum(sc.reused_seconds for sc in scorers), 3),
+        "calibration_s": round(time.perf_counter() - t0, 3),
         "calibration_scored": sum(sc.samples for sc in scorers),
         "calibration_upload_bytes": BYTES_PER_ENTRY * entries * uploads,
     }
