@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from helpers.config import EXPERIMENTS, make_config, train_split_size
 from helpers.data import NUM_CLASSES, Data, step_batches
 from helpers.features import split_features
-from helpers.fedavg import BYTES_PER_ENTRY, run_fedavg
+from helpers.fedavg import BYTES_PER_ENTRY, clients_per_round, run_fedavg
 from helpers.runs import load_checkpoint
 from helpers.seeding import torch_generator
 from helpers.train import NonFiniteLossError, lr_at, make_scaler, train_steps
@@ -90,7 +90,7 @@ def head_fedavg_config(config: dict) -> dict:
     Same data, shards, seed and client settings, lr = step0_lr, and as many rounds as make step0_epochs
     passes over the train split; every sparse run on the same shards shares (and reuses) it.
     """
-    m = max(1, round(config["participation"] * config["num_clients"]))
+    m = clients_per_round(config["num_clients"], config["participation"])
     per_round = m * config["local_steps"] * config["batch_size"]
     rounds = max(1, math.ceil(config["step0_epochs"] * train_split_size(config) / per_round))
     shared = {k: config[k] for k in EXPERIMENTS["fedavg"] if k in config}

@@ -11,14 +11,14 @@ from helpers import calibration, centralized, editing_views, fedavg, sparse_runs
 from helpers.__main__ import main
 from helpers.calibration import EDITING_FILE, Scorer, calibrate_centralized, calibrate_federated, load_masks
 from helpers.centralized import build_seeded_model
-from helpers.config import make_config
+from helpers.config import make_config, train_split_size
 from helpers.data import load_data
-from helpers.fedavg import client_shards
+from helpers.fedavg import client_shards, sample_clients
 from helpers.mask_stats import mask_jaccard
 from helpers.models import backbone_parameters
 from helpers.runs import load_artifact, load_checkpoint
 from helpers.sparse_runs import run_sparse_centralized, run_sparse_fedavg
-from helpers.step0 import fit_head, fit_head_federated, ridge_statistics, solve_ridge
+from helpers.step0 import fit_head, fit_head_federated, head_fedavg_config, ridge_statistics, solve_ridge
 
 CPU = torch.device("cpu")
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", calibration_samples=16)
@@ -127,6 +127,15 @@ def test_ridge_from_summed_client_statistics_equals_pooled_ridge():
     fit_head(pool, data, config)
     torch.testing.assert_close(fed.head.weight, pool.head.weight, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fed.head.bias, pool.head.bias, rtol=1e-4, atol=1e-5)
+
+
+def test_step0_head_run_makes_step0_epochs_passes_with_the_clients_fedavg_samples():
+    """The head run's rounds come from the m that FedAvg samples: C*K = 2.5 gives 3 clients (rounded half up)."""
+    config = federated_config(num_clients=100, participation=0.025)
+    head = head_fedavg_config(config)
+    m = len(sample_clients(head["seed"], 0, head["num_clients"], head["participation"]))
+    per_round, need = m * head["local_steps"] * head["batch_size"], config["step0_epochs"] * train_split_size(config)
+    assert m == 3 and per_round * head["rounds"] >= need > per_round * (head["rounds"] - 1)
 
 
 @pytest.mark.parametrize("runner", [run_sparse_centralized, run_sparse_fedavg])
