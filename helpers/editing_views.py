@@ -1,5 +1,6 @@
 """Tables, labels and figures of the model-editing notebooks (04-06) and the report: what each run trains
-(method_label), the step-0 control rows, the editing results CSVs, the dense FedAvg reference of 02/03.
+(method_label), the step-0 control rows, the editing results CSVs, the dense FedAvg reference of 02/03, the
+calibration sample-count study. Mask statistics and plots are in helpers.mask_stats.
 """
 
 from __future__ import annotations
