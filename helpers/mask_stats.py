@@ -10,8 +10,6 @@ from torch import Tensor, nn
 
 from helpers.models import backbone_parameters
 
-Masks = dict[str, Tensor]
-
 
 def mask_density_table(masks: Mapping[str, Tensor], model: nn.Module | None = None) -> pd.DataFrame:
     """Per-tensor name, entries, trainable, density; with `model`, in model order and checked against it."""
@@ -67,12 +65,12 @@ def layer_density(masks: Mapping[str, Tensor]) -> pd.DataFrame:
     return table
 
 
-def layer_density_table(masks_by_label: Mapping[str, Masks]) -> pd.DataFrame:
+def layer_density_table(masks_by_label: Mapping[str, Mapping[str, Tensor]]) -> pd.DataFrame:
     """Trainable fraction per layer (patch_embed, blocks.i, norm, ...) of each labelled mask."""
     return pd.concat([layer_density(m).assign(mask=label) for label, m in masks_by_label.items()], ignore_index=True)
 
 
-def jaccard_matrix(masks_by_label: Mapping[str, Masks]) -> pd.DataFrame:
+def jaccard_matrix(masks_by_label: Mapping[str, Mapping[str, Tensor]]) -> pd.DataFrame:
     """Pairwise Jaccard overlap |A & B| / |A | B| of the trainable sets."""
     labels = list(masks_by_label)
     values = [[mask_jaccard(masks_by_label[a], masks_by_label[b]) for b in labels] for a in labels]
@@ -95,7 +93,7 @@ def plot_mask_density(masks: Mapping[str, Tensor], by: str = "layer") -> Figure:
     return fig
 
 
-def plot_layer_density(masks_by_label: Mapping[str, Masks], title: str | None = None) -> Figure:
+def plot_layer_density(masks_by_label: Mapping[str, Mapping[str, Tensor]], title: str | None = None) -> Figure:
     """Grouped bars: trainable fraction per layer, one colour per labelled mask."""
     import seaborn as sns
 
