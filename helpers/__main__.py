@@ -16,8 +16,8 @@ from helpers.pipeline import describe_notebooks, parse_parameters, run_pipeline
 RUNNERS = {
     "centralized": "helpers.centralized:run_centralized",
     "fedavg": "helpers.fedavg:run_fedavg",
-    "sparse_centralized": "helpers.editing:run_sparse_centralized",
-    "sparse_fedavg": "helpers.editing:run_sparse_fedavg",
+    "sparse_centralized": "helpers.sparse_runs:run_sparse_centralized",
+    "sparse_fedavg": "helpers.sparse_runs:run_sparse_fedavg",
 }
 FLOWER_RUNNER = "helpers.flower:run_flower"  # engine="flower" (fedavg, sparse_fedavg); imports flwr
 
@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             run_fn = runner(args.experiment, config.get("engine", "sequential"))
             result = run_fn(config, run_root=args.run_root, progress=sys.stderr.isatty())
             if args.results:
-                from helpers.runs import load_results, write_results
+                from helpers.runs import read_results, write_results
 
-                existed = load_results(args.results, config["profile"]) is not None
+                existed = read_results(args.results, config["profile"]) is not None
                 path = write_results([result], args.results)
                 note = " (replaced: it now holds this run's rows only)" if existed else ""
                 print(f"results: {path}{note}", file=sys.stderr)

@@ -191,8 +191,8 @@ def bench_calibration(profile: str, device: torch.device, scale: int = 1) -> dic
     scale > 1 scores 1/scale of the samples (at least one per pool) and extrapolates the round's time: full sizes
     on a CPU would take many minutes; the JSON says whether the figures are extrapolated.
     """
+    from helpers.calibration import Scorer
     from helpers.data import Data
-    from helpers.editing import Scorer
 
     out = {"calibration_extrapolated": scale > 1}
     for kind in ("centralized", "federated"):

@@ -92,7 +92,7 @@ def run_work(experiment: str, config: dict) -> Work:
 def _add_editing(work: Work, experiment: str, config: dict, n_train: int, n_eval: int) -> None:
     """Step 0 (shared between runs on the same backbone/shards) and calibration (per-sample gradients)."""
     if experiment == "sparse_fedavg" and config["step0"] == "sgd":
-        from helpers.editing import head_fedavg_config
+        from helpers.step0 import head_fedavg_config
 
         head = head_fedavg_config(config)
         work.shared[f"step0:{run_id(head)}"] = sum(run_work("fedavg", head).shared.values())

@@ -226,6 +226,10 @@ class ClientResult(NamedTuple):
     scaler_state: dict | None  # its final GradScaler state
 
 
+# The engine seam, train_in_turn's signature: (model, data, shards, rnd, clients, config, *, masks, start, scaler)
+TrainClients = Callable[..., Iterator[ClientResult]]
+
+
 def fedavg_round(
     model: nn.Module,
     data: Data,
@@ -235,12 +239,12 @@ def fedavg_round(
     *,
     masks: Masks = None,
     scaler: torch.amp.GradScaler | None = None,
-    train_clients: Callable[..., Iterator[ClientResult]] | None = None,
+    train_clients: TrainClients | None = None,
 ) -> dict:
     """One round (0-based `rnd`) on the global weights held by `model`, updated in place; returns its row.
 
-    `train_clients` (default train_in_turn, same signature) trains the round's clients and yields their
-    results in client order; helpers.flower passes one that trains them on Flower nodes.
+    `train_clients` (default train_in_turn, same signature) is the one engine seam: it trains the round's
+    clients and yields their results in client order; helpers.flower passes one that trains them on Flower nodes.
     """
     check_no_buffers(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -348,27 +352,27 @@ def run_fedavg(
     *,
     run_root: str | Path | None = None,
     progress: bool = True,
-    round_fn: Callable[..., dict] | None = None,
+    train_clients: TrainClients | None = None,
     **overrides,
 ) -> Run:
     """Train (or resume, or skip if done) one FedAvg run; returns its Run (metrics, summary).
 
-    `round_fn`: see federated_training (helpers.flower runs the rounds on Flower nodes through it).
+    `train_clients`: the engine seam of fedavg_round (helpers.flower trains the clients on Flower nodes).
     """
     config = config or make_config("fedavg", **overrides)
-    check_engine(config, round_fn)
+    check_engine(config, train_clients)
     run = open_run("fedavg", config, run_root)
     if run.done:
         return run
     data, model = run_inputs(run.config)
     set_trainable(model, run.config["train_mode"])
     shards = client_shards(run.config, data)
-    return federated_training(run, model, data, shards, progress=progress, round_fn=round_fn)
+    return federated_training(run, model, data, shards, progress=progress, train_clients=train_clients)
 
 
-def check_engine(config: dict, round_fn: Callable[..., dict] | None) -> None:
+def check_engine(config: dict, train_clients: TrainClients | None) -> None:
     """A run with engine="flower" trains on Flower nodes: run here without them, it would be mislabelled."""
-    if config.get("engine") == "flower" and round_fn is None:
+    if config.get("engine") == "flower" and train_clients is None:
         raise ValueError(
             "engine='flower' runs train on Flower nodes: start them with helpers.flower.run_flower "
             "(python -m helpers flower), or use engine='sequential'"
@@ -383,20 +387,18 @@ def federated_training(
     *,
     masks: Masks = None,
     progress: bool = True,
-    round_fn: Callable[..., dict] | None = None,
+    train_clients: TrainClients | None = None,
 ) -> Run:
     """The resumable round loop: checkpoints, metrics rows, done marker. Trains the params that require grad.
 
     `masks` turns it into sparse federated fine-tuning (see fedavg_round); its callers store the masks.
-    `round_fn` (default fedavg_round, same signature) runs one round: helpers.flower passes one that trains
-    the clients on Flower nodes.
+    `train_clients` (default train_in_turn) trains each round's clients: see fedavg_round.
     Head-only runs train model.head on cached backbone features (helpers.features); checkpoints hold the model.
     """
     config, device = run.config, data.train_x.device
     net, inputs = head_view(model, data, config, run.root)
     if config["compile"]:
         net.compile()  # in place: parameter names, checkpoints and the optimizer are unchanged
-    round_fn = round_fn or fedavg_round
     rounds, every = config["rounds"], config["eval_every"]
     scaler = make_scaler(device)  # carried over rounds: a fresh scale every round would skip its first steps
     rows, start, elapsed = [], 0, 0.0
@@ -413,7 +415,9 @@ def federated_training(
     for rnd in bar:
         t0 = time.perf_counter()
         try:
-            row = round_fn(net, inputs, shards, rnd, config, masks=masks, scaler=scaler)
+            row = fedavg_round(
+                net, inputs, shards, rnd, config, masks=masks, scaler=scaler, train_clients=train_clients
+            )
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"run {run.id}, {exc}") from None
         last = rnd + 1 == rounds

@@ -22,11 +22,11 @@ from helpers.report_data import (
     MissingResults,
     check_one_profile,
     figures_dir,
-    final_rows,
     fmt_key,
+    last_step_rows,
     select,
     setting_order,
-    with_labels,
+    with_method_and_setting,
 )
 
 FULL, HALF = TEXT_WIDTH_IN, HALF_WIDTH_IN
@@ -170,7 +170,7 @@ def fig_schedulers(df: pd.DataFrame) -> Figure:
 
 def fig_hparam_search(df: pd.DataFrame) -> Figure:
     """Final validation accuracy over the lr x weight-decay grid (mean over momentum values)."""
-    part = final_rows(select(df, "centralized_grid", ("lr", "weight_decay", "val_acc")))
+    part = last_step_rows(select(df, "centralized_grid", ("lr", "weight_decay", "val_acc")))
     fig = _heatmap(part.sort_values(["lr", "weight_decay"]), "lr", "weight_decay", "val_acc")
     fig.axes[0].set_ylabel("learning rate")
     fig.axes[0].set_xlabel("weight decay")
@@ -179,7 +179,7 @@ def fig_hparam_search(df: pd.DataFrame) -> Figure:
 
 def _centralized_reference(df: pd.DataFrame) -> dict[str, float]:
     try:
-        last = final_rows(select(df, "centralized_final"))
+        last = last_step_rows(select(df, "centralized_final"))
     except MissingResults:
         return {}
     metrics = ("val_acc", "val_loss", "test_acc")
@@ -196,7 +196,7 @@ def fig_fedavg_iid(df: pd.DataFrame) -> Figure:
 
 def fig_fedavg_heatmap(df: pd.DataFrame) -> Figure:
     """Final test accuracy over (Nc, J), IID as the last row."""
-    part = final_rows(with_labels(select(df, "fedavg_noniid", ("local_steps", "test_acc"))))
+    part = last_step_rows(with_method_and_setting(select(df, "fedavg_noniid", ("local_steps", "test_acc"))))
     order = setting_order(part["setting"])
     part = part.assign(_o=part["setting"].map(order.index)).sort_values(["_o", "local_steps"])
     part["setting"] = _short_setting(part["setting"])
@@ -207,7 +207,9 @@ def fig_fedavg_curves(df: pd.DataFrame) -> Figure:
     """Validation accuracy per round, one panel per J, one line per Nc (same step budget per J)."""
     import seaborn as sns
 
-    part = with_labels(select(df, "fedavg_noniid", ("round", "local_steps", "val_acc"))).dropna(subset=["val_acc"])
+    part = with_method_and_setting(select(df, "fedavg_noniid", ("round", "local_steps", "val_acc"))).dropna(
+        subset=["val_acc"]
+    )
     steps = sorted(part["local_steps"].unique())
     fig, axes = _figure(FULL, len(steps), sharey=True)
     order = setting_order(part["setting"])
@@ -227,7 +229,7 @@ def fig_drift(df: pd.DataFrame) -> Figure:
     """Client drift (mean over rounds of update norm and pairwise cosine) against Nc, one line per J."""
     import seaborn as sns
 
-    part = with_labels(select(df, "fedavg_noniid", ("drift_norm", "local_steps")))
+    part = with_method_and_setting(select(df, "fedavg_noniid", ("drift_norm", "local_steps")))
     per_run = part.groupby(["run_id", "setting", "local_steps"], as_index=False)[["drift_norm", "drift_cos"]].mean()
     order = list(_short_setting(pd.Series(setting_order(per_run["setting"]))))
     per_run = per_run.assign(setting=_short_setting(per_run["setting"]), J=per_run["local_steps"].map("J={}".format))
@@ -245,9 +247,9 @@ def fig_drift(df: pd.DataFrame) -> Figure:
 
 def fig_sparse_grid(df: pd.DataFrame) -> Figure:
     """Centralized sparse fine-tuning: final test accuracy over sparsity x calibration rounds."""
-    from helpers.editing import sparse_rows
+    from helpers.editing_views import sparse_rows
 
-    part = final_rows(with_labels(select(df, "editing_centralized", ("test_acc",))))
+    part = last_step_rows(with_method_and_setting(select(df, "editing_centralized", ("test_acc",))))
     sparse = part[sparse_rows(part)]
     if sparse.empty or sparse["calibration_rounds"].isna().all():
         raise MissingResults("editing_centralized.csv (no sparse runs)")
@@ -257,9 +259,9 @@ def fig_sparse_grid(df: pd.DataFrame) -> Figure:
 
 def fig_editing_curves(df: pd.DataFrame) -> Figure:
     """Validation accuracy per epoch: each sparsity at the largest R, the dense runs; the step-0 model dashed."""
-    from helpers.editing import STEP0_LABEL, sparse_rows
+    from helpers.editing_views import STEP0_LABEL, sparse_rows
 
-    part = with_labels(select(df, "editing_centralized", ("epoch", "val_acc")))
+    part = with_method_and_setting(select(df, "editing_centralized", ("epoch", "val_acc")))
     sparse = sparse_rows(part)
     top_r = part.loc[sparse, "calibration_rounds"].max()
     keep = ~sparse | (part["calibration_rounds"] == top_r)
@@ -283,7 +285,7 @@ def fig_communication(df: pd.DataFrame) -> Figure:
     """Federated fine-tuning: validation accuracy against cumulative upload, one panel per sharding."""
     import seaborn as sns
 
-    part = with_labels(select(df, "editing_federated", ("round", "upload_bytes", "val_acc")))
+    part = with_method_and_setting(select(df, "editing_federated", ("round", "upload_bytes", "val_acc")))
     part = part.dropna(subset=["upload_bytes"]).sort_values(["run_id", "round"])
     part["upload_mb"] = _cumulative_upload(part)
     part = part.dropna(subset=["val_acc"])
@@ -307,11 +309,11 @@ def fig_mask_rules(df: pd.DataFrame) -> Figure:
     """Per mask rule and control: final test accuracy and mean client-update cosine, one bar per sharding."""
     import seaborn as sns
 
-    from helpers.editing import rules_with_controls
+    from helpers.editing_views import rules_with_controls
 
-    part = rules_with_controls(with_labels(select(df, "mask_strategies", ("mask_rule", "test_acc"))))
+    part = rules_with_controls(with_method_and_setting(select(df, "mask_strategies", ("mask_rule", "test_acc"))))
     part["mask_rule"] = part["mask_rule"].str.replace("_", " ")
-    final = final_rows(part)
+    final = last_step_rows(part)
     if "drift_cos" in part:
         cos = part.groupby("run_id")["drift_cos"].mean()
         final = final.assign(drift_cos=final["run_id"].map(cos))

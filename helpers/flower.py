@@ -1,10 +1,11 @@
 """FedAvg and sparse FedAvg as Flower apps (§12): a ServerApp and a ClientApp built from one validated config.
 
 The server is the project's own runner (run_fedavg / run_sparse_fedavg: run folder, step 0 and calibration,
-checkpoints, evaluation, metrics.csv) with one change: fedavg_round's clients train on Flower nodes. Node
-partition-id k is client k; its ClientApp loads the config's data, takes shard k (a pure function of the seed)
-and runs client_update, the same J steps as the sequential engine. Weights travel as the trainable parameters
-only; the frozen ones (the step-0 head) and the node's mask are sent once, at the first round.
+checkpoints, evaluation, metrics.csv) with one change at the one engine seam, fedavg_round's train_clients: each
+round's clients train on Flower nodes. Node partition-id k is client k; its ClientApp loads the config's data, takes
+shard k (a pure function of the seed) and runs client_update, the same J steps as the sequential engine. Weights
+travel as the trainable parameters only; the frozen ones (the step-0 head) and the node's mask are sent once, at the
+first round.
 
 run_flower drives Flower's simulation in-process; flwr_run_command gives the `flwr run` command (Flower's CLI, its
 local simulation or a real federation) for the same config. Flower is optional (requirements-flower.txt); nothing
@@ -13,7 +14,6 @@ else in helpers imports this module.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import logging
@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from helpers.centralized import run_inputs
 from helpers.config import check_value, make_config, parse_sets
 from helpers.data import Data
-from helpers.editing import run_sparse_fedavg
-from helpers.fedavg import ClientResult, client_shards, client_update, fedavg_round, run_fedavg
+from helpers.fedavg import ClientResult, TrainClients, client_shards, client_update, run_fedavg, train_in_turn
 from helpers.runs import Run, open_run, run_id
+from helpers.sparse_runs import run_sparse_fedavg
 from helpers.train import NonFiniteLossError, make_scaler
 
 MISSING = "Flower is not installed: pip install -r requirements-flower.txt"
@@ -181,8 +181,8 @@ def run_flower(config: dict, *, run_root: str | Path | None = None, progress: bo
     machine, one simulated node per client; same run folder and metrics as the sequential engine."""
     config = flower_config(config)
     run = open_run(experiment_of(config), config, run_root)
-    if run.done:  # no need to start Ray: the runner returns the finished run before any round
-        return RUNNERS[run.experiment](config, run_root=run_root, progress=False, round_fn=fedavg_round)
+    if run.done:  # no need to start Ray: the runner returns the finished run before any client trains
+        return RUNNERS[run.experiment](config, run_root=run_root, progress=False, train_clients=train_in_turn)
     outcome: dict = {}
     server, client = flower_apps(config, run_root, progress=progress, outcome=outcome)
     try:
@@ -226,11 +226,11 @@ def simulate(server: ServerApp, client: ClientApp, num_nodes: int) -> None:
 def serve(grid: Grid, config: dict, run_root: str | Path | None = None, *, progress: bool = False) -> Run:
     """The ServerApp's work: the project's runner, each round's clients trained on the Flower nodes."""
     nodes = connect_nodes(grid, config)  # before step 0 and round 1: a missing node fails fast
-    round_fn = functools.partial(fedavg_round, train_clients=node_trainer(grid, nodes))
-    return RUNNERS[experiment_of(config)](config, run_root=run_root, progress=progress, round_fn=round_fn)
+    train_clients = node_trainer(grid, nodes)
+    return RUNNERS[experiment_of(config)](config, run_root=run_root, progress=progress, train_clients=train_clients)
 
 
-def node_trainer(grid: Grid, nodes: dict[int, int]) -> Callable[..., Iterator[ClientResult]]:
+def node_trainer(grid: Grid, nodes: dict[int, int]) -> TrainClients:
     """fedavg_round's train_clients on Flower nodes (`nodes`: client id -> node id): at the first round it sends
     every node the frozen weights and its mask; every round, the sampled clients train on their nodes."""
     ready = []  # set up (once per run: a resumed run has new nodes)

@@ -27,13 +27,13 @@ from helpers.report_data import (  # noqa: F401
     MissingResults,
     check_one_profile,
     figures_dir,
-    final_rows,
+    last_step_rows,
     load_results,
     select,
     setting_order,
     summarize,
     tables_dir,
-    with_labels,
+    with_method_and_setting,
 )
 from helpers.report_tables import (  # noqa: F401
     TABLES,

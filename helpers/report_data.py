@@ -113,9 +113,9 @@ def summarize(df: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataF
 
 
 def with_method_and_setting(df: pd.DataFrame) -> pd.DataFrame:
-    """Add `method` (helpers.editing.method_label: dense, head only, sparse s=.. R=.., the two controls) and
+    """Add `method` (helpers.editing_views.method_label: dense, head only, sparse s=.. R=.., the two controls) and
     `setting` (IID or Nc=k) columns where they apply."""
-    from helpers.editing import method_labels
+    from helpers.editing_views import method_labels
 
     df = df.copy()
     df["method"] = method_labels(df)
@@ -129,8 +129,6 @@ def with_method_and_setting(df: pd.DataFrame) -> pd.DataFrame:
 
 # Old names, kept until their callers move (helpers/report.py, report_tables.py, figures.py); then delete them
 # (tests/test_architecture.py lists them as pending). runs.final_rows and editing.with_labels mean other things.
-final_rows = last_step_rows
-with_labels = with_method_and_setting
 
 
 def setting_order(values) -> list[str]:

@@ -18,7 +18,7 @@ from helpers.report_data import (
     setting_order,
     summarize,
     tables_dir,
-    with_labels,
+    with_method_and_setting,
 )
 
 
@@ -237,13 +237,13 @@ def table_data(df: pd.DataFrame, name: str) -> pd.DataFrame:
         if part.empty or "test_acc" not in part:
             raise MissingResults("centralized_probe/schedulers/final.csv")
         return part.assign(stage=part["source"].map(STAGES), scheduler=part.get("scheduler", "--"))
-    part = with_labels(select(df, source))
+    part = with_method_and_setting(select(df, source))
     if only in ("sparse", "controls"):  # sparse runs proper, or everything else (dense runs, controls)
-        from helpers.editing import sparse_rows
+        from helpers.editing_views import sparse_rows
 
         part = part[sparse_rows(part) == (only == "sparse")]
     if name == "mask_rules":
-        from helpers.editing import rules_with_controls
+        from helpers.editing_views import rules_with_controls
 
         part = rules_with_controls(part)
     needed = [

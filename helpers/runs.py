@@ -333,7 +333,6 @@ def read_results(name: str, profile: str, root: str | Path | None = None) -> pd.
 
 # Old name, kept until its callers move to read_results: helpers/__main__.py, helpers/editing.py and the import cell of
 # notebooks/02_fedavg_iid.ipynb. Then delete it (tests/test_architecture.py lists it as pending).
-load_results = read_results
 
 
 def final_means(df: pd.DataFrame | None, metrics: list[str], step: str = "epoch") -> dict[str, float]:

@@ -1,4 +1,7 @@
-"""Parameter sensitivity (diagonal Fisher) scores, multi-round mask calibration and mask rules (§9)."""
+"""Parameter sensitivity (diagonal Fisher) scores, multi-round mask calibration and mask rules (§9).
+
+Statistics and plots of the masks are in helpers.mask_stats.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from numbers import Real
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from timm.layers import LayerNorm as TimmLayerNorm
 from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
@@ -437,70 +438,6 @@ def calibrate_masks(
     return trainable
 
 
-# ----------------------------------------------------------------------------------------------
-# Mask statistics and plots
-
-
-def mask_density_table(masks: Mapping[str, Tensor], model: nn.Module | None = None) -> pd.DataFrame:
-    """Per-tensor name, entries, trainable, density; with `model`, in model order and checked against it."""
-    names = list(masks)
-    if model is not None:
-        params = backbone_parameters(model)
-        unknown = [n for n in masks if n not in params]
-        if unknown:
-            raise ValueError(f"masks: {unknown[:5]} are not backbone parameters of the model")
-        for n in masks:
-            if masks[n].shape != params[n].shape:
-                raise ValueError(f"masks: {n} has shape {tuple(masks[n].shape)}, parameter {tuple(params[n].shape)}")
-        names = [n for n in params if n in masks]
-    rows = []
-    for n in names:
-        entries, kept = masks[n].numel(), int(masks[n].count_nonzero())
-        rows.append({"name": n, "entries": entries, "trainable": kept, "density": kept / max(entries, 1)})
-    return pd.DataFrame(rows, columns=["name", "entries", "trainable", "density"])
-
-
-def overall_density(masks: Mapping[str, Tensor]) -> float:
-    """Fraction of all masked entries that are trainable."""
-    total = sum(m.numel() for m in masks.values())
-    return sum(int(m.count_nonzero()) for m in masks.values()) / max(total, 1)
-
-
-def mask_jaccard(masks_a: Mapping[str, Tensor], masks_b: Mapping[str, Tensor]) -> float:
-    """|A & B| / |A | B| of the two trainable sets (1.0 when both are empty)."""
-    if set(masks_a) != set(masks_b):
-        raise ValueError("masks_a and masks_b must cover the same parameter names")
-    inter = union = 0
-    for n, a in masks_a.items():
-        a, b = a.bool(), masks_b[n].bool().to(a.device)
-        if a.shape != b.shape:
-            raise ValueError(f"masks_a and masks_b differ in shape at {n}")
-        inter += int((a & b).sum())
-        union += int((a | b).sum())
-    return inter / union if union else 1.0
-
-
-def _layer_of(name: str) -> str:
-    """'blocks.3.attn.qkv.weight' -> 'blocks.3'; 'patch_embed.proj.weight' -> 'patch_embed'."""
-    parts = name.split(".")
-    return ".".join(parts[:2]) if parts[0] == "blocks" and len(parts) > 1 else parts[0]
-
-
-def plot_mask_density(masks: Mapping[str, Tensor], by: str = "layer") -> Figure:
-    """Bar chart of trainable fraction per layer (`by="layer"`) or per tensor (`by="tensor"`)."""
-    if by not in ("layer", "tensor"):
-        raise ValueError(f"by={by!r} is not supported; allowed: layer, tensor")
-    table = mask_density_table(masks)
-    if by == "layer":
-        table["name"] = table["name"].map(_layer_of)
-        table = table.groupby("name", sort=False)[["entries", "trainable"]].sum().reset_index()
-        table["density"] = table["trainable"] / table["entries"].clip(lower=1)
-    fig = Figure(figsize=(max(6.0, 0.25 * len(table) + 2), 3.5), layout="constrained")
-    ax = fig.add_subplot()
-    ax.bar(range(len(table)), table["density"], color="tab:blue")
-    ax.axhline(overall_density(masks), color="tab:red", ls="--", lw=1, label="overall")
-    ax.set_xticks(range(len(table)), table["name"], rotation=90, fontsize=7)
-    ax.set_ylabel("trainable fraction")
-    ax.set_ylim(0, 1)
-    ax.legend(loc="upper right")
-    return fig
+def one_shot(rule: str) -> bool:
+    """True for the rules whose masks come from one scoring (magnitude, random): rounds do not apply."""
+    return rule not in SENSITIVITY_RULES

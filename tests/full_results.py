@@ -105,7 +105,7 @@ def _fedavg(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
 
 
 def _step0(config: dict, step: str, rng: np.random.Generator) -> pd.DataFrame:
-    """The step-0 control row that helpers.editing.step0_rows writes."""
+    """The step-0 control row that helpers.editing_views.step0_rows writes."""
     keep = {k: v for k, v in config.items() if k not in ("sparsity", "calibration_rounds", "mask_rule")}
     acc = 0.78 + rng.normal(0, 0.003)
     return pd.DataFrame([{"run_id": f"step0-synthetic-{rng.integers(1 << 40):010x}", "experiment": "step0", step: 0,

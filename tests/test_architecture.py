@@ -12,18 +12,14 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "helpers"
 MAP = REPO / "docs" / "architecture.md"
 
-# Known violations in modules another change is reworking (helpers/editing.py is being split): listed so that the
-# lead deletes each entry once it is fixed; an entry that is no longer a violation fails the test (stale).
-PENDING_PRIVATE_IMPORTS = {("sensitivity", "_layer_of")}  # (home module, name): imported by editing
+# Known violations not yet fixed (issue 20 goes on): listed so that whoever fixes one deletes its entry; the
+# entry of a violation that is gone fails the test (stale).
+PENDING_PRIVATE_IMPORTS: set[tuple[str, str]] = set()  # (home module, name)
 PENDING_CACHES = {  # module-level cache names
-    "_FIRST_ROUND",  # editing: the first calibration round's scores, shared by a grid
     "_NODE",  # flower: a node's data, model and shards, shared by the clients one process serves
 }
 PENDING_NAMES = {
-    "Masks": "a dict of masks (editing, sensitivity) vs a mask or a per-round mask function (fedavg)",
-    "load_results": "runs' old name of read_results (an alias until __main__, editing and 02 move) vs report_data",
-    "with_labels": "editing (method, Nc) vs report_data's old name of with_method_and_setting (an alias)",
-    "final_rows": "runs (one row per Run) vs report_data's old name of last_step_rows (an alias)",
+    "Masks": "a dict of masks (sensitivity) vs a mask or a per-round mask function (fedavg)",
     "REPO": "the repository root, defined in pipeline and report_data",
     "NOTEBOOKS": "the notebooks folder, defined in cost and notebook",
     "RUNNERS": "experiment -> 'module:function' (__main__) vs experiment -> function on Flower (flower)",

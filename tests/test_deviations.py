@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from helpers import report
+from helpers.calibration import masked_names
 from helpers.centralized import build_seeded_model
 from helpers.config import make_config
 from helpers.data import augment_generator, load_data
-from helpers.editing import masked_names
 from helpers.fedavg import client_optimizer
 from helpers.sensitivity import calibrate_masks
 from helpers.sparse_sgdm import SparseSGDM

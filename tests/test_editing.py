@@ -7,25 +7,18 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import centralized, editing, fedavg
+from helpers import calibration, centralized, editing_views, fedavg, sparse_runs
 from helpers.__main__ import main
+from helpers.calibration import EDITING_FILE, Scorer, calibrate_centralized, calibrate_federated, load_masks
 from helpers.centralized import build_seeded_model
-from helpers.config import make_config
+from helpers.config import make_config, train_split_size
 from helpers.data import load_data
-from helpers.editing import (
-    EDITING_FILE,
-    calibrate_federated,
-    fit_head,
-    fit_head_federated,
-    load_masks,
-    ridge_statistics,
-    run_sparse_centralized,
-    run_sparse_fedavg,
-    solve_ridge,
-)
-from helpers.fedavg import client_shards
+from helpers.fedavg import client_shards, sample_clients
+from helpers.mask_stats import mask_jaccard
 from helpers.models import backbone_parameters
 from helpers.runs import load_artifact, load_checkpoint
+from helpers.sparse_runs import run_sparse_centralized, run_sparse_fedavg
+from helpers.step0 import fit_head, fit_head_federated, head_fedavg_config, ridge_statistics, solve_ridge
 
 CPU = torch.device("cpu")
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", calibration_samples=16)
@@ -136,6 +129,15 @@ def test_ridge_from_summed_client_statistics_equals_pooled_ridge():
     torch.testing.assert_close(fed.head.bias, pool.head.bias, rtol=1e-4, atol=1e-5)
 
 
+def test_step0_head_run_makes_step0_epochs_passes_with_the_clients_fedavg_samples():
+    """The head run's rounds come from the m that FedAvg samples: C*K = 2.5 gives 3 clients (rounded half up)."""
+    config = federated_config(num_clients=100, participation=0.025)
+    head = head_fedavg_config(config)
+    m = len(sample_clients(head["seed"], 0, head["num_clients"], head["participation"]))
+    per_round, need = m * head["local_steps"] * head["batch_size"], config["step0_epochs"] * train_split_size(config)
+    assert m == 3 and per_round * head["rounds"] >= need > per_round * (head["rounds"] - 1)
+
+
 @pytest.mark.parametrize("runner", [run_sparse_centralized, run_sparse_fedavg])
 @pytest.mark.parametrize(
     "overrides, message",
@@ -152,7 +154,7 @@ def test_bad_parameters_rejected_before_any_data_or_weights(monkeypatch, tmp_pat
     def loaded(*args, **kwargs):
         raise AssertionError("data or weights were loaded before validation")
 
-    monkeypatch.setattr(editing, "run_inputs", loaded)
+    monkeypatch.setattr(sparse_runs, "run_inputs", loaded)
     with pytest.raises(ValueError, match=message):
         runner(run_root=tmp_path, progress=False, **SMALL, **overrides)
     assert not any(tmp_path.iterdir())
@@ -182,8 +184,9 @@ def _forbid_recalibration(monkeypatch):
     def again(*args, **kwargs):
         raise AssertionError("a resumed run must load step 0 and the masks, not recompute them")
 
-    for name in ("calibrate_masks", "fit_head", "fit_head_federated"):
-        monkeypatch.setattr(editing, name, again)
+    monkeypatch.setattr(calibration, "calibrate_masks", again)
+    for name in ("fit_head", "fit_head_federated"):
+        monkeypatch.setattr(sparse_runs, name, again)
 
 
 @pytest.mark.parametrize("kind", ["centralized", "federated"])
@@ -231,9 +234,7 @@ def test_every_calibration_round_draws_fresh_labels():
     model = build_seeded_model(config, CPU)
     scores = {}
     for method in ("talos", "empirical"):
-        scorer = editing.Scorer(
-            data, [torch.arange(len(data.train_y))], [("pool",)], {**config, "score_method": method}
-        )
+        scorer = Scorer(data, [torch.arange(len(data.train_y))], [("pool",)], {**config, "score_method": method})
         scores[method] = [scorer(model), scorer(model)]
         assert scorer.samples == 2 * config["calibration_samples"]
     first, second = scores["talos"]
@@ -248,7 +249,7 @@ def test_sample_count_is_per_round_and_capped_by_the_pool(monkeypatch):
     shards = client_shards(config, data)
     model = build_seeded_model(config, CPU)
     for n, per_pool in ((40, [40] * 10), (100, [len(s) for s in shards])):
-        scorer = editing.Scorer(data, shards, [("client", k) for k in range(10)], {**config, "calibration_samples": n})
+        scorer = Scorer(data, shards, [("client", k) for k in range(10)], {**config, "calibration_samples": n})
         scorer(model)
         assert scorer.samples == sum(per_pool)
     monkeypatch.delenv("FLME_PROFILE", raising=False)  # it would override the profile asked for
@@ -274,14 +275,14 @@ def test_dense_embeddings_train_densely_and_the_rest_stays_masked(tmp_path):
 @pytest.mark.parametrize("runner, config", [(run_sparse_centralized, central_config),
                                             (run_sparse_fedavg, federated_config)])  # fmt: skip
 def test_masks_missing_a_parameter_are_refused_before_training(monkeypatch, tmp_path, runner, config):
-    real = editing.calibrate_masks
+    real = calibration.calibrate_masks
 
     def drops_one(*args, **kwargs):
         masks = real(*args, **kwargs)
         del masks["blocks.0.attn.qkv.weight"]
         return masks
 
-    monkeypatch.setattr(editing, "calibrate_masks", drops_one)
+    monkeypatch.setattr(calibration, "calibrate_masks", drops_one)
     trained = []
     monkeypatch.setattr(centralized, "train_steps", lambda *a, **k: trained.append(1))
     with pytest.raises(ValueError, match=r"no mask for \['blocks\.0\.attn\.qkv\.weight'\].*train densely"):
@@ -310,13 +311,13 @@ def test_step0_rows_give_one_control_row_per_step0_model(tmp_path):
     runs = [run_sparse_centralized(central_config(sparsity=s, epochs=1), run_root=tmp_path, progress=False)
             for s in (0.9, 0.0)] + [run_sparse_centralized(central_config(sparsity=0.9, epochs=1, seed=1),
                                                            run_root=tmp_path, progress=False)]  # fmt: skip
-    rows = editing.step0_rows(runs)
+    rows = editing_views.step0_rows(runs)
     assert len(rows) == 2 and set(rows["experiment"]) == {"step0"} and (rows["epoch"] == 0).all()
     for _, row in rows.iterrows():
         summary = next(r.summary() for r in runs if r.config["seed"] == row["seed"])
         assert row["test_acc"] == summary["step0_test_acc"] and row["val_loss"] == summary["step0_val_loss"]
         assert pd.isna(row.get("sparsity"))
-    labels = editing.with_labels(pd.concat([editing.summary_table(runs), rows]))
+    labels = editing_views.with_labels(pd.concat([editing_views.summary_table(runs), rows]))
     assert list(labels["method"]) == ["sparse s=0.9 R=2", "dense, step-0 head", "sparse s=0.9 R=2", "step-0 model",
                                       "step-0 model"]  # fmt: skip
 
@@ -326,13 +327,11 @@ def test_sample_count_study_compares_prefixes_with_the_largest(tmp_path):
     data = load_data(config, CPU)
     model = build_seeded_model(config, CPU)
     fit_head(model, data, config)
-    table, _ = editing.sample_count_study(model, data, config, [64, 16, 32])
+    table, _ = editing_views.sample_count_study(model, data, config, [64, 16, 32])
     assert list(table["calibration_samples"]) == [16, 32, 64] and table["jaccard_vs_largest"].iloc[-1] == 1.0
     assert (table["jaccard_vs_largest"].iloc[:-1] < 1).all()
-    masks, _ = editing.calibrate_centralized(model, data, {**config, "calibration_samples": 32})
-    direct = editing.mask_jaccard(
-        masks, editing.calibrate_centralized(model, data, {**config, "calibration_samples": 64})[0]
-    )
+    masks, _ = calibrate_centralized(model, data, {**config, "calibration_samples": 32})
+    direct = mask_jaccard(masks, calibrate_centralized(model, data, {**config, "calibration_samples": 64})[0])
     assert table["jaccard_vs_largest"].iloc[1] == pytest.approx(direct)
 
 
@@ -350,7 +349,7 @@ def test_dense_reference_keeps_only_the_matching_runs_and_settings(monkeypatch, 
     )
     table[table["sharding"] == "iid"].to_csv(tmp_path / "smoke" / "fedavg_iid.csv", index=False)
     table[table["sharding"] != "iid"].to_csv(tmp_path / "smoke" / "fedavg_noniid.csv", index=False)
-    picked = editing.dense_fedavg_reference("smoke", [("noniid", 1), ("iid", None), ("noniid", 50)], lr=0.01)
+    picked = editing_views.dense_fedavg_reference("smoke", [("noniid", 1), ("iid", None), ("noniid", 50)], lr=0.01)
     assert sorted(set(picked["run_id"])) == ["r0", "r1"] and len(picked) == 4
-    assert sorted(set(editing.dense_fedavg_reference("smoke", lr=0.01)["run_id"])) == ["r0", "r1", "r2", "r3"]
-    assert editing.dense_fedavg_reference("full", [("iid", None)]).empty
+    assert sorted(set(editing_views.dense_fedavg_reference("smoke", lr=0.01)["run_id"])) == ["r0", "r1", "r2", "r3"]
+    assert editing_views.dense_fedavg_reference("full", [("iid", None)]).empty

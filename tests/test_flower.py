@@ -29,10 +29,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict  # noqa: E40
 from helpers import flower  # noqa: E402
 from helpers.__main__ import main  # noqa: E402
 from helpers.config import make_config  # noqa: E402
-from helpers.editing import run_sparse_fedavg  # noqa: E402
 from helpers.fedavg import client_update, run_fedavg, sample_clients  # noqa: E402
 from helpers.flower import FAULT_ENV, reply_content, run_flower  # noqa: E402
 from helpers.runs import Run, load_checkpoint, open_run, run_id  # noqa: E402
+from helpers.sparse_runs import run_sparse_fedavg  # noqa: E402
 from helpers.train import NonFiniteLossError  # noqa: E402
 
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", rounds=3, server_lr=0.7)

@@ -9,8 +9,8 @@ import pytest
 
 from helpers.__main__ import main
 from helpers.config import make_config
-from helpers.editing import run_sparse_fedavg
 from helpers.fedavg import run_fedavg
+from helpers.sparse_runs import run_sparse_fedavg
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", num_clients=10)

@@ -8,18 +8,10 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from helpers.mask_stats import mask_density_table, mask_jaccard, overall_density, plot_mask_density
 from helpers.models import backbone_parameters, build_model, is_head
 from helpers.seeding import torch_generator
-from helpers.sensitivity import (
-    MASK_RULES,
-    SENSITIVITY_RULES,
-    calibrate_masks,
-    compute_scores,
-    mask_density_table,
-    mask_jaccard,
-    overall_density,
-    plot_mask_density,
-)
+from helpers.sensitivity import MASK_RULES, SENSITIVITY_RULES, calibrate_masks, compute_scores
 from helpers.sparse_sgdm import SparseSGDM, masks_by_parameter
 
 N_SAMPLES = 6

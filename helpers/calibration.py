@@ -1,0 +1,170 @@
+"""Mask calibration for model editing (§9) and the masks' storage in the run folder.
+
+Scores and the multi-round rule are helpers.sensitivity's (calibrate_masks); this module feeds it: a Scorer sums
+compute_scores over the train split (centralized) or over each client's shard (federated: the server's sum of
+client scores, or per-client masks with mask_scope="local"). Masks are saved packed with the step-0 head in the run
+folder (EDITING_FILE), so a resumed run never recalibrates.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from helpers.data import Data, eval_batch
+from helpers.fedavg import BYTES_PER_ENTRY
+from helpers.models import backbone_parameters
+from helpers.runs import Run, load_artifact
+from helpers.seeding import derive_seed, torch_generator
+from helpers.sensitivity import Masks, calibrate_masks, compute_scores
+
+EDITING_FILE = "editing.pt"  # step-0 head, packed masks and calibration cost, in the run folder
+
+
+class Scorer:
+    """score_fn for calibrate_masks: the sum over `pools` (the train split, or each client's shard) of
+    compute_scores on calibration_samples samples of that pool (all of it if smaller), eval preprocessing.
+
+    Each pool is scored on its own (its own samples and label draws), then the sums are added: the server's
+    sum of client scores. Every round draws fresh labels (the generator's key holds the round).
+    Counts what calibration costs: samples scored and score tensors uploaded (calibrate_* time it).
+    """
+
+    def __init__(self, data: Data, pools: list[Tensor], keys: list[tuple], config: dict, progress: bool = False):
+        self.data, self.pools, self.keys, self.config, self.progress = data, pools, keys, config, progress
+        self.calls = self.samples = self.uploads = 0
+
+    def batches(self, pool: Tensor, key: tuple):
+        """The pool's calibration batches: a seeded subset without replacement (the same in every round)."""
+        size, dev = self.config["batch_size"], self.data.train_x.device
+        order = torch.randperm(len(pool), generator=torch_generator(self.config["seed"], "calibration", *key))
+        chosen = pool[order][: self.config["calibration_samples"]]
+        self.samples += len(chosen)
+        for idx in chosen.split(size):
+            idx = idx.to(dev)
+            yield eval_batch(self.data.train_x[idx], img_size=self.config["img_size"]), self.data.train_y[idx]
+
+    def __call__(self, model: nn.Module) -> Masks:
+        self.calls += 1
+        total = None
+        pools = zip(self.pools, self.keys, strict=True)
+        bar = tqdm(pools, total=len(self.pools), desc=f"scoring (round {self.calls})", leave=False,
+                   disable=not self.progress or len(self.pools) < 2)  # fmt: skip
+        for pool, key in bar:
+            gen = torch_generator(self.config["seed"], "talos_labels", self.calls, *key)  # fresh labels every round
+            scores = compute_scores(model, self.batches(pool, key), method=self.config["score_method"], generator=gen)
+            self.uploads += 1
+            total = scores if total is None else {n: total[n].add_(s) for n, s in scores.items()}
+        return total
+
+
+TOKEN_EMBEDDINGS = ("cls_token", "reg_token", "pos_embed")  # parameters of the ViT itself, not of a layer
+
+
+def masked_names(model: nn.Module, config: dict) -> list[str]:
+    """The backbone parameters under the mask: all of them, or (embeddings="dense", as in the TaLoS reference)
+    all but the token embeddings, which then train densely."""
+    dense = TOKEN_EMBEDDINGS if config["embeddings"] == "dense" else ()
+    return [n for n in backbone_parameters(model) if n not in dense]
+
+
+def check_masks(model: nn.Module, masks: Mapping[str, Tensor], config: dict) -> None:
+    """Masks must cover exactly the masked parameters: one left out would silently train densely."""
+    want = masked_names(model, config)
+    missing, extra = [n for n in want if n not in masks], sorted(set(masks) - set(want))
+    if missing or extra:
+        raise ValueError(
+            f"masks do not match the masked parameters (embeddings={config['embeddings']!r}): "
+            + (f"no mask for {missing[:5]} ({len(missing)} in all), which would train densely; " if missing else "")
+            + (f"masks for {extra[:5]}, which are not masked parameters; " if extra else "")
+            + "recalibrate: delete the run folder"
+        )
+
+
+def calibrate(model: nn.Module, scorer: Scorer, config: dict, seed: int | None = None) -> Masks:
+    """calibrate_masks with the config's sparsity, rounds, rule and masked parameters (one-shot rules and
+    sparsity 0 never call the scorer)."""
+    return calibrate_masks(
+        model, scorer, sparsity=config["sparsity"], rounds=config["calibration_rounds"], rule=config["mask_rule"],
+        seed=config["seed"] if seed is None else seed, names=masked_names(model, config),
+    )  # fmt: skip
+
+
+def calibrate_centralized(model: nn.Module, data: Data, config: dict, progress: bool = False) -> tuple[Masks, dict]:
+    """Masks from scores on calibration_samples samples of the train split; returns (masks, cost)."""
+    t0 = time.perf_counter()
+    scorer = Scorer(data, [torch.arange(len(data.train_y))], [("train",)], config, progress)
+    masks = calibrate(model, scorer, config)
+    return masks, {"calibration_s": round(time.perf_counter() - t0, 3), "calibration_scored": scorer.samples}
+
+
+def calibrate_federated(
+    model: nn.Module, data: Data, shards: list[Tensor], config: dict, progress: bool = False
+) -> tuple[Masks | list[Masks], dict]:
+    """Global scope: one mask from the sum of every client's scores. Local: each client's own mask.
+
+    Returns (masks, cost); cost counts the score tensors clients upload (none for local masks).
+    """
+    t0 = time.perf_counter()
+    keys = [("client", k) for k in range(len(shards))]
+    if config["mask_scope"] == "global":
+        scorers = [Scorer(data, shards, keys, config, progress)]
+        masks = calibrate(model, scorers[0], config)
+    else:
+        scorers = [Scorer(data, [shard], [key], config) for shard, key in zip(shards, keys, strict=True)]
+        bar = tqdm(scorers, desc="local masks", leave=False, disable=not progress)
+        masks = [calibrate(model, sc, config, seed=derive_seed(config["seed"], *sc.keys[0])) for sc in bar]
+    entries = sum(p.numel() for p in backbone_parameters(model).values())
+    uploads = sum(sc.uploads for sc in scorers) if config["mask_scope"] == "global" else 0
+    cost = {
+        "calibration_s": round(time.perf_counter() - t0, 3),
+        "calibration_scored": sum(sc.samples for sc in scorers),
+        "calibration_upload_bytes": BYTES_PER_ENTRY * entries * uploads,
+    }
+    return masks, cost
+
+
+def pack_masks(masks: Mapping[str, Tensor]) -> dict[str, tuple[tuple[int, ...], Tensor]]:
+    """Bool masks as bits (8x smaller on disk): name -> (shape, uint8 tensor)."""
+    return {
+        n: (tuple(m.shape), torch.from_numpy(np.packbits(m.bool().cpu().numpy().ravel()))) for n, m in masks.items()
+    }
+
+
+def unpack_masks(packed: Mapping[str, tuple], device: str | torch.device = "cpu") -> Masks:
+    """The bool masks (True = trainable) of pack_masks' output, on `device`."""
+    out = {}
+    for n, (shape, bits) in packed.items():
+        flat = np.unpackbits(bits.numpy(), count=math.prod(shape)).astype(bool)
+        out[n] = torch.from_numpy(flat).view(shape).to(device)
+    return out
+
+
+def load_masks(run: Run, device: str | torch.device = "cpu") -> Masks | list[Masks]:
+    """The masks a sparse run trained with (one dict, or one per client for mask_scope="local")."""
+    saved = load_artifact(run, EDITING_FILE)
+    if saved is None:
+        raise ValueError(f"run {run.dir} has no {EDITING_FILE}: it is not a sparse run or it has not calibrated yet")
+    packed = saved["masks"]
+    return [unpack_masks(p, device) for p in packed] if isinstance(packed, list) else unpack_masks(packed, device)
+
+
+def load_run_masks(
+    model: nn.Module, packed: dict | list, config: dict, device: torch.device
+) -> Masks | Callable[[int], Masks]:
+    """A sparse run's saved masks, checked against the model: one dict, or client -> its masks
+    (mask_scope="local", unpacked when the client trains)."""
+    if isinstance(packed, list):
+        return lambda k: _checked(model, unpack_masks(packed[k], device), config)
+    return _checked(model, unpack_masks(packed, device), config)
+
+
+def _checked(model: nn.Module, masks: Masks, config: dict) -> Masks:
+    check_masks(model, masks, config)
+    return masks

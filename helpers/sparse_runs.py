@@ -1,0 +1,122 @@
+"""Sparse fine-tuning runs (§9): step 0, calibration, then the masked backbone trained with SparseSGDM in the one
+centralized loop (run_sparse_centralized) or the one FedAvg engine (run_sparse_fedavg); resumable, skipped if done.
+
+Step 0 is helpers.step0's, calibration and mask storage helpers.calibration's; both run once per run and are saved in
+the run folder, so a resumed run never recalibrates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from helpers.calibration import EDITING_FILE, calibrate_centralized, calibrate_federated, load_run_masks, pack_masks
+from helpers.centralized import centralized_training, run_inputs
+from helpers.config import make_config
+from helpers.data import Data
+from helpers.fedavg import TrainClients, check_engine, client_shards, federated_training
+from helpers.mask_stats import overall_density
+from helpers.models import head_parameters
+from helpers.runs import Run, load_artifact, mark_done, open_run, save_artifact
+from helpers.sparse_sgdm import SparseSGDM, masks_by_parameter
+from helpers.step0 import fit_head, fit_head_federated
+from helpers.train import evaluate
+
+
+def _edit_state(
+    run: Run, model: nn.Module, data: Data, step0: Callable[[], dict], calibration: Callable[[], tuple]
+) -> tuple[dict | list, dict]:
+    """Step 0 and calibration once per run, saved in the run folder; later starts load them.
+
+    Leaves the model with the step-0 head, frozen, and the backbone trainable. Returns (packed masks, info).
+    """
+    saved = load_artifact(run, EDITING_FILE)
+    if saved is None:
+        info = step0()
+        head = {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}
+        for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y)):
+            # the step-0 model is the control with no backbone training: its val and test results are kept
+            m = evaluate(model, x, y, img_size=run.config["img_size"], batch_size=run.config["eval_batch_size"])
+            info.update({f"step0_{split}_loss": m["loss"], f"step0_{split}_acc": m["acc"]})
+        masks, cost = calibration()
+        single = masks if isinstance(masks, dict) else masks[0]
+        info.update(cost, backbone_entries=sum(x.numel() for x in single.values()))
+        info["mask_density"] = (
+            overall_density(masks) if isinstance(masks, dict) else float(np.mean([overall_density(x) for x in masks]))
+        )
+        packed = pack_masks(masks) if isinstance(masks, dict) else [pack_masks(x) for x in masks]
+        saved = {"head": head, "masks": packed, "info": info}
+        save_artifact(run, EDITING_FILE, saved)
+    model.head.load_state_dict(saved["head"])
+    head = head_parameters(model)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in head)
+    return saved["masks"], saved["info"]
+
+
+def _finish(run: Run, info: dict | None = None) -> Run:
+    """Add step-0 and calibration cost to done.json (also repairs a crash between the two writes)."""
+    summary = run.summary()
+    if "calibration_s" not in summary:
+        info = info if info is not None else load_artifact(run, EDITING_FILE)["info"]
+        mark_done(run, {**summary, **info})
+    return run
+
+
+def run_sparse_centralized(
+    config: dict | None = None, *, run_root: str | Path | None = None, progress: bool = True, **overrides
+) -> Run:
+    """Step 0, calibration, then sparse fine-tuning in the centralized loop (resumes, or skips if done)."""
+    run = open_run("sparse_centralized", config or make_config("sparse_centralized", **overrides), run_root)
+    if run.done:
+        return _finish(run)
+    config = run.config
+    data, model = run_inputs(config)
+    device = data.train_x.device
+    packed, info = _edit_state(
+        run, model, data,
+        step0=lambda: fit_head(model, data, config, run_root=run.root),
+        calibration=lambda: calibrate_centralized(model, data, config, progress),
+    )  # fmt: skip
+    masks = load_run_masks(model, packed, config, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = SparseSGDM(
+        params, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"],
+        masks=masks_by_parameter(model, masks),
+    )  # fmt: skip
+    centralized_training(run, model, data, optimizer, progress=progress)
+    return _finish(run, info)
+
+
+def run_sparse_fedavg(
+    config: dict | None = None,
+    *,
+    run_root: str | Path | None = None,
+    progress: bool = True,
+    train_clients: TrainClients | None = None,
+    **overrides,
+) -> Run:
+    """Federated step 0, federated calibration, then sparse FedAvg with the mask (resumes, or skips if done).
+
+    `train_clients`: the engine seam of fedavg_round (helpers.flower trains the clients on Flower nodes).
+    """
+    config = config or make_config("sparse_fedavg", **overrides)
+    check_engine(config, train_clients)
+    run = open_run("sparse_fedavg", config, run_root)
+    if run.done:
+        return _finish(run)
+    config = run.config
+    data, model = run_inputs(config)
+    device = data.train_x.device
+    shards = client_shards(config, data)
+    packed, info = _edit_state(
+        run, model, data,
+        step0=lambda: fit_head_federated(model, data, shards, config, run_root=run.root, progress=progress),
+        calibration=lambda: calibrate_federated(model, data, shards, config, progress),
+    )  # fmt: skip
+    masks = load_run_masks(model, packed, config, device)
+    federated_training(run, model, data, shards, masks=masks, progress=progress, train_clients=train_clients)
+    return _finish(run, info)
