@@ -142,3 +142,10 @@ def test_cached_weights_load_from_the_file_without_network(monkeypatch, tmp_path
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in backbone.state_dict().items())
     assert model.head.out_features == 100
+
+
+def test_the_suite_resolves_no_outside_host():
+    # conftest.py: a download probe or hub lookup that a test forgot to stub fails at once instead of reaching out
+    with pytest.raises(socket.gaierror, match="tests resolve no outside host"):
+        socket.create_connection(("huggingface.co", 443), timeout=1)
+    assert socket.getaddrinfo("localhost", 80)  # loopback still works (Flower's SuperLink, kernels)
