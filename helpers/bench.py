@@ -261,10 +261,10 @@ def bench_fedavg(config: dict, repeats: int = 3) -> dict:
 
     The difference is what FedAvg adds: weight copies, fresh optimizers, aggregation, drift statistics.
     """
-    from helpers.centralized import build_seeded_model
     from helpers.data import load_data
     from helpers.fedavg import client_optimizer, client_shards, fedavg_round, local_train, sample_clients
     from helpers.models import set_trainable
+    from helpers.resumable import build_seeded_model
 
     device = pick_device(config["device"])
     data = load_data(config, device)

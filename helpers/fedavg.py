@@ -8,34 +8,22 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from helpers.centralized import run_inputs
 from helpers.config import make_config
 from helpers.data import Data, augment_generator, step_batches
-from helpers.features import head_view
 from helpers.models import set_trainable
-from helpers.runs import (
-    CheckpointClock,
-    Run,
-    announce_start,
-    load_checkpoint,
-    mark_done,
-    open_run,
-    save_checkpoint,
-    write_metrics,
-)
+from helpers.resumable import begin_run, loop_inputs, resumable_loop
+from helpers.runs import Run
 from helpers.seeding import torch_generator
 from helpers.sharding import make_shards
 from helpers.sparse_sgdm import SparseSGDM, masks_by_parameter
-from helpers.train import NonFiniteLossError, evaluate, lr_at, make_scaler, train_steps
+from helpers.train import NonFiniteLossError, evaluate, lr_at, train_steps
 
 # One global mask for every client, a function client -> mask (per-client masks), or None (dense).
 Masks = Mapping[str, Tensor] | Callable[[int], Mapping[str, Tensor] | None] | None
@@ -359,15 +347,26 @@ def run_fedavg(
 
     `train_clients`: the engine seam of fedavg_round (helpers.flower trains the clients on Flower nodes).
     """
-    config = config or make_config("fedavg", **overrides)
-    check_engine(config, train_clients)
-    run = open_run("fedavg", config, run_root)
-    if run.done:
+    run, inputs = begin_federated("fedavg", config, run_root, train_clients, overrides)
+    if inputs is None:
         return run
-    data, model = run_inputs(run.config)
+    data, model = inputs
     set_trainable(model, run.config["train_mode"])
     shards = client_shards(run.config, data)
     return federated_training(run, model, data, shards, progress=progress, train_clients=train_clients)
+
+
+def begin_federated(
+    experiment: str,
+    config: dict | None,
+    run_root: str | Path | None,
+    train_clients: TrainClients | None,
+    overrides: dict,
+) -> tuple[Run, tuple[Data, nn.Module] | None]:
+    """helpers.resumable.begin_run for a federated experiment, once its engine is checked (before any run folder)."""
+    config = config or make_config(experiment, **overrides)
+    check_engine(config, train_clients)
+    return begin_run(experiment, config, run_root)
 
 
 def check_engine(config: dict, train_clients: TrainClients | None) -> None:
@@ -389,37 +388,18 @@ def federated_training(
     progress: bool = True,
     train_clients: TrainClients | None = None,
 ) -> Run:
-    """The resumable round loop: checkpoints, metrics rows, done marker. Trains the params that require grad.
+    """The resumable round loop (helpers.resumable). Trains the params that require grad.
 
     `masks` turns it into sparse federated fine-tuning (see fedavg_round); its callers store the masks.
     `train_clients` (default train_in_turn) trains each round's clients: see fedavg_round.
     Head-only runs train model.head on cached backbone features (helpers.features); checkpoints hold the model.
     """
-    config, device = run.config, data.train_x.device
-    net, inputs = head_view(model, data, config, run.root)
-    if config["compile"]:
-        net.compile()  # in place: parameter names, checkpoints and the optimizer are unchanged
+    config = run.config
+    net, inputs, scaler = loop_inputs(run, model, data)
     rounds, every = config["rounds"], config["eval_every"]
-    scaler = make_scaler(device)  # carried over rounds: a fresh scale every round would skip its first steps
-    rows, start, elapsed = [], 0, 0.0
-    state = load_checkpoint(run, map_location=device)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        rows, start, elapsed = state["metrics"], state["round"], state["elapsed"]
-    announce_start(run, state)
-    write_metrics(run, rows)  # drops rows written after the checkpoint we resume from
-    clock = CheckpointClock(config["checkpoint_every"], config["checkpoint_minutes"])
-    bar = tqdm(range(start, rounds), desc=f"{run.experiment} {run.id}", disable=not progress, leave=False)
-    for rnd in bar:
-        t0 = time.perf_counter()
-        try:
-            row = fedavg_round(
-                net, inputs, shards, rnd, config, masks=masks, scaler=scaler, train_clients=train_clients
-            )
-        except NonFiniteLossError as exc:
-            raise NonFiniteLossError(f"run {run.id}, {exc}") from None
+
+    def one_round(rnd: int) -> dict:
+        row = fedavg_round(net, inputs, shards, rnd, config, masks=masks, scaler=scaler, train_clients=train_clients)
         last = rnd + 1 == rounds
         evals = {
             "val": (rnd + 1) % every == 0 or last,
@@ -428,16 +408,10 @@ def federated_training(
         for split, due in evals.items():
             m = _evaluate(net, inputs, split, config) if due else {"loss": math.nan, "acc": math.nan}
             row.update({f"{split}_loss": m["loss"], f"{split}_acc": m["acc"]})
-        elapsed += time.perf_counter() - t0
-        row["elapsed_s"] = round(elapsed, 3)
-        rows.append(row)
-        bar.set_postfix({k: round(row[k], 4) for k in ("train_loss", "val_acc", "drift_cos")})
-        if clock.due(rnd + 1, final=last):
-            state = {"model": model.state_dict(), "round": rnd + 1, "metrics": rows, "elapsed": elapsed}
-            save_checkpoint(run, {**state, "scaler": scaler.state_dict() if scaler else None})
-        write_metrics(run, rows)
-    mark_done(run, {**rows[-1], "run_id": run.id})
-    return run
+        return row
+
+    show = ("train_loss", "val_acc", "drift_cos")
+    return resumable_loop(run, model, one_round, unit="round", scaler=scaler, show=show, progress=progress)
 
 
 def _evaluate(model: nn.Module, data: Data, split: str, config: dict) -> dict[str, float]:

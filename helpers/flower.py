@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from helpers.centralized import run_inputs
 from helpers.config import check_value, make_config, parse_sets
 from helpers.data import Data
 from helpers.fedavg import ClientResult, TrainClients, client_shards, client_update, run_fedavg, train_in_turn
+from helpers.resumable import run_inputs
 from helpers.runs import Run, open_run, run_id
 from helpers.sparse_runs import run_sparse_fedavg
 from helpers.train import NonFiniteLossError, make_scaler

@@ -14,13 +14,14 @@ import numpy as np
 from torch import nn
 
 from helpers.calibration import EDITING_FILE, calibrate_centralized, calibrate_federated, load_run_masks, pack_masks
-from helpers.centralized import centralized_training, run_inputs
+from helpers.centralized import centralized_training
 from helpers.config import make_config
 from helpers.data import Data
-from helpers.fedavg import TrainClients, check_engine, client_shards, federated_training
+from helpers.fedavg import TrainClients, begin_federated, client_shards, federated_training
 from helpers.mask_stats import overall_density
 from helpers.models import head_parameters
-from helpers.runs import Run, load_artifact, mark_done, open_run, save_artifact
+from helpers.resumable import begin_run
+from helpers.runs import Run, load_artifact, mark_done, save_artifact
 from helpers.sparse_sgdm import SparseSGDM, masks_by_parameter
 from helpers.step0 import fit_head, fit_head_federated
 from helpers.train import evaluate
@@ -70,11 +71,10 @@ def run_sparse_centralized(
     config: dict | None = None, *, run_root: str | Path | None = None, progress: bool = True, **overrides
 ) -> Run:
     """Step 0, calibration, then sparse fine-tuning in the centralized loop (resumes, or skips if done)."""
-    run = open_run("sparse_centralized", config or make_config("sparse_centralized", **overrides), run_root)
-    if run.done:
+    run, inputs = begin_run("sparse_centralized", config or make_config("sparse_centralized", **overrides), run_root)
+    if inputs is None:
         return _finish(run)
-    config = run.config
-    data, model = run_inputs(config)
+    config, (data, model) = run.config, inputs
     device = data.train_x.device
     packed, info = _edit_state(
         run, model, data,
@@ -101,15 +101,12 @@ def run_sparse_fedavg(
 ) -> Run:
     """Federated step 0, federated calibration, then sparse FedAvg with the mask (resumes, or skips if done).
 
-    `train_clients`: the engine seam of fedavg_round (helpers.flower trains the clients on Flower nodes).
+    `train_clients`: the engine seam, as in fedavg.run_fedavg.
     """
-    config = config or make_config("sparse_fedavg", **overrides)
-    check_engine(config, train_clients)
-    run = open_run("sparse_fedavg", config, run_root)
-    if run.done:
+    run, inputs = begin_federated("sparse_fedavg", config, run_root, train_clients, overrides)
+    if inputs is None:
         return _finish(run)
-    config = run.config
-    data, model = run_inputs(config)
+    config, (data, model) = run.config, inputs
     device = data.train_x.device
     shards = client_shards(config, data)
     packed, info = _edit_state(

@@ -7,10 +7,10 @@ import torch
 
 from helpers import report
 from helpers.calibration import masked_names
-from helpers.centralized import build_seeded_model
 from helpers.config import make_config
 from helpers.data import augment_generator, load_data
 from helpers.fedavg import client_optimizer
+from helpers.resumable import build_seeded_model
 from helpers.sensitivity import calibrate_masks
 from helpers.sparse_sgdm import SparseSGDM
 from helpers.train import train_steps

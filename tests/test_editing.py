@@ -7,15 +7,15 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import calibration, centralized, editing_views, fedavg, sparse_runs
+from helpers import calibration, centralized, editing_views, fedavg, resumable, sparse_runs
 from helpers.__main__ import main
 from helpers.calibration import EDITING_FILE, Scorer, calibrate_centralized, calibrate_federated, load_masks
-from helpers.centralized import build_seeded_model
 from helpers.config import make_config, train_split_size
 from helpers.data import load_data
 from helpers.fedavg import client_shards, sample_clients
 from helpers.mask_stats import mask_jaccard
 from helpers.models import backbone_parameters
+from helpers.resumable import build_seeded_model
 from helpers.runs import load_artifact, load_checkpoint
 from helpers.sparse_runs import run_sparse_centralized, run_sparse_fedavg
 from helpers.step0 import fit_head, fit_head_federated, head_fedavg_config, ridge_statistics, solve_ridge
@@ -154,7 +154,7 @@ def test_bad_parameters_rejected_before_any_data_or_weights(monkeypatch, tmp_pat
     def loaded(*args, **kwargs):
         raise AssertionError("data or weights were loaded before validation")
 
-    monkeypatch.setattr(sparse_runs, "run_inputs", loaded)
+    monkeypatch.setattr(resumable, "run_inputs", loaded)
     with pytest.raises(ValueError, match=message):
         runner(run_root=tmp_path, progress=False, **SMALL, **overrides)
     assert not any(tmp_path.iterdir())
@@ -193,9 +193,8 @@ def _forbid_recalibration(monkeypatch):
 def test_interrupted_run_resumes_to_the_same_result(monkeypatch, tmp_path, kind, central_run, fed_run):
     reference = central_run if kind == "centralized" else fed_run[0]
     runner = run_sparse_centralized if kind == "centralized" else run_sparse_fedavg
-    module = centralized if kind == "centralized" else fedavg
     with monkeypatch.context() as mp:
-        _interrupt_after_first_checkpoint(mp, module, reference.experiment)
+        _interrupt_after_first_checkpoint(mp, resumable, reference.experiment)
         with pytest.raises(Interrupted):
             runner(reference.config, run_root=tmp_path, progress=False)
     _forbid_recalibration(monkeypatch)

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from helpers import caches, features
-from helpers.centralized import build_seeded_model, run_centralized
+from helpers.centralized import run_centralized
 from helpers.config import make_config, train_split_size
 from helpers.data import load_data
 from helpers.fedavg import run_fedavg
+from helpers.resumable import build_seeded_model
 from helpers.runs import load_checkpoint
 
 CPU = torch.device("cpu")

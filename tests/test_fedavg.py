@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from helpers import config as config_module
-from helpers import fedavg
-from helpers.centralized import build_seeded_model
+from helpers import fedavg, resumable
 from helpers.config import make_config
 from helpers.data import augment_generator, load_data, step_batches
 from helpers.models import set_trainable
+from helpers.resumable import build_seeded_model
 from helpers.runs import Run, load_checkpoint
 from helpers.train import NonFiniteLossError, train_steps
 
@@ -261,7 +261,7 @@ def test_bad_parameters_fail_before_compute(overrides, name, tmp_path, monkeypat
     def no_compute(*args, **kwargs):
         raise AssertionError("data or model loaded before validation")
 
-    monkeypatch.setattr(fedavg, "run_inputs", no_compute)
+    monkeypatch.setattr(resumable, "run_inputs", no_compute)
     with pytest.raises(ValueError, match=f"^{name}="):
         fedavg.run_fedavg(run_root=tmp_path, progress=False, **{**SMALL, **overrides})
     assert not any(tmp_path.iterdir())  # no run folder for an invalid config

@@ -1,0 +1,119 @@
+"""The resumable-run skeleton every runner shares: open the run and build its inputs, then the checkpointed loop.
+
+A runner supplies only what differs: its step function (one epoch, one round) and its extra checkpointed state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from helpers.data import Data, load_data, pick_device
+from helpers.features import head_view
+from helpers.models import build_model
+from helpers.runs import (
+    CheckpointClock,
+    Run,
+    announce_start,
+    load_checkpoint,
+    mark_done,
+    open_run,
+    save_checkpoint,
+    write_metrics,
+)
+from helpers.seeding import derive_seed
+from helpers.train import NonFiniteLossError, make_scaler
+
+
+class Stateful(Protocol):
+    """What a runner may register as extra checkpointed state (an optimizer, a GradScaler)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def build_seeded_model(config: dict, device: torch.device) -> nn.Module:
+    """The config's model with its random parts (head, or all of the tiny ViT) drawn from `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(config["seed"], "init"))
+        model = build_model(
+            config["model"], num_classes=100, pretrained=config["pretrained"], img_size=config["img_size"]
+        )
+    return model.to(device)
+
+
+def run_inputs(config: dict) -> tuple[Data, nn.Module]:
+    """What every runner starts from: the config's data on its device and its seeded model there."""
+    device = pick_device(config["device"])
+    return load_data(config, device), build_seeded_model(config, device)
+
+
+def begin_run(experiment: str, config: dict, run_root: str | Path | None) -> tuple[Run, tuple[Data, nn.Module] | None]:
+    """Open (or find) the run; unless it is done, also build its inputs (data, seeded model), else None."""
+    run = open_run(experiment, config, run_root)
+    return run, (None if run.done else run_inputs(run.config))
+
+
+def loop_inputs(run: Run, model: nn.Module, data: Data) -> tuple[nn.Module, Data, torch.amp.GradScaler | None]:
+    """What a loop trains, on what, with which scaler: (model.head, cached features) for head-only runs, else
+    (model, images), compiled if the config asks; a GradScaler in fp16 (carried over steps, so it is checkpointed)."""
+    net, inputs = head_view(model, data, run.config, run.root)
+    if run.config["compile"]:
+        net.compile()  # in place: parameter names, checkpoints and the optimizer are unchanged
+    return net, inputs, make_scaler(data.train_x.device)
+
+
+def resumable_loop(
+    run: Run,
+    model: nn.Module,
+    step_fn: Callable[[int], dict],
+    *,
+    unit: str,
+    extra: Mapping[str, Stateful] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    show: tuple[str, ...] = (),
+    progress: bool = True,
+) -> Run:
+    """Run step_fn(0-based step) -> metrics row for the config's `{unit}s` steps, resuming from the checkpoint.
+
+    Checkpoints hold model, `extra` states (by their keys), `unit` (steps done), metrics, elapsed and scaler.
+    metrics.csv is rewritten after every step; done.json gets the last row. `show`: row keys on the progress bar.
+    """
+    total, extra = run.config[f"{unit}s"], extra or {}
+    rows, start, elapsed = [], 0, 0.0
+    state = load_checkpoint(run, map_location=next(model.parameters()).device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        for key, obj in extra.items():
+            obj.load_state_dict(state[key])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        rows, start, elapsed = state["metrics"], state[unit], state["elapsed"]
+    announce_start(run, state)
+    write_metrics(run, rows)  # drops rows written after the checkpoint we resume from
+    clock = CheckpointClock(run.config["checkpoint_every"], run.config["checkpoint_minutes"])
+    bar = tqdm(range(start, total), desc=f"{run.experiment} {run.id}", disable=not progress, leave=False)
+    for step in bar:
+        t0 = time.perf_counter()
+        try:
+            row = step_fn(step)
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(f"run {run.id}, {exc}") from None
+        elapsed += time.perf_counter() - t0
+        row["elapsed_s"] = round(elapsed, 3)
+        rows.append(row)
+        bar.set_postfix({k: round(row[k], 4) for k in show if k in row})
+        if clock.due(step + 1, final=step + 1 == total):
+            state = {"model": model.state_dict(), **{k: obj.state_dict() for k, obj in extra.items()}}
+            state.update({unit: step + 1, "metrics": rows, "elapsed": elapsed})
+            save_checkpoint(run, {**state, "scaler": scaler.state_dict() if scaler else None})
+        write_metrics(run, rows)
+    mark_done(run, {**rows[-1], "run_id": run.id})
+    return run
