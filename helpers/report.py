@@ -8,6 +8,7 @@ writes everything report/main.tex includes for one profile; `make report` then b
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -63,7 +64,6 @@ def write_report_inputs(
 def explorer(df: pd.DataFrame):
     """An ipywidgets panel: pick a results file, a metric and a grouping column; the plot follows."""
     import ipywidgets as widgets
-    from IPython.display import display
 
     sources = sorted(df["source"].unique()) if "source" in df and not df.empty else []
     if not sources:
@@ -91,17 +91,20 @@ def explorer(df: pd.DataFrame):
     source = widgets.Dropdown(options=sources, description="results")
     metric = widgets.Dropdown(options=metrics, description="metric")
     group = widgets.Dropdown(options=["(none)", "run_id", *config], value="run_id", description="group by")
-    out = widgets.Output()
+    # The plot is an Image widget set to PNG bytes, not an Output widget: papermill's client sometimes waits forever
+    # for an Output widget's captured display to finish when no browser is attached (seen in ~1 of 5 batch runs).
+    image = widgets.Image(format="png")
 
     def update(*_):
-        out.clear_output(wait=True)
-        with out:
-            display(explore_figure(df, source.value, metric.value, None if group.value == "(none)" else group.value))
+        fig = explore_figure(df, source.value, metric.value, None if group.value == "(none)" else group.value)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=120)
+        image.value = buffer.getvalue()
 
     for w in (source, metric, group):
         w.observe(update, names="value")
     update()
-    return widgets.VBox([widgets.HBox([source, metric, group]), out])
+    return widgets.VBox([widgets.HBox([source, metric, group]), image])
 
 
 def main(argv: list[str] | None = None) -> int:

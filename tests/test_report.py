@@ -199,3 +199,13 @@ def test_integer_parameters_stay_integers_in_tables_csvs_and_axes(results_root: 
         fig = report.make_figure(df, name, strict=True)
         ticks = {t.get_text() for ax in fig.axes[:1] for t in [*ax.get_xticklabels(), *ax.get_yticklabels()]}
         assert axis_values <= ticks and not any(t.endswith(".0") for t in ticks), (name, ticks)
+
+
+def test_explorer_redraws_its_image_when_a_choice_changes(results_root: Path):
+    df = report.load_results(PROFILE, results_root)
+    panel = report.explorer(df)
+    metric, image = panel.children[0].children[1], panel.children[1]
+    first = image.value
+    assert first[:8] == b"\x89PNG\r\n\x1a\n"  # a PNG: no Output widget for a batch client to wait on
+    metric.value = next(m for m in metric.options if m != metric.value)
+    assert image.value[:8] == first[:8] and image.value != first
