@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from helpers.algorithm import DEFAULT_ALGORITHM
+from helpers.algorithms import ALGORITHM_PARAMS, ALGORITHMS
 from helpers.masks import DEFAULT_MASK_RULE, MASK_RULES, one_shot
 
 REPO = Path(__file__).resolve().parent.parent  # the repository: notebooks/, results/, figures/, report/ under it
@@ -28,6 +30,9 @@ class Param:
     low_open: bool = False
     high_open: bool = False
     hashed: bool = True  # False: changes nothing in the results (device, paths, checkpoint cadence)
+    # True: left out of a config at its default, so the run ids and results columns of runs from before the
+    # parameter existed stay what they were
+    implicit: bool = False
 
     def allowed(self) -> str:
         if self.choices:
@@ -41,8 +46,8 @@ class Param:
         return name
 
 
-def _choice(*values: str, hashed: bool = True) -> Param:
-    return Param(str, choices=values, hashed=hashed)
+def _choice(*values: str, hashed: bool = True, implicit: bool = False) -> Param:
+    return Param(str, choices=values, hashed=hashed, implicit=implicit)
 
 
 PARAMS: dict[str, Param] = {
@@ -82,6 +87,16 @@ PARAMS: dict[str, Param] = {
     "client_lr_schedule": _choice("constant", "cosine"),
     # who runs the clients: helpers.fedavg one after another in this process, or Flower apps (helpers.flower)
     "engine": _choice("sequential", "flower"),
+    # remedies against client drift (helpers.algorithms); each algorithm's own parameters are in its configs only
+    "algorithm": _choice(*ALGORITHMS, implicit=True),
+    "server_momentum": Param(float, low=0, high=1, high_open=True),  # FedAvgM
+    "prox_mu": Param(float, low=0),  # FedProx
+    "scaffold_option": _choice("II", "I"),  # SCAFFOLD's control-variate update (the paper's options)
+    "server_beta1": Param(float, low=0, high=1, high_open=True),  # FedAdam, FedYogi, FedAdagrad
+    "server_beta2": Param(float, low=0, high=1, high_open=True),  # FedAdam, FedYogi
+    "server_tau": Param(float, low=0, low_open=True),  # FedAdam, FedYogi, FedAdagrad
+    # systems heterogeneity: the fraction of sampled clients that stop early (helpers.stragglers)
+    "stragglers": Param(float, low=0, high=1, high_open=True, implicit=True),
     # model editing (sparse fine-tuning, §9): sparsity = fraction of backbone entries FROZEN
     "sparsity": Param(float, low=0, high=1, high_open=True),
     "calibration_rounds": Param(int, low=1),
@@ -117,6 +132,8 @@ COMMON_DEFAULTS = {
     "device": "auto", "compile": False, "data_root": "./data", "synthetic_train_size": 3000, "synthetic_test_size": 500,
     "num_clients": 100, "participation": 0.1, "local_steps": 4, "sharding": "iid", "classes_per_client": 5,
     "dirichlet_alpha": 0.5, "server_lr": 1.0, "client_lr_schedule": "constant", "engine": "sequential",
+    "algorithm": DEFAULT_ALGORITHM, "server_momentum": 0.9, "prox_mu": 0.01, "scaffold_option": "II",
+    "server_beta1": 0.9, "server_beta2": 0.99, "server_tau": 1e-3, "stragglers": 0.0,
     "sparsity": 0.9, "calibration_rounds": 4, "mask_rule": DEFAULT_MASK_RULE, "score_method": "talos",
     "step0": "sgd", "step0_lr": 0.1, "ridge_lambda": 1.0, "mask_scope": "global", "embeddings": "masked",
 }
@@ -141,13 +158,15 @@ FEDERATED_DEFAULTS = {"full": {"eval_every": 5}, "smoke": {}}
 _DATA = ("profile", "dataset", "model", "pretrained", "img_size", "synthetic_train_size",
          "synthetic_test_size", "val_fraction", "data_seed", "seed", "augment", "data_root", "device")
 _OPTIM = ("train_mode", "head_features", "batch_size", "lr", "momentum", "weight_decay")
+# Remedies against heterogeneity: the algorithm, its parameters, stragglers (FedAvg configs hold none of them)
+REMEDIES = ("algorithm", *ALGORITHM_PARAMS, "stragglers")
 _BOOK = ("eval_every", "eval_batch_size", "checkpoint_every", "checkpoint_minutes", "compile")
 EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "centralized": _DATA + _OPTIM + _BOOK + ("epochs", "scheduler", "warmup_epochs", "step_size", "gamma",
                                              "eval_test"),
     "fedavg": _DATA + _OPTIM + _BOOK + ("num_clients", "participation", "local_steps", "rounds", "sharding",
                                         "classes_per_client", "dirichlet_alpha", "server_lr",
-                                        "client_lr_schedule", "engine", "eval_test"),
+                                        "client_lr_schedule", "engine", "eval_test", *REMEDIES),
 }
 
 _EDIT = ("sparsity", "calibration_rounds", "mask_rule", "score_method", "calibration_samples", "embeddings",
@@ -263,10 +282,29 @@ def make_config(experiment: str, profile: str | None = None, **overrides: object
     config = {name: merged[name] for name in names}
     for name, value in config.items():
         config[name] = check_value(name, value)
+    if "algorithm" in names:
+        _select_algorithm(config, given)
     if "sparsity" in names:
         _derive_editing(config, given, {**COMMON_DEFAULTS, **PROFILE_DEFAULTS[profile]})
     _check_combinations(config)
     return config
+
+
+def _select_algorithm(config: dict, given: dict) -> None:
+    """Keep the chosen algorithm's own parameters, refuse another algorithm's, drop implicit ones at their default."""
+    algorithm = config["algorithm"]
+    for name in ALGORITHM_PARAMS:
+        if name in ALGORITHMS[algorithm].params:
+            continue
+        if name in given:
+            users = [a for a, cls in ALGORITHMS.items() if name in cls.params]
+            raise ValueError(
+                f"{name}={given[name]!r} is invalid with algorithm={algorithm!r}: {name} is a parameter of "
+                f"algorithm {' or '.join(repr(u) for u in users)} (algorithm: one of {', '.join(ALGORITHMS)})"
+            )
+        del config[name]
+    for name in [n for n in config if PARAMS[n].implicit and config[n] == COMMON_DEFAULTS[n]]:
+        del config[name]
 
 
 def _derive_editing(config: dict, given: dict, defaults: dict) -> None:
@@ -326,6 +364,12 @@ def _check_combinations(config: dict) -> None:
         raise ValueError(
             f"calibration_rounds={config['calibration_rounds']} is invalid with mask_rule={config['mask_rule']!r}: "
             f"rounds only apply to {rounds} (the other rules are one-shot); use calibration_rounds=1"
+        )
+    if config.get("engine") == "flower" and ALGORITHMS[config.get("algorithm", DEFAULT_ALGORITHM)].has_client_side:
+        raise ValueError(
+            f"algorithm={config['algorithm']!r} is invalid with engine='flower': its client side does not run on "
+            "Flower nodes yet; use engine='sequential', or one of the server-side algorithms "
+            + ", ".join(a for a, cls in ALGORITHMS.items() if not cls.has_client_side)
         )
     if "num_clients" in config:
         if config["sharding"] == "noniid" and config["classes_per_client"] > 100:

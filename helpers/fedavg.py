@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from helpers.algorithm import ClientSide, FedAvg, aligned_masks
+from helpers.algorithms import make_algorithm
 from helpers.config import make_config
 from helpers.data import Data, augment_generator, step_batches
 from helpers.masks import Masks
@@ -24,6 +26,7 @@ from helpers.runs import Run
 from helpers.seeding import torch_generator
 from helpers.sharding import make_shards
 from helpers.sparse_sgdm import SparseSGDM, masks_by_parameter
+from helpers.stragglers import local_steps
 from helpers.train import NonFiniteLossError, evaluate, lr_at, train_steps
 
 BYTES_PER_ENTRY = 4  # fp32 upload
@@ -92,11 +95,15 @@ def local_train(
     client: int,
     config: dict,
     scaler: torch.amp.GradScaler | None = None,
+    side: ClientSide | None = None,
 ) -> float:
-    """One client's J steps of the one training loop; batches and augmentation from (seed, round, client)."""
+    """One client's J steps of the one training loop (fewer for a straggler: the first ones), with the algorithm's
+    gradient correction `side`; batches and augmentation from (seed, round, client)."""
     gen = augment_generator(config["seed"], "client", rnd, client)
-    batches = step_batches(shard, config["batch_size"], config["local_steps"], gen)
-    opts = dict(img_size=config["img_size"], augment=config["augment"], scaler=scaler)
+    batches = step_batches(shard, config["batch_size"], config["local_steps"], gen)[: local_steps(config, rnd, client)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    correct = (lambda: side.correct(params)) if side is not None else None
+    opts = dict(img_size=config["img_size"], augment=config["augment"], scaler=scaler, correct=correct)
     return train_steps(model, optimizer, data.train_x, data.train_y, batches, gen, **opts)
 
 
@@ -110,15 +117,17 @@ def client_update(
     *,
     masks: Mapping[str, Tensor] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    side: ClientSide | None = None,
 ) -> float:
-    """A client's part of round `rnd`: a fresh SGDM (SparseSGDM under `masks`) and J local steps, in place on
-    `model`, which holds the global weights when called; returns the mean training loss.
+    """A client's part of round `rnd`: a fresh SGDM (SparseSGDM under `masks`) and J local steps (corrected by the
+    algorithm's client `side`), in place on `model`, which holds the global weights when called; returns the mean
+    training loss.
 
     Every engine runs clients through this function (helpers.fedavg in one process, helpers.flower on nodes).
     """
     optimizer = client_optimizer(model, client_lr(config, rnd), config, masks)
     try:
-        return local_train(model, optimizer, data, shard, rnd, client, config, scaler)
+        return local_train(model, optimizer, data, shard, rnd, client, config, scaler, side)
     except NonFiniteLossError as exc:
         raise NonFiniteLossError(f"round {rnd + 1}, client {client}: {exc}") from None
 
@@ -147,7 +156,8 @@ def check_no_buffers(model: nn.Module) -> None:
 
 class RoundSum:
     """The server's side of one round: clients are added one at a time (memory does not grow with m), then
-    `apply` moves the global weights, w <- w + server_lr * sum_k n_k/n (w_k - w), and returns the round's metrics.
+    `apply` moves the global weights by the algorithm's server step from avg = sum_k n_k/n w_k (FedAvg:
+    w <- w + server_lr (avg - w)) and returns the round's metrics.
 
     Both engines feed it the clients' trained weights in the order of their client ids, so their sums are
     the same floating-point operations.
@@ -186,11 +196,18 @@ class RoundSum:
             key = lambda s: (s["scale"], s["_growth_tracker"])
             self.scaler_state = min(self.scaler_state or scaler_state, scaler_state, key=key)
 
-    def apply(self, params: list[Tensor], server_lr: float) -> dict:
-        """Write the new global weights into `params` (the model's trainable parameters); returns the metrics."""
+    def apply(self, params: list[Tensor], server_step: Callable[[list[Tensor], list[Tensor]], None]) -> dict:
+        """Write the new global weights into `params` (the model's trainable parameters); returns the metrics.
+
+        `server_step(w, avg)` moves w in place (helpers.algorithm.FedAvg.server_step); entries no client
+        trained stay where they were, whatever state a server optimizer keeps."""
+        before = _clone(self.start) if self.trained is not None else None
         if self.trained is not None:
             _keep_frozen(self.names, self.start, self.avg, self.trained)
-        _server_step(params, self.start, self.avg, server_lr)
+        server_step(self.start, self.avg)
+        if before is not None:
+            _keep_frozen(self.names, before, self.start, self.trained)
+        _copy(params, self.start)
         norms = torch.stack(self.norms)
         # Mean pairwise cosine over the clients that moved, from the sum S of their unit updates:
         # |S|^2 = m + sum_{i != j} cos_ij. A zero update has no direction: it is left out, not counted as cos 0.
@@ -211,9 +228,11 @@ class ClientResult(NamedTuple):
     loss: float
     masks: Mapping[str, Tensor] | None  # the client's masks (for upload bytes and frozen entries)
     scaler_state: dict | None  # its final GradScaler state
+    extra: object | None = None  # what it sends beyond its weights (helpers.algorithm.ClientSide.finish)
 
 
-# The engine seam, train_in_turn's signature: (model, data, shards, rnd, clients, config, *, masks, start, scaler)
+# The engine seam, train_in_turn's signature:
+# (model, data, shards, rnd, clients, config, *, masks, start, scaler, algorithm)
 TrainClients = Callable[..., Iterator[ClientResult]]
 
 
@@ -227,9 +246,11 @@ def fedavg_round(
     masks: Masks | None = None,
     scaler: torch.amp.GradScaler | None = None,
     train_clients: TrainClients | None = None,
+    algorithm: FedAvg | None = None,
 ) -> dict:
     """One round (0-based `rnd`) on the global weights held by `model`, updated in place; returns its row.
 
+    `algorithm` (default: the config's, with in-memory state) says what differs from FedAvg (helpers.algorithm).
     `train_clients` (default train_in_turn, same signature) is the one engine seam: it trains the round's
     clients and yields their results in client order; helpers.flower passes one that trains them on Flower nodes.
     """
@@ -239,14 +260,16 @@ def fedavg_round(
     clients = sample_clients(config["seed"], rnd, len(shards), config["participation"])
     total = sum(len(shards[k]) for k in clients)
     shared = upload_bytes(model, masks.shared) if masks is not None and not masks.local else None
-    train_clients = train_clients or train_in_turn
-    results = train_clients(model, data, shards, rnd, clients, config, masks=masks, start=server.start, scaler=scaler)
-    for k, weights, loss, own, scaler_state in results:
-        upload = shared if shared is not None else upload_bytes(model, own)
-        server.add(weights, len(shards[k]) / total, loss=loss, upload=upload, masks=own, scaler_state=scaler_state)
+    train_clients, algorithm = train_clients or train_in_turn, algorithm or make_algorithm(config)
+    opts = dict(masks=masks, start=server.start, scaler=scaler, algorithm=algorithm)
+    for r in train_clients(model, data, shards, rnd, clients, config, **opts):
+        upload = algorithm.upload_factor * (shared if shared is not None else upload_bytes(model, r.masks))
+        server.add(r.weights, len(shards[r.client]) / total, loss=r.loss, upload=upload, masks=r.masks,
+                   scaler_state=r.scaler_state)  # fmt: skip
+        algorithm.receive(r.client, r.extra)
     if scaler is not None:
         scaler.load_state_dict(server.scaler_state)
-    row = server.apply(params, config["server_lr"])
+    row = server.apply(params, algorithm.server_step)
     return {"round": rnd + 1, "clients": " ".join(map(str, clients)), "client_lr": client_lr(config, rnd), **row}
 
 
@@ -261,18 +284,23 @@ def train_in_turn(
     masks: Masks | None,
     start: list[Tensor],
     scaler: torch.amp.GradScaler | None,
+    algorithm: FedAvg,
 ) -> Iterator[ClientResult]:
     """The clients one after another on `model` itself (weights reloaded in place from `start`, no copies),
     each from the round's global weights and GradScaler state, so no client depends on the one before it."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
+    params, lr = list(params), client_lr(config, rnd)
     scaler_start = scaler.state_dict() if scaler is not None else None
     for k in clients:
         _copy(params, start)
         if scaler is not None:
             scaler.load_state_dict(scaler_start)
         own = masks.of_client(k) if masks is not None else None
-        loss = client_update(model, data, shards[k], rnd, k, config, masks=own, scaler=scaler)
-        yield ClientResult(k, params, loss, own, scaler.state_dict() if scaler is not None else None)
+        steps = local_steps(config, rnd, k)
+        side = algorithm.client_side(rnd, k, start, aligned_masks(names, own), lr, steps)
+        loss = client_update(model, data, shards[k], rnd, k, config, masks=own, scaler=scaler, side=side)
+        extra = side.finish(params) if side is not None else None
+        yield ClientResult(k, params, loss, own, scaler.state_dict() if scaler is not None else None, extra)
 
 
 @torch.no_grad()
@@ -319,16 +347,6 @@ def _keep_frozen(names: list[str], start: list[Tensor], avg: list[Tensor], masks
     for name, w, a in zip(names, start, avg, strict=True):
         if name in masks:
             a.copy_(torch.where(masks[name].to(a.device).bool(), a, w))
-
-
-@torch.no_grad()
-def _server_step(params: list[Tensor], start: list[Tensor], avg: list[Tensor], server_lr: float) -> None:
-    # w + lr (avg - w); at lr=1 (FedAvg) w_new == avg exactly, so one full-data client equals plain training.
-    if server_lr == 1:
-        torch._foreach_copy_(start, avg)
-    else:
-        torch._foreach_lerp_(start, avg, server_lr)
-    _copy(params, start)
 
 
 # ----------------------------------------------------------------------------- resumable runs
@@ -396,9 +414,11 @@ def federated_training(
     config = run.config
     net, inputs, scaler = loop_inputs(run, model, data)
     rounds, every = config["rounds"], config["eval_every"]
+    algorithm = make_algorithm(config, run.dir)  # its state (server optimizer, c) goes into the checkpoint
+    opts = dict(masks=masks, scaler=scaler, train_clients=train_clients, algorithm=algorithm)
 
     def one_round(rnd: int) -> dict:
-        row = fedavg_round(net, inputs, shards, rnd, config, masks=masks, scaler=scaler, train_clients=train_clients)
+        row = fedavg_round(net, inputs, shards, rnd, config, **opts)
         last = rnd + 1 == rounds
         evals = {
             "val": (rnd + 1) % every == 0 or last,
@@ -410,7 +430,8 @@ def federated_training(
         return row
 
     show = ("train_loss", "val_acc", "drift_cos")
-    return resumable_loop(run, model, one_round, unit="round", scaler=scaler, show=show, progress=progress)
+    extra = {"algorithm": algorithm} if algorithm.stateful else None
+    return resumable_loop(run, model, one_round, unit="round", extra=extra, scaler=scaler, show=show, progress=progress)
 
 
 def _evaluate(model: nn.Module, data: Data, split: str, config: dict) -> dict[str, float]:

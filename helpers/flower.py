@@ -239,7 +239,10 @@ def node_trainer(grid: Grid, nodes: dict[int, int]) -> TrainClients:
     ready = []  # set up (once per run: a resumed run has new nodes)
 
     # fedavg_round's train_in_turn signature; data and shards live on the nodes
-    def train_clients(model, data, shards, rnd, clients, config, *, masks, start, scaler) -> Iterator[ClientResult]:
+    # (the algorithm's server step runs in fedavg_round on the server; config admits no client side on Flower)
+    def train_clients(
+        model, data, shards, rnd, clients, config, *, masks, start, scaler, algorithm
+    ) -> Iterator[ClientResult]:
         if not ready:
             send_setup(grid, nodes, model, masks, config)
             ready.append(True)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from helpers.config import EXPERIMENTS, make_config, train_split_size
+from helpers.config import EXPERIMENTS, REMEDIES, make_config, train_split_size
 from helpers.data import NUM_CLASSES, Data, step_batches
 from helpers.features import split_features
 from helpers.fedavg import BYTES_PER_ENTRY, clients_per_round, run_fedavg
@@ -93,7 +93,8 @@ def head_fedavg_config(config: dict) -> dict:
     m = clients_per_round(config["num_clients"], config["participation"])
     per_round = m * config["local_steps"] * config["batch_size"]
     rounds = max(1, math.ceil(config["step0_epochs"] * train_split_size(config) / per_round))
-    shared = {k: config[k] for k in EXPERIMENTS["fedavg"] if k in config}
+    # Plain FedAvg whatever the remedy: every algorithm's sparse runs on these shards share one step 0.
+    shared = {k: config[k] for k in EXPERIMENTS["fedavg"] if k in config and k not in REMEDIES}
     # augment=None: the head trains on cached (un-augmented) features, whatever the sparse run augments.
     # engine="sequential": both engines share one step-0 run (helpers.flower runs step 0 on the server).
     overrides = {"train_mode": "head", "lr": config["step0_lr"], "rounds": rounds, "eval_every": rounds,

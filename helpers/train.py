@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -78,9 +79,12 @@ def train_steps(
     augment: str = "crop",
     lrs: list[float] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    correct: Callable[[], None] | None = None,
 ) -> float:
     """One optimizer step per row of `batches` (index tensor); returns the mean training loss.
 
+    `correct` changes the (unscaled) gradients before each optimizer step: a federated algorithm's client
+    correction (helpers.algorithm.ClientSide), e.g. FedProx's proximal term.
     uint8 images are augmented on their device; float inputs (cached features, see helpers.features) go to
     `model` as they are. The loss is summed on the device and read once at the end.
     """
@@ -98,10 +102,15 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
+            if correct is not None:
+                scaler.unscale_(optimizer)  # the correction adds to true gradients; step() then skips unscaling
+                correct()
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            if correct is not None:
+                correct()
             optimizer.step()
         total += loss.detach().float()
     mean = total.item() / max(1, len(batches))

@@ -1,0 +1,32 @@
+"""The registry of federated algorithms: name -> its class (helpers.algorithm's seam); config's `algorithm`
+choice, the engines, the cost estimate and the report read it. A new algorithm: one module, one entry here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from helpers.algorithm import DEFAULT_ALGORITHM, FedAvg
+from helpers.fedavgm import FedAvgM
+from helpers.fedopt import FedAdagrad, FedAdam, FedYogi
+from helpers.fedprox import FedProx
+from helpers.scaffold import ControlVariates, Scaffold
+
+ALGORITHMS: dict[str, type[FedAvg]] = {
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedProx, Scaffold, FedAdam, FedYogi, FedAdagrad)
+}
+ALGORITHM_PARAMS = tuple(dict.fromkeys(p for cls in ALGORITHMS.values() for p in cls.params))  # every one, once
+
+
+def algorithm_name(config: Mapping) -> str:
+    """The config's algorithm (FedAvg configs leave it out: their run ids predate the choice)."""
+    return config.get("algorithm", DEFAULT_ALGORITHM)
+
+
+def make_algorithm(config: Mapping, folder: str | Path | None = None) -> FedAvg:
+    """The config's algorithm; `folder` (a run folder) keeps per-client state on disk (SCAFFOLD's c_i)."""
+    cls = ALGORITHMS[algorithm_name(config)]
+    if cls is Scaffold:
+        store = ControlVariates(Path(folder) / "control_variates" if folder is not None else None)
+        return Scaffold(config, store)
+    return cls(config)
