@@ -117,7 +117,9 @@ class ControlledSteps(ClientSide):
             torch._foreach_div_(new, self.steps * self.lr)
             torch._foreach_sub_(new, self.correction)
         new = [n.masked_fill(~m, 0) if m is not None else n for n, m in zip(new, self.masks, strict=True)]
-        self.scaffold.store.save(self.client, self.rnd + 1, pack_entries(new, self.masks), keep=self.scaffold.kept_round())
+        self.scaffold.store.save(
+            self.client, self.rnd + 1, pack_entries(new, self.masks), keep=self.scaffold.kept_round()
+        )
         return torch._foreach_sub(new, self.c_i)  # Delta c_i
 
 

@@ -1,0 +1,155 @@
+"""Server-side remedies (FedAvgM, FedAdam, FedYogi, FedAdagrad) against the update rules as Flower's strategies and
+Reddi et al. (2021) Algorithm 2 state them, FedAvg's bit-exact degenerate case, frozen entries under every
+algorithm, and exact resume with the server state."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers import fedavg
+from helpers.algorithms import ALGORITHMS, make_algorithm
+from helpers.config import make_config
+from helpers.data import load_data
+from helpers.masks import Masks
+from helpers.models import set_trainable
+from helpers.resumable import build_seeded_model
+from helpers.runs import Run, load_checkpoint
+
+CPU = torch.device("cpu")
+SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu")
+SERVER = {"server_beta1": 0.8, "server_beta2": 0.95, "server_tau": 0.05}
+SETTINGS = {
+    "fedavgm": {"server_momentum": 0.7},
+    "fedadam": SERVER,
+    "fedyogi": SERVER,
+    "fedadagrad": {"server_beta1": 0.8, "server_tau": 0.05},
+}
+
+
+def small_config(**overrides) -> dict:
+    return make_config("fedavg", "smoke", **{**SMALL, **overrides})
+
+
+def reference(name: str, w: np.ndarray, averages: list[np.ndarray], lr: float, **p) -> np.ndarray:
+    """The server's weights after the rounds' averages, in float64, as the papers / Flower write the rules."""
+    m = np.zeros_like(w)
+    v = np.full_like(w, p.get("server_tau", 0.0) ** 2)  # Reddi et al.: v_{-1} >= tau^2 (taken equal)
+    momentum = None
+    for avg in averages:
+        if name == "fedavgm":  # Flower's FedAvgM: pseudo-gradient w - avg, w <- w - lr * momentum
+            pseudo = w - avg
+            momentum = pseudo if momentum is None else p["server_momentum"] * momentum + pseudo
+            w = w - lr * momentum
+            continue
+        delta = avg - w  # Reddi et al. Algorithm 2
+        m = p["server_beta1"] * m + (1 - p["server_beta1"]) * delta
+        if name == "fedadam":
+            v = p["server_beta2"] * v + (1 - p["server_beta2"]) * delta**2
+        elif name == "fedyogi":
+            v = v - (1 - p["server_beta2"]) * delta**2 * np.sign(v - delta**2)
+        else:  # fedadagrad
+            v = v + delta**2
+        w = w + lr * m / (np.sqrt(v) + p["server_tau"])
+    return w
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_server_steps_follow_the_papers_rules(name):
+    config = small_config(algorithm=name, server_lr=0.3, **SETTINGS[name])
+    algorithm = make_algorithm(config)
+    gen = torch.Generator().manual_seed(0)
+    w0 = [torch.randn(5, 4, generator=gen), torch.randn(7, generator=gen)]
+    # rounds with big, small and zero moves, so Yogi's sign takes both values
+    averages = [[w + s * torch.randn(w.shape, generator=gen) for w in w0] for s in (1.0, 0.01, 0.5, 0.0)]
+    w = [t.clone() for t in w0]
+    for avg in averages:
+        algorithm.server_step(w, [a.clone() for a in avg])
+    for i, got in enumerate(w):
+        want = reference(name, w0[i].double().numpy(), [a[i].double().numpy() for a in averages], 0.3,
+                         **SETTINGS[name])  # fmt: skip
+        np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def run_frame(run) -> pd.DataFrame:
+    return run.metrics().drop(columns="elapsed_s")
+
+
+def final_weights(run) -> dict:
+    return load_checkpoint(run)["model"]
+
+
+@pytest.mark.parametrize("server_lr", [1.0, 0.5])
+def test_fedavgm_without_momentum_is_fedavg_bit_for_bit(tmp_path, server_lr):
+    common = dict(num_clients=6, participation=0.5, local_steps=2, rounds=3, server_lr=server_lr)
+    plain = fedavg.run_fedavg(small_config(**common), run_root=tmp_path, progress=False)
+    zero = fedavg.run_fedavg(small_config(**common, algorithm="fedavgm", server_momentum=0.0), run_root=tmp_path,
+                             progress=False)  # fmt: skip
+    assert plain.id != zero.id
+    pd.testing.assert_frame_equal(run_frame(plain), run_frame(zero), check_exact=True)
+    for name, tensor in final_weights(plain).items():
+        assert torch.equal(final_weights(zero)[name], tensor), name
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_entries_no_client_of_the_round_trains_never_move(name):
+    """Local masks and 2 of 4 clients per round: the round's union of masks changes, and server state built in one
+    round must not move entries that no client of a later round trains."""
+    config = small_config(algorithm=name, num_clients=4, participation=0.5, local_steps=2, lr=0.2,
+                          **SETTINGS.get(name, {}))  # fmt: skip
+    data = load_data(config, CPU)
+    shards = fedavg.client_shards(config, data)
+    model = build_seeded_model(config, CPU)
+    set_trainable(model, "full")
+    gen = torch.Generator().manual_seed(0)
+    names = [n for n, p in model.named_parameters() if not n.startswith("head.")]
+    per_client = [{n: torch.rand(p.shape, generator=gen) < 0.3 for n, p in model.named_parameters() if n in names}
+                  for _ in shards]  # fmt: skip
+    algorithm, moved = make_algorithm(config), 0
+    for rnd in range(3):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        row = fedavg.fedavg_round(model, data, shards, rnd, config, masks=Masks.per_client(per_client),
+                                  algorithm=algorithm)  # fmt: skip
+        trained = [per_client[int(k)] for k in row["clients"].split()]
+        for n in names:
+            frozen = ~functools.reduce(torch.logical_or, [m[n] for m in trained])
+            got = dict(model.named_parameters())[n].detach()
+            assert torch.equal(got[frozen], before[n][frozen]), f"round {rnd + 1}: untrained entries of {n} moved"
+            moved += int((got[~frozen] != before[n][~frozen]).sum())
+    assert moved > 0
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_killed_run_resumes_to_identical_metrics_with_server_state(tmp_path, monkeypatch, name):
+    config = small_config(algorithm=name, num_clients=6, participation=0.5, local_steps=2, rounds=5, server_lr=0.1,
+                          **SETTINGS[name])  # fmt: skip
+    clean = fedavg.run_fedavg(config, run_root=tmp_path / "clean", progress=False)
+    calls = {"n": 0}
+    original = fedavg.RoundSum.apply
+
+    def dies_in_round_4(self, params, step):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Killed
+        return original(self, params, step)
+
+    monkeypatch.setattr(fedavg.RoundSum, "apply", dies_in_round_4)
+    with pytest.raises(Killed):
+        fedavg.run_fedavg(config, run_root=tmp_path / "killed", progress=False)
+    monkeypatch.undo()
+    (killed_dir,) = (tmp_path / "killed").glob("fedavg/*")
+    assert load_checkpoint(Run("fedavg", config, killed_dir.name, killed_dir))["round"] == 3
+    resumed = fedavg.run_fedavg(config, run_root=tmp_path / "killed", progress=False)
+    pd.testing.assert_frame_equal(run_frame(resumed), run_frame(clean), check_exact=True)
+    state = load_checkpoint(resumed)
+    assert set(state["algorithm"]) == ({"velocity"} if name == "fedavgm" else {"m", "v"})
+    for key, tensor in final_weights(clean).items():
+        assert torch.equal(state["model"][key], tensor), key
