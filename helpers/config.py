@@ -415,6 +415,11 @@ def _check_federated(config: dict) -> None:
             )
 
 
+def implicit_defaults() -> dict:
+    """The parameters a config leaves out at their default (Param.implicit), with that default."""
+    return {name: COMMON_DEFAULTS[name] for name, spec in PARAMS.items() if spec.implicit}
+
+
 def hashed_items(config: dict) -> dict:
     """The part of a config that identifies a run (bookkeeping parameters left out)."""
     return {k: v for k, v in sorted(config.items()) if PARAMS[k].hashed}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from helpers.config import PARAMS, REPO, hashed_items
+from helpers.config import PARAMS, REPO, hashed_items, implicit_defaults
 
 DRIVE_ROOT = Path("/content/drive/MyDrive/fl-model-editing")
 RUN_ROOT_ENV = "FLME_RUN_ROOT"
@@ -273,7 +273,13 @@ def tidy_results(runs: list[Run]) -> pd.DataFrame:
         m.insert(0, "run_id", run.id)
         m.insert(1, "experiment", run.experiment)
         frames.append(m)
-    return with_integer_columns(pd.concat(frames, ignore_index=True)) if frames else pd.DataFrame()
+    if not frames:
+        return pd.DataFrame()
+    table = pd.concat(frames, ignore_index=True)
+    for name, default in implicit_defaults().items():  # e.g. algorithm: FedAvg configs leave it out
+        if name in table:
+            table[name] = table[name].fillna(default)
+    return with_integer_columns(table)
 
 
 def results_dir(profile: str, root: str | Path = "results") -> Path:
