@@ -33,7 +33,7 @@ class FedAvg:
     params: tuple[str, ...] = ()  # its own parameters (helpers.config.PARAMS): in a config of this algorithm only
     upload_factor = 1  # model-sized tensors a client uploads per round (SCAFFOLD: weights and control variates)
     stateful = False  # server state that the checkpoint must hold (exact resume)
-    has_client_side = False  # True: client_side returns a ClientSide (clients do more than FedAvg's steps)
+    on_flower = True  # runs with engine="flower" (server step on the ServerApp, client side on the nodes)
 
     def __init__(self, config: Mapping) -> None:
         self.server_lr = config["server_lr"]

@@ -334,6 +334,11 @@ def run_bench(profile: str = "smoke", device: str = "auto", quick: bool = False,
                 make_config("fedavg", profile, device=str(dev.type), pretrained=False, rounds=4 if quick else 8)
             )
         )
+        from helpers.bench_remedies import bench_algorithms, measured_store_bytes, scaffold_memory
+
+        remedies = make_config("fedavg", profile, device=str(dev.type), pretrained=False)
+        out.update(bench_algorithms(remedies, repeats=1 if quick else 3))
+        out.update({**measured_store_bytes(config), **scaffold_memory()})
     if dev.type == "cuda":  # the whole benchmark's peak (batch 256), before the default-batch measurement resets it
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     out.update(bench_gpu_memory(config, dev))

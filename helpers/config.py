@@ -365,11 +365,10 @@ def _check_combinations(config: dict) -> None:
             f"calibration_rounds={config['calibration_rounds']} is invalid with mask_rule={config['mask_rule']!r}: "
             f"rounds only apply to {rounds} (the other rules are one-shot); use calibration_rounds=1"
         )
-    if config.get("engine") == "flower" and ALGORITHMS[config.get("algorithm", DEFAULT_ALGORITHM)].has_client_side:
+    if config.get("engine") == "flower" and not ALGORITHMS[config.get("algorithm", DEFAULT_ALGORITHM)].on_flower:
         raise ValueError(
-            f"algorithm={config['algorithm']!r} is invalid with engine='flower': its client side does not run on "
-            "Flower nodes yet; use engine='sequential', or one of the server-side algorithms "
-            + ", ".join(a for a, cls in ALGORITHMS.items() if not cls.has_client_side)
+            f"algorithm={config['algorithm']!r} is invalid with engine='flower' (not built for Flower nodes yet): "
+            f"use engine='sequential', or algorithm one of {', '.join(a for a, c in ALGORITHMS.items() if c.on_flower)}"
         )
     if "num_clients" in config:
         if config["sharding"] == "noniid" and config["classes_per_client"] > 100:

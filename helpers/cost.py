@@ -23,6 +23,7 @@ from helpers.masks import one_shot
 from helpers.models import forward_flops
 from helpers.notebook import NOTEBOOKS
 from helpers.runs import default_run_root, run_id
+from helpers.stragglers import expected_local_steps
 
 T4_PEAK_FLOPS = 65e12  # dense fp16 tensor-core peak of a T4 (datasheet)
 T4_FP32_PEAK_FLOPS = 8.1e12  # its fp32 peak: per-sample scoring runs without autocast, so it runs at this rate
@@ -70,7 +71,7 @@ def run_work(experiment: str, config: dict) -> Work:
     if federated:
         steps = config["rounds"]
         images = steps * clients_per_round(config["num_clients"], config["participation"])
-        images *= config["local_steps"] * config["batch_size"]
+        images *= expected_local_steps(config) * config["batch_size"]  # stragglers stop early
         val, test = _evaluations(steps, config["eval_every"], config["eval_test"])
     else:
         steps, images = config["epochs"], config["epochs"] * n_train

@@ -31,7 +31,6 @@ class FedProx(FedAvg):
 
     name = "fedprox"
     params = ("prox_mu",)
-    has_client_side = True
 
     def __init__(self, config: Mapping) -> None:
         super().__init__(config)

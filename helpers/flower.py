@@ -26,14 +26,25 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from helpers.algorithm import aligned_masks
+from helpers.algorithms import make_algorithm
 from helpers.caches import NODES
 from helpers.config import REPO, check_value, make_config, parse_sets
 from helpers.data import Data
-from helpers.fedavg import ClientResult, TrainClients, client_shards, client_update, run_fedavg, train_in_turn
+from helpers.fedavg import (
+    ClientResult,
+    TrainClients,
+    client_lr,
+    client_shards,
+    client_update,
+    run_fedavg,
+    train_in_turn,
+)
 from helpers.masks import Masks
 from helpers.resumable import run_inputs
 from helpers.runs import Run, open_run, run_id
 from helpers.sparse_runs import run_sparse_fedavg
+from helpers.stragglers import local_steps
 from helpers.train import NonFiniteLossError, make_scaler
 
 MISSING = "Flower is not installed: pip install -r requirements-flower.txt"
@@ -239,7 +250,7 @@ def node_trainer(grid: Grid, nodes: dict[int, int]) -> TrainClients:
     ready = []  # set up (once per run: a resumed run has new nodes)
 
     # fedavg_round's train_in_turn signature; data and shards live on the nodes
-    # (the algorithm's server step runs in fedavg_round on the server; config admits no client side on Flower)
+    # (the algorithm's server step runs in fedavg_round on the server, its client side on the nodes: node_train)
     def train_clients(
         model, data, shards, rnd, clients, config, *, masks, start, scaler, algorithm
     ) -> Iterator[ClientResult]:
@@ -380,7 +391,12 @@ def node_train(content: RecordDict, context: Context, config: dict) -> RecordDic
     scaler = make_scaler(device)
     if scaler is not None:
         scaler.load_state_dict(dict(content["scaler"]))
-    loss = client_update(model, data, shards[client], rnd, client, config, masks=masks, scaler=scaler)
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
+    start = [p.detach().clone() for p in params]  # the round's global weights (FedProx's anchor)
+    side = make_algorithm(config).client_side(
+        rnd, client, start, aligned_masks(names, masks), client_lr(config, rnd), local_steps(config, rnd, client)
+    )
+    loss = client_update(model, data, shards[client], rnd, client, config, masks=masks, scaler=scaler, side=side)
     trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     reply = RecordDict({"weights": ArrayRecord(trained), "result": ConfigRecord({"client": client, "loss": loss})})
     if scaler is not None:

@@ -128,7 +128,7 @@ class Scaffold(FedAvg):
 
     name = "scaffold"
     params = ("scaffold_option",)
-    has_client_side = True
+    on_flower = False  # its control variates would have to travel to and live on the nodes: not built yet
     upload_factor = 2  # y_i and Delta c_i
     stateful = True
 

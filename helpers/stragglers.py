@@ -14,6 +14,12 @@ import torch
 from helpers.seeding import torch_generator
 
 
+def expected_local_steps(config: Mapping) -> float:
+    """The mean of local_steps over clients and rounds: (1 - p) J + p (J + 1) / 2."""
+    p, steps = config.get("stragglers", 0.0), config["local_steps"]
+    return steps if p == 0 else (1 - p) * steps + p * (steps + 1) / 2
+
+
 def local_steps(config: Mapping, rnd: int, client: int) -> int:
     """Local steps of `client` in round `rnd` (0-based): J, or fewer for a straggler."""
     p, steps = config.get("stragglers", 0.0), config["local_steps"]

@@ -101,6 +101,21 @@ def test_flower_equals_the_sequential_engine(case, tmp_path):
     assert flw.summary().get("step0_run") == seq.summary().get("step0_run")
 
 
+REMEDIES = {
+    "fedprox": {"algorithm": "fedprox", "prox_mu": 0.1},  # a client side, on the nodes
+    "fedadam": {"algorithm": "fedadam", "server_lr": 0.05},  # server state, on the ServerApp
+}
+
+
+@pytest.mark.parametrize("remedy", REMEDIES)
+def test_flower_runs_the_remedies_like_the_sequential_engine(remedy, tmp_path):
+    config = make_config("fedavg", "smoke", **{**SMALL, **IID, **REMEDIES[remedy]})
+    seq = run_fedavg(config, run_root=tmp_path / "sequential", progress=False)
+    flw = run_flower(config, run_root=tmp_path / "flower", progress=False)
+    assert {**flw.config, "engine": "sequential"} == seq.config and seq.config["algorithm"] == remedy
+    assert_same_run(flw, seq)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
