@@ -99,6 +99,8 @@ def head_fedavg_config(config: dict) -> dict:
     # engine="sequential": both engines share one step-0 run (helpers.flower runs step 0 on the server).
     overrides = {"train_mode": "head", "lr": config["step0_lr"], "rounds": rounds, "eval_every": rounds,
                  "augment": None, "engine": "sequential"}  # fmt: skip
+    if "algorithm" in config:  # a remedy's server_lr means its own step (FedAdam's): step 0 keeps FedAvg's default
+        overrides["server_lr"] = None
     return make_config("fedavg", **{**shared, **overrides})
 
 
