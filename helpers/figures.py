@@ -16,6 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from helpers.algorithms import ALGORITHMS
 from helpers.plots import HALF_WIDTH_IN, TEXT_WIDTH_IN, integer_ticks, paper_style, plot_heatmap
 from helpers.report_data import (
     MissingResults,
@@ -304,6 +305,35 @@ def fig_communication(df: pd.DataFrame) -> Figure:
     return fig
 
 
+def fig_remedies(df: pd.DataFrame) -> Figure:
+    """Remedies against client drift, dense and sparse: validation accuracy against cumulative upload, one panel per
+    (sharding, dense/sparse), one line per algorithm."""
+    import seaborn as sns
+
+    from helpers.remedy_views import with_algorithm
+
+    part = with_method_and_setting(select(df, "remedies", ("round", "upload_bytes", "val_acc")))
+    part = with_algorithm(part.dropna(subset=["upload_bytes"])).sort_values(["run_id", "round"])
+    part["upload_mb"] = _cumulative_upload(part)
+    part["kind"] = np.where(part["sparsity"].fillna(0) > 0, "sparse", "dense")
+    part = part.dropna(subset=["val_acc"])
+    panels = [(s, k) for s in setting_order(part["setting"]) for k in ("dense", "sparse")]
+    fig, axes = _figure(FULL, len(panels), sharey=True)
+    order = [a for a in ALGORITHMS if a in set(part["algorithm"])]  # the registry's order, FedAvg first
+    for ax, (setting, kind) in zip(axes, panels):
+        data = part[(part["setting"] == setting) & (part["kind"] == kind)]
+        sns.lineplot(data=data, x="upload_mb", y="val_acc", hue="algorithm", hue_order=order, errorbar="sd",
+                     palette=PALETTE, marker="o", markersize=2.5, markeredgewidth=0, ax=ax)  # fmt: skip
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(f"{setting.replace('=', ' = ')}, {kind}")
+        ax.set_xlabel("")
+        ax.set_ylabel(LABELS["val_acc"])
+    fig.supxlabel(LABELS["upload_mb"] + ", log scale", fontsize=8)
+    _legend_on_top(fig, axes, None)
+    return fig
+
+
 def fig_mask_rules(df: pd.DataFrame) -> Figure:
     """Per mask rule and control: final test accuracy and mean client-update cosine, one bar per sharding."""
     import seaborn as sns
@@ -340,6 +370,7 @@ FIGURES: dict[str, Callable[[pd.DataFrame], Figure]] = {
     "editing_curves": fig_editing_curves,
     "communication": fig_communication,
     "mask_rules": fig_mask_rules,
+    "remedies": fig_remedies,
 }
 
 

@@ -206,6 +206,16 @@ TABLES: dict[str, tuple] = {
         "the step-0 head frozen; the step-0 model) and sparse runs (sparsity s, calibration rounds R).",
         None,
     ),
+    "remedies": (
+        "remedies",
+        ["algorithm", "method"],
+        "test_acc",
+        "setting",
+        "Remedies against client drift at the hardest settings, each dense (step-0 head) and with the sparse mask, at "
+        "the same step budget: final test accuracy per algorithm and sharding (Figure~\\ref{fig:remedies}: the "
+        "uploads).",
+        None,
+    ),
     "mask_rules": (
         "mask_strategies",
         "mask_rule",
@@ -246,6 +256,10 @@ def table_data(df: pd.DataFrame, name: str) -> pd.DataFrame:
         from helpers.editing_views import rules_with_controls
 
         part = rules_with_controls(part)
+    if name == "remedies":  # the step-0 model is every algorithm's: not a remedy's row
+        from helpers.remedy_views import with_algorithm
+
+        part = with_algorithm(part[part["experiment"] != "step0"])
     needed = [
         *([index] if isinstance(index, str) else index),
         *([columns] if columns else []),
@@ -273,6 +287,7 @@ def deviations_table(profile: str) -> str:
 
     central, fed = make_config("sparse_centralized", profile), make_config("sparse_fedavg", profile)
     k, per_client = fed["num_clients"], fed["calibration_samples"]
+    fed_opt = make_config("fedavg", profile, algorithm="fedadam")
     rows = [
         ("optimiser", "AdamW-type (AdaptW), label smoothing optional",
          f"SGD with momentum {central['momentum']:g}, weight decay {central['weight_decay']:g} (SparseSGDM)"),
@@ -285,6 +300,19 @@ def deviations_table(profile: str) -> str:
          f"({k * per_client:,} over K={k}) in FL"),
         ("density", "one threshold, every entry tied with it kept: can exceed the target",
          "exact: ties at the threshold broken by index"),
+        ("learning-rate warmup", "500 warmup steps", "none in the editing runs"),
+        ("scoring inputs", "calibration images under its training transform (augmented)",
+         "under the evaluation preprocessing (resize, normalise)"),
+        ("FedAdam, FedYogi, FedAdagrad (Reddi et al.)", "Algorithm 2: v starts at >= tau^2, no bias correction "
+         "(Flower's FedAdam adds one)", f"v starts at tau^2 (tau = {fed_opt['server_tau']:g}), m at 0, no bias "
+         "correction; FedAdagrad keeps the b1 momentum; step server_lr"),
+        ("SCAFFOLD (Karimireddy et al.)", "Algorithm 1: plain SGD clients; global step eta_g on the plain mean of "
+         "the client updates; option I: a fresh gradient pass", "SGDM clients (momentum 0 is the paper's); eta_g = "
+         "server_lr on FedAvg's size-weighted mean (equal for equal shards); option II by default, option I from "
+         "the first local batch; c_i kept in fp32 at the trainable entries only"),
+        ("stragglers (FedProx paper)", "a share of devices runs a uniform number of local epochs in [1, E]",
+         "each sampled client straggles with probability p and runs a uniform number of steps in [1, J], the "
+         "first ones of its full work"),
     ]  # fmt: skip
     body = [" & ".join(latex_escape(c) for c in row) + r" \\" for row in rows]
     return "\n".join([
