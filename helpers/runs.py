@@ -369,7 +369,8 @@ def final_means(df: pd.DataFrame | None, metrics: list[str]) -> dict[str, float]
 
 
 def find_runs(experiment: str, run_root: str | Path | None = None, *, done: bool = True, **match) -> list[Run]:
-    """Runs already on disk under <run_root>/<experiment>/ whose config has every `match` key == value.
+    """Runs already on disk under <run_root>/<experiment>/ whose config has every `match` key == value (and
+    the default of every implicit parameter not in `match`: a FedAvg grid does not collect FedProx runs).
 
     A list, tuple or set as value means "any of these". Reads config.json only (creates nothing), so a
     notebook can collect the finished cells of a grid that other papermill executions ran. Sorted by folder.
@@ -385,6 +386,8 @@ def find_runs(experiment: str, run_root: str | Path | None = None, *, done: bool
             k in config and (config[k] in v if isinstance(v, (list, tuple, set)) else config[k] == v)
             for k, v in match.items()
         )
+        # a parameter left out at its default (algorithm: FedAvg) and not asked for must be at its default
+        ok = ok and all(k in match or k not in config for k in implicit_defaults())
         run = Run(experiment, config, path.parent.name, path.parent)
         if ok and (run.done or not done):
             found.append(run)

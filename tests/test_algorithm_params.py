@@ -9,7 +9,7 @@ from helpers import fedavg, resumable
 from helpers.__main__ import main
 from helpers.algorithms import ALGORITHMS
 from helpers.config import REMEDIES, make_config
-from helpers.runs import run_id, tidy_results
+from helpers.runs import find_runs, run_id, tidy_results
 
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu")
 
@@ -76,3 +76,6 @@ def test_tidy_results_fill_the_left_out_default(tmp_path):
     assert table["algorithm"].tolist() == ["fedavg", "fedprox"]
     assert table["prox_mu"].isna().tolist() == [True, False]  # a parameter FedAvg does not have stays empty
     assert "algorithm" not in tidy_results(runs[:1])
+
+    assert [r.id for r in find_runs("fedavg", tmp_path, num_clients=4)] == [runs[0].id]  # FedAvg's grid only
+    assert [r.id for r in find_runs("fedavg", tmp_path, algorithm="fedprox")] == [runs[1].id]
