@@ -208,9 +208,9 @@ TABLES: dict[str, tuple] = {
     ),
     "remedies": (
         "remedies",
-        ["algorithm", "method"],
+        "algorithm",
         "test_acc",
-        "setting",
+        "variant",
         "Remedies against client drift at the hardest settings, each dense (step-0 head) and with the sparse mask, at "
         "the same step budget: final test accuracy per algorithm and sharding (Figure~\\ref{fig:remedies}: the "
         "uploads).",
@@ -226,6 +226,7 @@ TABLES: dict[str, tuple] = {
     ),
 }
 SHORT_NAMES = {
+    "variant": "",
     "local_steps": "J",
     "calibration_rounds": "R",
     "weight_decay": "wd",
@@ -260,6 +261,8 @@ def table_data(df: pd.DataFrame, name: str) -> pd.DataFrame:
         from helpers.remedy_views import with_algorithm
 
         part = with_algorithm(part[part["experiment"] != "step0"])
+        kind = np.where(part["sparsity"].fillna(0) > 0, "sparse", "dense")
+        part = part.assign(variant=part["setting"] + ", " + kind)
     needed = [
         *([index] if isinstance(index, str) else index),
         *([columns] if columns else []),
@@ -303,9 +306,9 @@ def deviations_table(profile: str) -> str:
         ("learning-rate warmup", "500 warmup steps", "none in the editing runs"),
         ("scoring inputs", "calibration images under its training transform (augmented)",
          "under the evaluation preprocessing (resize, normalise)"),
-        ("FedAdam, FedYogi, FedAdagrad (Reddi et al.)", "Algorithm 2: v starts at >= tau^2, no bias correction "
-         "(Flower's FedAdam adds one)", f"v starts at tau^2 (tau = {fed_opt['server_tau']:g}), m at 0, no bias "
-         "correction; FedAdagrad keeps the b1 momentum; step server_lr"),
+        ("FedAdam, FedYogi, FedAdagrad (Reddi et al.)", "Algorithm 2: v starts at or above tau squared, no bias "
+         "correction (Flower's FedAdam adds one)", f"v starts at tau squared (tau = {fed_opt['server_tau']:g}), "
+         "m at 0, no bias correction; FedAdagrad keeps the b1 momentum; step server_lr"),
         ("SCAFFOLD (Karimireddy et al.)", "Algorithm 1: plain SGD clients; global step eta_g on the plain mean of "
          "the client updates; option I: a fresh gradient pass", "SGDM clients (momentum 0 is the paper's); eta_g = "
          "server_lr on FedAvg's size-weighted mean (equal for equal shards); option II by default, option I from "

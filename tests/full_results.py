@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from helpers.algorithms import ALGORITHMS
 from helpers.config import make_config
 from helpers.fedavg import rounds_for_budget
 from helpers.masks import MASK_RULES
@@ -156,11 +157,29 @@ def _editing(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
     }
 
 
+def _remedies(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
+    """05's remedies comparison: every algorithm dense and sparse at Nc 1 and 5, J 8 (its defaults)."""
+    from helpers.remedy_views import remedy_plan
+
+    base = make_config("sparse_fedavg", PROFILE, calibration_rounds=2)
+    gains = {"fedavg": 0.0, "fedavgm": 0.01, "fedprox": 0.005, "scaffold": 0.02, "fedadam": 0.015, "fedyogi": 0.012,
+             "fedadagrad": 0.008}  # fmt: skip
+    rows = []
+    for config in remedy_plan(base, list(ALGORITHMS), [1, 5], 8, 0.01):
+        algorithm, sparse = config.get("algorithm", "fedavg"), config["sparsity"] > 0
+        final = 0.86 - 0.3 / config["classes_per_client"] + gains[algorithm] + (0.02 if sparse else 0)
+        density = (1 - config["sparsity"]) * (2 if algorithm == "scaffold" else 1)  # SCAFFOLD also sends c_i
+        rows.append(_rows("sparse_fedavg", config, final, rng, density=density, mask_density=1 - config["sparsity"],
+                          calibration_upload_bytes=4 * BACKBONE_ENTRIES * 100 * 2 if sparse else 0.0))  # fmt: skip
+    frame = pd.concat(rows)
+    return {"remedies": frame.assign(algorithm=frame["algorithm"].fillna("fedavg"))}
+
+
 def write_full_results(root: Path, seed: int = 0) -> Path:
     """Write results/full/<name>.csv for every results file of the full study under `root`; returns `root`."""
     rng = np.random.default_rng(seed)
     folder = root / PROFILE
     folder.mkdir(parents=True, exist_ok=True)
-    for name, frame in {**_centralized(rng), **_fedavg(rng), **_editing(rng)}.items():
+    for name, frame in {**_centralized(rng), **_fedavg(rng), **_editing(rng), **_remedies(rng)}.items():
         frame.to_csv(folder / f"{name}.csv", index=False)
     return root

@@ -100,6 +100,11 @@ def write_fixture(root: Path) -> Path:
             ], fed=True),
             _runs("step0", "round", 1, [{"sharding": sh, "classes_per_client": 2, "seed": 0} for sh in SHARDINGS]),
         ]),
+        "remedies": _runs("sparse_fedavg", "round", 3, [
+            {"algorithm": a, "sparsity": sp, "calibration_rounds": 2, "sharding": "noniid", "classes_per_client": nc,
+             "local_steps": 8, "seed": 0}
+            for a in ["fedavg", "fedprox", "scaffold", "fedadam"] for sp in [0.0, 0.9] for nc in [1, 5]
+        ], fed=True),
     }  # fmt: skip
     for name, frame in files.items():
         frame.to_csv(folder / f"{name}.csv", index=False)

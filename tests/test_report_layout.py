@@ -131,7 +131,7 @@ def assert_paper_layout(folder: Path) -> None:
     floats = {k: int(v) for k, v in pages.items() if k.startswith(("fig:", "tab:"))}
     assert len(floats) >= 10 and max(floats.values()) <= int(pages["sec:conclusion"]), pages
     text = subprocess.run(["pdftotext", "main.pdf", "-"], cwd=folder, capture_output=True, text=True).stdout
-    conclusion = re.search(r"\n\d+\s+Conclusion\n", text)
+    conclusion = re.search(r"\n\f?\d+\s+Conclusion\n", text)  # \f: the heading may open a page
     assert conclusion, "no Conclusion heading"
     captions = [m.start() for m in re.finditer(r"(?m)^(?:Figure|Table) \d+:", text)]
     assert captions and max(captions) < conclusion.start(), "a caption comes after the Conclusion heading"
