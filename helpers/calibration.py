@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from helpers.data import Data, eval_batch
+from helpers.data import Data, augment_batch, eval_batch
 from helpers.fedavg import BYTES_PER_ENTRY
 from helpers.masks import Masks, TensorMasks
 from helpers.models import backbone_parameters
@@ -28,7 +28,8 @@ EDITING_FILE = "editing.pt"  # step-0 head, packed masks and calibration cost, i
 
 class Scorer:
     """score_fn for calibrate_masks: the sum over `pools` (the train split, or each client's shard) of
-    compute_scores on calibration_samples samples of that pool (all of it if smaller), eval preprocessing.
+    compute_scores on calibration_samples samples of that pool (all of it if smaller), eval preprocessing
+    (or, score_transform="train", augmented as in training: seeded by round and pool).
 
     Each pool is scored on its own (its own samples and label draws), then the sums are added: the server's
     sum of client scores. Every round draws fresh labels (the generator's key holds the round).
@@ -45,9 +46,14 @@ class Scorer:
         order = torch.randperm(len(pool), generator=torch_generator(self.config["seed"], "calibration", *key))
         chosen = pool[order][: self.config["calibration_samples"]]
         self.samples += len(chosen)
+        augment = self.config.get("score_transform", "eval") == "train"  # TaLoS scores augmented images
+        gen = torch_generator(self.config["seed"], "calibration_augment", self.calls, *key)
+        img_size, mode = self.config["img_size"], self.config["augment"]
         for idx in chosen.split(size):
             idx = idx.to(dev)
-            yield eval_batch(self.data.train_x[idx], img_size=self.config["img_size"]), self.data.train_y[idx]
+            x = self.data.train_x[idx]
+            x = augment_batch(x, gen, img_size=img_size, mode=mode) if augment else eval_batch(x, img_size=img_size)
+            yield x, self.data.train_y[idx]
 
     def __call__(self, model: nn.Module) -> dict[str, Tensor]:
         self.calls += 1

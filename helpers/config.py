@@ -97,6 +97,8 @@ PARAMS: dict[str, Param] = {
     "server_tau": Param(float, low=0, low_open=True),  # FedAdam, FedYogi, FedAdagrad
     # systems heterogeneity: the fraction of sampled clients that stop early (helpers.stragglers)
     "stragglers": Param(float, low=0, high=1, high_open=True, implicit=True),
+    # the client lr rises linearly over the first rounds (the TaLoS reference warms up for 500 steps)
+    "warmup_rounds": Param(int, low=0, implicit=True),
     # model editing (sparse fine-tuning, §9): sparsity = fraction of backbone entries FROZEN
     "sparsity": Param(float, low=0, high=1, high_open=True),
     "calibration_rounds": Param(int, low=1),
@@ -111,6 +113,8 @@ PARAMS: dict[str, Param] = {
     "step0_lr": Param(float, low=0, low_open=True),
     "ridge_lambda": Param(float, low=0, low_open=True),
     "mask_scope": _choice("global", "local"),
+    # sensitivity scored on images under the evaluation preprocessing, or augmented as in training (TaLoS)
+    "score_transform": _choice("eval", "train", implicit=True),
     # evaluation and bookkeeping (not part of the run identity)
     "eval_every": Param(int, low=1),
     "eval_test": Param(bool),
@@ -133,7 +137,8 @@ COMMON_DEFAULTS = {
     "num_clients": 100, "participation": 0.1, "local_steps": 4, "sharding": "iid", "classes_per_client": 5,
     "dirichlet_alpha": 0.5, "server_lr": 1.0, "client_lr_schedule": "constant", "engine": "sequential",
     "algorithm": DEFAULT_ALGORITHM, "server_momentum": 0.9, "prox_mu": 0.01, "scaffold_option": "II",
-    "server_beta1": 0.9, "server_beta2": 0.99, "server_tau": 1e-3, "stragglers": 0.0,
+    "server_beta1": 0.9, "server_beta2": 0.99, "server_tau": 1e-3, "stragglers": 0.0, "warmup_rounds": 0,
+    "score_transform": "eval",
     "sparsity": 0.9, "calibration_rounds": 4, "mask_rule": DEFAULT_MASK_RULE, "score_method": "talos",
     "step0": "sgd", "step0_lr": 0.1, "ridge_lambda": 1.0, "mask_scope": "global", "embeddings": "masked",
 }
@@ -166,13 +171,15 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
                                              "eval_test"),
     "fedavg": _DATA + _OPTIM + _BOOK + ("num_clients", "participation", "local_steps", "rounds", "sharding",
                                         "classes_per_client", "dirichlet_alpha", "server_lr",
-                                        "client_lr_schedule", "engine", "eval_test", *REMEDIES),
+                                        "client_lr_schedule", "engine", "eval_test", *REMEDIES,
+                                        "warmup_rounds"),
 }
 
 _EDIT = ("sparsity", "calibration_rounds", "mask_rule", "score_method", "calibration_samples", "embeddings",
-         "step0", "step0_epochs", "step0_lr", "ridge_lambda")
+         "step0", "step0_epochs", "step0_lr", "ridge_lambda", "score_transform")
 # What only the mask depends on: sparsity 0 (the dense control) has no mask, so these take their defaults.
-MASK_ONLY = ("calibration_rounds", "mask_rule", "score_method", "calibration_samples", "embeddings", "mask_scope")
+MASK_ONLY = ("calibration_rounds", "mask_rule", "score_method", "calibration_samples", "embeddings", "mask_scope",
+             "score_transform")
 # Sparse fine-tuning trains the masked backbone with the step-0 head frozen: train_mode does not apply.
 _HEAD_ONLY = ("train_mode", "head_features")
 EXPERIMENTS["sparse_centralized"] = tuple(n for n in EXPERIMENTS["centralized"] if n not in _HEAD_ONLY) + _EDIT
@@ -286,12 +293,14 @@ def make_config(experiment: str, profile: str | None = None, **overrides: object
         _select_algorithm(config, given)
     if "sparsity" in names:
         _derive_editing(config, given, {**COMMON_DEFAULTS, **PROFILE_DEFAULTS[profile]})
+    for name in [n for n in config if PARAMS[n].implicit and config[n] == COMMON_DEFAULTS[n]]:
+        del config[name]  # at its default: left out, so run ids from before the parameter stay
     _check_combinations(config)
     return config
 
 
 def _select_algorithm(config: dict, given: dict) -> None:
-    """Keep the chosen algorithm's own parameters, refuse another algorithm's, drop implicit ones at their default."""
+    """Keep the chosen algorithm's own parameters, refuse another algorithm's."""
     algorithm = config["algorithm"]
     for name in ALGORITHM_PARAMS:
         if name in ALGORITHMS[algorithm].params:
@@ -302,8 +311,6 @@ def _select_algorithm(config: dict, given: dict) -> None:
                 f"{name}={given[name]!r} is invalid with algorithm={algorithm!r}: {name} is a parameter of "
                 f"algorithm {' or '.join(repr(u) for u in users)} (algorithm: one of {', '.join(ALGORITHMS)})"
             )
-        del config[name]
-    for name in [n for n in config if PARAMS[n].implicit and config[n] == COMMON_DEFAULTS[n]]:
         del config[name]
 
 

@@ -67,10 +67,13 @@ def sample_clients(seed: int, rnd: int, num_clients: int, participation: float) 
 
 
 def client_lr(config: dict, rnd: int) -> float:
-    """Client learning rate in round `rnd` (0-based): constant, or cosine over the rounds."""
-    if config["client_lr_schedule"] == "constant":
-        return config["lr"]
-    return lr_at(rnd, base_lr=config["lr"], total_steps=config["rounds"], scheduler="cosine")
+    """Client learning rate in round `rnd` (0-based): constant, or cosine over the rounds; x (rnd+1)/warmup_rounds
+    during the warmup rounds."""
+    lr = config["lr"]
+    if config["client_lr_schedule"] != "constant":
+        lr = lr_at(rnd, base_lr=config["lr"], total_steps=config["rounds"], scheduler="cosine")
+    warmup = config.get("warmup_rounds", 0)
+    return lr * (rnd + 1) / warmup if rnd < warmup else lr
 
 
 def client_optimizer(

@@ -303,9 +303,10 @@ def deviations_table(profile: str) -> str:
          f"({k * per_client:,} over K={k}) in FL"),
         ("density", "one threshold, every entry tied with it kept: can exceed the target",
          "exact: ties at the threshold broken by index"),
-        ("learning-rate warmup", "500 warmup steps", "none in the editing runs"),
+        ("learning-rate warmup", "500 warmup steps", "none by default (parameters: warmup_rounds in FL, "
+         "scheduler=warmup_cosine with warmup_epochs centrally)"),
         ("scoring inputs", "calibration images under its training transform (augmented)",
-         "under the evaluation preprocessing (resize, normalise)"),
+         "under the evaluation preprocessing (resize, normalise) by default; score_transform=train augments"),
         ("FedAdam, FedYogi, FedAdagrad (Reddi et al.)", "Algorithm 2: v starts at or above tau squared, no bias "
          "correction (Flower's FedAdam adds one)", f"v starts at tau squared (tau = {fed_opt['server_tau']:g}), "
          "m at 0, no bias correction; FedAdagrad keeps the b1 momentum; step server_lr"),

@@ -101,6 +101,7 @@ def head_fedavg_config(config: dict) -> dict:
                  "augment": None, "engine": "sequential"}  # fmt: skip
     if "algorithm" in config:  # a remedy's server_lr means its own step (FedAdam's): step 0 keeps FedAvg's default
         overrides["server_lr"] = None
+    overrides["warmup_rounds"] = None  # the warmup is the fine-tuning's (TaLoS), not the head's
     return make_config("fedavg", **{**shared, **overrides})
 
 
