@@ -57,6 +57,9 @@ class FedAvg:
         else:
             torch._foreach_lerp_(start, avg, self.server_lr)
 
+    def close(self) -> None:
+        """The run is done: drop state kept only for resuming (SCAFFOLD's per-client files)."""
+
     def state_dict(self) -> dict:
         return {}
 

@@ -434,7 +434,9 @@ def federated_training(
 
     show = ("train_loss", "val_acc", "drift_cos")
     extra = {"algorithm": algorithm} if algorithm.stateful else None
-    return resumable_loop(run, model, one_round, unit="round", extra=extra, scaler=scaler, show=show, progress=progress)
+    resumable_loop(run, model, one_round, unit="round", extra=extra, scaler=scaler, show=show, progress=progress)
+    algorithm.close()  # done: what only a resume needs goes (SCAFFOLD's c_i files: GBs at full size)
+    return run
 
 
 def _evaluate(model: nn.Module, data: Data, split: str, config: dict) -> dict[str, float]:

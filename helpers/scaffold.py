@@ -81,6 +81,14 @@ class ControlVariates:
             if self.folder is not None:
                 self.path(client, d).unlink(missing_ok=True)
 
+    def clear(self) -> None:
+        """Forget every version (a done run never resumes): frees the run folder's share of the disk."""
+        for client, versions in self.index().items():
+            for done in list(versions):
+                if self.folder is not None:
+                    self.path(client, done).unlink(missing_ok=True)
+        self.versions = {}
+
     def nbytes(self) -> int:
         """Bytes the current versions take (one per client)."""
         total = 0
@@ -159,6 +167,9 @@ class Scaffold(FedAvg):
         super().server_step(start, avg)
         torch._foreach_add_(self.c, self.delta_c, alpha=1 / self.num_clients)
         self.delta_c, self.done = None, self.done + 1
+
+    def close(self) -> None:
+        self.store.clear()
 
     def kept_round(self) -> int:
         """Rounds done at the older of the last two checkpoints (a corrupt checkpoint falls back to it)."""

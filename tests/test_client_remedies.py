@@ -203,12 +203,14 @@ def test_sparse_scaffold_killed_mid_round_resumes_to_identical_metrics(tmp_path,
     monkeypatch.undo()
     (run_dir,) = (tmp_path / "killed").glob("sparse_fedavg/*")
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["round"] == 2  # resumes two rounds back
+    assert len(list(run_dir.glob("control_variates/*.pt"))) >= 3  # the killed run's c_i versions, on disk
     resumed = run_sparse_fedavg(config, run_root=tmp_path / "killed", progress=False)
     frames = [r.metrics().drop(columns="elapsed_s") for r in (resumed, clean)]
     pd.testing.assert_frame_equal(*frames, check_exact=True)
     want, got = load_checkpoint(clean), load_checkpoint(resumed)
     assert all(torch.equal(got["model"][n], t) for n, t in want["model"].items())
     assert all(torch.equal(a, b) for a, b in zip(got["algorithm"]["c"], want["algorithm"]["c"], strict=True))
+    assert not list(run_dir.rglob("control_variates/*.pt"))  # a done run keeps no per-client state
 
 
 # ----------------------------------------------------------------------------- stragglers
