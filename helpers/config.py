@@ -353,6 +353,14 @@ def train_split_size(config: dict) -> int:
     return sum(train_class_counts(config))
 
 
+def split_sizes(config: dict) -> tuple[int, int, int]:
+    """Train, val and test split sizes from the config alone."""
+    n_train = train_split_size(config)
+    total = 50_000 if config["dataset"] == "cifar100" else config["synthetic_train_size"]
+    n_test = 10_000 if config["dataset"] == "cifar100" else config["synthetic_test_size"]
+    return n_train, total - n_train, n_test
+
+
 def _check_federated(config: dict) -> None:
     """Rules that need the train split's size (known from the config alone, before any data is loaded)."""
     counts, k = train_class_counts(config), config["num_clients"]
