@@ -6,7 +6,7 @@ CONSTRAINTS ?=
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 export MPLBACKEND := Agg
 
-.PHONY: smoke test lint report
+.PHONY: smoke test lint report same-results
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -16,6 +16,15 @@ $(VENV)/.installed: requirements.txt
 
 smoke: $(VENV)/.installed
 	FLME_PROFILE=smoke $(PY) -m helpers pipeline --profile smoke
+
+# A structural change must not move a number: keep results/smoke from before it (cp -r results/smoke BEFORE), then
+# `make same-results BEFORE=...` retrains the whole smoke pipeline from nothing and compares every CSV with it.
+BEFORE ?=
+same-results: $(VENV)/.installed
+	@test -n "$(BEFORE)" || { echo "BEFORE=<folder of results/smoke CSVs from before the change> is required"; exit 2; }
+	rm -rf runs results/smoke notebooks/executed
+	FLME_PROFILE=smoke $(PY) -m helpers pipeline --profile smoke
+	$(PY) tests/same_results.py $(BEFORE) results/smoke
 
 # Flower (optional) for tests/test_flower.py; resolved together with requirements.txt (it pins e.g. packaging<26).
 $(VENV)/.installed-flower: $(VENV)/.installed requirements-flower.txt

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from helpers.config import make_config, setting
 from helpers.data import augment_batch, eval_batch, pick_device, step_batches
+from helpers.memory import LABEL, GiB, estimate_phases
 from helpers.models import build_model, forward_flops
 from helpers.precision import AMP_CHOICES, make_scaler, resolve_amp
 from helpers.runs import Run, load_checkpoint, save_checkpoint
@@ -341,6 +342,8 @@ def run_bench(
     if dev.type == "cuda":  # the whole benchmark's peak (batch 256), before the default-batch measurement resets it
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     out.update(bench_gpu_memory(config, dev))
+    phases = estimate_phases(config)  # on the CPU whatever the device: the T4 fit check before any GPU measures it
+    out.update({f"est_peak_gib {p.name}": p.total / GiB for p in phases}, est_peak_label=LABEL)
     out["peak_host_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 

@@ -12,7 +12,8 @@ from typing import Any
 
 
 class Cache:
-    """At most `entries` values by key; the least recently used goes first. Values must not be modified."""
+    """At most `entries` values by key; the least recently used goes first. Values are shared: only NODES' model
+    is modified (by each client it trains, which reloads the round's weights first)."""
 
     def __init__(self, name: str, entries: int):
         self.name, self.entries = name, entries
@@ -39,9 +40,10 @@ class Cache:
 DATA = Cache("data splits by (data config, device): a grid of runs loads them once", 2)
 FEATURES = Cache("backbone features by feature key (helpers.features): a grid of head-only runs shares them", 6)
 NORMALIZATION = Cache("ImageNet mean and std tensors by device: rebuilding them per batch costs a batch", 8)
+NODES = Cache("a Flower node's data, model and client shards by config: the nodes one process serves share them", 1)
 
 
 def clear_all() -> None:
     """Empty every cache (tests; or to free memory in a long notebook session)."""
-    for cache in (DATA, FEATURES, NORMALIZATION):
+    for cache in (DATA, FEATURES, NORMALIZATION, NODES):
         cache.clear()

@@ -8,21 +8,20 @@ folder (EDITING_FILE), so a resumed run never recalibrates.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from helpers.data import Data, eval_batch
 from helpers.fedavg import BYTES_PER_ENTRY
+from helpers.masks import Masks, TensorMasks
 from helpers.models import backbone_parameters
 from helpers.runs import Run, load_artifact
 from helpers.seeding import derive_seed, torch_generator
-from helpers.sensitivity import Masks, calibrate_masks, compute_scores
+from helpers.sensitivity import calibrate_masks, compute_scores
 
 EDITING_FILE = "editing.pt"  # step-0 head, packed masks and calibration cost, in the run folder
 
@@ -50,7 +49,7 @@ class Scorer:
             idx = idx.to(dev)
             yield eval_batch(self.data.train_x[idx], img_size=self.config["img_size"]), self.data.train_y[idx]
 
-    def __call__(self, model: nn.Module) -> Masks:
+    def __call__(self, model: nn.Module) -> dict[str, Tensor]:
         self.calls += 1
         total = None
         pools = zip(self.pools, self.keys, strict=True)
@@ -87,7 +86,7 @@ def check_masks(model: nn.Module, masks: Mapping[str, Tensor], config: dict) -> 
         )
 
 
-def calibrate(model: nn.Module, scorer: Scorer, config: dict, seed: int | None = None) -> Masks:
+def calibrate(model: nn.Module, scorer: Scorer, config: dict, seed: int | None = None) -> TensorMasks:
     """calibrate_masks with the config's sparsity, rounds, rule and masked parameters (one-shot rules and
     sparsity 0 never call the scorer)."""
     return calibrate_masks(
@@ -100,13 +99,13 @@ def calibrate_centralized(model: nn.Module, data: Data, config: dict, progress: 
     """Masks from scores on calibration_samples samples of the train split; returns (masks, cost)."""
     t0 = time.perf_counter()
     scorer = Scorer(data, [torch.arange(len(data.train_y))], [("train",)], config, progress)
-    masks = calibrate(model, scorer, config)
+    masks = Masks(shared=calibrate(model, scorer, config))
     return masks, {"calibration_s": round(time.perf_counter() - t0, 3), "calibration_scored": scorer.samples}
 
 
 def calibrate_federated(
     model: nn.Module, data: Data, shards: list[Tensor], config: dict, progress: bool = False
-) -> tuple[Masks | list[Masks], dict]:
+) -> tuple[Masks, dict]:
     """Global scope: one mask from the sum of every client's scores. Local: each client's own mask.
 
     Returns (masks, cost); cost counts the score tensors clients upload (none for local masks).
@@ -115,11 +114,12 @@ def calibrate_federated(
     keys = [("client", k) for k in range(len(shards))]
     if config["mask_scope"] == "global":
         scorers = [Scorer(data, shards, keys, config, progress)]
-        masks = calibrate(model, scorers[0], config)
+        masks = Masks(shared=calibrate(model, scorers[0], config))
     else:
         scorers = [Scorer(data, [shard], [key], config) for shard, key in zip(shards, keys, strict=True)]
         bar = tqdm(scorers, desc="local masks", leave=False, disable=not progress)
-        masks = [calibrate(model, sc, config, seed=derive_seed(config["seed"], *sc.keys[0])) for sc in bar]
+        own = [calibrate(model, sc, config, seed=derive_seed(config["seed"], *sc.keys[0])) for sc in bar]
+        masks = Masks.per_client(own)
     entries = sum(p.numel() for p in backbone_parameters(model).values())
     uploads = sum(sc.uploads for sc in scorers) if config["mask_scope"] == "global" else 0
     cost = {
@@ -130,41 +130,17 @@ def calibrate_federated(
     return masks, cost
 
 
-def pack_masks(masks: Mapping[str, Tensor]) -> dict[str, tuple[tuple[int, ...], Tensor]]:
-    """Bool masks as bits (8x smaller on disk): name -> (shape, uint8 tensor)."""
-    return {
-        n: (tuple(m.shape), torch.from_numpy(np.packbits(m.bool().cpu().numpy().ravel()))) for n, m in masks.items()
-    }
-
-
-def unpack_masks(packed: Mapping[str, tuple], device: str | torch.device = "cpu") -> Masks:
-    """The bool masks (True = trainable) of pack_masks' output, on `device`."""
-    out = {}
-    for n, (shape, bits) in packed.items():
-        flat = np.unpackbits(bits.numpy(), count=math.prod(shape)).astype(bool)
-        out[n] = torch.from_numpy(flat).view(shape).to(device)
-    return out
-
-
-def load_masks(run: Run, device: str | torch.device = "cpu") -> Masks | list[Masks]:
-    """The masks a sparse run trained with (one dict, or one per client for mask_scope="local")."""
+def load_masks(run: Run, device: str | torch.device = "cpu") -> Masks:
+    """The masks a sparse run trained with."""
     saved = load_artifact(run, EDITING_FILE)
     if saved is None:
         raise ValueError(f"run {run.dir} has no {EDITING_FILE}: it is not a sparse run or it has not calibrated yet")
-    packed = saved["masks"]
-    return [unpack_masks(p, device) for p in packed] if isinstance(packed, list) else unpack_masks(packed, device)
+    return Masks.unpack(saved["masks"], device)
 
 
-def load_run_masks(
-    model: nn.Module, packed: dict | list, config: dict, device: torch.device
-) -> Masks | Callable[[int], Masks]:
-    """A sparse run's saved masks, checked against the model: one dict, or client -> its masks
-    (mask_scope="local", unpacked when the client trains)."""
-    if isinstance(packed, list):
-        return lambda k: _checked(model, unpack_masks(packed[k], device), config)
-    return _checked(model, unpack_masks(packed, device), config)
-
-
-def _checked(model: nn.Module, masks: Masks, config: dict) -> Masks:
-    check_masks(model, masks, config)
+def load_run_masks(model: nn.Module, stored: dict | list, config: dict, device: torch.device) -> Masks:
+    """A sparse run's saved masks, checked against the model (every client's, for per-client masks)."""
+    masks = Masks.unpack(stored, device)
+    for mask in masks.packed_clients or [masks.shared]:
+        check_masks(model, mask, config)  # names only: a packed mask has the same keys as the mask
     return masks

@@ -7,7 +7,11 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
+from helpers.masks import DEFAULT_MASK_RULE, MASK_RULES, one_shot
+
+REPO = Path(__file__).resolve().parent.parent  # the repository: notebooks/, results/, figures/, report/ under it
 PROFILES = ("smoke", "full")
 NUM_CLASSES = 100  # CIFAR-100 and its synthetic stand-in
 PROFILE_ENV = "FLME_PROFILE"
@@ -86,7 +90,7 @@ PARAMS: dict[str, Param] = {
     # model editing (sparse fine-tuning, §9): sparsity = fraction of backbone entries FROZEN
     "sparsity": Param(float, low=0, high=1, high_open=True),
     "calibration_rounds": Param(int, low=1),
-    "mask_rule": _choice("least_sensitive", "most_sensitive", "lowest_magnitude", "highest_magnitude", "random"),
+    "mask_rule": _choice(*MASK_RULES),
     "score_method": _choice("talos", "empirical", "batch"),
     # samples scored per calibration round: of the train split, or of each client's shard (at most all of it)
     "calibration_samples": Param(int, low=1),
@@ -121,7 +125,7 @@ COMMON_DEFAULTS = {
     "amp": "auto", "deterministic": False,
     "num_clients": 100, "participation": 0.1, "local_steps": 4, "sharding": "iid", "classes_per_client": 5,
     "dirichlet_alpha": 0.5, "server_lr": 1.0, "client_lr_schedule": "constant", "engine": "sequential",
-    "sparsity": 0.9, "calibration_rounds": 4, "mask_rule": "least_sensitive", "score_method": "talos",
+    "sparsity": 0.9, "calibration_rounds": 4, "mask_rule": DEFAULT_MASK_RULE, "score_method": "talos",
     "step0": "sgd", "step0_lr": 0.1, "ridge_lambda": 1.0, "mask_scope": "global", "embeddings": "masked",
 }
 PROFILE_DEFAULTS = {
@@ -335,11 +339,11 @@ def _check_combinations(config: dict) -> None:
         raise ValueError(f"img_size={config['img_size']} is invalid for ViT-S/16: must be a multiple of 16")
     if config["model"] == "vit_tiny_smoke" and config["img_size"] % 8:
         raise ValueError(f"img_size={config['img_size']} is invalid for the tiny ViT: must be a multiple of 8")
-    if config.get("calibration_rounds", 1) > 1 and config["mask_rule"] not in ("least_sensitive", "most_sensitive"):
+    if config.get("calibration_rounds", 1) > 1 and one_shot(config["mask_rule"]):
+        rounds = "/".join(r for r in MASK_RULES if not one_shot(r))
         raise ValueError(
             f"calibration_rounds={config['calibration_rounds']} is invalid with mask_rule={config['mask_rule']!r}: "
-            "rounds only apply to least_sensitive/most_sensitive (magnitude and random masks are one-shot); "
-            "use calibration_rounds=1"
+            f"rounds only apply to {rounds} (the other rules are one-shot); use calibration_rounds=1"
         )
     if "num_clients" in config:
         if config["sharding"] == "noniid" and config["classes_per_client"] > 100:
@@ -365,6 +369,14 @@ def train_class_counts(config: dict) -> list[int]:
 def train_split_size(config: dict) -> int:
     """Number of samples in the train split (45,000 for CIFAR-100 with 10% val)."""
     return sum(train_class_counts(config))
+
+
+def split_sizes(config: dict) -> tuple[int, int, int]:
+    """Train, val and test split sizes from the config alone."""
+    n_train = train_split_size(config)
+    total = 50_000 if config["dataset"] == "cifar100" else config["synthetic_train_size"]
+    n_test = 10_000 if config["dataset"] == "cifar100" else config["synthetic_test_size"]
+    return n_train, total - n_train, n_test
 
 
 def _check_federated(config: dict) -> None:

@@ -17,16 +17,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers.config import make_config, train_split_size
+from helpers.config import REPO, make_config, split_sizes
 from helpers.fedavg import clients_per_round
+from helpers.masks import one_shot
+from helpers.memory import estimate_phases, memory_table
 from helpers.models import forward_flops
+from helpers.notebook import NOTEBOOKS
 from helpers.runs import default_run_root, run_id
 
 T4_PEAK_FLOPS = 65e12  # dense fp16 tensor-core peak of a T4 (datasheet)
 T4_FP32_PEAK_FLOPS = 8.1e12  # its fp32 peak: per-sample scoring runs without autocast, so it runs at this rate
 ASSUMED_T4_MFU = 0.25  # an assumption until a T4 benchmark exists: no T4 was available to measure it
-BENCH_DIR = Path(__file__).resolve().parent.parent / "results" / "bench"
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+BENCH_DIR = REPO / "results" / "bench"
 Plan = list[tuple[str, dict]]  # (experiment, config) of every run a notebook starts
 
 
@@ -39,14 +41,6 @@ class Work:
     forward: float = 0.0
     scored: float = 0.0
     shared: dict[str, float] = field(default_factory=dict)
-
-
-def split_sizes(config: dict) -> tuple[int, int, int]:
-    """Train, val and test split sizes from the config alone."""
-    n_train = train_split_size(config)
-    total = 50_000 if config["dataset"] == "cifar100" else config["synthetic_train_size"]
-    n_test = 10_000 if config["dataset"] == "cifar100" else config["synthetic_test_size"]
-    return n_train, total - n_train, n_test
 
 
 def _evaluations(steps: int, every: int, test_each: bool) -> tuple[int, int]:
@@ -99,8 +93,8 @@ def _add_editing(work: Work, experiment: str, config: dict, n_train: int, n_eval
     else:
         work.shared[_features_key(config)] = n_train
     work.forward += n_eval  # the step-0 model on val and test (the no-training control)
-    if config["mask_rule"] not in ("least_sensitive", "most_sensitive") or config["sparsity"] == 0:
-        return  # magnitude and random masks need no scoring, nor does the dense control
+    if one_shot(config["mask_rule"]) or config["sparsity"] == 0:
+        return  # one-shot masks (magnitude, random) need no scoring, nor does the dense control
     pools = config["num_clients"] if experiment == "sparse_fedavg" else 1
     samples = config["calibration_rounds"] * min(pools * config["calibration_samples"], n_train)
     # Per-sample gradients come from one batched forward+backward per chunk (plus per-layer products), so a
@@ -228,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in [*rows, {"notebook": "total", **{k: sum(r[k] for r in rows) for k in ("runs", "t4_hours")}}]:
         print(f"{row['notebook']:<24} {row['runs']:>4} runs  {_duration(row['t4_hours'] * 3600):>18}")
     print(t4_throughput(*_model_of(args.profile))[-1])
+    print(memory_table(estimate_phases(make_config("fedavg", args.profile, pretrained=False))))
 
 
 def _model_of(profile: str) -> tuple[str, int]:

@@ -18,7 +18,8 @@ from helpers.calibration import calibrate_centralized
 from helpers.config import MASK_ONLY
 from helpers.data import Data
 from helpers.mask_stats import mask_jaccard
-from helpers.runs import Run, atomic_write, read_results, tidy_results, with_integer_columns, write_results
+from helpers.masks import DEFAULT_MASK_RULE
+from helpers.runs import Run, read_results, tidy_results, with_integer_columns, write_results
 
 DENSE_LABEL = "dense, new head"  # dense fine-tuning / FedAvg of 01-03: the head trained from scratch with the rest
 DENSE_STEP0_LABEL = "dense, step-0 head"  # control (a): the whole backbone trained, head fixed after step 0
@@ -38,15 +39,13 @@ def write_editing_results(runs: list[Run], name: str, extra: pd.DataFrame | None
     """results/<profile>/<name>.csv: tidy rows per (run, epoch|round) plus step-0 and calibration cost columns,
     and a row per step-0 model (step0_rows); `extra` tidy rows (e.g. the dense FedAvg reference read from 02/03)
     are appended as they are."""
-    path = write_results(runs, name)  # the path and the one-profile check of every results file
     table, info = tidy_results(runs), summary_table(runs)
     columns = ["run_id"] + [c for c in INFO_COLUMNS if c in info]
     if len(columns) > 1 and not table.empty:
         table = table.merge(info[columns], on="run_id", how="left")
     parts = [t for t in (table, step0_rows(runs), extra) if t is not None and not t.empty]
     table = with_integer_columns(pd.concat(parts, ignore_index=True)) if parts else table
-    atomic_write(path, table.to_csv(index=False).encode())
-    return path
+    return write_results(runs, name, table=table)
 
 
 STEP0_METRICS = ("val_loss", "val_acc", "test_loss", "test_acc")
@@ -84,7 +83,7 @@ def method_label(config: Mapping) -> str:
         return "head only" if config.get("train_mode") == "head" else DENSE_LABEL
     if config["sparsity"] == 0:
         return DENSE_STEP0_LABEL
-    rule = "" if config.get("mask_rule", "least_sensitive") == "least_sensitive" else f" {config['mask_rule']}"
+    rule = "" if config.get("mask_rule", DEFAULT_MASK_RULE) == DEFAULT_MASK_RULE else f" {config['mask_rule']}"
     rounds = f" R={int(config['calibration_rounds'])}" if pd.notna(config.get("calibration_rounds")) else ""
     return f"sparse{rule} s={config['sparsity']:g}{rounds}"
 
@@ -143,14 +142,6 @@ def dense_fedavg_reference(
     return table.reset_index(drop=True)
 
 
-def final_results(table: pd.DataFrame) -> pd.DataFrame:
-    """The last row of every run in a tidy table."""
-    if table.empty:
-        return table
-    step = "round" if "round" in table else "epoch"
-    return table.sort_values(step).groupby("run_id", sort=False).tail(1).reset_index(drop=True)
-
-
 def plot_vs_sparsity(
     table: pd.DataFrame,
     metrics: list[str],
@@ -192,7 +183,7 @@ def sample_count_study(model: nn.Module, data: Data, config: dict, counts: list[
         masks[n], cost = calibrate_centralized(model, data, {**config, "calibration_samples": n})
         rows.append({"calibration_samples": n, "calibration_s": cost["calibration_s"]})
     table = pd.DataFrame(rows)
-    table["jaccard_vs_largest"] = [mask_jaccard(masks[n], masks[counts[-1]]) for n in counts]
+    table["jaccard_vs_largest"] = [mask_jaccard(masks[n].shared, masks[counts[-1]].shared) for n in counts]
     density = 1 - config["sparsity"]
     fig = Figure(figsize=(5, 3.2), layout="constrained")
     ax = fig.add_subplot()

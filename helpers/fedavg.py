@@ -1,7 +1,7 @@
 """FedAvg (McMahan et al. 2017): clients simulated one after another on one model, J local steps each.
 
-The same engine runs sparse federated fine-tuning: pass `masks` (one global name -> 0/1 mask dict, or a
-function client -> masks for per-client masks) and clients use SparseSGDM; upload bytes count the mask.
+The same engine runs sparse federated fine-tuning: pass `masks` (helpers.masks.Masks: one for every client, or one
+per client) and clients use SparseSGDM; upload bytes count the mask.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from helpers.config import make_config, setting
 from helpers.data import Data, augment_generator, step_batches
+from helpers.masks import Masks
 from helpers.models import set_trainable
 from helpers.resumable import begin_run, loop_inputs, resumable_loop
 from helpers.runs import Run
@@ -25,8 +26,6 @@ from helpers.sharding import make_shards
 from helpers.sparse_sgdm import SparseSGDM, masks_by_parameter
 from helpers.train import NonFiniteLossError, evaluate, lr_at, train_steps
 
-# One global mask for every client, a function client -> mask (per-client masks), or None (dense).
-Masks = Mapping[str, Tensor] | Callable[[int], Mapping[str, Tensor] | None] | None
 BYTES_PER_ENTRY = 4  # fp32 upload
 
 
@@ -225,7 +224,7 @@ def fedavg_round(
     rnd: int,
     config: dict,
     *,
-    masks: Masks = None,
+    masks: Masks | None = None,
     scaler: torch.amp.GradScaler | None = None,
     train_clients: TrainClients | None = None,
 ) -> dict:
@@ -239,7 +238,7 @@ def fedavg_round(
     server = RoundSum(model)
     clients = sample_clients(config["seed"], rnd, len(shards), config["participation"])
     total = sum(len(shards[k]) for k in clients)
-    shared = None if masks is None or callable(masks) else upload_bytes(model, masks)
+    shared = upload_bytes(model, masks.shared) if masks is not None and not masks.local else None
     train_clients = train_clients or train_in_turn
     results = train_clients(model, data, shards, rnd, clients, config, masks=masks, start=server.start, scaler=scaler)
     for k, weights, loss, own, scaler_state in results:
@@ -259,7 +258,7 @@ def train_in_turn(
     clients: list[int],
     config: dict,
     *,
-    masks: Masks,
+    masks: Masks | None,
     start: list[Tensor],
     scaler: torch.amp.GradScaler | None,
 ) -> Iterator[ClientResult]:
@@ -271,7 +270,7 @@ def train_in_turn(
         _copy(params, start)
         if scaler is not None:
             scaler.load_state_dict(scaler_start)
-        own = masks(k) if callable(masks) else masks
+        own = masks.of_client(k) if masks is not None else None
         loss = client_update(model, data, shards[k], rnd, k, config, masks=own, scaler=scaler)
         yield ClientResult(k, params, loss, own, scaler.state_dict() if scaler is not None else None)
 
@@ -384,7 +383,7 @@ def federated_training(
     data: Data,
     shards: list[Tensor],
     *,
-    masks: Masks = None,
+    masks: Masks | None = None,
     progress: bool = True,
     train_clients: TrainClients | None = None,
 ) -> Run:

@@ -18,16 +18,15 @@ from matplotlib.ticker import NullFormatter
 
 from helpers.plots import HALF_WIDTH_IN, TEXT_WIDTH_IN, integer_ticks, paper_style, plot_heatmap
 from helpers.report_data import (
-    STEP_COLUMNS,
     MissingResults,
     check_one_profile,
     figures_dir,
     fmt_key,
-    last_step_rows,
     select,
     setting_order,
     with_method_and_setting,
 )
+from helpers.runs import STEP_COLUMNS, last_rows
 
 FULL, HALF = TEXT_WIDTH_IN, HALF_WIDTH_IN
 HEIGHT = 2.0  # inches: one row of panels with its legend
@@ -170,7 +169,7 @@ def fig_schedulers(df: pd.DataFrame) -> Figure:
 
 def fig_hparam_search(df: pd.DataFrame) -> Figure:
     """Final validation accuracy over the lr x weight-decay grid (mean over momentum values)."""
-    part = last_step_rows(select(df, "centralized_grid", ("lr", "weight_decay", "val_acc")))
+    part = last_rows(select(df, "centralized_grid", ("lr", "weight_decay", "val_acc")))
     fig = _heatmap(part.sort_values(["lr", "weight_decay"]), "lr", "weight_decay", "val_acc")
     fig.axes[0].set_ylabel("learning rate")
     fig.axes[0].set_xlabel("weight decay")
@@ -179,7 +178,7 @@ def fig_hparam_search(df: pd.DataFrame) -> Figure:
 
 def _centralized_reference(df: pd.DataFrame) -> dict[str, float]:
     try:
-        last = last_step_rows(select(df, "centralized_final"))
+        last = last_rows(select(df, "centralized_final"))
     except MissingResults:
         return {}
     metrics = ("val_acc", "val_loss", "test_acc")
@@ -196,7 +195,7 @@ def fig_fedavg_iid(df: pd.DataFrame) -> Figure:
 
 def fig_fedavg_heatmap(df: pd.DataFrame) -> Figure:
     """Final test accuracy over (Nc, J), IID as the last row."""
-    part = last_step_rows(with_method_and_setting(select(df, "fedavg_noniid", ("local_steps", "test_acc"))))
+    part = last_rows(with_method_and_setting(select(df, "fedavg_noniid", ("local_steps", "test_acc"))))
     order = setting_order(part["setting"])
     part = part.assign(_o=part["setting"].map(order.index)).sort_values(["_o", "local_steps"])
     part["setting"] = _short_setting(part["setting"])
@@ -249,7 +248,7 @@ def fig_sparse_grid(df: pd.DataFrame) -> Figure:
     """Centralized sparse fine-tuning: final test accuracy over sparsity x calibration rounds."""
     from helpers.editing_views import sparse_rows
 
-    part = last_step_rows(with_method_and_setting(select(df, "editing_centralized", ("test_acc",))))
+    part = last_rows(with_method_and_setting(select(df, "editing_centralized", ("test_acc",))))
     sparse = part[sparse_rows(part)]
     if sparse.empty or sparse["calibration_rounds"].isna().all():
         raise MissingResults("editing_centralized.csv (no sparse runs)")
@@ -313,7 +312,7 @@ def fig_mask_rules(df: pd.DataFrame) -> Figure:
 
     part = rules_with_controls(with_method_and_setting(select(df, "mask_strategies", ("mask_rule", "test_acc"))))
     part["mask_rule"] = part["mask_rule"].str.replace("_", " ")
-    final = last_step_rows(part)
+    final = last_rows(part)
     if "drift_cos" in part:
         cos = part.groupby("run_id")["drift_cos"].mean()
         final = final.assign(drift_cos=final["run_id"].map(cos))

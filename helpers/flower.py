@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from helpers.config import check_value, make_config, parse_sets, setting
+from helpers.caches import NODES
+from helpers.config import REPO, check_value, make_config, parse_sets, setting
 from helpers.data import Data
 from helpers.fedavg import ClientResult, TrainClients, client_shards, client_update, run_fedavg, train_in_turn
+from helpers.masks import Masks
 from helpers.precision import make_scaler
 from helpers.resumable import run_inputs
 from helpers.runs import Run, open_run, run_id
@@ -46,7 +48,7 @@ except ImportError as exc:
     raise ImportError(f"{MISSING} ({exc})") from None
 
 EXPERIMENTS_ON_FLOWER = ("fedavg", "sparse_fedavg")
-RUNNERS = {"fedavg": run_fedavg, "sparse_fedavg": run_sparse_fedavg}
+FEDERATED_RUNNERS = {"fedavg": run_fedavg, "sparse_fedavg": run_sparse_fedavg}
 NODE_WAIT_S = 300.0  # how long the server waits for num_clients nodes to connect
 # Test-only fault injection: "ROUND:CLIENT" (1-based round) makes that client raise. An environment variable,
 # because Flower's simulation runs clients in Ray worker processes (they inherit the environment; patches do not).
@@ -94,7 +96,7 @@ def deployed_config(run_config: Mapping) -> dict:
     return flower_config({**sets, "profile": run_config.get("profile") or None}, experiment)
 
 
-APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml's [tool.flwr.app]
+APP_DIR = REPO  # the Flower app: pyproject.toml's [tool.flwr.app]
 
 
 def flwr_run_command(config: Mapping, run_root: str | Path, *, superlink: str = "local") -> list[str]:
@@ -183,7 +185,7 @@ def run_flower(config: dict, *, run_root: str | Path | None = None, progress: bo
     config = flower_config(config)
     run = open_run(experiment_of(config), config, run_root)
     if run.done:  # no need to start Ray: the runner returns the finished run before any client trains
-        return RUNNERS[run.experiment](config, run_root=run_root, progress=False, train_clients=train_in_turn)
+        return FEDERATED_RUNNERS[run.experiment](config, run_root=run_root, progress=False, train_clients=train_in_turn)
     outcome: dict = {}
     server, client = flower_apps(config, run_root, progress=progress, outcome=outcome)
     try:
@@ -228,7 +230,8 @@ def serve(grid: Grid, config: dict, run_root: str | Path | None = None, *, progr
     """The ServerApp's work: the project's runner, each round's clients trained on the Flower nodes."""
     nodes = connect_nodes(grid, config)  # before step 0 and round 1: a missing node fails fast
     train_clients = node_trainer(grid, nodes)
-    return RUNNERS[experiment_of(config)](config, run_root=run_root, progress=progress, train_clients=train_clients)
+    runner = FEDERATED_RUNNERS[experiment_of(config)]
+    return runner(config, run_root=run_root, progress=progress, train_clients=train_clients)
 
 
 def node_trainer(grid: Grid, nodes: dict[int, int]) -> TrainClients:
@@ -257,7 +260,7 @@ def node_trainer(grid: Grid, nodes: dict[int, int]) -> TrainClients:
         device = start[0].device
         for k, content in zip(clients, contents, strict=True):
             trained = content["weights"].to_torch_state_dict()
-            own = masks(k) if callable(masks) else masks
+            own = masks.of_client(k) if masks is not None else None
             state = dict(content["scaler"]) if "scaler" in content else None
             loss = float(content["result"]["loss"])
             yield ClientResult(k, [trained[n].to(device) for n in names], loss, own, state)
@@ -287,16 +290,15 @@ def connect_nodes(grid: Grid, config: dict) -> dict[int, int]:
     return nodes
 
 
-def send_setup(grid: Grid, nodes: dict[int, int], model: nn.Module, masks, config: dict) -> None:
+def send_setup(grid: Grid, nodes: dict[int, int], model: nn.Module, masks: Masks | None, config: dict) -> None:
     """Once per run and node: the frozen parameters (the step-0 head of sparse runs) and the client's mask."""
     frozen = ArrayRecord({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
-    shared = None if masks is None or callable(masks) else ArrayRecord(dict(masks))
+    shared = ArrayRecord(dict(masks.shared)) if masks is not None and not masks.local else None
     messages = []
     for k, node in sorted(nodes.items()):
         content = RecordDict({"setup": ConfigRecord({"run": run_id(config)}), "frozen": frozen})
-        own = masks(k) if callable(masks) else None
-        if shared is not None or own is not None:
-            content["masks"] = shared if shared is not None else ArrayRecord(dict(own))
+        if masks is not None:  # the shared mask's record, or the client's own
+            content["masks"] = shared if shared is not None else ArrayRecord(dict(masks.of_client(k)))
         messages.append(Message(content, dst_node_id=node, message_type=MessageType.QUERY))
     replies = exchange(grid, messages)
     for k, node in sorted(nodes.items()):
@@ -323,19 +325,17 @@ def reply_content(reply: Message | None, what: str) -> RecordDict:
 
 # ----------------------------------------------------------------------------- node side
 
-_NODE: dict[str, tuple[Data, nn.Module, list[Tensor]]] = {}  # per process: nodes served by one process share it
-
 
 def node_inputs(config: dict) -> tuple[Data, nn.Module, list[Tensor]]:
     """This process's data, model and client shards for `config` (built once; one config at a time)."""
-    key = json.dumps(config, sort_keys=True)
-    if key not in _NODE:
-        _NODE.clear()
+
+    def build() -> tuple[Data, nn.Module, list[Tensor]]:
         data, model = run_inputs(config)
         if config["compile"]:
             model.compile()  # as the sequential engine trains its clients
-        _NODE[key] = (data, model, client_shards(config, data))
-    return _NODE[key]
+        return data, model, client_shards(config, data)
+
+    return NODES.get(json.dumps(config, sort_keys=True), build)
 
 
 def node_partition(context: Context, config: dict) -> int:

@@ -8,6 +8,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from helpers.masks import overall_density
 from helpers.models import backbone_parameters
 
 
@@ -15,25 +16,16 @@ def mask_density_table(masks: Mapping[str, Tensor], model: nn.Module | None = No
     """Per-tensor name, entries, trainable, density; with `model`, in model order and checked against it."""
     names = list(masks)
     if model is not None:
-        params = backbone_parameters(model)
-        unknown = [n for n in masks if n not in params]
-        if unknown:
-            raise ValueError(f"masks: {unknown[:5]} are not backbone parameters of the model")
-        for n in masks:
-            if masks[n].shape != params[n].shape:
-                raise ValueError(f"masks: {n} has shape {tuple(masks[n].shape)}, parameter {tuple(params[n].shape)}")
-        names = [n for n in params if n in masks]
+        params = backbone_parameters(model, masks, what="masks")
+        for n, p in params.items():
+            if masks[n].shape != p.shape:
+                raise ValueError(f"masks: {n} has shape {tuple(masks[n].shape)}, parameter {tuple(p.shape)}")
+        names = list(params)
     rows = []
     for n in names:
         entries, kept = masks[n].numel(), int(masks[n].count_nonzero())
         rows.append({"name": n, "entries": entries, "trainable": kept, "density": kept / max(entries, 1)})
     return pd.DataFrame(rows, columns=["name", "entries", "trainable", "density"])
-
-
-def overall_density(masks: Mapping[str, Tensor]) -> float:
-    """Fraction of all masked entries that are trainable."""
-    total = sum(m.numel() for m in masks.values())
-    return sum(int(m.count_nonzero()) for m in masks.values()) / max(total, 1)
 
 
 def mask_jaccard(masks_a: Mapping[str, Tensor], masks_b: Mapping[str, Tensor]) -> float:

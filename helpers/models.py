@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import timm
 import torch
 from torch import nn
@@ -67,9 +69,19 @@ def is_head(name: str) -> bool:
     return name.startswith("head.")
 
 
-def backbone_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every parameter except the head, by name (the part that model editing scores and masks)."""
-    return {n: p for n, p in model.named_parameters() if not is_head(n)}
+def backbone_parameters(
+    model: nn.Module, names: Iterable[str] | None = None, what: str = "names"
+) -> dict[str, nn.Parameter]:
+    """Every parameter except the head, by name (the part that model editing scores and masks), in model order;
+    with `names`, only those, and a ValueError naming `what` if one is not a backbone parameter."""
+    params = {n: p for n, p in model.named_parameters() if not is_head(n)}
+    if names is None:
+        return params
+    names = set(names)
+    unknown = sorted(names - set(params))
+    if unknown:
+        raise ValueError(f"{what}: {unknown[:5]} are not backbone parameters of the model")
+    return {n: p for n, p in params.items() if n in names}
 
 
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

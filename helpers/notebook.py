@@ -9,10 +9,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers.config import PARAMS, as_list, check_value
+from helpers.config import PARAMS, REPO, as_list, check_value
 from helpers.runs import Run, run_state
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = REPO / "notebooks"
 # Parameters that choose where things go or which profile runs, not what the study computes.
 PLACEMENT = ("PROFILE", "RUN_ROOT", "RESULTS_ROOT", "FIGURES_ROOT", "TABLES_ROOT", "REPLACE_STUDY")
 # Notebook parameter -> the config key its values are checked against, where the name alone does not say it.

@@ -6,9 +6,8 @@ import ast
 import os
 from pathlib import Path
 
+from helpers.config import REPO
 from helpers.notebook import declared_parameters, undeclared
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def notebook_paths(selection: list[str] | None = None) -> list[Path]:

@@ -24,11 +24,9 @@ from helpers.figures import (  # noqa: F401  (re-exported: the notebook and test
     write_figures,
 )
 from helpers.report_data import (  # noqa: F401
-    STEP_COLUMNS,
     MissingResults,
     check_one_profile,
     figures_dir,
-    last_step_rows,
     load_results,
     select,
     setting_order,
@@ -46,6 +44,7 @@ from helpers.report_tables import (  # noqa: F401
     write_profile_macro,
     write_tables,
 )
+from helpers.runs import STEP_COLUMNS
 
 
 def write_report_inputs(

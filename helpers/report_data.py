@@ -29,12 +29,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from helpers.runs import default_results_root, with_integer_columns
+from helpers.config import REPO
+from helpers.runs import default_results_root, last_rows, read_results, with_integer_columns
 
-REPO = Path(__file__).resolve().parent.parent
 FIGURES_ROOT_ENV = "FLME_FIGURES_ROOT"
 TABLES_ROOT_ENV = "FLME_TABLES_ROOT"
-STEP_COLUMNS = ("epoch", "round")
 
 
 class MissingResults(LookupError):
@@ -46,12 +45,11 @@ class MissingResults(LookupError):
 
 def load_results(profile: str, root: str | Path | None = None) -> pd.DataFrame:
     """Every CSV under <root>/<profile>/ in one frame with a `source` column (file stem); empty if none."""
-    folder = Path(root if root is not None else default_results_root()) / profile
+    root = Path(root if root is not None else default_results_root())
     frames = []
-    for path in sorted(folder.glob("*.csv")):
-        try:
-            frame = pd.read_csv(path, dtype={"clients": str})
-        except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError):
+    for path in sorted((root / profile).glob("*.csv")):
+        frame = read_results(path.stem, profile, root)
+        if frame is None:
             warnings.warn(f"skipping unreadable results file {path}", stacklevel=2)
             continue
         frames.append(frame.assign(source=path.stem))
@@ -83,28 +81,9 @@ def select(df: pd.DataFrame, source: str, columns: tuple[str, ...] = (), **match
     return part.copy()
 
 
-def step_of(df: pd.DataFrame) -> pd.Series:
-    """Each row's step: its round if it has one, else its epoch (0 if neither)."""
-    step = pd.Series(0.0, index=df.index)
-    for column in STEP_COLUMNS:
-        if column in df:
-            step = df[column].where(df[column].notna(), step)
-    return step
-
-
-def last_step_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (source, run): the run's last step (rows keep their order in `df`)."""
-    if df.empty:
-        return df
-    keys = [k for k in ("source", "run_id") if k in df]
-    df = df.reset_index(drop=True)
-    last = df.assign(_step=step_of(df)).groupby(keys, sort=False)["_step"].idxmax()
-    return df.loc[sorted(last)]  # row order kept: tables list configurations in the order given
-
-
 def summarize(df: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataFrame:
     """Mean, std and n over runs (seeds) of each run's final `metrics`, one row per combination of `keys`."""
-    last = last_step_rows(df)
+    last = last_rows(df)
     parts = {}
     for metric in metrics:
         grouped = last.groupby(keys, sort=False, dropna=False)[metric]
@@ -115,20 +94,17 @@ def summarize(df: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataF
 def with_method_and_setting(df: pd.DataFrame) -> pd.DataFrame:
     """Add `method` (helpers.editing_views.method_label: dense, head only, sparse s=.. R=.., the two controls) and
     `setting` (IID or Nc=k) columns where they apply."""
-    from helpers.editing_views import method_labels
+    from helpers.editing_views import method_labels, sharding_label
 
     df = df.copy()
     df["method"] = method_labels(df)
     if "sharding" in df:
         nc = df["classes_per_client"] if "classes_per_client" in df else pd.Series(np.nan, index=df.index)
         df["setting"] = [
-            "IID" if s == "iid" else f"Nc={int(n)}" if pd.notna(n) else str(s) for s, n in zip(df["sharding"], nc)
+            "IID" if s == "iid" else f"Nc={sharding_label(s, n)}" if pd.notna(n) else str(s)
+            for s, n in zip(df["sharding"], nc)
         ]
     return df
-
-
-# Old names, kept until their callers move (helpers/report.py, report_tables.py, figures.py); then delete them
-# (tests/test_architecture.py lists them as pending). runs.final_rows and editing.with_labels mean other things.
 
 
 def setting_order(values) -> list[str]:

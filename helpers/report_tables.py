@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from helpers.config import REPO
 from helpers.report_data import (
-    REPO,
     TABLES_ROOT_ENV,
     MissingResults,
     check_one_profile,

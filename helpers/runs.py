@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from helpers.config import PARAMS, hashed_items
+from helpers.config import PARAMS, REPO, hashed_items
 
 DRIVE_ROOT = Path("/content/drive/MyDrive/fl-model-editing")
 RUN_ROOT_ENV = "FLME_RUN_ROOT"
@@ -244,7 +244,8 @@ class CheckpointClock:
         return False
 
 
-INTEGER_COLUMNS = (*(n for n, p in PARAMS.items() if p.kind is int), "epoch", "round")
+STEP_COLUMNS = ("epoch", "round")  # a metrics row's step: epochs of centralized runs, rounds of federated ones
+INTEGER_COLUMNS = (*(n for n, p in PARAMS.items() if p.kind is int), *STEP_COLUMNS)
 
 
 def with_integer_columns(table: pd.DataFrame) -> pd.DataFrame:
@@ -282,14 +283,17 @@ def results_dir(profile: str, root: str | Path = "results") -> Path:
     return folder
 
 
-def write_results(runs: list[Run], name: str, root: str | Path | None = None) -> Path:
-    """Write the tidy CSV of `runs` to results/<profile>/<name>.csv (profile taken from the runs)."""
+def write_results(
+    runs: list[Run], name: str, root: str | Path | None = None, table: pd.DataFrame | None = None
+) -> Path:
+    """Write results/<profile>/<name>.csv (profile taken from the runs): `table`, by default the runs' tidy rows."""
     profiles = {run.config["profile"] for run in runs}
     if len(profiles) != 1:
         raise ValueError(f"runs mix profiles {sorted(profiles)}: write one results file per profile")
     path = results_dir(profiles.pop(), root if root is not None else default_results_root()) / f"{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)  # names such as custom/<name>-<hash> (helpers.notebook)
-    atomic_write(path, tidy_results(runs).to_csv(index=False).encode())
+    table = tidy_results(runs) if table is None else table
+    atomic_write(path, table.to_csv(index=False).encode())
     return path
 
 
@@ -300,17 +304,31 @@ def default_results_root() -> Path:
         return Path(os.environ[RESULTS_ROOT_ENV])
     if DRIVE_ROOT.parent.is_dir():
         return DRIVE_ROOT / "results"
-    return Path(__file__).resolve().parent.parent / "results"
+    return REPO / "results"
+
+
+def last_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The final row of every run of a tidy table: its greatest step (round, else epoch), one per (source, run_id)
+    where a `source` column tells results files apart. Rows keep their order in `table`."""
+    if table.empty:
+        return table
+    keys = [k for k in ("source", "run_id") if k in table]
+    step = pd.Series(0.0, index=table.index)
+    for column in STEP_COLUMNS:
+        if column in table:
+            step = table[column].where(table[column].notna(), step)
+    table = table.reset_index(drop=True)
+    last = table.assign(_step=step.to_numpy()).groupby(keys, sort=False)["_step"].idxmax()
+    return table.loc[sorted(last)].reset_index(drop=True)
 
 
 def final_rows(runs: list[Run], keys: list[str]) -> pd.DataFrame:
-    """One row per run: the config `keys` and the run's last metrics row (for grid tables)."""
-    rows = []
-    for run in runs:
-        m = run.metrics()
-        last = m.iloc[-1].to_dict() if not m.empty else {}
-        rows.append({"run_id": run.id, **{k: run.config[k] for k in keys}, **last})
-    return pd.DataFrame(rows)
+    """One row per run with metrics: run id, the config `keys` and the run's final metrics (for grid tables)."""
+    table = last_rows(tidy_results(runs))
+    if table.empty:
+        return table
+    metrics = [c for c in table if c not in ("run_id", "experiment") and all(c not in r.config for r in runs)]
+    return table[["run_id", *keys, *metrics]]
 
 
 def seed_summary(runs: list[Run], keys: list[str], metrics: list[str]) -> pd.DataFrame:
@@ -323,27 +341,23 @@ def seed_summary(runs: list[Run], keys: list[str], metrics: list[str]) -> pd.Dat
 def read_results(name: str, profile: str, root: str | Path | None = None) -> pd.DataFrame | None:
     """results/<profile>/<name>.csv as written by write_results (same root logic); None if absent or empty."""
     path = Path(root if root is not None else default_results_root()) / profile / f"{name}.csv"
-    if not path.exists() or not path.read_text().strip():
-        return None
     try:
         return with_integer_columns(pd.read_csv(path, dtype={"clients": str}))
-    except (pd.errors.EmptyDataError, pd.errors.ParserError):
+    except FileNotFoundError:
+        return None
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError):  # empty, cut short, unreadable
         return None
 
 
-# Old name, kept until its callers move to read_results: helpers/__main__.py, helpers/editing.py and the import cell of
-# notebooks/02_fedavg_iid.ipynb. Then delete it (tests/test_architecture.py lists it as pending).
-
-
-def final_means(df: pd.DataFrame | None, metrics: list[str], step: str = "epoch") -> dict[str, float]:
-    """Mean over runs of each run's last `step` value of every metric in `metrics` that the table has.
+def final_means(df: pd.DataFrame | None, metrics: list[str]) -> dict[str, float]:
+    """Mean over runs of each run's final value (last_rows) of every metric in `metrics` that the table has.
 
     For reference lines (e.g. the centralized result from `read_results`): metrics missing from the table
     or NaN in every run are left out, so an absent or partial results file gives a smaller (or empty) dict.
     """
-    if df is None or df.empty or "run_id" not in df or step not in df:
+    if df is None or df.empty or "run_id" not in df or not set(STEP_COLUMNS) & set(df):
         return {}
-    last = df.sort_values(step).groupby("run_id", sort=False).tail(1)
+    last = last_rows(df)
     means = {m: float(last[m].mean()) for m in metrics if m in last and last[m].notna().any()}
     return means
 

@@ -1,6 +1,6 @@
-"""Parameter sensitivity (diagonal Fisher) scores, multi-round mask calibration and mask rules (§9).
+"""Parameter sensitivity (diagonal Fisher) scores and multi-round mask calibration (§9).
 
-Statistics and plots of the masks are in helpers.mask_stats.
+The mask rules and the mask type are helpers.masks'; statistics and plots of masks are helpers.mask_stats'.
 """
 
 from __future__ import annotations
@@ -18,17 +18,14 @@ from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from helpers.masks import DEFAULT_MASK_RULE, MASK_RULES, TensorMasks, mask_rule
 from helpers.models import backbone_parameters
 from helpers.seeding import torch_generator
 
 SCORE_METHODS = ("talos", "empirical", "batch")
-MASK_RULES = ("least_sensitive", "most_sensitive", "lowest_magnitude", "highest_magnitude", "random")
-SENSITIVITY_RULES = ("least_sensitive", "most_sensitive")
 DAMPING = 0.1  # factor on frozen weights while scoring later rounds (TaLoS' mask value for frozen entries)
 CHUNK_BYTES = 1 << 30  # memory budget for one layer's per-sample gradients in a chunk (fp32)
 MAX_CHUNK = 64  # samples per forward/backward: bounds the activations (~70 MiB/sample, ViT-S/16 at 224, fp32)
-
-Masks = dict[str, Tensor]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,20 +313,21 @@ def sample_labels(forward: Callable[[Tensor], Tensor], x: Tensor, generator: tor
 
 def _check_calibration_args(sparsity: object, rounds: object, rule: object) -> None:
     """Validate before any compute, naming the parameter and the allowed values."""
-    if rule not in MASK_RULES:
+    if not isinstance(rule, str) or rule not in MASK_RULES:
         raise ValueError(f"rule={rule!r} is not supported; allowed: {', '.join(MASK_RULES)}")
     if isinstance(sparsity, bool) or not isinstance(sparsity, Real) or not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"sparsity={sparsity!r} must be a number in [0, 1) (fraction of backbone entries frozen)")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds={rounds!r} must be an int >= 1")
-    if rounds > 1 and rule not in SENSITIVITY_RULES:
+    if rounds > 1 and mask_rule(rule).one_shot:
+        sensitivity = [n for n, r in MASK_RULES.items() if not r.one_shot]
         raise ValueError(
             f"rounds={rounds} with rule={rule!r}: rounds only apply to sensitivity rules "
-            f"({', '.join(SENSITIVITY_RULES)}); {rule} is one-shot, use rounds=1"
+            f"({', '.join(sensitivity)}); {rule} is one-shot, use rounds=1"
         )
 
 
-def _select(scores: Masks, trainable: Masks, keep: int, lowest: bool) -> Masks:
+def _select(scores: TensorMasks, trainable: TensorMasks, keep: int, lowest: bool) -> TensorMasks:
     """Keep exactly `keep` currently trainable entries with the lowest (or highest) scores, globally.
 
     Only currently trainable entries are candidates, i.e. frozen ones count as +inf for "lowest" and
@@ -368,51 +366,37 @@ def _check_scores(scores: Mapping[str, Tensor], params: Mapping[str, Tensor]) ->
             raise ValueError(f"score_fn: score {n} contains NaN")
 
 
-def _rule_scores(params: Mapping[str, Tensor], rule: str, seed: int) -> Masks:
-    """One-shot scores of the magnitude and random rules."""
-    if rule in ("lowest_magnitude", "highest_magnitude"):
-        return {n: p.detach().abs() for n, p in params.items()}
-    gen = torch_generator(seed, "mask_random")  # CPU draws in model order: identical on every device
-    return {n: torch.rand(p.shape, generator=gen) for n, p in params.items()}
-
-
 def calibrate_masks(
     model: nn.Module,
     score_fn: Callable[[nn.Module], Mapping[str, Tensor]],
     *,
     sparsity: float,
     rounds: int = 1,
-    rule: str = "least_sensitive",
+    rule: str = DEFAULT_MASK_RULE,
     seed: int = 0,
-    history: list[Masks] | None = None,
+    history: list[TensorMasks] | None = None,
     names: Iterable[str] | None = None,
-) -> Masks:
+) -> TensorMasks:
     """Bool masks (True = trainable) over backbone parameter names with density 1 - sparsity, exactly.
 
     Sensitivity rules run R rounds: after round r a fraction density**(r/R) stays trainable (one global
     threshold), frozen entries never return and are damped x0.1 while later rounds score. Weights are
     restored bit-exactly. `history`, if given, receives a copy of the masks after every round. `names`
-    limits the mask to those backbone parameters (default: all); sparsity 0 scores nothing (all ones).
+    limits the mask to those backbone parameters (default: all; in model order either way); sparsity 0 scores nothing.
     """
     _check_calibration_args(sparsity, rounds, rule)
-    params = backbone_parameters(model)
-    if names is not None:
-        names = list(names)
-        unknown = [n for n in names if n not in params]
-        if unknown:
-            raise ValueError(f"names: {unknown[:5]} are not backbone parameters of the model")
-        params = {n: params[n] for n in names}
+    params = backbone_parameters(model, names)
     density = 1.0 - float(sparsity)
     total = sum(p.numel() for p in params.values())
     trainable = {n: torch.ones(p.shape, dtype=torch.bool, device=p.device) for n, p in params.items()}
-    lowest = rule in ("least_sensitive", "lowest_magnitude", "random")
+    chosen = mask_rule(rule)
 
     if density == 1.0:  # nothing to freeze: no scores needed
         if history is not None:
             history.append({n: m.clone() for n, m in trainable.items()})
         return trainable
-    if rule not in SENSITIVITY_RULES:
-        trainable = _select(_rule_scores(params, rule, seed), trainable, round(density * total), lowest)
+    if chosen.one_shot:
+        trainable = _select(chosen.scores(params, seed), trainable, round(density * total), chosen.keep_lowest)
         if history is not None:
             history.append({n: m.clone() for n, m in trainable.items()})
         return trainable
@@ -427,7 +411,7 @@ def calibrate_masks(
             scores = score_fn(model)
             _check_scores(scores, params)
             fraction = density if r == rounds else density ** (r / rounds)
-            trainable = _select(scores, trainable, round(fraction * total), lowest)
+            trainable = _select(scores, trainable, round(fraction * total), chosen.keep_lowest)
             if history is not None:
                 history.append({n: m.clone() for n, m in trainable.items()})
     finally:
@@ -436,8 +420,3 @@ def calibrate_masks(
                 if n in originals:
                     p.copy_(originals[n])
     return trainable
-
-
-def one_shot(rule: str) -> bool:
-    """True for the rules whose masks come from one scoring (magnitude, random): rounds do not apply."""
-    return rule not in SENSITIVITY_RULES

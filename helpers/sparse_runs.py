@@ -10,15 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from torch import nn
 
-from helpers.calibration import EDITING_FILE, calibrate_centralized, calibrate_federated, load_run_masks, pack_masks
+from helpers.calibration import EDITING_FILE, calibrate_centralized, calibrate_federated, load_run_masks
 from helpers.centralized import centralized_training
 from helpers.config import make_config, setting
 from helpers.data import Data
 from helpers.fedavg import TrainClients, begin_federated, client_shards, federated_training
-from helpers.mask_stats import overall_density
 from helpers.models import head_parameters
 from helpers.resumable import begin_run
 from helpers.runs import Run, load_artifact, mark_done, save_artifact
@@ -44,13 +42,8 @@ def _edit_state(
                          amp=setting(run.config, "amp"))  # fmt: skip
             info.update({f"step0_{split}_loss": m["loss"], f"step0_{split}_acc": m["acc"]})
         masks, cost = calibration()
-        single = masks if isinstance(masks, dict) else masks[0]
-        info.update(cost, backbone_entries=sum(x.numel() for x in single.values()))
-        info["mask_density"] = (
-            overall_density(masks) if isinstance(masks, dict) else float(np.mean([overall_density(x) for x in masks]))
-        )
-        packed = pack_masks(masks) if isinstance(masks, dict) else [pack_masks(x) for x in masks]
-        saved = {"head": head, "masks": packed, "info": info}
+        info.update(cost, backbone_entries=masks.entries(), mask_density=masks.density())
+        saved = {"head": head, "masks": masks.pack(), "info": info}
         save_artifact(run, EDITING_FILE, saved)
     model.head.load_state_dict(saved["head"])
     head = head_parameters(model)
@@ -86,12 +79,13 @@ def run_sparse_centralized(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = SparseSGDM(
         params, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"],
-        masks=masks_by_parameter(model, masks),
+        masks=masks_by_parameter(model, masks.shared),
     )  # fmt: skip
     centralized_training(run, model, data, optimizer, progress=progress)
     return _finish(run, info)
 
 
+# Deliberately the signature of fedavg.run_fedavg (helpers.flower calls both through one table): keep them alike.
 def run_sparse_fedavg(
     config: dict | None = None,
     *,

@@ -15,15 +15,8 @@ MAP = REPO / "docs" / "architecture.md"
 # Known violations not yet fixed (issue 20 goes on): listed so that whoever fixes one deletes its entry; the
 # entry of a violation that is gone fails the test (stale).
 PENDING_PRIVATE_IMPORTS: set[tuple[str, str]] = set()  # (home module, name)
-PENDING_CACHES = {  # module-level cache names
-    "_NODE",  # flower: a node's data, model and shards, shared by the clients one process serves
-}
-PENDING_NAMES = {
-    "Masks": "a dict of masks (sensitivity) vs a mask or a per-round mask function (fedavg)",
-    "REPO": "the repository root, defined in pipeline and report_data",
-    "NOTEBOOKS": "the notebooks folder, defined in cost and notebook",
-    "RUNNERS": "experiment -> 'module:function' (__main__) vs experiment -> function on Flower (flower)",
-}
+PENDING_CACHES: set[str] = set()  # module-level cache names
+PENDING_NAMES: dict[str, str] = {}  # name -> its meanings
 ENTRY_POINTS = {"main"}  # every command-line module has one
 
 

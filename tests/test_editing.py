@@ -82,7 +82,7 @@ def central_run(tmp_path_factory):
 def test_federated_masked_entries_and_head_never_change(fed_run):
     run, snapshots = fed_run
     assert len(snapshots) == run.config["rounds"]
-    start, masks = initial_weights(run), load_masks(run)
+    start, masks = initial_weights(run), load_masks(run).shared
     assert not torch.equal(start["head.weight"], build_seeded_model(run.config, CPU).head.weight.detach())
     for weights in snapshots:
         assert_masked_entries_unchanged(weights, start, masks)
@@ -90,7 +90,7 @@ def test_federated_masked_entries_and_head_never_change(fed_run):
 
 def test_upload_bytes_count_the_global_mask(fed_run):
     run, _ = fed_run
-    nnz = sum(int(m.sum()) for m in load_masks(run).values())
+    nnz = sum(int(m.sum()) for m in load_masks(run).shared.values())
     m = max(1, round(run.config["participation"] * run.config["num_clients"]))
     assert (run.metrics()["upload_bytes"] == 4 * nnz * m).all()
     summary = run.summary()
@@ -100,7 +100,7 @@ def test_upload_bytes_count_the_global_mask(fed_run):
 
 def test_centralized_masked_entries_unchanged_and_density_exact(central_run):
     run = central_run
-    masks = load_masks(run)
+    masks = load_masks(run).shared
     weights = load_checkpoint(run)["model"]
     assert_masked_entries_unchanged(weights, initial_weights(run), masks)
     total = sum(m.numel() for m in masks.values())
@@ -201,7 +201,7 @@ def test_interrupted_run_resumes_to_the_same_result(monkeypatch, tmp_path, kind,
     resumed = runner(reference.config, run_root=tmp_path, progress=False)
     assert resumed.done and resumed.id == reference.id
     pd.testing.assert_frame_equal(_without_elapsed(resumed), _without_elapsed(reference))
-    a, b = load_masks(resumed), load_masks(reference)
+    a, b = load_masks(resumed).shared, load_masks(reference).shared
     assert all(torch.equal(a[n], b[n]) for n in b)
     same = {k: v for k, v in resumed.summary().items() if not k.endswith("_s")}
     assert same == {k: v for k, v in reference.summary().items() if not k.endswith("_s")}
@@ -210,9 +210,12 @@ def test_interrupted_run_resumes_to_the_same_result(monkeypatch, tmp_path, kind,
 def test_local_masks_one_per_client_and_one_shot_rules_score_nothing(tmp_path):
     config = federated_config(sharding="noniid", classes_per_client=10, mask_scope="local", calibration_rounds=1)
     run = run_sparse_fedavg(config, run_root=tmp_path, progress=False)
-    masks = load_masks(run)
-    assert len(masks) == 10 and not torch.equal(
-        masks[0]["blocks.0.attn.qkv.weight"], masks[1]["blocks.0.attn.qkv.weight"]
+    local = load_masks(run)
+    masks = [local.of_client(k) for k in range(len(local.packed_clients))]
+    assert (
+        local.local
+        and len(masks) == 10
+        and not torch.equal(masks[0]["blocks.0.attn.qkv.weight"], masks[1]["blocks.0.attn.qkv.weight"])
     )
     first = run.metrics().iloc[0]
     nnz = [sum(int(m.sum()) for m in masks[int(k)].values()) for k in first["clients"].split()]
@@ -259,7 +262,7 @@ def test_sample_count_is_per_round_and_capped_by_the_pool(monkeypatch):
 
 def test_dense_embeddings_train_densely_and_the_rest_stays_masked(tmp_path):
     run = run_sparse_centralized(central_config(sparsity=0.95, embeddings="dense"), run_root=tmp_path, progress=False)
-    masks, start = load_masks(run), initial_weights(run)
+    masks, start = load_masks(run).shared, initial_weights(run)
     weights = load_checkpoint(run)["model"]
     assert not {"cls_token", "pos_embed"} & set(masks)
     assert set(masks) | {"cls_token", "pos_embed"} == set(backbone_parameters(build_seeded_model(run.config, CPU)))
@@ -301,7 +304,7 @@ def test_dense_control_is_one_canonical_run_through_the_same_engine(tmp_path):
     run = run_sparse_centralized(a, run_root=tmp_path, progress=False)
     summary, start, weights = run.summary(), initial_weights(run), load_checkpoint(run)["model"]
     assert summary["calibration_scored"] == 0 and summary["mask_density"] == 1.0
-    assert all(bool(m.all()) for m in load_masks(run).values())
+    assert all(bool(m.all()) for m in load_masks(run).shared.values())
     for name, w in start.items():
         assert torch.equal(weights[name], w) == name.startswith("head."), name
 
@@ -329,8 +332,8 @@ def test_sample_count_study_compares_prefixes_with_the_largest(tmp_path):
     table, _ = editing_views.sample_count_study(model, data, config, [64, 16, 32])
     assert list(table["calibration_samples"]) == [16, 32, 64] and table["jaccard_vs_largest"].iloc[-1] == 1.0
     assert (table["jaccard_vs_largest"].iloc[:-1] < 1).all()
-    masks, _ = calibrate_centralized(model, data, {**config, "calibration_samples": 32})
-    direct = mask_jaccard(masks, calibrate_centralized(model, data, {**config, "calibration_samples": 64})[0])
+    masks = calibrate_centralized(model, data, {**config, "calibration_samples": 32})[0].shared
+    direct = mask_jaccard(masks, calibrate_centralized(model, data, {**config, "calibration_samples": 64})[0].shared)
     assert table["jaccard_vs_largest"].iloc[1] == pytest.approx(direct)
 
 

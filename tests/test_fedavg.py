@@ -21,6 +21,7 @@ from helpers import config as config_module
 from helpers import fedavg, resumable
 from helpers.config import make_config
 from helpers.data import augment_generator, load_data, step_batches
+from helpers.masks import Masks
 from helpers.models import set_trainable
 from helpers.resumable import build_seeded_model
 from helpers.runs import Run, load_checkpoint
@@ -100,7 +101,7 @@ def test_entries_no_client_trains_stay_bit_exact(scope):
     gen = torch.Generator().manual_seed(0)
     names = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
     per_client = [{n: torch.rand(start[n].shape, generator=gen) < 0.3 for n in names} for _ in shards]
-    masks = per_client[0] if scope == "global" else (lambda k: per_client[k])
+    masks = Masks(shared=per_client[0]) if scope == "global" else Masks.per_client(per_client)
     trained = per_client[:1] if scope == "global" else per_client
     fedavg.fedavg_round(model, data, shards, 0, config, masks=masks)
     moved = 0
@@ -200,7 +201,7 @@ def test_noniid_clients_drift_further_than_iid():
 
 
 def test_sparse_masks_plug_into_the_same_engine():
-    """A global mask: masked entries never move, upload counts nnz; a per-client mask function works too."""
+    """A global mask: masked entries never move, upload counts nnz; per-client masks: each uploads its own nnz."""
     config = small_config(num_clients=4, participation=0.5, local_steps=2)
     data = load_data(config, CPU)
     shards = fedavg.client_shards(config, data)
@@ -209,21 +210,18 @@ def test_sparse_masks_plug_into_the_same_engine():
     gen = torch.Generator().manual_seed(1)
     masks = {n: (torch.rand(p.shape, generator=gen) < 0.3).float() for n, p in named.items() if p.ndim == 2}
     before = {n: p.detach().clone() for n, p in named.items()}
-    row = fedavg.fedavg_round(model, data, shards, 0, config, masks=masks)
+    row = fedavg.fedavg_round(model, data, shards, 0, config, masks=Masks(shared=masks))
     dense = sum(p.numel() for n, p in named.items() if n not in masks)
     assert row["upload_bytes"] == 2 * 4 * (dense + sum(int(m.sum()) for m in masks.values()))
     for n, m in masks.items():
         assert torch.equal(named[n][m == 0], before[n][m == 0]), n
         assert not torch.equal(named[n], before[n]), n
-    asked = []
-
-    def per_client(k: int) -> dict:
-        asked.append(k)
-        return {n: torch.zeros_like(m) for n, m in masks.items()}
-
-    row = fedavg.fedavg_round(model, data, shards, 1, config, masks=per_client)
-    assert asked == [int(c) for c in row["clients"].split()]
-    assert row["upload_bytes"] == 2 * 4 * dense
+    # client k trains a fraction k/8 of the masked entries: the upload names which clients' masks were used
+    own = [{n: torch.rand(m.shape, generator=gen) < k / 8 for n, m in masks.items()} for k in range(4)]
+    row = fedavg.fedavg_round(model, data, shards, 1, config, masks=Masks.per_client(own))
+    nnz = [sum(int(m.sum()) for m in own[int(k)].values()) for k in row["clients"].split()]
+    assert len(set(sum(int(m.sum()) for m in o.values()) for o in own)) == 4
+    assert row["upload_bytes"] == 4 * (2 * dense + sum(nnz))
 
 
 def test_head_mode_trains_and_uploads_only_the_head(tmp_path):

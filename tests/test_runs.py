@@ -2,13 +2,14 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import helpers.centralized as centralized
 from helpers.config import make_config
-from helpers.runs import load_checkpoint, open_run, run_id, save_checkpoint, write_results
+from helpers.runs import last_rows, load_checkpoint, open_run, run_id, save_checkpoint, write_results
 
 
 def small(**kw):
@@ -102,3 +103,28 @@ def test_colab_without_drive_warns_and_falls_back(monkeypatch):
     monkeypatch.setattr(runs, "DRIVE_ROOT", runs.Path("/nonexistent-drive/MyDrive/x"))
     with pytest.warns(UserWarning, match="Drive is not mounted"):
         assert runs.default_run_root() == runs.Path("runs")
+
+
+def test_last_rows_is_each_runs_greatest_step_in_table_order():
+    """Against a loop over the runs: one row per (source, run), the one with the largest round (or epoch), in the
+    order the table lists them; rows shuffled, federated (round) and centralized (epoch) runs mixed."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for source in ("a", "b"):
+        for run in range(5):
+            step = "round" if run % 2 else "epoch"
+            for s in rng.permutation(np.arange(1, rng.integers(2, 7))):
+                rows.append({"source": source, "run_id": f"r{run}", step: s, "acc": rng.random()})
+    table = pd.DataFrame(rows).sample(frac=1.0, random_state=1).reset_index(drop=True)
+    expected, seen = [], set()
+    for _, row in table.iterrows():
+        key = (row["source"], row["run_id"])
+        if key in seen:
+            continue
+        seen.add(key)
+        same = table[(table["source"] == row["source"]) & (table["run_id"] == row["run_id"])]
+        steps = same["round"].fillna(same["epoch"])
+        expected.append(steps.idxmax())
+    got = last_rows(table)
+    pd.testing.assert_frame_equal(got, table.loc[sorted(expected)].reset_index(drop=True))
+    assert len(got) == 10 and last_rows(table.drop(columns="source"))["run_id"].is_unique

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from helpers.mask_stats import mask_density_table, mask_jaccard, overall_density, plot_mask_density
+from helpers.mask_stats import mask_density_table, mask_jaccard, plot_mask_density
+from helpers.masks import MASK_RULES, one_shot, overall_density
 from helpers.models import backbone_parameters, build_model, is_head
 from helpers.seeding import torch_generator
-from helpers.sensitivity import MASK_RULES, SENSITIVITY_RULES, calibrate_masks, compute_scores
+from helpers.sensitivity import calibrate_masks, compute_scores
 from helpers.sparse_sgdm import SparseSGDM, masks_by_parameter
 
 N_SAMPLES = 6
@@ -224,7 +225,7 @@ def n_trainable(masks):
 @pytest.mark.parametrize("sparsity", [0.9, 0.5])
 def test_every_rule_gives_exact_density(model, score_fn, rule, sparsity):
     before = snapshot(model)
-    rounds = 3 if rule in SENSITIVITY_RULES else 1
+    rounds = 1 if one_shot(rule) else 3
     masks = calibrate_masks(model, score_fn, sparsity=sparsity, rounds=rounds, rule=rule)
     assert set(masks) == set(backbone_parameters(model))  # head never masked
     assert all(
@@ -257,7 +258,7 @@ def test_random_rule_is_seeded(model, score_fn):
     assert mask_jaccard(a, b) == 1.0 and mask_jaccard(a, c) < 0.5
 
 
-@pytest.mark.parametrize("rule", SENSITIVITY_RULES)
+@pytest.mark.parametrize("rule", [r for r in MASK_RULES if not one_shot(r)])
 def test_multi_round_is_nested_and_changes_the_mask(model, score_fn, rule):
     history = []
     one = calibrate_masks(model, score_fn, sparsity=0.9, rounds=1, rule=rule)
