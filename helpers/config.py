@@ -28,6 +28,9 @@ class Param:
     low_open: bool = False
     high_open: bool = False
     hashed: bool = True  # False: changes nothing in the results (device, paths, checkpoint cadence)
+    # Added after results existed: at this value (the old behaviour) a config leaves the parameter out, so earlier
+    # run ids, config.json files and results CSVs stay exactly as they were. Read such values with `setting`.
+    omitted_at: object = None
 
     def allowed(self) -> str:
         if self.choices:
@@ -41,8 +44,8 @@ class Param:
         return name
 
 
-def _choice(*values: str, hashed: bool = True) -> Param:
-    return Param(str, choices=values, hashed=hashed)
+def _choice(*values: str, hashed: bool = True, omitted_at: str | None = None) -> Param:
+    return Param(str, choices=values, hashed=hashed, omitted_at=omitted_at)
 
 
 PARAMS: dict[str, Param] = {
@@ -64,6 +67,8 @@ PARAMS: dict[str, Param] = {
     "batch_size": Param(int, low=1),
     "lr": Param(float, low=0, low_open=True),
     "momentum": Param(float, low=0, high=1, high_open=True),
+    # mixed precision: auto = fp16 + GradScaler below sm_80 (T4), bf16 from sm_80, fp32 on CPU (helpers.precision)
+    "amp": _choice("auto", "fp16", "bf16", "fp32", omitted_at="auto"),
     "weight_decay": Param(float, low=0),
     "epochs": Param(int, low=1),
     "scheduler": _choice("cosine", "step", "constant", "warmup_cosine"),
@@ -104,6 +109,8 @@ PARAMS: dict[str, Param] = {
     "checkpoint_minutes": Param(float, low=0, low_open=True, hashed=False),
     "device": _choice("auto", "cpu", "cuda", hashed=False),
     "compile": Param(bool, hashed=False),  # torch.compile the trained module (same math, faster on GPU)
+    # deterministic kernels (torch, cuDNN, cuBLAS workspace) so that a CUDA kill-resume can be compared exactly
+    "deterministic": Param(bool, hashed=False, omitted_at=False),
     "data_root": Param(str, hashed=False),
 }
 
@@ -115,6 +122,7 @@ COMMON_DEFAULTS = {
     "momentum": 0.9, "weight_decay": 5e-5, "scheduler": "cosine", "warmup_epochs": 0, "step_size": 3,
     "gamma": 0.1, "eval_every": 1, "eval_test": False, "checkpoint_every": 1, "checkpoint_minutes": 10.0,
     "device": "auto", "compile": False, "data_root": "./data", "synthetic_train_size": 3000, "synthetic_test_size": 500,
+    "amp": "auto", "deterministic": False,
     "num_clients": 100, "participation": 0.1, "local_steps": 4, "sharding": "iid", "classes_per_client": 5,
     "dirichlet_alpha": 0.5, "server_lr": 1.0, "client_lr_schedule": "constant", "engine": "sequential",
     "sparsity": 0.9, "calibration_rounds": 4, "mask_rule": DEFAULT_MASK_RULE, "score_method": "talos",
@@ -140,8 +148,8 @@ FEDERATED_DEFAULTS = {"full": {"eval_every": 5}, "smoke": {}}
 
 _DATA = ("profile", "dataset", "model", "pretrained", "img_size", "synthetic_train_size",
          "synthetic_test_size", "val_fraction", "data_seed", "seed", "augment", "data_root", "device")
-_OPTIM = ("train_mode", "head_features", "batch_size", "lr", "momentum", "weight_decay")
-_BOOK = ("eval_every", "eval_batch_size", "checkpoint_every", "checkpoint_minutes", "compile")
+_OPTIM = ("train_mode", "head_features", "batch_size", "lr", "momentum", "weight_decay", "amp")
+_BOOK = ("eval_every", "eval_batch_size", "checkpoint_every", "checkpoint_minutes", "compile", "deterministic")
 EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "centralized": _DATA + _OPTIM + _BOOK + ("epochs", "scheduler", "warmup_epochs", "step_size", "gamma",
                                              "eval_test"),
@@ -266,7 +274,17 @@ def make_config(experiment: str, profile: str | None = None, **overrides: object
     if "sparsity" in names:
         _derive_editing(config, given, {**COMMON_DEFAULTS, **PROFILE_DEFAULTS[profile]})
     _check_combinations(config)
-    return config
+    return {k: v for k, v in config.items() if not _omitted(k, v)}
+
+
+def _omitted(name: str, value: object) -> bool:
+    spec = PARAMS[name]
+    return spec.omitted_at is not None and type(value) is type(spec.omitted_at) and value == spec.omitted_at
+
+
+def setting(config: dict, name: str) -> object:
+    """config[name], or the parameter's `omitted_at` value where the config leaves it out (see Param)."""
+    return config[name] if name in config or PARAMS[name].omitted_at is None else PARAMS[name].omitted_at
 
 
 def _derive_editing(config: dict, given: dict, defaults: dict) -> None:

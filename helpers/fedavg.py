@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from helpers.config import make_config
+from helpers.config import make_config, setting
 from helpers.data import Data, augment_generator, step_batches
 from helpers.masks import Masks
 from helpers.models import set_trainable
@@ -96,7 +96,7 @@ def local_train(
     """One client's J steps of the one training loop; batches and augmentation from (seed, round, client)."""
     gen = augment_generator(config["seed"], "client", rnd, client)
     batches = step_batches(shard, config["batch_size"], config["local_steps"], gen)
-    opts = dict(img_size=config["img_size"], augment=config["augment"], scaler=scaler)
+    opts = dict(img_size=config["img_size"], augment=config["augment"], scaler=scaler, amp=setting(config, "amp"))
     return train_steps(model, optimizer, data.train_x, data.train_y, batches, gen, **opts)
 
 
@@ -415,4 +415,5 @@ def federated_training(
 
 def _evaluate(model: nn.Module, data: Data, split: str, config: dict) -> dict[str, float]:
     x, y = (data.val_x, data.val_y) if split == "val" else (data.test_x, data.test_y)
-    return evaluate(model, x, y, img_size=config["img_size"], batch_size=config["eval_batch_size"])
+    return evaluate(model, x, y, img_size=config["img_size"], batch_size=config["eval_batch_size"],
+                    amp=setting(config, "amp"))  # fmt: skip

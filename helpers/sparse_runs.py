@@ -14,7 +14,7 @@ from torch import nn
 
 from helpers.calibration import EDITING_FILE, calibrate_centralized, calibrate_federated, load_run_masks
 from helpers.centralized import centralized_training
-from helpers.config import make_config
+from helpers.config import make_config, setting
 from helpers.data import Data
 from helpers.fedavg import TrainClients, begin_federated, client_shards, federated_training
 from helpers.models import head_parameters
@@ -38,7 +38,8 @@ def _edit_state(
         head = {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}
         for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y)):
             # the step-0 model is the control with no backbone training: its val and test results are kept
-            m = evaluate(model, x, y, img_size=run.config["img_size"], batch_size=run.config["eval_batch_size"])
+            m = evaluate(model, x, y, img_size=run.config["img_size"], batch_size=run.config["eval_batch_size"],
+                         amp=setting(run.config, "amp"))  # fmt: skip
             info.update({f"step0_{split}_loss": m["loss"], f"step0_{split}_acc": m["acc"]})
         masks, cost = calibration()
         info.update(cost, backbone_entries=masks.entries(), mask_density=masks.density())

@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from helpers.config import EXPERIMENTS, make_config, train_split_size
+from helpers.config import EXPERIMENTS, make_config, setting, train_split_size
 from helpers.data import NUM_CLASSES, Data, step_batches
 from helpers.features import split_features
 from helpers.fedavg import BYTES_PER_ENTRY, clients_per_round, run_fedavg
+from helpers.precision import make_scaler
 from helpers.runs import load_checkpoint
 from helpers.seeding import torch_generator
-from helpers.train import NonFiniteLossError, lr_at, make_scaler, train_steps
+from helpers.train import NonFiniteLossError, lr_at, train_steps
 
 
 def ridge_statistics(x: Tensor, y: Tensor, num_classes: int = NUM_CLASSES) -> tuple[Tensor, Tensor]:
@@ -54,7 +55,8 @@ def train_head(head: nn.Linear, features: Tensor, labels: Tensor, config: dict) 
     optimizer = torch.optim.SGD(
         params, lr=config["step0_lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]
     )
-    scaler, loss = make_scaler(features.device), math.nan
+    amp = setting(config, "amp")
+    scaler, loss = make_scaler(features.device, amp), math.nan
     for epoch in range(epochs):
         gen = torch_generator(config["seed"], "step0", epoch)
         batches = step_batches(torch.arange(n), batch, steps, gen)
@@ -62,7 +64,7 @@ def train_head(head: nn.Linear, features: Tensor, labels: Tensor, config: dict) 
                      scheduler="cosine") for i in range(steps)]  # fmt: skip
         try:
             loss = train_steps(head, optimizer, features, labels, batches, gen, img_size=config["img_size"],
-                               lrs=lrs, scaler=scaler)  # fmt: skip
+                               lrs=lrs, scaler=scaler, amp=amp)  # fmt: skip
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"step 0 (step0_lr={config['step0_lr']}): {exc}") from None
     return loss

@@ -3,7 +3,15 @@
 import pytest
 
 from helpers.__main__ import main
-from helpers.config import EXPERIMENTS, PARAMS, make_config, parse_sets, parse_value, resolve_profile
+from helpers.config import (
+    EXPERIMENTS,
+    PARAMS,
+    make_config,
+    parse_sets,
+    parse_value,
+    profile_defaults,
+    resolve_profile,
+)
 
 BAD = [
     ("val_fraction", 0.0, "(0, 1)"),
@@ -23,6 +31,8 @@ BAD = [
     ("pretrained", 1, "true or false"),
     ("gamma", 0.0, "(0, 1]"),
     ("device", "tpu", "auto, cpu, cuda"),
+    ("amp", "fp8", "auto, fp16, bf16, fp32"),
+    ("deterministic", "yes", "true or false"),
     ("seed", -1, ">= 0"),
 ]
 
@@ -57,7 +67,10 @@ def test_profiles_and_overrides(monkeypatch):
     assert full["model"] == "vit_small_patch16_224.dino" and full["pretrained"] and full["img_size"] == 224
     smoke = make_config("centralized", "smoke", lr=0.123, epochs=7)
     assert smoke["dataset"] == "synthetic" and smoke["lr"] == 0.123 and smoke["epochs"] == 7
-    assert set(smoke) == set(EXPERIMENTS["centralized"])
+    # parameters at their `omitted_at` value (amp=auto, deterministic=false) are left out: old run ids and CSVs hold
+    added = {n for n in EXPERIMENTS["centralized"] if PARAMS[n].omitted_at is not None}
+    assert added >= {"amp", "deterministic"} and set(smoke) == set(EXPERIMENTS["centralized"]) - added
+    assert set(make_config("centralized", "smoke", amp="fp32", deterministic=True)) == set(EXPERIMENTS["centralized"])
     assert make_config("centralized", "smoke", lr=1)["lr"] == 1.0  # ints accepted for floats
     # full federated runs validate every 5th round; epochs and smoke rounds every time; an explicit value wins
     assert full["eval_every"] == 1 and make_config("fedavg", "smoke")["eval_every"] == 1
@@ -84,7 +97,9 @@ def test_parse_value_types():
 def test_every_param_has_a_default_in_both_profiles():
     for exp, names in EXPERIMENTS.items():
         for profile in ("smoke", "full"):
-            assert set(make_config(exp, profile)) == set(names)
+            assert set(profile_defaults(exp, profile)) == set(names)
+            omitted = {n for n, v in profile_defaults(exp, profile).items() if v == PARAMS[n].omitted_at}
+            assert set(make_config(exp, profile)) == set(names) - omitted
     assert set().union(*EXPERIMENTS.values()) <= set(PARAMS)
 
 
@@ -94,3 +109,5 @@ def test_cli_errors_are_one_line(capsys):
     assert err.startswith("error: lr=-1.0 is invalid") and "\n" not in err and "Traceback" not in err
     assert main(["run", "centralized", "--set", "nc=3"]) == 2
     assert "unknown parameter 'nc'" in capsys.readouterr().err
+    assert main(["run", "fedavg", "--set", "amp=fp8"]) == 2
+    assert capsys.readouterr().err.strip() == "error: amp='fp8' is invalid: must be one of auto, fp16, bf16, fp32"
