@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers.config import NUM_CLASSES, split_sizes
+from helpers.config import NUM_CLASSES, setting, split_sizes
 from helpers.models import backbone_parameters, build_model
+from helpers.precision import DTYPES
 from helpers.sensitivity import default_chunk_size
 
 GiB = 2**30
@@ -114,10 +115,12 @@ def evaluation_activations(model: nn.Module, img_size: int, batch: int, dtype: t
     return largest * batch
 
 
-def estimate_phases(config: dict, amp: torch.dtype | None = torch.float16) -> list[Phase]:
+def estimate_phases(config: dict) -> list[Phase]:
     """Every phase of the config's profile on one GPU: dense and sparse FedAvg rounds at batch_size (centralized
     training needs less: no server buffers), per-sample scoring at its chunk size, evaluation and feature caching
-    at eval_batch_size; for a random-init model of the config's shape, training under autocast `amp`."""
+    at eval_batch_size; for a random-init model of the config's shape, in the config's `amp` on a T4 (auto: fp16)."""
+    amp = setting(config, "amp")
+    amp = DTYPES["fp16" if amp == "auto" else amp]  # auto on a T4 (sm_75) is fp16
     torch.manual_seed(0)
     model = build_model(config["model"], num_classes=NUM_CLASSES, pretrained=False, img_size=config["img_size"])
     size = config["img_size"]
