@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from helpers.data import Data, load_data, pick_device
 from helpers.features import head_view
+from helpers.leases import claim, release_run
 from helpers.models import build_model
 from helpers.runs import (
     CheckpointClock,
@@ -56,9 +57,10 @@ def run_inputs(config: dict) -> tuple[Data, nn.Module]:
 
 
 def begin_run(experiment: str, config: dict, run_root: str | Path | None) -> tuple[Run, tuple[Data, nn.Module] | None]:
-    """Open (or find) the run; unless it is done, also build its inputs (data, seeded model), else None."""
+    """Open (or find) the run and claim it (helpers.leases); unless it is done or another session holds it, also
+    build its inputs (data, seeded model), else None."""
     run = open_run(experiment, config, run_root)
-    return run, (None if run.done else run_inputs(run.config))
+    return run, (None if run.done or not claim(run) else run_inputs(run.config))
 
 
 def loop_inputs(run: Run, model: nn.Module, data: Data) -> tuple[nn.Module, Data, torch.amp.GradScaler | None]:
@@ -85,8 +87,17 @@ def resumable_loop(
 
     Checkpoints hold model, `extra` states (by their keys), `unit` (steps done), metrics, elapsed and scaler.
     metrics.csv is rewritten after every step; done.json gets the last row. `show`: row keys on the progress bar.
+    The run's lease is released at the end, or when the loop stops early (another session may resume it at once).
     """
-    total, extra = run.config[f"{unit}s"], extra or {}
+    try:
+        return _loop(run, model, step_fn, unit=unit, extra=extra or {}, scaler=scaler, show=show, progress=progress)
+    finally:
+        release_run(run)
+
+
+def _loop(run, model, step_fn, *, unit, extra, scaler, show, progress) -> Run:
+    """resumable_loop's body."""
+    total = run.config[f"{unit}s"]
     rows, start, elapsed = [], 0, 0.0
     state = load_checkpoint(run, map_location=next(model.parameters()).device)
     if state is not None:
