@@ -74,7 +74,12 @@ class Run:
         return (self.dir / "done.json").exists()
 
     def summary(self) -> dict:
-        """The final metrics written by mark_done."""
+        """The final metrics written by mark_done (an error naming the run if it is not finished)."""
+        if not self.done:
+            raise RuntimeError(
+                f"{describe(self.experiment, self.config, self.id)} is not finished: another session may be "
+                "training it (python -m helpers status); run this again when it is done"
+            )
         return json.loads(read_bytes(self.dir / "done.json"))
 
     def metrics(self) -> pd.DataFrame:
@@ -258,11 +263,12 @@ def with_integer_columns(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def tidy_results(runs: list[Run]) -> pd.DataFrame:
-    """One row per (run, epoch|round): metrics joined with every config column, run id and experiment."""
+    """One row per (run, epoch|round) of the finished runs: metrics joined with every config column, run id and
+    experiment."""
     frames = []
     for run in runs:
         m = run.metrics()
-        if m.empty:
+        if m.empty or not run.done:  # rows of a run another session still trains come when it is done
             continue
         clash = sorted(set(run.config) & set(m.columns))
         if clash:  # a metric named like a parameter would hide the parameter's value
@@ -292,6 +298,10 @@ def write_results(
     path = results_dir(profiles.pop(), root if root is not None else default_results_root()) / f"{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)  # names such as custom/<name>-<hash> (helpers.notebook)
     table = tidy_results(runs) if table is None else table
+    unfinished = [run.id for run in runs if not run.done]
+    if unfinished:
+        print(f"{path.name}: {len(unfinished)} runs left out, not finished (another session trains them: "
+              f"{', '.join(unfinished)}); run this notebook again when they are done")  # fmt: skip
     atomic_write(path, table.to_csv(index=False).encode())
     return path
 
