@@ -80,11 +80,15 @@ def run_status(experiment: str, config: dict, run_root: str | Path | None = None
 
 
 def plan_status(plan: list[tuple[str, dict]], run_root: str | Path | None = None) -> pd.DataFrame:
-    """One row per run of a notebook's plan: its state, holder and last heartbeat (a notebook's status cell)."""
-    rows = []
+    """One row per distinct run of a notebook's plan: state, holder, seconds since its heartbeat, what it is (a
+    notebook's status cell)."""
+    rows = {}
     for experiment, config in plan:
-        rows.append({"run": describe(experiment, config), **run_status(experiment, config, run_root)})
-    return pd.DataFrame(rows, columns=["run", "state", "holder", "heartbeat_age_s"])
+        rid, status = run_id(config), run_status(experiment, config, run_root)
+        what = describe(experiment, config, rid).split(" ", 2)[-1].strip("()")
+        rows[(experiment, rid)] = {"run_id": rid, "experiment": experiment, **status, "what": what}
+    columns = ["run_id", "experiment", "state", "holder", "heartbeat_age_s", "what"]
+    return pd.DataFrame(list(rows.values()), columns=columns).fillna("")
 
 
 def study_status(profile: str | None, run_root: str | Path | None = None, notebooks: list[str] | None = None) -> dict:
@@ -122,7 +126,9 @@ def format_status(status: dict) -> str:
         age = held["heartbeat_age_s"]
         lines.append(f"{held['state']}: {held['run']} by {held['holder']}, last heartbeat {age} s ago")
     if status["total"]["waiting"]:
-        lines.append("waiting: runs whose config needs earlier results (01's best lr): its notebook runs them")
+        lines.append("waiting: runs whose config comes from earlier results (01's best lr and scheduler): the notebook "
+                     "trains them once those are done; they are counted here until then, and after (their run ids are "
+                     "known only to the notebook)")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from helpers.__main__ import main
 from helpers.config import make_config
 from helpers.leases import LEASE_FILE, LeaseInfo, LeaseLost, claim, lease_state, read_lease
 from helpers.runs import load_checkpoint, open_run, run_id, save_checkpoint, write_metrics
-from helpers.study import run_status, study_plan, study_status
+from helpers.study import plan_status, run_status, study_plan, study_status
 
 REPO = Path(__file__).resolve().parent.parent
 SETS = {"synthetic_train_size": 600, "synthetic_test_size": 100, "batch_size": 16, "device": "cpu",
@@ -261,6 +261,8 @@ def test_status_and_work_on_the_smoke_profile(tmp_path, capsys):
     assert rows["01_centralized"]["waiting"] == 7 and total["t4_hours_left"] >= 0
     assert main(["work", "--profile", "smoke", "--notebook", "02", "--run-root", root]) == 0
     assert "this session finished 0 runs" in capsys.readouterr().out  # nothing left: nothing retrained
+    table = plan_status(study_plan_of("02_fedavg_iid"), root)  # the notebook's status cell
+    assert table[["state", "holder"]].values.tolist() == [["done", ""]]
 
 
 def test_status_names_the_holder_of_a_running_and_a_stale_run(tmp_path):
@@ -290,3 +292,7 @@ def test_bad_status_and_work_options_exit_2_naming_the_option(args, message, cap
     except SystemExit as exc:  # argparse's own errors
         code = exc.code
     assert code == 2 and message in capsys.readouterr().err
+
+
+def study_plan_of(notebook: str) -> list[tuple[str, dict]]:
+    return [(p.experiment, p.config) for p in study_plan("smoke", [notebook])]
