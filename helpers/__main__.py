@@ -83,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     pipe.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                       help="a notebook parameter (a Python literal, else text), e.g. -p ROUNDS 3")  # fmt: skip
     notebooks = ", ".join(n.split("_")[0] for n in study_notebooks())
+    team = "A team of sessions sharing one run root (e.g. a Drive folder): see docs/team.md."
     status = sub.add_parser("status", help="the study on this run root: done, running (by whom), stale, left, "
-                            "T4 hours left, per notebook")  # fmt: skip
+                            "T4 hours left, per notebook", description=team)  # fmt: skip
     work = sub.add_parser("work", help="claim and train the study's next unfinished runs (several sessions share "
-                          "the study without overlap)")  # fmt: skip
+                          "the study without overlap)", description=team)  # fmt: skip
     for p in (status, work):
         p.add_argument("--profile", choices=PROFILES, default=None, help="default: $FLME_PROFILE or smoke")
         p.add_argument("--run-root", default=None, help="default: $FLME_RUN_ROOT, Drive in Colab, else ./runs")

@@ -60,7 +60,13 @@ def begin_run(experiment: str, config: dict, run_root: str | Path | None) -> tup
     """Open (or find) the run and claim it (helpers.leases); unless it is done or another session holds it, also
     build its inputs (data, seeded model), else None."""
     run = open_run(experiment, config, run_root)
-    return run, (None if run.done or not claim(run) else run_inputs(run.config))
+    if run.done or not claim(run):
+        return run, None
+    try:
+        return run, run_inputs(run.config)
+    except BaseException:  # e.g. the download failed: another session may try at once
+        release_run(run)
+        raise
 
 
 def loop_inputs(run: Run, model: nn.Module, data: Data) -> tuple[nn.Module, Data, torch.amp.GradScaler | None]:
