@@ -188,6 +188,11 @@ def _duration(seconds: float) -> str:
 
 def notebook_plan(notebook: str | Path, profile: str = "full", **parameters: object) -> Plan:
     """The PLAN a notebook's setup cell builds (its parameters cell, then the cell after it), without running it."""
+    return notebook_setup(notebook, profile, **parameters)["PLAN"]
+
+
+def notebook_setup(notebook: str | Path, profile: str = "full", **parameters: object) -> dict:
+    """The names a notebook's setup cell defines (PLAN; WAITING: how many of PLAN's last runs wait for results)."""
     path = Path(notebook)
     path = path if path.suffix == ".ipynb" else NOTEBOOKS / f"{path.name}.ipynb"
     cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
@@ -201,7 +206,7 @@ def notebook_plan(notebook: str | Path, profile: str = "full", **parameters: obj
 
     with redirect_stdout(StringIO()):
         exec(setup, scope)
-    return scope["PLAN"]
+    return scope
 
 
 def notebook_table(profile: str = "full") -> list[dict]:

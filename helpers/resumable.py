@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from helpers.config import setting
 from helpers.data import Data, load_data, pick_device
 from helpers.features import head_view
+from helpers.leases import claim, release_run
 from helpers.models import build_model
 from helpers.precision import make_scaler, resolve_amp, use_deterministic
 from helpers.runs import (
@@ -58,14 +59,20 @@ def run_inputs(config: dict) -> tuple[Data, nn.Module]:
 
 
 def begin_run(experiment: str, config: dict, run_root: str | Path | None) -> tuple[Run, tuple[Data, nn.Module] | None]:
-    """Open (or find) the run; unless it is done, also build its inputs (data, seeded model), else None.
+    """Open (or find) the run and claim it (helpers.leases); unless it is done or another session holds it, also
+    build its inputs (data, seeded model), else None.
 
     The config's `deterministic` is applied here, before any CUDA work (process-wide: see precision.use_deterministic).
     """
     run = open_run(experiment, config, run_root)
-    if not run.done:
+    if run.done or not claim(run):
+        return run, None
+    try:
         use_deterministic(setting(config, "deterministic"))
-    return run, (None if run.done else run_inputs(run.config))
+        return run, run_inputs(run.config)
+    except BaseException:  # e.g. the download failed: another session may try at once
+        release_run(run)
+        raise
 
 
 def loop_inputs(run: Run, model: nn.Module, data: Data) -> tuple[nn.Module, Data, torch.amp.GradScaler | None]:
@@ -91,9 +98,19 @@ def resumable_loop(
     """Run step_fn(0-based step) -> metrics row for the config's `{unit}s` steps, resuming from the checkpoint.
 
     Checkpoints hold model, `extra` states (by their keys), `unit` (steps done), metrics, elapsed, scaler and the
-    precision trained in; done.json gets the last row and the precision. `show`: row keys on the progress bar.
+    precision trained in; metrics.csv is rewritten after every step; done.json gets the last row and the precision.
+    `show`: row keys on the progress bar. The run's lease is released at the end, or when the loop stops early
+    (another session may resume it at once).
     """
-    total, extra = run.config[f"{unit}s"], extra or {}
+    try:
+        return _loop(run, model, step_fn, unit=unit, extra=extra or {}, scaler=scaler, show=show, progress=progress)
+    finally:
+        release_run(run)
+
+
+def _loop(run, model, step_fn, *, unit, extra, scaler, show, progress) -> Run:
+    """resumable_loop's body."""
+    total = run.config[f"{unit}s"]
     rows, start, elapsed = [], 0, 0.0
     device = next(model.parameters()).device
     precision = resolve_amp(setting(run.config, "amp"), device)

@@ -54,6 +54,8 @@ def _edit_state(
 
 def _finish(run: Run, info: dict | None = None) -> Run:
     """Add step-0 and calibration cost to done.json (also repairs a crash between the two writes)."""
+    if not run.done:  # another session holds it (helpers.leases)
+        return run
     summary = run.summary()
     if "calibration_s" not in summary:
         info = info if info is not None else load_artifact(run, EDITING_FILE)["info"]
@@ -106,7 +108,8 @@ def run_sparse_fedavg(
     shards = client_shards(config, data)
     packed, info = _edit_state(
         run, model, data,
-        step0=lambda: fit_head_federated(model, data, shards, config, run_root=run.root, progress=progress),
+        step0=lambda: fit_head_federated(model, data, shards, config, run_root=run.root, progress=progress,
+                                         keep_alive=run.claim.check if run.claim else None),
         calibration=lambda: calibrate_federated(model, data, shards, config, progress),
     )  # fmt: skip
     masks = load_run_masks(model, packed, config, device)
