@@ -1,5 +1,6 @@
 """Command line: `python -m helpers run EXPERIMENT --profile smoke --set lr=0.01`, `python -m helpers flower`,
-`python -m helpers pipeline`."""
+`python -m helpers pipeline`, and for a team of sessions on one run root `python -m helpers status` and `work`.
+Exit codes: 0 done, 2 bad input (or environment), 3 the run is held by another session (try later)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import shlex
 import sys
 
 from helpers.config import EXPERIMENTS, PROFILES, describe_parameters, make_config, parse_sets
+from helpers.leases import LeaseLost
 from helpers.pipeline import describe_notebooks, parse_parameters, run_pipeline
+from helpers.study import pick_notebooks, print_status, study_notebooks
+from helpers.study import work as work_on
 
 # experiment name -> "module:function"; each function takes (config, run_root=..., progress=...) -> Run
 RUNNERS = {
@@ -20,6 +24,7 @@ RUNNERS = {
     "sparse_fedavg": "helpers.sparse_runs:run_sparse_fedavg",
 }
 FLOWER_RUNNER = "helpers.flower:run_flower"  # engine="flower" (fedavg, sparse_fedavg); imports flwr
+HELD = 3  # exit code: the run is held by another session (not an error: it is being trained)
 
 
 def runner(experiment: str, engine: str = "sequential"):
@@ -38,6 +43,16 @@ def _schema_help(experiments: list[str]) -> dict:
         "resumes."
     )
     return {"epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+def _hours(text: str) -> float:
+    try:
+        hours = float(text)
+    except ValueError:
+        hours = -1.0
+    if not hours > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be a number of hours > 0, e.g. 3 or 0.5")
+    return hours
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +82,29 @@ def main(argv: list[str] | None = None) -> int:
     pipe.add_argument("--output-dir", default="notebooks/executed")
     pipe.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                       help="a notebook parameter (a Python literal, else text), e.g. -p ROUNDS 3")  # fmt: skip
+    notebooks = ", ".join(n.split("_")[0] for n in study_notebooks())
+    team = "A team of sessions sharing one run root (e.g. a Drive folder): see docs/team.md."
+    status = sub.add_parser("status", help="the study on this run root: done, running (by whom), stale, left, "
+                            "T4 hours left, per notebook", description=team)  # fmt: skip
+    work = sub.add_parser("work", help="claim and train the study's next unfinished runs (several sessions share "
+                          "the study without overlap)", description=team)  # fmt: skip
+    for p in (status, work):
+        p.add_argument("--profile", choices=PROFILES, default=None, help="default: $FLME_PROFILE or smoke")
+        p.add_argument("--run-root", default=None, help="default: $FLME_RUN_ROOT, Drive in Colab, else ./runs")
+        p.add_argument("--notebook", action="append", default=None, metavar="N",
+                       help=f"only this notebook's runs (repeatable): {notebooks}")  # fmt: skip
+    status.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    work.add_argument("--hours", type=_hours, default=None, metavar="H",
+                      help="start no new run after H hours (default: until nothing is left)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
+        if args.command in ("status", "work"):
+            pick_notebooks(args.notebook)  # a bad --notebook fails before any plan is built
+            if args.command == "status":
+                print_status(args.profile, args.run_root, args.notebook, as_json=args.json)
+            else:
+                work_on(args.profile, args.hours, args.notebook, args.run_root, progress=sys.stderr.isatty())
+            return 0
         if args.command in ("run", "flower"):
             sets = parse_sets(args.set, args.experiment)
             if args.command == "flower":
@@ -83,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             run_fn = runner(args.experiment, config.get("engine", "sequential"))
             result = run_fn(config, run_root=args.run_root, progress=sys.stderr.isatty())
+            if not result.done:  # another session holds it (the runner said by whom)
+                print(json.dumps({"run_dir": str(result.dir), "done": False}))
+                return HELD
             if args.results:
                 from helpers.runs import read_results, write_results
 
@@ -94,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parameters = parse_parameters(args.parameter)
             run_pipeline(args.profile, args.notebooks, args.output_dir, parameters)
+    except LeaseLost as exc:  # another session took the run over: it goes on there
+        print(f"stopped: {exc}", file=sys.stderr)
+        return HELD
     # the user's input or environment (ImportError: Flower not installed): one line, no traceback
     except (ValueError, OSError, RuntimeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -23,6 +23,21 @@ def algorithm_name(config: Mapping) -> str:
     return config.get("algorithm", DEFAULT_ALGORITHM)
 
 
+def keep_own_parameters(config: dict, given: Mapping) -> None:
+    """In a config being made: keep its algorithm's own parameters, drop the others', refuse those `given`."""
+    algorithm = config["algorithm"]
+    for name in ALGORITHM_PARAMS:
+        if name in ALGORITHMS[algorithm].params:
+            continue
+        if name in given:
+            users = [a for a, cls in ALGORITHMS.items() if name in cls.params]
+            raise ValueError(
+                f"{name}={given[name]!r} is invalid with algorithm={algorithm!r}: {name} is a parameter of "
+                f"algorithm {' or '.join(repr(u) for u in users)} (algorithm: one of {', '.join(ALGORITHMS)})"
+            )
+        del config[name]
+
+
 def make_algorithm(config: Mapping, folder: str | Path | None = None) -> FedAvg:
     """The config's algorithm; `folder` (a run folder) keeps per-client state on disk (SCAFFOLD's c_i)."""
     cls = ALGORITHMS[algorithm_name(config)]

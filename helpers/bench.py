@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from helpers.config import make_config
+from helpers.config import make_config, setting
 from helpers.data import augment_batch, eval_batch, pick_device, step_batches
+from helpers.memory import LABEL, GiB, estimate_phases
 from helpers.models import build_model, forward_flops
+from helpers.precision import AMP_CHOICES, make_scaler, resolve_amp
 from helpers.runs import Run, load_checkpoint, save_checkpoint
 from helpers.sensitivity import compute_scores
-from helpers.train import amp_dtype, evaluate, make_scaler, train_steps
+from helpers.train import evaluate, train_steps
 
 # Dense fp16/bf16 tensor-core peaks (TFLOP/s) from vendor datasheets, used for model FLOP utilisation.
 PEAK_TFLOPS = {
@@ -78,14 +80,12 @@ def bench_training(config: dict, device: torch.device, batch: int, steps: int, c
     model = build_model(config["model"], pretrained=False, img_size=config["img_size"]).to(device)
     x, y = fake_images(batch * steps, device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    scaler = make_scaler(device)
+    amp = setting(config, "amp")
+    opts = dict(img_size=config["img_size"], scaler=make_scaler(device, amp), amp=amp)
     gen = torch.Generator().manual_seed(0)
     batches = step_batches(torch.arange(len(y)), batch, steps, gen)
-    train_s = timed(
-        lambda: train_steps(model, opt, x, y, batches, gen, img_size=config["img_size"], scaler=scaler),
-        device,
-    )
-    eval_s = timed(lambda: evaluate(model, x, y, img_size=config["img_size"], batch_size=batch), device)
+    train_s = timed(lambda: train_steps(model, opt, x, y, batches, gen, **opts), device)
+    eval_s = timed(lambda: evaluate(model, x, y, img_size=config["img_size"], batch_size=batch, amp=amp), device)
     aug_s = timed(lambda: [augment_batch(x[b.to(device)], gen, img_size=config["img_size"]) for b in batches], device)
     flops = forward_flops(config["model"], config["img_size"])
     train_ips = batch * steps / train_s
@@ -93,9 +93,7 @@ def bench_training(config: dict, device: torch.device, batch: int, steps: int, c
     out = {}
     if compile:
         model.compile()
-        compiled_s = timed(
-            lambda: train_steps(model, opt, x, y, batches, gen, img_size=config["img_size"], scaler=scaler), device
-        )
+        compiled_s = timed(lambda: train_steps(model, opt, x, y, batches, gen, **opts), device)
         out = {"train_images_per_s_compiled": batch * steps / compiled_s}
         out["train_mfu_compiled"] = 3 * flops * out["train_images_per_s_compiled"] / peak if peak else None
     return {
@@ -106,7 +104,7 @@ def bench_training(config: dict, device: torch.device, batch: int, steps: int, c
         "train_mfu": 3 * flops * train_ips / peak if peak else None,  # backward ~ 2x forward
         "augment_share_of_step": aug_s / train_s,
         "batch_size": batch,
-        "amp": str(amp_dtype(device)),
+        "amp": resolve_amp(amp, device),
     }
 
 
@@ -228,10 +226,12 @@ def bench_head(config: dict, device: torch.device, batch: int, steps: int) -> di
     gen = torch.Generator().manual_seed(0)
     batches = step_batches(torch.arange(len(y)), batch, steps, gen)
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    opts = dict(img_size=config["img_size"], augment="none", scaler=make_scaler(device))
+    amp = setting(config, "amp")
+    opts = dict(img_size=config["img_size"], augment="none", scaler=make_scaler(device, amp), amp=amp)
+    extract = dict(img_size=config["img_size"], batch_size=batch, amp=amp)
     backbone_s = timed(lambda: train_steps(model, opt, x, y, batches, gen, **opts), device)
-    extract_s = timed(lambda: backbone_features(model, x, img_size=config["img_size"], batch_size=batch), device)
-    features = backbone_features(model, x, img_size=config["img_size"], batch_size=batch)
+    extract_s = timed(lambda: backbone_features(model, x, **extract), device)
+    features = backbone_features(model, x, **extract)
     cached_s = timed(lambda: train_steps(model.head, opt, features, y, batches, gen, **opts), device)
     return {
         "head_steps_backbone_s": backbone_s,
@@ -270,7 +270,7 @@ def bench_fedavg(config: dict, repeats: int = 3) -> dict:
     data = load_data(config, device)
     model = build_seeded_model(config, device)
     set_trainable(model, config["train_mode"])
-    shards, scaler = client_shards(config, data), make_scaler(device)
+    shards, scaler = client_shards(config, data), make_scaler(device, setting(config, "amp"))
 
     def plain(rnd: int) -> None:  # one optimizer, no weight copies, no aggregation
         optimizer = client_optimizer(model, config["lr"], config)
@@ -308,10 +308,13 @@ def cpu_name() -> str:
         return platform.machine()
 
 
-def run_bench(profile: str = "smoke", device: str = "auto", quick: bool = False, compile: bool = False) -> dict:
-    """Every measurement for `profile` on `device`; returns the results with hardware, versions and date."""
+def run_bench(
+    profile: str = "smoke", device: str = "auto", quick: bool = False, compile: bool = False, amp: str = "auto"
+) -> dict:
+    """Every measurement for `profile` on `device` in precision `amp`; returns the results with hardware, versions
+    and date."""
     dev = pick_device(device)
-    config = make_config("fedavg", profile, device=str(dev.type), pretrained=False)
+    config = make_config("fedavg", profile, device=str(dev.type), pretrained=False, amp=amp)
     big = profile == "full"
     batch = 256 if big and dev.type == "cuda" else (8 if big else 64)
     out = {
@@ -331,7 +334,9 @@ def run_bench(profile: str = "smoke", device: str = "auto", quick: bool = False,
     if not big or dev.type == "cuda":
         out.update(
             bench_fedavg(
-                make_config("fedavg", profile, device=str(dev.type), pretrained=False, rounds=4 if quick else 8)
+                make_config(
+                    "fedavg", profile, device=str(dev.type), pretrained=False, amp=amp, rounds=4 if quick else 8
+                )
             )
         )
         from helpers.bench_remedies import bench_algorithms, measured_store_bytes, scaffold_memory
@@ -342,6 +347,8 @@ def run_bench(profile: str = "smoke", device: str = "auto", quick: bool = False,
     if dev.type == "cuda":  # the whole benchmark's peak (batch 256), before the default-batch measurement resets it
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     out.update(bench_gpu_memory(config, dev))
+    phases = estimate_phases(config)  # on the CPU whatever the device: the T4 fit check before any GPU measures it
+    out.update({f"est_peak_gib {p.name}": p.total / GiB for p in phases}, est_peak_label=LABEL)
     out["peak_host_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -352,9 +359,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a sanity run)")
     parser.add_argument("--compile", action="store_true", help="also measure training after torch.compile")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="precision (the `amp` parameter)")
     parser.add_argument("--out", default="results/bench", help="folder for the JSON file")
     args = parser.parse_args(argv)
-    result = run_bench(args.profile, args.device, args.quick, args.compile)
+    result = run_bench(args.profile, args.device, args.quick, args.compile, args.amp)
     width = max(map(len, result))
     for key, value in result.items():
         print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")

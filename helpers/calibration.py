@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from helpers.config import setting
 from helpers.data import Data, augment_batch, eval_batch
 from helpers.fedavg import BYTES_PER_ENTRY
 from helpers.masks import Masks, TensorMasks
@@ -46,7 +47,7 @@ class Scorer:
         order = torch.randperm(len(pool), generator=torch_generator(self.config["seed"], "calibration", *key))
         chosen = pool[order][: self.config["calibration_samples"]]
         self.samples += len(chosen)
-        augment = self.config.get("score_transform", "eval") == "train"  # TaLoS scores augmented images
+        augment = setting(self.config, "score_transform") == "train"  # TaLoS scores augmented images
         gen = torch_generator(self.config["seed"], "calibration_augment", self.calls, *key)
         img_size, mode = self.config["img_size"], self.config["augment"]
         for idx in chosen.split(size):

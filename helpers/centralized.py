@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from helpers.config import make_config
+from helpers.config import make_config, setting
 from helpers.data import Data, augment_generator, step_batches
 from helpers.models import set_trainable
 from helpers.resumable import begin_run, loop_inputs, resumable_loop
@@ -68,6 +68,7 @@ def centralized_training(
                 augment=config["augment"],
                 lrs=lrs,
                 scaler=scaler,
+                amp=setting(config, "amp"),
             )
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"epoch {epoch + 1}: {exc}") from None
@@ -85,5 +86,6 @@ def centralized_training(
 
 
 def _eval(model, x, y, split: str, config: dict) -> dict[str, float]:
-    m = evaluate(model, x, y, img_size=config["img_size"], batch_size=config["eval_batch_size"])
+    m = evaluate(model, x, y, img_size=config["img_size"], batch_size=config["eval_batch_size"],
+                 amp=setting(config, "amp"))  # fmt: skip
     return {f"{split}_loss": m["loss"], f"{split}_acc": m["acc"]}

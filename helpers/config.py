@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.algorithm import DEFAULT_ALGORITHM
-from helpers.algorithms import ALGORITHM_PARAMS, ALGORITHMS
+from helpers.algorithms import ALGORITHM_PARAMS, ALGORITHMS, keep_own_parameters
 from helpers.masks import DEFAULT_MASK_RULE, MASK_RULES, one_shot
 
 REPO = Path(__file__).resolve().parent.parent  # the repository: notebooks/, results/, figures/, report/ under it
@@ -30,9 +30,9 @@ class Param:
     low_open: bool = False
     high_open: bool = False
     hashed: bool = True  # False: changes nothing in the results (device, paths, checkpoint cadence)
-    # True: left out of a config at its default, so the run ids and results columns of runs from before the
-    # parameter existed stay what they were
-    implicit: bool = False
+    # Added after results existed: at this value (the old behaviour) a config leaves the parameter out, so earlier
+    # run ids, config.json files and results CSVs stay exactly as they were. Read such values with `setting`.
+    omitted_at: object = None
 
     def allowed(self) -> str:
         if self.choices:
@@ -46,8 +46,8 @@ class Param:
         return name
 
 
-def _choice(*values: str, hashed: bool = True, implicit: bool = False) -> Param:
-    return Param(str, choices=values, hashed=hashed, implicit=implicit)
+def _choice(*values: str, hashed: bool = True, omitted_at: str | None = None) -> Param:
+    return Param(str, choices=values, hashed=hashed, omitted_at=omitted_at)
 
 
 PARAMS: dict[str, Param] = {
@@ -69,6 +69,8 @@ PARAMS: dict[str, Param] = {
     "batch_size": Param(int, low=1),
     "lr": Param(float, low=0, low_open=True),
     "momentum": Param(float, low=0, high=1, high_open=True),
+    # mixed precision: auto = fp16 + GradScaler below sm_80 (T4), bf16 from sm_80, fp32 on CPU (helpers.precision)
+    "amp": _choice("auto", "fp16", "bf16", "fp32", omitted_at="auto"),
     "weight_decay": Param(float, low=0),
     "epochs": Param(int, low=1),
     "scheduler": _choice("cosine", "step", "constant", "warmup_cosine"),
@@ -88,7 +90,7 @@ PARAMS: dict[str, Param] = {
     # who runs the clients: helpers.fedavg one after another in this process, or Flower apps (helpers.flower)
     "engine": _choice("sequential", "flower"),
     # remedies against client drift (helpers.algorithms); each algorithm's own parameters are in its configs only
-    "algorithm": _choice(*ALGORITHMS, implicit=True),
+    "algorithm": _choice(*ALGORITHMS, omitted_at=DEFAULT_ALGORITHM),
     "server_momentum": Param(float, low=0, high=1, high_open=True),  # FedAvgM
     "prox_mu": Param(float, low=0),  # FedProx
     "scaffold_option": _choice("II", "I"),  # SCAFFOLD's control-variate update (the paper's options)
@@ -96,9 +98,9 @@ PARAMS: dict[str, Param] = {
     "server_beta2": Param(float, low=0, high=1, high_open=True),  # FedAdam, FedYogi
     "server_tau": Param(float, low=0, low_open=True),  # FedAdam, FedYogi, FedAdagrad
     # systems heterogeneity: the fraction of sampled clients that stop early (helpers.stragglers)
-    "stragglers": Param(float, low=0, high=1, high_open=True, implicit=True),
+    "stragglers": Param(float, low=0, high=1, high_open=True, omitted_at=0.0),
     # the client lr rises linearly over the first rounds (the TaLoS reference warms up for 500 steps)
-    "warmup_rounds": Param(int, low=0, implicit=True),
+    "warmup_rounds": Param(int, low=0, omitted_at=0),
     # model editing (sparse fine-tuning, §9): sparsity = fraction of backbone entries FROZEN
     "sparsity": Param(float, low=0, high=1, high_open=True),
     "calibration_rounds": Param(int, low=1),
@@ -114,7 +116,7 @@ PARAMS: dict[str, Param] = {
     "ridge_lambda": Param(float, low=0, low_open=True),
     "mask_scope": _choice("global", "local"),
     # sensitivity scored on images under the evaluation preprocessing, or augmented as in training (TaLoS)
-    "score_transform": _choice("eval", "train", implicit=True),
+    "score_transform": _choice("eval", "train", omitted_at="eval"),
     # evaluation and bookkeeping (not part of the run identity)
     "eval_every": Param(int, low=1),
     "eval_test": Param(bool),
@@ -123,6 +125,8 @@ PARAMS: dict[str, Param] = {
     "checkpoint_minutes": Param(float, low=0, low_open=True, hashed=False),
     "device": _choice("auto", "cpu", "cuda", hashed=False),
     "compile": Param(bool, hashed=False),  # torch.compile the trained module (same math, faster on GPU)
+    # deterministic kernels (torch, cuDNN, cuBLAS workspace) so that a CUDA kill-resume can be compared exactly
+    "deterministic": Param(bool, hashed=False, omitted_at=False),
     "data_root": Param(str, hashed=False),
 }
 
@@ -134,6 +138,7 @@ COMMON_DEFAULTS = {
     "momentum": 0.9, "weight_decay": 5e-5, "scheduler": "cosine", "warmup_epochs": 0, "step_size": 3,
     "gamma": 0.1, "eval_every": 1, "eval_test": False, "checkpoint_every": 1, "checkpoint_minutes": 10.0,
     "device": "auto", "compile": False, "data_root": "./data", "synthetic_train_size": 3000, "synthetic_test_size": 500,
+    "amp": "auto", "deterministic": False,
     "num_clients": 100, "participation": 0.1, "local_steps": 4, "sharding": "iid", "classes_per_client": 5,
     "dirichlet_alpha": 0.5, "server_lr": 1.0, "client_lr_schedule": "constant", "engine": "sequential",
     "algorithm": DEFAULT_ALGORITHM, "server_momentum": 0.9, "prox_mu": 0.01, "scaffold_option": "II",
@@ -162,10 +167,10 @@ FEDERATED_DEFAULTS = {"full": {"eval_every": 5}, "smoke": {}}
 
 _DATA = ("profile", "dataset", "model", "pretrained", "img_size", "synthetic_train_size",
          "synthetic_test_size", "val_fraction", "data_seed", "seed", "augment", "data_root", "device")
-_OPTIM = ("train_mode", "head_features", "batch_size", "lr", "momentum", "weight_decay")
+_OPTIM = ("train_mode", "head_features", "batch_size", "lr", "momentum", "weight_decay", "amp")
 # Remedies against heterogeneity: the algorithm, its parameters, stragglers (FedAvg configs hold none of them)
 REMEDIES = ("algorithm", *ALGORITHM_PARAMS, "stragglers")
-_BOOK = ("eval_every", "eval_batch_size", "checkpoint_every", "checkpoint_minutes", "compile")
+_BOOK = ("eval_every", "eval_batch_size", "checkpoint_every", "checkpoint_minutes", "compile", "deterministic")
 EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "centralized": _DATA + _OPTIM + _BOOK + ("epochs", "scheduler", "warmup_epochs", "step_size", "gamma",
                                              "eval_test"),
@@ -290,28 +295,21 @@ def make_config(experiment: str, profile: str | None = None, **overrides: object
     for name, value in config.items():
         config[name] = check_value(name, value)
     if "algorithm" in names:
-        _select_algorithm(config, given)
+        keep_own_parameters(config, given)
     if "sparsity" in names:
         _derive_editing(config, given, {**COMMON_DEFAULTS, **PROFILE_DEFAULTS[profile]})
-    for name in [n for n in config if PARAMS[n].implicit and config[n] == COMMON_DEFAULTS[n]]:
-        del config[name]  # at its default: left out, so run ids from before the parameter stay
     _check_combinations(config)
-    return config
+    return {k: v for k, v in config.items() if not _omitted(k, v)}
 
 
-def _select_algorithm(config: dict, given: dict) -> None:
-    """Keep the chosen algorithm's own parameters, refuse another algorithm's."""
-    algorithm = config["algorithm"]
-    for name in ALGORITHM_PARAMS:
-        if name in ALGORITHMS[algorithm].params:
-            continue
-        if name in given:
-            users = [a for a, cls in ALGORITHMS.items() if name in cls.params]
-            raise ValueError(
-                f"{name}={given[name]!r} is invalid with algorithm={algorithm!r}: {name} is a parameter of "
-                f"algorithm {' or '.join(repr(u) for u in users)} (algorithm: one of {', '.join(ALGORITHMS)})"
-            )
-        del config[name]
+def _omitted(name: str, value: object) -> bool:
+    spec = PARAMS[name]
+    return spec.omitted_at is not None and type(value) is type(spec.omitted_at) and value == spec.omitted_at
+
+
+def setting(config: dict, name: str) -> object:
+    """config[name], or the parameter's `omitted_at` value where the config leaves it out (see Param)."""
+    return config[name] if name in config or PARAMS[name].omitted_at is None else PARAMS[name].omitted_at
 
 
 def _derive_editing(config: dict, given: dict, defaults: dict) -> None:
@@ -372,7 +370,7 @@ def _check_combinations(config: dict) -> None:
             f"calibration_rounds={config['calibration_rounds']} is invalid with mask_rule={config['mask_rule']!r}: "
             f"rounds only apply to {rounds} (the other rules are one-shot); use calibration_rounds=1"
         )
-    if config.get("engine") == "flower" and not ALGORITHMS[config.get("algorithm", DEFAULT_ALGORITHM)].on_flower:
+    if config.get("engine") == "flower" and not ALGORITHMS[setting(config, "algorithm")].on_flower:
         raise ValueError(
             f"algorithm={config['algorithm']!r} is invalid with engine='flower' (not built for Flower nodes yet): "
             f"use engine='sequential', or algorithm one of {', '.join(a for a, c in ALGORITHMS.items() if c.on_flower)}"
@@ -403,6 +401,14 @@ def train_split_size(config: dict) -> int:
     return sum(train_class_counts(config))
 
 
+def split_sizes(config: dict) -> tuple[int, int, int]:
+    """Train, val and test split sizes from the config alone."""
+    n_train = train_split_size(config)
+    total = 50_000 if config["dataset"] == "cifar100" else config["synthetic_train_size"]
+    n_test = 10_000 if config["dataset"] == "cifar100" else config["synthetic_test_size"]
+    return n_train, total - n_train, n_test
+
+
 def _check_federated(config: dict) -> None:
     """Rules that need the train split's size (known from the config alone, before any data is loaded)."""
     counts, k = train_class_counts(config), config["num_clients"]
@@ -421,9 +427,9 @@ def _check_federated(config: dict) -> None:
             )
 
 
-def implicit_defaults() -> dict:
-    """The parameters a config leaves out at their default (Param.implicit), with that default."""
-    return {name: COMMON_DEFAULTS[name] for name, spec in PARAMS.items() if spec.implicit}
+def omitted_defaults() -> dict:
+    """The parameters a config leaves out at their old behaviour (Param.omitted_at), with that value."""
+    return {name: spec.omitted_at for name, spec in PARAMS.items() if spec.omitted_at is not None}
 
 
 def hashed_items(config: dict) -> dict:

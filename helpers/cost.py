@@ -17,9 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers.config import REPO, make_config, train_split_size
+from helpers.config import REPO, make_config, split_sizes
 from helpers.fedavg import clients_per_round
 from helpers.masks import one_shot
+from helpers.memory import estimate_phases, memory_table
 from helpers.models import forward_flops
 from helpers.notebook import NOTEBOOKS
 from helpers.runs import default_run_root, run_id
@@ -41,14 +42,6 @@ class Work:
     forward: float = 0.0
     scored: float = 0.0
     shared: dict[str, float] = field(default_factory=dict)
-
-
-def split_sizes(config: dict) -> tuple[int, int, int]:
-    """Train, val and test split sizes from the config alone."""
-    n_train = train_split_size(config)
-    total = 50_000 if config["dataset"] == "cifar100" else config["synthetic_train_size"]
-    n_test = 10_000 if config["dataset"] == "cifar100" else config["synthetic_test_size"]
-    return n_train, total - n_train, n_test
 
 
 def _evaluations(steps: int, every: int, test_each: bool) -> tuple[int, int]:
@@ -196,6 +189,11 @@ def _duration(seconds: float) -> str:
 
 def notebook_plan(notebook: str | Path, profile: str = "full", **parameters: object) -> Plan:
     """The PLAN a notebook's setup cell builds (its parameters cell, then the cell after it), without running it."""
+    return notebook_setup(notebook, profile, **parameters)["PLAN"]
+
+
+def notebook_setup(notebook: str | Path, profile: str = "full", **parameters: object) -> dict:
+    """The names a notebook's setup cell defines (PLAN; WAITING: how many of PLAN's last runs wait for results)."""
     path = Path(notebook)
     path = path if path.suffix == ".ipynb" else NOTEBOOKS / f"{path.name}.ipynb"
     cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
@@ -209,7 +207,7 @@ def notebook_plan(notebook: str | Path, profile: str = "full", **parameters: obj
 
     with redirect_stdout(StringIO()):
         exec(setup, scope)
-    return scope["PLAN"]
+    return scope
 
 
 def notebook_table(profile: str = "full") -> list[dict]:
@@ -230,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in [*rows, {"notebook": "total", **{k: sum(r[k] for r in rows) for k in ("runs", "t4_hours")}}]:
         print(f"{row['notebook']:<24} {row['runs']:>4} runs  {_duration(row['t4_hours'] * 3600):>18}")
     print(t4_throughput(*_model_of(args.profile))[-1])
+    print(memory_table(estimate_phases(make_config("fedavg", args.profile, pretrained=False))))
 
 
 def _model_of(profile: str) -> tuple[str, int]:

@@ -13,32 +13,34 @@ import hashlib
 import io
 import json
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from helpers import caches
+from helpers.config import setting
 from helpers.data import Data, eval_batch
 from helpers.models import backbone_parameters
+from helpers.precision import amp_dtype, autocast
 from helpers.runs import atomic_write, default_run_root
-from helpers.train import amp_dtype
 
 SPLITS = ("train", "val", "test")
 _DATA_KEYS = ("dataset", "synthetic_train_size", "synthetic_test_size", "val_fraction", "data_seed")
 
 
 @torch.no_grad()
-def backbone_features(model: nn.Module, images: Tensor, *, img_size: int, batch_size: int = 256) -> Tensor:
-    """Pre-logit features (what model.head sees) of uint8 images: eval mode, no augmentation, float32."""
+def backbone_features(
+    model: nn.Module, images: Tensor, *, img_size: int, batch_size: int = 256, amp: str = "auto"
+) -> Tensor:
+    """Pre-logit features (what model.head sees) of uint8 images: eval mode, no augmentation, float32 out (computed
+    under the config's `amp`)."""
     was_training, device = model.training, images.device
     model.eval()
-    dtype = amp_dtype(device)
     out = []
     for start in range(0, len(images), batch_size):
         x = eval_batch(images[start : start + batch_size], img_size=img_size)
-        with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+        with autocast(device, amp):
             out.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
     model.train(was_training)
     return torch.cat(out)
@@ -61,7 +63,8 @@ def fingerprint(model: nn.Module, head: bool = False) -> tuple[float, ...]:
 def feature_key(model: nn.Module, config: dict, split: str, device: torch.device) -> str:
     """Hash of what the features depend on: data, split, model name and weights, img_size, precision."""
     items = {k: config[k] for k in _DATA_KEYS} | {"model": config["model"], "img_size": config["img_size"]}
-    items |= {"split": split, "precision": str(amp_dtype(device)), "weights": fingerprint(model)}
+    precision = str(amp_dtype(device, setting(config, "amp")))  # "None" for fp32, as keys were before `amp` existed
+    items |= {"split": split, "precision": precision, "weights": fingerprint(model)}
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -82,7 +85,8 @@ def _read_or_compute(model: nn.Module, images: Tensor, config: dict, name: str, 
     path = Path(run_root if run_root is not None else default_run_root()) / "features" / name
     features = _read(path, images.device, len(images))
     if features is None:
-        features = backbone_features(model, images, img_size=config["img_size"], batch_size=config["eval_batch_size"])
+        features = backbone_features(model, images, img_size=config["img_size"], batch_size=config["eval_batch_size"],
+                                     amp=setting(config, "amp"))  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         torch.save(features.cpu(), buffer)

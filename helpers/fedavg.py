@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from helpers.algorithm import ClientSide, FedAvg, aligned_masks
 from helpers.algorithms import make_algorithm
-from helpers.config import make_config
+from helpers.config import make_config, setting
 from helpers.data import Data, augment_generator, step_batches
 from helpers.masks import Masks
 from helpers.models import set_trainable
@@ -72,7 +72,7 @@ def client_lr(config: dict, rnd: int) -> float:
     lr = config["lr"]
     if config["client_lr_schedule"] != "constant":
         lr = lr_at(rnd, base_lr=config["lr"], total_steps=config["rounds"], scheduler="cosine")
-    warmup = config.get("warmup_rounds", 0)
+    warmup = setting(config, "warmup_rounds")
     return lr * (rnd + 1) / warmup if rnd < warmup else lr
 
 
@@ -106,7 +106,8 @@ def local_train(
     batches = step_batches(shard, config["batch_size"], config["local_steps"], gen)[: local_steps(config, rnd, client)]
     params = [p for p in model.parameters() if p.requires_grad]
     correct = (lambda: side.correct(params)) if side is not None else None
-    opts = dict(img_size=config["img_size"], augment=config["augment"], scaler=scaler, correct=correct)
+    opts = dict(img_size=config["img_size"], augment=config["augment"], scaler=scaler, amp=setting(config, "amp"))
+    opts["correct"] = correct
     return train_steps(model, optimizer, data.train_x, data.train_y, batches, gen, **opts)
 
 
@@ -441,4 +442,5 @@ def federated_training(
 
 def _evaluate(model: nn.Module, data: Data, split: str, config: dict) -> dict[str, float]:
     x, y = (data.val_x, data.val_y) if split == "val" else (data.test_x, data.test_y)
-    return evaluate(model, x, y, img_size=config["img_size"], batch_size=config["eval_batch_size"])
+    return evaluate(model, x, y, img_size=config["img_size"], batch_size=config["eval_batch_size"],
+                    amp=setting(config, "amp"))  # fmt: skip

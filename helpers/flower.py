@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from helpers.algorithm import aligned_masks
 from helpers.algorithms import make_algorithm
 from helpers.caches import NODES
-from helpers.config import REPO, check_value, make_config, parse_sets
+from helpers.config import REPO, check_value, make_config, parse_sets, setting
 from helpers.data import Data
 from helpers.fedavg import (
     ClientResult,
@@ -41,11 +41,12 @@ from helpers.fedavg import (
     train_in_turn,
 )
 from helpers.masks import Masks
+from helpers.precision import make_scaler
 from helpers.resumable import run_inputs
 from helpers.runs import Run, open_run, run_id
 from helpers.sparse_runs import run_sparse_fedavg
 from helpers.stragglers import local_steps
-from helpers.train import NonFiniteLossError, make_scaler
+from helpers.train import NonFiniteLossError
 
 MISSING = "Flower is not installed: pip install -r requirements-flower.txt"
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is imported; this machine may be offline
@@ -388,7 +389,7 @@ def node_train(content: RecordDict, context: Context, config: dict) -> RecordDic
     masks = None
     if "masks" in context.state:
         masks = {n: m.to(device) for n, m in context.state["masks"].to_torch_state_dict().items()}
-    scaler = make_scaler(device)
+    scaler = make_scaler(device, setting(config, "amp"))
     if scaler is not None:
         scaler.load_state_dict(dict(content["scaler"]))
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)

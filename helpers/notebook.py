@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers.config import PARAMS, REPO, as_list, check_value
-from helpers.runs import Run, run_state
+from helpers.leases import lease_state
+from helpers.runs import Run, default_run_root, run_id, run_state
 
 NOTEBOOKS = REPO / "notebooks"
 # Parameters that choose where things go or which profile runs, not what the study computes.
@@ -151,10 +152,30 @@ def _normal(value: object, default: object) -> object:
 
 
 def plan_progress(plan: list[tuple[str, dict]], run_root: str | Path | None = None, what: str = "runs") -> str:
-    """E.g. "2 of 5 runs of this notebook already done (skipped), 1 resumes from a checkpoint, 2 start fresh"."""
-    states = [run_state(experiment, config, run_root) for experiment, config in plan]
+    """E.g. "2 of 5 runs of this notebook already done (skipped), 1 resumes from a checkpoint, 2 start fresh"
+    (and how many of those another session trains now: this one skips them)."""
+    root = Path(run_root) if run_root is not None else default_run_root()
+    states = [run_state(experiment, config, root) for experiment, config in plan]
     done, started = states.count("done"), states.count("started")
-    return (
+    held = sum(
+        lease_state(root / experiment / run_id(config))[0] == "running"
+        for (experiment, config), state in zip(plan, states)
+        if state != "done"
+    )
+    text = (
         f"{done} of {len(states)} {what} of this notebook already done (skipped), "
         f"{started} resume{'s' if started == 1 else ''} from a checkpoint, {states.count('new')} start fresh"
     )
+    return text + (f"; {held} of them trained by another session now (skipped here)" if held else "")
+
+
+def require_done(runs: list[Run], what: str) -> None:
+    """Stop the notebook before a choice that needs every run of `what` (e.g. the best lr of a grid) while another
+    session still trains some of them."""
+    missing = [r.id for r in runs if not r.done]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} of {len(runs)} {what} runs are not finished (another session trains them: "
+            f"{', '.join(missing)}; see `python -m helpers status`). The choice made from them needs all: "
+            "run this notebook again when they are done."
+        )

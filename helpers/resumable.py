@@ -14,9 +14,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from helpers.config import setting
 from helpers.data import Data, load_data, pick_device
 from helpers.features import head_view
+from helpers.leases import claim, release_run
 from helpers.models import build_model
+from helpers.precision import make_scaler, resolve_amp, use_deterministic
 from helpers.runs import (
     CheckpointClock,
     Run,
@@ -28,7 +31,7 @@ from helpers.runs import (
     write_metrics,
 )
 from helpers.seeding import derive_seed
-from helpers.train import NonFiniteLossError, make_scaler
+from helpers.train import NonFiniteLossError
 
 
 class Stateful(Protocol):
@@ -56,9 +59,20 @@ def run_inputs(config: dict) -> tuple[Data, nn.Module]:
 
 
 def begin_run(experiment: str, config: dict, run_root: str | Path | None) -> tuple[Run, tuple[Data, nn.Module] | None]:
-    """Open (or find) the run; unless it is done, also build its inputs (data, seeded model), else None."""
+    """Open (or find) the run and claim it (helpers.leases); unless it is done or another session holds it, also
+    build its inputs (data, seeded model), else None.
+
+    The config's `deterministic` is applied here, before any CUDA work (process-wide: see precision.use_deterministic).
+    """
     run = open_run(experiment, config, run_root)
-    return run, (None if run.done else run_inputs(run.config))
+    if run.done or not claim(run):
+        return run, None
+    try:
+        use_deterministic(setting(config, "deterministic"))
+        return run, run_inputs(run.config)
+    except BaseException:  # e.g. the download failed: another session may try at once
+        release_run(run)
+        raise
 
 
 def loop_inputs(run: Run, model: nn.Module, data: Data) -> tuple[nn.Module, Data, torch.amp.GradScaler | None]:
@@ -67,7 +81,7 @@ def loop_inputs(run: Run, model: nn.Module, data: Data) -> tuple[nn.Module, Data
     net, inputs = head_view(model, data, run.config, run.root)
     if run.config["compile"]:
         net.compile()  # in place: parameter names, checkpoints and the optimizer are unchanged
-    return net, inputs, make_scaler(data.train_x.device)
+    return net, inputs, make_scaler(data.train_x.device, setting(run.config, "amp"))
 
 
 def resumable_loop(
@@ -83,13 +97,26 @@ def resumable_loop(
 ) -> Run:
     """Run step_fn(0-based step) -> metrics row for the config's `{unit}s` steps, resuming from the checkpoint.
 
-    Checkpoints hold model, `extra` states (by their keys), `unit` (steps done), metrics, elapsed and scaler.
-    metrics.csv is rewritten after every step; done.json gets the last row. `show`: row keys on the progress bar.
+    Checkpoints hold model, `extra` states (by their keys), `unit` (steps done), metrics, elapsed, scaler and the
+    precision trained in; metrics.csv is rewritten after every step; done.json gets the last row and the precision.
+    `show`: row keys on the progress bar. The run's lease is released at the end, or when the loop stops early
+    (another session may resume it at once).
     """
-    total, extra = run.config[f"{unit}s"], extra or {}
+    try:
+        return _loop(run, model, step_fn, unit=unit, extra=extra or {}, scaler=scaler, show=show, progress=progress)
+    finally:
+        release_run(run)
+
+
+def _loop(run, model, step_fn, *, unit, extra, scaler, show, progress) -> Run:
+    """resumable_loop's body."""
+    total = run.config[f"{unit}s"]
     rows, start, elapsed = [], 0, 0.0
-    state = load_checkpoint(run, map_location=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    precision = resolve_amp(setting(run.config, "amp"), device)
+    state = load_checkpoint(run, map_location=device)
     if state is not None:
+        check_precision(run, state, precision, unit)
         model.load_state_dict(state["model"])
         for key, obj in extra.items():
             obj.load_state_dict(state[key])
@@ -113,7 +140,22 @@ def resumable_loop(
         if clock.due(step + 1, final=step + 1 == total):
             state = {"model": model.state_dict(), **{k: obj.state_dict() for k, obj in extra.items()}}
             state.update({unit: step + 1, "metrics": rows, "elapsed": elapsed})
-            save_checkpoint(run, {**state, "scaler": scaler.state_dict() if scaler else None})
+            save_checkpoint(run, {**state, "scaler": scaler.state_dict() if scaler else None, "precision": precision})
         write_metrics(run, rows)
-    mark_done(run, {**rows[-1], "run_id": run.id})
+    mark_done(run, {**rows[-1], "run_id": run.id, "precision": precision})
     return run
+
+
+def check_precision(run: Run, state: dict, precision: str, unit: str) -> None:
+    """Refuse to resume a checkpoint trained in another precision (only amp=auto on another kind of device can):
+    one run's rows would mix precisions. Checkpoints from before precision was recorded are not checked."""
+    recorded = state.get("precision")
+    if recorded is None or recorded == precision:
+        return
+    amp = setting(run.config, "amp")
+    raise RuntimeError(
+        f"run {run.id} was trained in {recorded} up to {unit} {state[unit]}, but amp={amp!r} gives {precision} on "
+        f"this device: resuming would mix precisions in one run. Resume it on a device where amp={amp!r} gives "
+        f"{recorded} (auto: fp16 on GPUs below sm_80 such as a T4, bf16 on sm_80+, fp32 on CPU), or delete "
+        f"{run.dir} to restart it."
+    )

@@ -9,13 +9,15 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 import torch
 
-from helpers.config import PARAMS, REPO, hashed_items, implicit_defaults
+from helpers.config import PARAMS, REPO, hashed_items, omitted_defaults
+from helpers.storage import OPS, atomic_write, fsync_dir, read_bytes, retried
 
 DRIVE_ROOT = Path("/content/drive/MyDrive/fl-model-editing")
 RUN_ROOT_ENV = "FLME_RUN_ROOT"
@@ -44,32 +46,12 @@ def run_id(config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write temp file, fsync, rename: a crash leaves either the old or the new file, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+class Claim(Protocol):
+    """A session's hold on a run (helpers.leases.Lease): checked before every write into its folder."""
 
+    def check(self) -> None: ...
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some filesystems (Drive FUSE, Windows) cannot open folders: rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    def release(self) -> None: ...
 
 
 @dataclass
@@ -80,6 +62,7 @@ class Run:
     config: dict
     id: str
     dir: Path
+    claim: Claim | None = field(default=None, repr=False, compare=False)  # this session's lease, if it trains the run
 
     @property
     def root(self) -> Path:
@@ -91,8 +74,13 @@ class Run:
         return (self.dir / "done.json").exists()
 
     def summary(self) -> dict:
-        """The final metrics written by mark_done."""
-        return json.loads((self.dir / "done.json").read_text())
+        """The final metrics written by mark_done (an error naming the run if it is not finished)."""
+        if not self.done:
+            raise RuntimeError(
+                f"{describe(self.experiment, self.config, self.id)} is not finished: another session may be "
+                "training it (python -m helpers status); run this again when it is done"
+            )
+        return json.loads(read_bytes(self.dir / "done.json"))
 
     def metrics(self) -> pd.DataFrame:
         """The per-epoch/round metrics written so far."""
@@ -119,7 +107,7 @@ def open_run(experiment: str, config: dict, run_root: str | Path | None = None) 
         ) from None
     path = folder / "config.json"
     if path.exists():
-        stored = json.loads(path.read_text())
+        stored = json.loads(read_bytes(path))
         if hashed_items(stored) != hashed_items(config):
             raise ValueError(
                 f"{folder} holds a run with a different config; refusing to resume into it. "
@@ -173,16 +161,28 @@ def run_state(experiment: str, config: dict, run_root: str | Path | None = None)
     return "started" if (folder / CHECKPOINT).exists() or (folder / PREVIOUS).exists() else "new"
 
 
+def check_holder(run: Run) -> None:
+    """Check this session still holds the run (if it claimed it): one that lost it stops before writing."""
+    if run.claim is not None:
+        run.claim.check()
+
+
 def save_checkpoint(run: Run, state: dict) -> None:
     """Atomically replace checkpoint.pt, keeping the one before as checkpoint.prev.pt."""
+    check_holder(run)
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    tmp = run.dir / f".{CHECKPOINT}.new"
-    atomic_write(tmp, buffer.getvalue())  # the new file is whole on disk before anything is renamed
-    if (run.dir / CHECKPOINT).exists():
-        os.replace(run.dir / CHECKPOINT, run.dir / PREVIOUS)
-    os.replace(tmp, run.dir / CHECKPOINT)
-    _fsync_dir(run.dir)
+    new, current, previous = run.dir / f".{CHECKPOINT}.new", run.dir / CHECKPOINT, run.dir / PREVIOUS
+    atomic_write(new, buffer.getvalue())  # the new file is whole on disk before anything is renamed
+
+    def rotate() -> None:  # safe to repeat after a rename that happened but reported an error
+        if new.exists():
+            if current.exists():
+                OPS.replace(current, previous)
+            OPS.replace(new, current)
+
+    retried(f"renaming {new} to {current}", rotate)
+    fsync_dir(run.dir)
 
 
 def load_checkpoint(run: Run, map_location: str | torch.device = "cpu") -> dict | None:
@@ -191,8 +191,9 @@ def load_checkpoint(run: Run, map_location: str | torch.device = "cpu") -> dict 
     existing = [p for p in paths if p.exists()]
     errors = []
     for path in existing:
+        data = read_bytes(path)  # Drive errors are retried here, not mistaken for a corrupt file
         try:
-            state = torch.load(path, map_location=map_location, weights_only=False)
+            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
         except Exception as exc:  # truncated zip, garbage bytes, unpickling errors
             errors.append(f"{path}: {type(exc).__name__}: {str(exc)[:120]}")
             continue
@@ -208,16 +209,19 @@ def load_checkpoint(run: Run, map_location: str | torch.device = "cpu") -> dict 
 
 def write_metrics(run: Run, rows: list[dict]) -> None:
     """Rewrite metrics.csv atomically from the rows kept in the checkpoint state (no duplicates on resume)."""
+    check_holder(run)
     atomic_write(run.dir / "metrics.csv", pd.DataFrame(rows).to_csv(index=False).encode())
 
 
 def mark_done(run: Run, summary: dict) -> None:
     """Write done.json: starting this run again loads it instead of training."""
+    check_holder(run)
     atomic_write(run.dir / "done.json", json.dumps(summary, indent=1, sort_keys=True).encode())
 
 
 def save_artifact(run: Run, name: str, obj: object) -> None:
     """Atomically write a torch-saved object into the run folder (e.g. masks and the step-0 head)."""
+    check_holder(run)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write(run.dir / name, buffer.getvalue())
@@ -228,7 +232,7 @@ def load_artifact(run: Run, name: str, map_location: str | torch.device = "cpu")
     path = run.dir / name
     if not path.exists():
         return None
-    return torch.load(path, map_location=map_location, weights_only=False)
+    return torch.load(io.BytesIO(read_bytes(path)), map_location=map_location, weights_only=False)
 
 
 class CheckpointClock:
@@ -259,11 +263,12 @@ def with_integer_columns(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def tidy_results(runs: list[Run]) -> pd.DataFrame:
-    """One row per (run, epoch|round): metrics joined with every config column, run id and experiment."""
+    """One row per (run, epoch|round) of the finished runs: metrics joined with every config column, run id and
+    experiment."""
     frames = []
     for run in runs:
         m = run.metrics()
-        if m.empty:
+        if m.empty or not run.done:  # rows of a run another session still trains come when it is done
             continue
         clash = sorted(set(run.config) & set(m.columns))
         if clash:  # a metric named like a parameter would hide the parameter's value
@@ -276,7 +281,7 @@ def tidy_results(runs: list[Run]) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame()
     table = pd.concat(frames, ignore_index=True)
-    for name, default in implicit_defaults().items():  # e.g. algorithm: FedAvg configs leave it out
+    for name, default in omitted_defaults().items():  # e.g. algorithm: FedAvg configs leave it out
         if name in table:
             table[name] = table[name].fillna(default)
     return with_integer_columns(table)
@@ -299,6 +304,10 @@ def write_results(
     path = results_dir(profiles.pop(), root if root is not None else default_results_root()) / f"{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)  # names such as custom/<name>-<hash> (helpers.notebook)
     table = tidy_results(runs) if table is None else table
+    unfinished = [run.id for run in runs if not run.done]
+    if unfinished:
+        print(f"{path.name}: {len(unfinished)} runs left out, not finished (another session trains them: "
+              f"{', '.join(unfinished)}); run this notebook again when they are done")  # fmt: skip
     atomic_write(path, table.to_csv(index=False).encode())
     return path
 
@@ -370,7 +379,7 @@ def final_means(df: pd.DataFrame | None, metrics: list[str]) -> dict[str, float]
 
 def find_runs(experiment: str, run_root: str | Path | None = None, *, done: bool = True, **match) -> list[Run]:
     """Runs already on disk under <run_root>/<experiment>/ whose config has every `match` key == value (and
-    the default of every implicit parameter not in `match`: a FedAvg grid does not collect FedProx runs).
+    the old behaviour of every omitted, hashed parameter not in `match`: a FedAvg grid skips FedProx runs).
 
     A list, tuple or set as value means "any of these". Reads config.json only (creates nothing), so a
     notebook can collect the finished cells of a grid that other papermill executions ran. Sorted by folder.
@@ -387,7 +396,7 @@ def find_runs(experiment: str, run_root: str | Path | None = None, *, done: bool
             for k, v in match.items()
         )
         # a parameter left out at its default (algorithm: FedAvg) and not asked for must be at its default
-        ok = ok and all(k in match or k not in config for k in implicit_defaults())
+        ok = ok and all(k in match or k not in config or not PARAMS[k].hashed for k in omitted_defaults())
         run = Run(experiment, config, path.parent.name, path.parent)
         if ok and (run.done or not done):
             found.append(run)

@@ -14,7 +14,7 @@ from torch import nn
 
 from helpers.calibration import EDITING_FILE, calibrate_centralized, calibrate_federated, load_run_masks
 from helpers.centralized import centralized_training
-from helpers.config import make_config
+from helpers.config import make_config, setting
 from helpers.data import Data
 from helpers.fedavg import TrainClients, begin_federated, client_shards, federated_training
 from helpers.models import head_parameters
@@ -38,7 +38,8 @@ def _edit_state(
         head = {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}
         for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y)):
             # the step-0 model is the control with no backbone training: its val and test results are kept
-            m = evaluate(model, x, y, img_size=run.config["img_size"], batch_size=run.config["eval_batch_size"])
+            m = evaluate(model, x, y, img_size=run.config["img_size"], batch_size=run.config["eval_batch_size"],
+                         amp=setting(run.config, "amp"))  # fmt: skip
             info.update({f"step0_{split}_loss": m["loss"], f"step0_{split}_acc": m["acc"]})
         masks, cost = calibration()
         info.update(cost, backbone_entries=masks.entries(), mask_density=masks.density())
@@ -53,6 +54,8 @@ def _edit_state(
 
 def _finish(run: Run, info: dict | None = None) -> Run:
     """Add step-0 and calibration cost to done.json (also repairs a crash between the two writes)."""
+    if not run.done:  # another session holds it (helpers.leases)
+        return run
     summary = run.summary()
     if "calibration_s" not in summary:
         info = info if info is not None else load_artifact(run, EDITING_FILE)["info"]
@@ -105,7 +108,8 @@ def run_sparse_fedavg(
     shards = client_shards(config, data)
     packed, info = _edit_state(
         run, model, data,
-        step0=lambda: fit_head_federated(model, data, shards, config, run_root=run.root, progress=progress),
+        step0=lambda: fit_head_federated(model, data, shards, config, run_root=run.root, progress=progress,
+                                         keep_alive=run.claim.check if run.claim else None),
         calibration=lambda: calibrate_federated(model, data, shards, config, progress),
     )  # fmt: skip
     masks = load_run_masks(model, packed, config, device)

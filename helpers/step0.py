@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from helpers.config import EXPERIMENTS, REMEDIES, make_config, train_split_size
+from helpers.config import EXPERIMENTS, REMEDIES, make_config, setting, train_split_size
 from helpers.data import NUM_CLASSES, Data, step_batches
 from helpers.features import split_features
 from helpers.fedavg import BYTES_PER_ENTRY, clients_per_round, run_fedavg
+from helpers.precision import make_scaler
 from helpers.runs import load_checkpoint
 from helpers.seeding import torch_generator
-from helpers.train import NonFiniteLossError, lr_at, make_scaler, train_steps
+from helpers.train import NonFiniteLossError, lr_at, train_steps
+
+HEAD_POLL_S = 20.0  # how often a sparse run looks again at a step-0 head run that another session trains
 
 
 def ridge_statistics(x: Tensor, y: Tensor, num_classes: int = NUM_CLASSES) -> tuple[Tensor, Tensor]:
@@ -54,7 +58,8 @@ def train_head(head: nn.Linear, features: Tensor, labels: Tensor, config: dict) 
     optimizer = torch.optim.SGD(
         params, lr=config["step0_lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]
     )
-    scaler, loss = make_scaler(features.device), math.nan
+    amp = setting(config, "amp")
+    scaler, loss = make_scaler(features.device, amp), math.nan
     for epoch in range(epochs):
         gen = torch_generator(config["seed"], "step0", epoch)
         batches = step_batches(torch.arange(n), batch, steps, gen)
@@ -62,7 +67,7 @@ def train_head(head: nn.Linear, features: Tensor, labels: Tensor, config: dict) 
                      scheduler="cosine") for i in range(steps)]  # fmt: skip
         try:
             loss = train_steps(head, optimizer, features, labels, batches, gen, img_size=config["img_size"],
-                               lrs=lrs, scaler=scaler)  # fmt: skip
+                               lrs=lrs, scaler=scaler, amp=amp)  # fmt: skip
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(f"step 0 (step0_lr={config['step0_lr']}): {exc}") from None
     return loss
@@ -113,8 +118,12 @@ def fit_head_federated(
     *,
     run_root: str | Path | None = None,
     progress: bool = True,
+    keep_alive: Callable[[], None] | None = None,
 ) -> dict:
-    """Step 0 without pooling client data: ridge from the sum of client statistics, or FedAvg on the head."""
+    """Step 0 without pooling client data: ridge from the sum of client statistics, or FedAvg on the head.
+
+    The head's FedAvg run is shared: while another session trains it, wait (calling `keep_alive`: the sparse
+    run's lease check and heartbeat), then use it; a stale holder's run is taken over here."""
     t0 = time.perf_counter()
     if config["step0"] == "ridge":
         # Row i of the features depends on image i only: this equals every client featurising its own shard.
@@ -128,6 +137,12 @@ def fit_head_federated(
         uploaded = len(shards) * BYTES_PER_ENTRY * (xtx.numel() + xty.numel())
         return {"step0_s": round(time.perf_counter() - t0, 3), "step0_upload_bytes": uploaded}
     head_run = run_fedavg(head_fedavg_config(config), run_root=run_root, progress=progress)
+    while not head_run.done:
+        print(f"step 0: waiting {HEAD_POLL_S:g} s for the head's FedAvg run {head_run.id}", flush=True)
+        time.sleep(HEAD_POLL_S)
+        if keep_alive is not None:
+            keep_alive()
+        head_run = run_fedavg(head_fedavg_config(config), run_root=run_root, progress=progress)
     state = load_checkpoint(head_run, map_location=data.train_x.device)
     if state is None:
         raise RuntimeError(f"step 0: the head's FedAvg run {head_run.dir} has no checkpoint; delete that folder")

@@ -11,18 +11,19 @@ from collections.abc import Mapping
 
 import torch
 
+from helpers.config import setting
 from helpers.seeding import torch_generator
 
 
 def expected_local_steps(config: Mapping) -> float:
     """The mean of local_steps over clients and rounds: (1 - p) J + p (J + 1) / 2."""
-    p, steps = config.get("stragglers", 0.0), config["local_steps"]
+    p, steps = setting(config, "stragglers"), config["local_steps"]
     return steps if p == 0 else (1 - p) * steps + p * (steps + 1) / 2
 
 
 def local_steps(config: Mapping, rnd: int, client: int) -> int:
     """Local steps of `client` in round `rnd` (0-based): J, or fewer for a straggler."""
-    p, steps = config.get("stragglers", 0.0), config["local_steps"]
+    p, steps = setting(config, "stragglers"), config["local_steps"]
     if p == 0:
         return steps
     gen = torch_generator(config["seed"], "straggler", rnd, client)

@@ -4,37 +4,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from helpers.data import augment_batch, eval_batch
+from helpers.precision import autocast
 
 SCHEDULERS = ("cosine", "step", "constant", "warmup_cosine")
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss: the learning rate is usually too high."""
-
-
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 on GPUs with native bf16 (Ampere+), fp16 on older GPUs such as Colab's T4, None on CPU."""
-    if device.type != "cuda":
-        return None
-    # T4 (sm_75) reports bf16 support but emulates it slowly: require compute capability 8.0+.
-    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
-
-
-def make_scaler(device: torch.device) -> torch.amp.GradScaler | None:
-    """A GradScaler when training in fp16 (bf16 and fp32 need none)."""
-    return torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
-
-
-def _autocast(device: torch.device):
-    dtype = amp_dtype(device)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def _inputs(batch: torch.Tensor, preprocess) -> torch.Tensor:
@@ -79,14 +61,14 @@ def train_steps(
     augment: str = "crop",
     lrs: list[float] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    amp: str = "auto",
     correct: Callable[[], None] | None = None,
 ) -> float:
-    """One optimizer step per row of `batches` (index tensor); returns the mean training loss.
+    """One optimizer step per row of `batches` (index tensor) under the config's `amp`; returns the mean loss.
 
-    `correct` changes the (unscaled) gradients before each optimizer step: a federated algorithm's client
-    correction (helpers.algorithm.ClientSide), e.g. FedProx's proximal term.
     uint8 images are augmented on their device; float inputs (cached features, see helpers.features) go to
-    `model` as they are. The loss is summed on the device and read once at the end.
+    `model` as they are. The loss is summed on the device and read once at the end. `correct` changes the
+    (unscaled) gradients before each step: a federated algorithm's client correction (helpers.algorithm).
     """
     device = images.device
     model.train()
@@ -97,7 +79,7 @@ def train_steps(
                 group["lr"] = lrs[i]
         idx = idx.to(device, non_blocking=True)
         x = _inputs(images[idx], lambda b: augment_batch(b, generator, img_size=img_size, mode=augment))
-        with _autocast(device):
+        with autocast(device, amp):
             loss = F.cross_entropy(model(x), labels[idx])
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -124,9 +106,15 @@ def train_steps(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, img_size: int, batch_size: int = 256
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    img_size: int,
+    batch_size: int = 256,
+    amp: str = "auto",
 ) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over a whole split (eval mode, no augmentation)."""
+    """Mean cross-entropy and accuracy over a whole split (eval mode, no augmentation, the config's `amp`)."""
     was_training = model.training
     model.eval()
     device = images.device
@@ -135,7 +123,7 @@ def evaluate(
     for start in range(0, len(images), batch_size):
         x = _inputs(images[start : start + batch_size], lambda b: eval_batch(b, img_size=img_size))
         y = labels[start : start + batch_size]
-        with _autocast(device):
+        with autocast(device, amp):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()

@@ -7,7 +7,6 @@ from helpers.config import (
     EXPERIMENTS,
     PARAMS,
     REMEDIES,
-    implicit_defaults,
     make_config,
     parse_sets,
     parse_value,
@@ -33,6 +32,8 @@ BAD = [
     ("pretrained", 1, "true or false"),
     ("gamma", 0.0, "(0, 1]"),
     ("device", "tpu", "auto, cpu, cuda"),
+    ("amp", "fp8", "auto, fp16, bf16, fp32"),
+    ("deterministic", "yes", "true or false"),
     ("seed", -1, ">= 0"),
 ]
 
@@ -67,7 +68,10 @@ def test_profiles_and_overrides(monkeypatch):
     assert full["model"] == "vit_small_patch16_224.dino" and full["pretrained"] and full["img_size"] == 224
     smoke = make_config("centralized", "smoke", lr=0.123, epochs=7)
     assert smoke["dataset"] == "synthetic" and smoke["lr"] == 0.123 and smoke["epochs"] == 7
-    assert set(smoke) == set(EXPERIMENTS["centralized"])
+    # parameters at their `omitted_at` value (amp=auto, deterministic=false) are left out: old run ids and CSVs hold
+    added = {n for n in EXPERIMENTS["centralized"] if PARAMS[n].omitted_at is not None}
+    assert added >= {"amp", "deterministic"} and set(smoke) == set(EXPERIMENTS["centralized"]) - added
+    assert set(make_config("centralized", "smoke", amp="fp32", deterministic=True)) == set(EXPERIMENTS["centralized"])
     assert make_config("centralized", "smoke", lr=1)["lr"] == 1.0  # ints accepted for floats
     # full federated runs validate every 5th round; epochs and smoke rounds every time; an explicit value wins
     assert full["eval_every"] == 1 and make_config("fedavg", "smoke")["eval_every"] == 1
@@ -94,9 +98,10 @@ def test_parse_value_types():
 def test_every_param_has_a_default_in_both_profiles():
     for exp, names in EXPERIMENTS.items():
         for profile in ("smoke", "full"):
-            # FedAvg's configs leave the remedies and implicit parameters out (run ids from before them stay)
-            assert set(make_config(exp, profile)) == set(names) - set(REMEDIES) - set(implicit_defaults())
             assert set(profile_defaults(exp, profile)) == set(names)
+            omitted = {n for n, v in profile_defaults(exp, profile).items() if v == PARAMS[n].omitted_at}
+            # and FedAvg's configs hold no remedy's parameters (run ids from before the remedies stay)
+            assert set(make_config(exp, profile)) == set(names) - omitted - set(REMEDIES)
     assert set().union(*EXPERIMENTS.values()) <= set(PARAMS)
 
 
@@ -106,3 +111,5 @@ def test_cli_errors_are_one_line(capsys):
     assert err.startswith("error: lr=-1.0 is invalid") and "\n" not in err and "Traceback" not in err
     assert main(["run", "centralized", "--set", "nc=3"]) == 2
     assert "unknown parameter 'nc'" in capsys.readouterr().err
+    assert main(["run", "fedavg", "--set", "amp=fp8"]) == 2
+    assert capsys.readouterr().err.strip() == "error: amp='fp8' is invalid: must be one of auto, fp16, bf16, fp32"

@@ -13,8 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import cost
 from helpers.centralized import run_centralized
-from helpers.config import make_config, train_split_size
+from helpers.config import make_config, split_sizes, train_split_size
 from helpers.fedavg import clients_per_round
+from helpers.memory import LABEL
 from helpers.models import build_model, forward_flops
 
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu")
@@ -39,7 +40,7 @@ def test_dino_vit_s16_flops_match_the_published_figure():
 
 def test_work_counts_follow_the_training_loops():
     c = make_config("centralized", "smoke", **SMALL, epochs=3, eval_every=2)
-    n_train, n_val, n_test = cost.split_sizes(c)
+    n_train, n_val, n_test = split_sizes(c)
     assert n_train == train_split_size(c) and n_train + n_val == 600 and n_test == 100
     w = cost.run_work("centralized", c)
     assert w.train == 3 * n_train and w.forward == 2 * n_val + n_test and not w.shared  # val at epochs 2 and 3
@@ -113,6 +114,8 @@ def test_notebook_plan_takes_parameters():
 def test_cli_prints_every_notebook_a_total_and_the_source(capsys):
     cost.main(["--profile", "smoke"])
     lines = capsys.readouterr().out.strip().splitlines()
-    names = [line.split()[0] for line in lines[:-1]]
+    source = lines.index(cost.t4_throughput("vit_tiny_smoke", 32)[-1])
+    names = [line.split()[0] for line in lines[:source]]
     assert names == [p.stem for p in sorted(cost.NOTEBOOKS.glob("0[1-6]_*.ipynb"))] + ["total"]
-    assert lines[-1] == cost.t4_throughput("vit_tiny_smoke", 32)[-1] and "T4" in lines[-1]
+    assert "T4" in lines[source] and LABEL in lines[source + 1]  # then the memory estimate, one line per phase
+    assert len(lines) == source + 2 + 5 and all("vs a T4's 15 GiB" in line for line in lines[source + 2 :])

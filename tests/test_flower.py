@@ -196,14 +196,14 @@ def test_non_finite_loss_on_a_node_stays_a_non_finite_loss_error():
         reply_content(None, "round 2, client 4")
 
 
-def test_grad_scaler_state_travels_to_and_from_the_node(monkeypatch):
+def test_grad_scaler_state_travels_to_and_from_the_node():
     """fp16 (T4) runs carry a GradScaler: the node starts from the round's state the server sends and returns its
-    final state, as train_in_turn does; weights and state equal client_update's with that scaler (in-process)."""
-    config = flower.flower_config({**SMALL, **IID, "local_steps": 6, "lr": 0.1})
+    final state, as train_in_turn does; weights and state equal client_update's with that scaler (in-process).
+    amp=fp16 runs the same path on the CPU (autocast and GradScaler on "cpu")."""
+    config = flower.flower_config({**SMALL, **IID, "local_steps": 6, "lr": 0.1, "amp": "fp16"})
     data, model, shards = flower.node_inputs(config)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     start = torch.amp.GradScaler("cpu", init_scale=2.0**126)  # overflows until the scale has halved a few times
-    monkeypatch.setattr(flower, "make_scaler", lambda device: torch.amp.GradScaler("cpu"))
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
     flower.node_query(
         RecordDict({"setup": ConfigRecord({"run": run_id(config)}), "frozen": ArrayRecord()}), context, config
