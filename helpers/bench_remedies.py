@@ -9,13 +9,13 @@ import torch
 
 from helpers.algorithms import ALGORITHMS, make_algorithm
 from helpers.bench import clock
-from helpers.config import make_config
+from helpers.config import make_config, setting
 from helpers.data import load_data, pick_device
 from helpers.fedavg import client_shards, fedavg_round
 from helpers.masks import Masks
 from helpers.models import DINO_VIT_S16, build_model, set_trainable
+from helpers.precision import make_scaler
 from helpers.resumable import build_seeded_model
-from helpers.train import make_scaler
 
 BYTES = 4  # control variates stay fp32: the paper's math unchanged (a compact dtype would round c - c_i)
 
@@ -24,7 +24,7 @@ def bench_algorithms(config: dict, repeats: int = 3) -> dict:
     """Seconds per round of every algorithm, and its ratio to FedAvg's (same clients, batches; interleaved)."""
     device = pick_device(config["device"])
     data = load_data(config, device)
-    shards, scaler = client_shards(config, data), make_scaler(device)
+    shards, scaler = client_shards(config, data), make_scaler(device, setting(config, "amp"))
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ALGORITHMS:
