@@ -32,6 +32,7 @@ class FedAvg:
     name = "fedavg"
     params: tuple[str, ...] = ()  # its own parameters (helpers.config.PARAMS): in a config of this algorithm only
     upload_factor = 1  # model-sized tensors a client uploads per round (SCAFFOLD: weights and control variates)
+    memory_copies = 0  # model-sized fp32 tensors it keeps in memory beside FedAvg's (helpers.memory)
     stateful = False  # server state that the checkpoint must hold (exact resume)
     on_flower = True  # runs with engine="flower" (server step on the ServerApp, client side on the nodes)
 

@@ -19,6 +19,7 @@ class FedAvgM(FedAvg):
     name = "fedavgm"
     params = ("server_momentum",)
     stateful = True
+    memory_copies = 1  # the velocity
 
     def __init__(self, config: Mapping) -> None:
         super().__init__(config)

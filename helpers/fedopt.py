@@ -22,6 +22,7 @@ class FedAdam(FedAvg):
     name = "fedadam"
     params = ("server_beta1", "server_beta2", "server_tau")
     stateful = True
+    memory_copies = 2  # the first and second moments
 
     def __init__(self, config: Mapping) -> None:
         super().__init__(config)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers.algorithms import ALGORITHMS, algorithm_name
 from helpers.config import NUM_CLASSES, setting, split_sizes
 from helpers.models import backbone_parameters, build_model
 from helpers.precision import DTYPES
@@ -134,11 +135,13 @@ def estimate_phases(config: dict) -> list[Phase]:
     scoring = scoring_activations(model, size, chunk)
     evaluation = evaluation_activations(model, size, config["eval_batch_size"], amp)
     weights, cast = 4 * params, half * params  # fp32 weights; autocast's low-precision copies during evaluation
-    server = 3 * 4 * params  # RoundSum: the round's start weights, the running average and the unit-update sum
+    # RoundSum (the round's start weights, the running average, the unit-update sum) and the algorithm's own state
+    algorithm = ALGORITHMS[algorithm_name(config)]
+    server = (3 + algorithm.memory_copies) * 4 * params
     features = 4 * model.num_features * n_train  # the cached pre-logit features (fp32)
     return [
-        Phase("dense fine-tuning (a FedAvg round)", 3 * weights, server, train, data),
-        Phase("sparse fine-tuning (a FedAvg round)", 3 * weights, server + backbone, train, data),
+        Phase(f"dense fine-tuning (a {algorithm.name} round)", 3 * weights, server, train, data),
+        Phase(f"sparse fine-tuning (a {algorithm.name} round)", 3 * weights, server + backbone, train, data),
         Phase(f"sensitivity scoring (chunk {chunk}, fp32)", weights, 4 * backbone, scoring, data),
         Phase("evaluation", weights + cast, 0, evaluation, data),
         Phase("feature caching", weights + cast, features, evaluation, data),

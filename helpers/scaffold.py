@@ -139,6 +139,7 @@ class Scaffold(FedAvg):
     on_flower = False  # its control variates would have to travel to and live on the nodes: not built yet
     upload_factor = 2  # y_i and Delta c_i
     stateful = True
+    memory_copies = 4  # c, the round's sum of Delta c_i, and the training client's c_i and correction
 
     def __init__(self, config: Mapping, store: ControlVariates | None = None) -> None:
         super().__init__(config)

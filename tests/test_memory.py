@@ -48,3 +48,13 @@ def test_every_phase_is_reported_against_the_t4_with_its_label():
     table = memory_table(phases)
     assert LABEL in table and table.count("vs a T4's 15 GiB: fits") == 5
     assert memory_table(phases, capacity=GiB // 4).count("DOES NOT FIT") == 5
+
+
+def test_an_algorithms_server_state_is_counted():
+    """SCAFFOLD keeps four more model-sized fp32 tensors than FedAvg (helpers.scaffold), FedAdam two."""
+    fedavg = estimate_phases(make_config("fedavg", "smoke"))[0]
+    params = sum(p.numel() for p in build_model("vit_tiny_smoke", num_classes=100, pretrained=False, img_size=32)
+                 .parameters())  # fmt: skip
+    for algorithm, copies in (("scaffold", 4), ("fedadam", 2)):
+        phase = estimate_phases(make_config("fedavg", "smoke", algorithm=algorithm))[0]
+        assert algorithm in phase.name and phase.state - fedavg.state == copies * 4 * params
