@@ -28,7 +28,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict  # noqa: E40
 
 from helpers import flower, flower_ops  # noqa: E402
 from helpers.__main__ import main  # noqa: E402
+from helpers.calibration import load_masks  # noqa: E402
 from helpers.config import make_config  # noqa: E402
+from helpers.data import NO_TRAIN_DATA_ENV  # noqa: E402
 from helpers.fedavg import client_update, run_fedavg, sample_clients  # noqa: E402
 from helpers.flower import run_flower  # noqa: E402
 from helpers.flower_ops import FAULT_ENV, reply_content  # noqa: E402
@@ -46,6 +48,11 @@ CASES = {
     "noniid-dense": ("fedavg", NONIID),
     "iid-sparse": ("sparse_fedavg", {**IID, **SPARSE}),
     "noniid-sparse": ("sparse_fedavg", {**NONIID, **SPARSE}),
+    # per-client masks from each node's scores, the other sensitivity rule, step 0 from the nodes' ridge statistics
+    "noniid-sparse-local-ridge": (
+        "sparse_fedavg",
+        {**NONIID, **SPARSE, "mask_scope": "local", "mask_rule": "most_sensitive", "step0": "ridge"},
+    ),
 }
 SEQUENTIAL = {"fedavg": run_fedavg, "sparse_fedavg": run_sparse_fedavg}
 TIMES = ("elapsed_s", "step0_s", "calibration_s")  # wall time: the only values allowed to differ
@@ -87,13 +94,26 @@ def assert_same_run(flw: Run, seq: Run) -> None:
     assert diff <= 1e-6
     pd.testing.assert_frame_equal(got.drop(columns="elapsed_s"), want.drop(columns="elapsed_s"), check_exact=True)
     assert summary(flw) == summary(seq)
+    if seq.experiment == "sparse_fedavg":  # the same masks, bit for bit (every client's, for local masks)
+        got_masks, want_masks = load_masks(flw), load_masks(seq)
+        for k in range(config["num_clients"]):
+            own, ref = got_masks.of_client(k), want_masks.of_client(k)
+            assert own.keys() == ref.keys() and all(torch.equal(own[n], ref[n]) for n in ref)
+
+
+def run_flower_without_train_data(config: dict, run_root: Path, monkeypatch) -> Run:
+    """run_flower with the server under FLME_NO_TRAIN_DATA=1 (the nodes hold their data: load_data(holder=True))."""
+    with monkeypatch.context() as patch:
+        patch.setenv(NO_TRAIN_DATA_ENV, "1")
+        return run_flower(config, run_root=run_root, progress=False)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_flower_equals_the_sequential_engine(case, tmp_path):
+def test_flower_equals_the_sequential_engine(case, tmp_path, monkeypatch):
+    """The server holds no training data: step 0, calibration and shard sizes come from the nodes."""
     config = case_config(case)
     seq = SEQUENTIAL[flower.experiment_of(config)](config, run_root=tmp_path / "sequential", progress=False)
-    flw = run_flower(config, run_root=tmp_path / "flower", progress=False)
+    flw = run_flower_without_train_data(config, tmp_path / "flower", monkeypatch)
     assert (flw.config["engine"], seq.config["engine"]) == ("flower", "sequential") and flw.id != seq.id
     assert {**flw.config, "engine": "sequential"} == seq.config
     assert_same_run(flw, seq)
@@ -109,10 +129,10 @@ REMEDIES = {
 
 
 @pytest.mark.parametrize("remedy", REMEDIES)
-def test_flower_runs_the_remedies_like_the_sequential_engine(remedy, tmp_path):
+def test_flower_runs_the_remedies_like_the_sequential_engine(remedy, tmp_path, monkeypatch):
     config = make_config("fedavg", "smoke", **{**SMALL, **IID, **REMEDIES[remedy]})
     seq = run_fedavg(config, run_root=tmp_path / "sequential", progress=False)
-    flw = run_flower(config, run_root=tmp_path / "flower", progress=False)
+    flw = run_flower_without_train_data(config, tmp_path / "flower", monkeypatch)
     assert {**flw.config, "engine": "sequential"} == seq.config and seq.config["algorithm"] == remedy
     assert_same_run(flw, seq)
 
