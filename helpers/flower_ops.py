@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -79,12 +79,13 @@ class NodeEngine:
     def __init__(self, grid: Grid, nodes: dict[int, int]):
         self.grid, self.nodes, self.ready = grid, nodes, set()
 
-    def ask(self, op: str, config: dict, clients: list[int], content: Mapping | None = None, **task) -> list:
-        """Operation `op` of run `config` on each client's node; their replies' contents, in client order."""
+    def ask(self, op: str, config: dict, clients: list[int], content: Mapping | Callable | None = None, **task) -> list:
+        """Operation `op` of run `config` on each client's node, with `content` (or content(k)): their replies'
+        contents, in client order. All messages go at once: the nodes work in parallel."""
         messages = []
         for k in clients:
             record = ConfigRecord({"op": op, "run": run_id(config), "client": k, **task})
-            body = RecordDict({"task": record, **(content or {})})
+            body = RecordDict({"task": record, **((content(k) if callable(content) else content) or {})})
             kind = MessageType.TRAIN if op == "train" else MessageType.QUERY
             messages.append(Message(body, dst_node_id=self.nodes[k], message_type=kind))
         replies = exchange(self.grid, messages)
@@ -111,11 +112,13 @@ class NodeEngine:
         """Once per run and node: the frozen parameters (the step-0 head of sparse runs) and the client's mask."""
         frozen = ArrayRecord({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
         shared = ArrayRecord(dict(masks.shared)) if masks is not None and not masks.local else None
-        for k in sorted(self.nodes):
-            content = {"frozen": frozen}
-            if masks is not None:  # the shared mask's record, or the client's own
-                content["masks"] = shared if shared is not None else ArrayRecord(dict(masks.of_client(k)))
-            self.ask("setup", config, [k], content)
+
+        def content(k: int) -> dict:
+            if masks is None:
+                return {"frozen": frozen}  # else the shared mask's record, or the client's own
+            return {"frozen": frozen, "masks": shared if shared is not None else ArrayRecord(dict(masks.of_client(k)))}
+
+        self.ask("setup", config, sorted(self.nodes), content)
         self.ready.add(run_id(config))
 
     # fedavg_round's train_in_turn signature; data and shards live on the nodes
