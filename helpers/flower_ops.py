@@ -9,7 +9,6 @@ FLME_NO_TRAIN_DATA=1 runs the whole study. Each operation is one message type (t
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -39,7 +38,6 @@ from helpers.train import NonFiniteLossError
 # because Flower's simulation runs clients in Ray worker processes (they inherit the environment; patches do not).
 FAULT_ENV = "FLME_FLOWER_FAULT"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- transport

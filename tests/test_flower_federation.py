@@ -69,8 +69,9 @@ class Federation:
 
     def start(self, command: list[str], name: str, env: dict | None = None) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "a")  # noqa: SIM115 (the process keeps writing it)
-        return subprocess.Popen([str(BIN / command[0]), *command[1:]], env={**self.env, **(env or {})},
-                                cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        env = {**self.env, **(env or {})}
+        return subprocess.Popen([str(BIN / command[0]), *command[1:]], env=env, cwd=self.root, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
     def start_node(self, k: int, num_nodes: int) -> None:
         command = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--port",
@@ -81,7 +82,8 @@ class Federation:
         os.killpg(self.nodes[k].pid, signal.SIGKILL)  # the SuperNode and the ClientApp it runs, mid-message
         self.nodes[k].wait()
 
-    def run(self, config: dict, run_root: Path, timeout: float = 400) -> subprocess.Popen:
+    def run(self, config: dict, run_root: Path) -> subprocess.Popen:
+        """`flwr run` of `config` on this federation, started (the caller waits)."""
         command = flower.flwr_run_command(config, run_root, superlink="fed")
         log = open(self.root / "runs.log", "a")  # noqa: SIM115
         return subprocess.Popen(command, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
