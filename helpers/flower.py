@@ -2,10 +2,11 @@
 
 The server is the project's own runner (run_fedavg / run_sparse_fedavg: run folder, step 0 and calibration,
 checkpoints, evaluation, metrics.csv) with one change at the one engine seam, fedavg_round's train_clients: each
-round's clients train on Flower nodes. Node partition-id k is client k; its ClientApp loads the config's data, takes
-shard k (a pure function of the seed) and runs client_update, the same J steps as the sequential engine. Weights
-travel as the trainable parameters only; the frozen ones (the step-0 head) and the node's mask are sent once, at the
-first round.
+round's clients train on Flower nodes, and so does every other step that reads training data (shard sizes, step 0,
+calibration scores: helpers.flower_ops, both halves of each message). Node partition-id k is client k; its ClientApp
+loads the config's data, takes shard k (a pure function of the seed) and runs client_update, the same J steps as the
+sequential engine. Weights travel as the trainable parameters only; the frozen ones (the step-0 head) and the node's
+mask are sent once, at the first round.
 
 run_flower drives Flower's simulation in-process; flwr_run_command gives the `flwr run` command (Flower's CLI, its
 local simulation or a real federation) for the same config. Flower is optional (requirements-flower.txt); nothing

@@ -143,7 +143,7 @@ def fit_head_federated(
         uploaded = len(shards) * BYTES_PER_ENTRY * (xtx.numel() + xty.numel())
         return {"step0_s": round(time.perf_counter() - t0, 3), "step0_upload_bytes": uploaded}
     # on Flower the head trains on the nodes (each featurises its own shard); the run is the sequential engine's
-    head = dict(run_root=run_root, progress=progress, train_clients=remote and train_clients)
+    head = dict(run_root=run_root, progress=progress, train_clients=train_clients if remote else None)
     head_run = run_fedavg(head_fedavg_config(config), **head)
     while not head_run.done:
         print(f"step 0: waiting {HEAD_POLL_S:g} s for the head's FedAvg run {head_run.id}", flush=True)
