@@ -87,7 +87,8 @@ class NodeEngine:
             kind = MessageType.TRAIN if op == "train" else MessageType.QUERY
             messages.append(Message(body, dst_node_id=self.nodes[k], message_type=kind))
         replies = exchange(self.grid, messages)
-        return [reply_content(replies.get(self.nodes[k]), f"{op} on client {k}") for k in clients]
+        what = f"round {task['round'] + 1}, client {{}}" if "round" in task else f"{op} on client {{}}"
+        return [reply_content(replies.get(self.nodes[k]), what.format(k)) for k in clients]
 
     def shard_sizes(self, config: dict) -> list[int]:
         return [int(c["result"]["size"]) for c in self.ask("size", config, sorted(self.nodes))]
