@@ -3,7 +3,7 @@ cannot read the training split, and one SuperNode per client that holds its own 
 
 Sparse FedAvg (non-IID, 2 calibration rounds) gives the sequential engine's masks, weights and metrics; a node killed
 mid-round stops the run with the client named, keeps the completed rounds, and the same command resumes once the
-node is back. Slow (each message starts a ClientApp process that imports torch): about 3 minutes on two cores.
+node is back. Slow (each message starts a ClientApp process that imports torch): about 5 minutes on two cores.
 """
 
 from __future__ import annotations
