@@ -309,10 +309,15 @@ def cpu_name() -> str:
 
 
 def run_bench(
-    profile: str = "smoke", device: str = "auto", quick: bool = False, compile: bool = False, amp: str = "auto"
+    profile: str = "smoke",
+    device: str = "auto",
+    quick: bool = False,
+    compile: bool = False,
+    amp: str = "auto",
+    flower: bool = False,
 ) -> dict:
-    """Every measurement for `profile` on `device` in precision `amp`; returns the results with hardware, versions
-    and date."""
+    """Every measurement for `profile` on `device` in precision `amp` (`flower`: also Flower's per-round overhead);
+    returns the results with hardware, versions and date."""
     dev = pick_device(device)
     config = make_config("fedavg", profile, device=str(dev.type), pretrained=False, amp=amp)
     big = profile == "full"
@@ -344,6 +349,11 @@ def run_bench(
         remedies = make_config("fedavg", profile, device=str(dev.type), pretrained=False)
         out.update(bench_algorithms(remedies, repeats=1 if quick else 3))
         out.update({**measured_store_bytes(config), **scaffold_memory()})
+    if flower:
+        from helpers.bench_flower import bench_flower
+
+        fed = dict(num_clients=10, participation=0.3, rounds=3 if quick else 6)
+        out.update(bench_flower(make_config("fedavg", profile, device=str(dev.type), pretrained=False, **fed)))
     if dev.type == "cuda":  # the whole benchmark's peak (batch 256), before the default-batch measurement resets it
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     out.update(bench_gpu_memory(config, dev))
@@ -360,9 +370,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a sanity run)")
     parser.add_argument("--compile", action="store_true", help="also measure training after torch.compile")
     parser.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="precision (the `amp` parameter)")
+    parser.add_argument("--flower", action="store_true", help="also Flower's per-round overhead (needs flwr)")
     parser.add_argument("--out", default="results/bench", help="folder for the JSON file")
     args = parser.parse_args(argv)
-    result = run_bench(args.profile, args.device, args.quick, args.compile, args.amp)
+    result = run_bench(args.profile, args.device, args.quick, args.compile, args.amp, args.flower)
     width = max(map(len, result))
     for key, value in result.items():
         print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")

@@ -20,6 +20,7 @@ from helpers.data import Data, augment_batch, eval_batch
 from helpers.fedavg import BYTES_PER_ENTRY
 from helpers.masks import Masks, TensorMasks
 from helpers.models import backbone_parameters
+from helpers.remote import RemoteClients
 from helpers.runs import Run, load_artifact
 from helpers.seeding import derive_seed, torch_generator
 from helpers.sensitivity import calibrate_masks, compute_scores
@@ -27,44 +28,69 @@ from helpers.sensitivity import calibrate_masks, compute_scores
 EDITING_FILE = "editing.pt"  # step-0 head, packed masks and calibration cost, in the run folder
 
 
+def calibration_batches(data: Data, pool: Tensor, key: tuple, call: int, config: dict) -> tuple[list, int]:
+    """A pool's calibration batches (a seeded subset without replacement, the same in every round) and its size."""
+    size, dev = config["batch_size"], data.train_x.device
+    order = torch.randperm(len(pool), generator=torch_generator(config["seed"], "calibration", *key))
+    chosen = pool[order][: config["calibration_samples"]]
+    augment = setting(config, "score_transform") == "train"  # TaLoS scores augmented images
+    gen = torch_generator(config["seed"], "calibration_augment", call, *key)
+    img_size, mode = config["img_size"], config["augment"]
+
+    def batches():
+        for idx in chosen.split(size):
+            idx = idx.to(dev)
+            x = data.train_x[idx]
+            x = augment_batch(x, gen, img_size=img_size, mode=mode) if augment else eval_batch(x, img_size=img_size)
+            yield x, data.train_y[idx]
+
+    return batches(), len(chosen)
+
+
+def score_pool(
+    model: nn.Module, data: Data, pool: Tensor, key: tuple, call: int, config: dict
+) -> tuple[dict[str, Tensor], int]:
+    """One pool's (one client's) summed scores in calibration round `call` and the samples it scored; where the
+    data is (helpers.flower_ops runs it on a client's node). Every round draws fresh labels."""
+    batches, samples = calibration_batches(data, pool, key, call, config)
+    gen = torch_generator(config["seed"], "talos_labels", call, *key)
+    return compute_scores(model, batches, method=config["score_method"], generator=gen), samples
+
+
 class Scorer:
     """score_fn for calibrate_masks: the sum over `pools` (the train split, or each client's shard) of
     compute_scores on calibration_samples samples of that pool (all of it if smaller), eval preprocessing
     (or, score_transform="train", augmented as in training: seeded by round and pool).
 
-    Each pool is scored on its own (its own samples and label draws), then the sums are added: the server's
-    sum of client scores. Every round draws fresh labels (the generator's key holds the round).
-    Counts what calibration costs: samples scored and score tensors uploaded (calibrate_* time it).
+    Each pool is scored on its own (score_pool: here, or by `remote` on the clients), then the sums are added in
+    pool order: the server's sum of client scores. Counts the cost: samples scored and score tensors uploaded.
     """
 
-    def __init__(self, data: Data, pools: list[Tensor], keys: list[tuple], config: dict, progress: bool = False):
+    def __init__(
+        self,
+        data: Data,
+        pools: list,
+        keys: list[tuple],
+        config: dict,
+        progress: bool = False,
+        remote: RemoteClients | None = None,
+    ):
         self.data, self.pools, self.keys, self.config, self.progress = data, pools, keys, config, progress
+        self.remote = remote  # keys are ("client", k): client k scores its own shard
         self.calls = self.samples = self.uploads = 0
-
-    def batches(self, pool: Tensor, key: tuple):
-        """The pool's calibration batches: a seeded subset without replacement (the same in every round)."""
-        size, dev = self.config["batch_size"], self.data.train_x.device
-        order = torch.randperm(len(pool), generator=torch_generator(self.config["seed"], "calibration", *key))
-        chosen = pool[order][: self.config["calibration_samples"]]
-        self.samples += len(chosen)
-        augment = setting(self.config, "score_transform") == "train"  # TaLoS scores augmented images
-        gen = torch_generator(self.config["seed"], "calibration_augment", self.calls, *key)
-        img_size, mode = self.config["img_size"], self.config["augment"]
-        for idx in chosen.split(size):
-            idx = idx.to(dev)
-            x = self.data.train_x[idx]
-            x = augment_batch(x, gen, img_size=img_size, mode=mode) if augment else eval_batch(x, img_size=img_size)
-            yield x, self.data.train_y[idx]
 
     def __call__(self, model: nn.Module) -> dict[str, Tensor]:
         self.calls += 1
+        if self.remote is not None:
+            results = self.remote.client_scores(model, self.config, self.calls, [k for _, k in self.keys])
+        else:
+            results = (score_pool(model, self.data, pool, key, self.calls, self.config)
+                       for pool, key in zip(self.pools, self.keys, strict=True))  # fmt: skip
+        bar = tqdm(results, total=len(self.keys), desc=f"scoring (round {self.calls})", leave=False,
+                   disable=not self.progress or len(self.keys) < 2)  # fmt: skip
         total = None
-        pools = zip(self.pools, self.keys, strict=True)
-        bar = tqdm(pools, total=len(self.pools), desc=f"scoring (round {self.calls})", leave=False,
-                   disable=not self.progress or len(self.pools) < 2)  # fmt: skip
-        for pool, key in bar:
-            gen = torch_generator(self.config["seed"], "talos_labels", self.calls, *key)  # fresh labels every round
-            scores = compute_scores(model, self.batches(pool, key), method=self.config["score_method"], generator=gen)
+        for scores, samples in bar:
+            self.samples += samples
             self.uploads += 1
             total = scores if total is None else {n: total[n].add_(s) for n, s in scores.items()}
         return total
@@ -111,19 +137,26 @@ def calibrate_centralized(model: nn.Module, data: Data, config: dict, progress: 
 
 
 def calibrate_federated(
-    model: nn.Module, data: Data, shards: list[Tensor], config: dict, progress: bool = False
+    model: nn.Module,
+    data: Data,
+    shards: list,
+    config: dict,
+    progress: bool = False,
+    remote: RemoteClients | None = None,
 ) -> tuple[Masks, dict]:
     """Global scope: one mask from the sum of every client's scores. Local: each client's own mask.
 
-    Returns (masks, cost); cost counts the score tensors clients upload (none for local masks).
+    `remote`: the clients score their own shards (helpers.remote). Returns (masks, cost); cost counts the score
+    tensors clients upload (none for local masks, counted as a client calibrating its own mask; on Flower the
+    server computes it from the client's scores, which do travel).
     """
     t0 = time.perf_counter()
     keys = [("client", k) for k in range(len(shards))]
     if config["mask_scope"] == "global":
-        scorers = [Scorer(data, shards, keys, config, progress)]
+        scorers = [Scorer(data, shards, keys, config, progress, remote)]
         masks = Masks(shared=calibrate(model, scorers[0], config))
     else:
-        scorers = [Scorer(data, [shard], [key], config) for shard, key in zip(shards, keys, strict=True)]
+        scorers = [Scorer(data, [shard], [key], config, remote=remote) for shard, key in zip(shards, keys, strict=True)]
         bar = tqdm(scorers, desc="local masks", leave=False, disable=not progress)
         own = [calibrate(model, sc, config, seed=derive_seed(config["seed"], *sc.keys[0])) for sc in bar]
         masks = Masks.per_client(own)

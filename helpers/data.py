@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,46 @@ from helpers.seeding import numpy_rng, torch_generator
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTATIONS = ("crop", "rrc", "none")
+# Set on a federation's server: it must never hold the clients' training data (val and test are allowed).
+NO_TRAIN_DATA_ENV = "FLME_NO_TRAIN_DATA"
+
+
+class TrainDataWithheldError(RuntimeError):
+    """Code on a server without the training split (FLME_NO_TRAIN_DATA=1) tried to use it."""
+
+
+class Withheld:
+    """Data that lives on the clients, not here: its size (if known) and nothing else; any other use raises."""
+
+    def __init__(self, what: str, size: int | None = None):
+        self.what, self.size = what, size
+
+    def __len__(self) -> int:
+        if self.size is None:
+            self.refuse("its size")
+        return self.size
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("what", "size"):
+            raise AttributeError(name)
+        self.refuse(name)
+
+    def __getitem__(self, index):
+        self.refuse("its entries")
+
+    def refuse(self, use: str):
+        raise TrainDataWithheldError(
+            f"{self.what} is not on this machine ({NO_TRAIN_DATA_ENV}=1: a federation's server holds no training "
+            f"data), yet the code asked for {use}: this step must run on the clients (helpers.flower_ops)"
+        )
+
+
+def train_data_withheld() -> bool:
+    """True in a process started with FLME_NO_TRAIN_DATA=1 (a Flower server); values other than 1, 0, "" raise."""
+    value = os.environ.get(NO_TRAIN_DATA_ENV, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{NO_TRAIN_DATA_ENV}={value!r} is invalid: must be 1 (no training data here) or 0")
+    return value == "1"
 
 
 @dataclass
@@ -94,16 +135,19 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_data(config: dict, device: torch.device) -> Data:
-    """The train/val/test splits for a config, on `device` (kept in caches.DATA: grids reuse them)."""
+def load_data(config: dict, device: torch.device, *, holder: bool = False) -> Data:
+    """The train/val/test splits for a config, on `device` (kept in caches.DATA: grids reuse them).
+
+    Under FLME_NO_TRAIN_DATA=1 the train split is Withheld (any use raises), unless `holder`: a client (a Flower
+    node) that holds its own training data."""
     check_downloads(config)  # offline with `full`: one message in seconds, before any library retries
     key = ("dataset", "data_root", "synthetic_train_size", "synthetic_test_size", "val_fraction", "data_seed")
-    values = tuple(config[k] for k in key)
+    values = (*(config[k] for k in key), not holder and train_data_withheld())
     return caches.DATA.get((values, str(device)), lambda: _load_data(values, str(device)))
 
 
 def _load_data(key: tuple, device: str) -> Data:
-    dataset, root, n_train, n_test, val_fraction, data_seed = key
+    dataset, root, n_train, n_test, val_fraction, data_seed, withheld = key
     if dataset == "cifar100":
         x, y, test_x, test_y = load_cifar100(root)
     else:
@@ -111,6 +155,8 @@ def _load_data(key: tuple, device: str) -> Data:
     train_idx, val_idx = stratified_split(y.numpy(), val_fraction, data_seed)
     train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
     parts = (x[train_idx], y[train_idx], x[val_idx], y[val_idx], test_x, test_y)
+    if withheld:  # val is carved from the train file: only its rows stay
+        return Data(Withheld("the training split"), Withheld("the training labels"), *(t.to(device) for t in parts[2:]))
     return Data(*(t.to(device) for t in parts))
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from helpers import caches
 from helpers.config import setting
-from helpers.data import Data, eval_batch
+from helpers.data import Data, Withheld, eval_batch
 from helpers.models import backbone_parameters
 from helpers.precision import amp_dtype, autocast
 from helpers.runs import atomic_write, default_run_root
@@ -76,6 +76,8 @@ def split_features(
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is invalid: must be one of {', '.join(SPLITS)}")
     images = getattr(data, f"{split}_x")
+    if isinstance(images, Withheld):  # on a server without training data: the clients featurise their own
+        return images
     key = feature_key(model, config, split, images.device)
     return caches.FEATURES.get(key, lambda: _read_or_compute(model, images, config, f"{split}-{key}.pt", run_root))
 

@@ -21,6 +21,7 @@ from helpers.config import make_config, setting
 from helpers.data import Data, augment_generator, step_batches
 from helpers.masks import Masks
 from helpers.models import set_trainable
+from helpers.remote import remote_clients, withheld_shards
 from helpers.resumable import begin_run, loop_inputs, resumable_loop
 from helpers.runs import Run
 from helpers.seeding import torch_generator
@@ -373,7 +374,8 @@ def run_fedavg(
         return run
     data, model = inputs
     set_trainable(model, run.config["train_mode"])
-    shards = client_shards(run.config, data)
+    remote = remote_clients(train_clients)  # the data is on the clients: the server gets n_k only
+    shards = client_shards(run.config, data) if remote is None else withheld_shards(remote.shard_sizes(run.config))
     return federated_training(run, model, data, shards, progress=progress, train_clients=train_clients)
 
 

@@ -2,10 +2,11 @@
 
 The server is the project's own runner (run_fedavg / run_sparse_fedavg: run folder, step 0 and calibration,
 checkpoints, evaluation, metrics.csv) with one change at the one engine seam, fedavg_round's train_clients: each
-round's clients train on Flower nodes. Node partition-id k is client k; its ClientApp loads the config's data, takes
-shard k (a pure function of the seed) and runs client_update, the same J steps as the sequential engine. Weights
-travel as the trainable parameters only; the frozen ones (the step-0 head) and the node's mask are sent once, at the
-first round.
+round's clients train on Flower nodes, and so does every other step that reads training data (shard sizes, step 0,
+calibration scores: helpers.flower_ops, both halves of each message). Node partition-id k is client k; its ClientApp
+loads the config's data, takes shard k (a pure function of the seed) and runs client_update, the same J steps as the
+sequential engine. Weights travel as the trainable parameters only; the frozen ones (the step-0 head) and the node's
+mask are sent once, at the first round.
 
 run_flower drives Flower's simulation in-process; flwr_run_command gives the `flwr run` command (Flower's CLI, its
 local simulation or a real federation) for the same config. Flower is optional (requirements-flower.txt); nothing
@@ -20,56 +21,39 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
-
-from helpers.algorithm import aligned_masks
-from helpers.algorithms import make_algorithm
-from helpers.caches import NODES
-from helpers.config import REPO, check_value, make_config, parse_sets, setting
-from helpers.data import Data
-from helpers.fedavg import (
-    ClientResult,
-    TrainClients,
-    client_lr,
-    client_shards,
-    client_update,
-    run_fedavg,
-    train_in_turn,
-)
-from helpers.masks import Masks
-from helpers.precision import make_scaler
-from helpers.resumable import run_inputs
+from helpers.config import REPO, make_config, parse_sets
+from helpers.fedavg import run_fedavg, train_in_turn
 from helpers.runs import Run, open_run, run_id
 from helpers.sparse_runs import run_sparse_fedavg
-from helpers.stragglers import local_steps
-from helpers.train import NonFiniteLossError
 
 MISSING = "Flower is not installed: pip install -r requirements-flower.txt"
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is imported; this machine may be offline
 try:
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+    from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.common.constant import ErrorCode
     from flwr.serverapp import Grid, ServerApp
 except ImportError as exc:
     raise ImportError(f"{MISSING} ({exc})") from None
+from helpers.flower_ops import (  # noqa: E402 (needs flwr: imported once its absence has been explained)
+    NodeEngine,
+    exchange,
+    node_query,
+    node_train,
+    reply_content,
+)
 
 EXPERIMENTS_ON_FLOWER = ("fedavg", "sparse_fedavg")
 FEDERATED_RUNNERS = {"fedavg": run_fedavg, "sparse_fedavg": run_sparse_fedavg}
 NODE_WAIT_S = 300.0  # how long the server waits for num_clients nodes to connect
-# Test-only fault injection: "ROUND:CLIENT" (1-based round) makes that client raise. An environment variable,
-# because Flower's simulation runs clients in Ray worker processes (they inherit the environment; patches do not).
-FAULT_ENV = "FLME_FLOWER_FAULT"
 # One CPU per simulated client: Ray then runs torch with one thread, like the test suite, for equal floats.
 BACKEND = {
     "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
     "init_args": {"logging_level": "ERROR", "log_to_driver": False},
 }
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 log = logging.getLogger(__name__)
 
 
@@ -133,12 +117,6 @@ def flwr_run_command(config: Mapping, run_root: str | Path, *, superlink: str = 
         federation = f"num-supernodes={config['num_clients']} client-resources-num-cpus=1"
         command[5:5] = ["--federation-config", federation]
     return command
-
-
-def with_node_overrides(config: dict, context: Context) -> dict:
-    """A node's own `device` and `data-root` (--node-config) replace the run's: neither changes the results."""
-    local = {"device": context.node_config.get("device"), "data_root": context.node_config.get("data-root")}
-    return {**config, **{k: check_value(k, v) for k, v in local.items() if v is not None}}
 
 
 # ----------------------------------------------------------------------------- the apps
@@ -240,46 +218,8 @@ def simulate(server: ServerApp, client: ClientApp, num_nodes: int) -> None:
 def serve(grid: Grid, config: dict, run_root: str | Path | None = None, *, progress: bool = False) -> Run:
     """The ServerApp's work: the project's runner, each round's clients trained on the Flower nodes."""
     nodes = connect_nodes(grid, config)  # before step 0 and round 1: a missing node fails fast
-    train_clients = node_trainer(grid, nodes)
     runner = FEDERATED_RUNNERS[experiment_of(config)]
-    return runner(config, run_root=run_root, progress=progress, train_clients=train_clients)
-
-
-def node_trainer(grid: Grid, nodes: dict[int, int]) -> TrainClients:
-    """fedavg_round's train_clients on Flower nodes (`nodes`: client id -> node id): at the first round it sends
-    every node the frozen weights and its mask; every round, the sampled clients train on their nodes."""
-    ready = []  # set up (once per run: a resumed run has new nodes)
-
-    # fedavg_round's train_in_turn signature; data and shards live on the nodes
-    # (the algorithm's server step runs in fedavg_round on the server, its client side on the nodes: node_train)
-    def train_clients(
-        model, data, shards, rnd, clients, config, *, masks, start, scaler, algorithm
-    ) -> Iterator[ClientResult]:
-        if not ready:
-            send_setup(grid, nodes, model, masks, config)
-            ready.append(True)
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        weights = ArrayRecord(dict(zip(names, start, strict=True)))
-        task = {"run": run_id(config), "round": rnd}
-        scaler_state = ConfigRecord(scaler.state_dict()) if scaler is not None else None
-        messages = []
-        for k in clients:
-            content = RecordDict({"weights": weights, "task": ConfigRecord({**task, "client": k})})
-            if scaler_state is not None:  # each client starts from the round's GradScaler state
-                content["scaler"] = scaler_state
-            messages.append(Message(content, dst_node_id=nodes[k], message_type=MessageType.TRAIN, group_id=str(rnd)))
-        replies = exchange(grid, messages)
-        # every client's error is raised before the first is summed
-        contents = [reply_content(replies.get(nodes[k]), f"round {rnd + 1}, client {k}") for k in clients]
-        device = start[0].device
-        for k, content in zip(clients, contents, strict=True):
-            trained = content["weights"].to_torch_state_dict()
-            own = masks.of_client(k) if masks is not None else None
-            state = dict(content["scaler"]) if "scaler" in content else None
-            loss = float(content["result"]["loss"])
-            yield ClientResult(k, [trained[n].to(device) for n in names], loss, own, state)
-
-    return train_clients
+    return runner(config, run_root=run_root, progress=progress, train_clients=NodeEngine(grid, nodes))
 
 
 def connect_nodes(grid: Grid, config: dict) -> dict[int, int]:
@@ -302,127 +242,6 @@ def connect_nodes(grid: Grid, config: dict) -> dict[int, int]:
             raise RuntimeError(f"Flower nodes {nodes[partition]} and {n} both have partition-id={partition}")
         nodes[partition] = n
     return nodes
-
-
-def send_setup(grid: Grid, nodes: dict[int, int], model: nn.Module, masks: Masks | None, config: dict) -> None:
-    """Once per run and node: the frozen parameters (the step-0 head of sparse runs) and the client's mask."""
-    frozen = ArrayRecord({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
-    shared = ArrayRecord(dict(masks.shared)) if masks is not None and not masks.local else None
-    messages = []
-    for k, node in sorted(nodes.items()):
-        content = RecordDict({"setup": ConfigRecord({"run": run_id(config)}), "frozen": frozen})
-        if masks is not None:  # the shared mask's record, or the client's own
-            content["masks"] = shared if shared is not None else ArrayRecord(dict(masks.of_client(k)))
-        messages.append(Message(content, dst_node_id=node, message_type=MessageType.QUERY))
-    replies = exchange(grid, messages)
-    for k, node in sorted(nodes.items()):
-        reply_content(replies.get(node), f"setup of client {k}")
-
-
-def exchange(grid: Grid, messages: list[Message]) -> dict[int, Message]:
-    """Send, wait for every reply; node id -> reply (replies come back in any order)."""
-    return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages)}
-
-
-def reply_content(reply: Message | None, what: str) -> RecordDict:
-    """A reply's content, or its error raised as "<what>: reason" (e.g. "round 2, client 7: ..."); a client's
-    NonFiniteLossError stays one (client_update named the round and client)."""
-    if reply is None:
-        raise RuntimeError(f"{what}: no reply from its Flower node")
-    if not reply.has_error():
-        return reply.content
-    reason = ANSI.sub("", reply.error.reason)
-    if reason.startswith(f"{NonFiniteLossError.__name__}: "):
-        raise NonFiniteLossError(reason.split(": ", 1)[1])
-    raise RuntimeError(f"{what}: {reason}")
-
-
-# ----------------------------------------------------------------------------- node side
-
-
-def node_inputs(config: dict) -> tuple[Data, nn.Module, list[Tensor]]:
-    """This process's data, model and client shards for `config` (built once; one config at a time)."""
-
-    def build() -> tuple[Data, nn.Module, list[Tensor]]:
-        data, model = run_inputs(config)
-        if config["compile"]:
-            model.compile()  # as the sequential engine trains its clients
-        return data, model, client_shards(config, data)
-
-    return NODES.get(json.dumps(config, sort_keys=True), build)
-
-
-def node_partition(context: Context, config: dict) -> int:
-    """This node's client id: its partition-id, checked against num_clients."""
-    partition = int(context.node_config["partition-id"])
-    if not 0 <= partition < config["num_clients"]:
-        raise ValueError(f"partition-id={partition} is invalid: must be in [0, {config['num_clients'] - 1}]")
-    return partition
-
-
-def node_query(content: RecordDict, context: Context, config: dict) -> RecordDict:
-    """`hello`: this node's partition (= client id). `setup`: keep the run's frozen weights and mask."""
-    check_run(content["setup" if "setup" in content else "hello"], config)
-    if "hello" in content:  # load the data and model now rather than in the first round
-        node_inputs(with_node_overrides(config, context))
-    for key in ("setup", "frozen", "masks"):
-        if key in content:
-            context.state[key] = content[key]
-    return RecordDict({"node": ConfigRecord({"partition": node_partition(context, config)})})
-
-
-def node_train(content: RecordDict, context: Context, config: dict) -> RecordDict:
-    """Client k's round on its node: the round's global weights in, client_update, its trained weights out."""
-    task = content["task"]
-    rnd, client = int(task["round"]), int(task["client"])
-    check_run(task, config)
-    if os.environ.get(FAULT_ENV) == f"{rnd + 1}:{client}":
-        raise RuntimeError(f"fault injected by {FAULT_ENV} (tests only)")
-    if client != node_partition(context, config):
-        raise ValueError(f"client {client} was sent to the node of partition-id={node_partition(context, config)}")
-    if "setup" not in context.state:
-        raise RuntimeError("this node has no setup for the run (was it restarted?): rerun the run to resume it")
-    config = with_node_overrides(config, context)
-    data, model, shards = node_inputs(config)
-    device = data.train_x.device
-    load_weights(model, content["weights"].to_torch_state_dict(), context.state["frozen"].to_torch_state_dict())
-    masks = None
-    if "masks" in context.state:
-        masks = {n: m.to(device) for n, m in context.state["masks"].to_torch_state_dict().items()}
-    scaler = make_scaler(device, setting(config, "amp"))
-    if scaler is not None:
-        scaler.load_state_dict(dict(content["scaler"]))
-    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
-    start = [p.detach().clone() for p in params]  # the round's global weights (FedProx's anchor)
-    side = make_algorithm(config).client_side(
-        rnd, client, start, aligned_masks(names, masks), client_lr(config, rnd), local_steps(config, rnd, client)
-    )
-    loss = client_update(model, data, shards[client], rnd, client, config, masks=masks, scaler=scaler, side=side)
-    trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    reply = RecordDict({"weights": ArrayRecord(trained), "result": ConfigRecord({"client": client, "loss": loss})})
-    if scaler is not None:
-        reply["scaler"] = ConfigRecord(scaler.state_dict())
-    return reply
-
-
-@torch.no_grad()
-def load_weights(model: nn.Module, trainable: Mapping[str, Tensor], frozen: Mapping[str, Tensor]) -> None:
-    """Every parameter from the round's weights (trainable) or the setup (frozen); the model is shared by the
-    nodes a process serves, so nothing may be left from the node before."""
-    for name, p in model.named_parameters():
-        if name not in trainable and name not in frozen:
-            raise ValueError(f"parameter {name} is neither in the round's weights nor in the setup")
-        p.copy_(trainable[name] if name in trainable else frozen[name])
-        p.requires_grad_(name in trainable)
-
-
-def check_run(record: ConfigRecord, config: dict) -> None:
-    """The server's run id must be this node's: the same config on every node."""
-    if record["run"] != run_id(config):
-        raise ValueError(
-            f"this node's config is run {run_id(config)}, the server's run {record['run']}: "
-            "give every node the same run config (and FLME_PROFILE)"
-        )
 
 
 def _reply(msg: Message, handler: Callable[..., RecordDict], *args) -> Message:

@@ -81,7 +81,7 @@ def loop_inputs(run: Run, model: nn.Module, data: Data) -> tuple[nn.Module, Data
     net, inputs = head_view(model, data, run.config, run.root)
     if run.config["compile"]:
         net.compile()  # in place: parameter names, checkpoints and the optimizer are unchanged
-    return net, inputs, make_scaler(data.train_x.device, setting(run.config, "amp"))
+    return net, inputs, make_scaler(next(model.parameters()).device, setting(run.config, "amp"))
 
 
 def resumable_loop(

@@ -18,6 +18,7 @@ from helpers.config import make_config, setting
 from helpers.data import Data
 from helpers.fedavg import TrainClients, begin_federated, client_shards, federated_training
 from helpers.models import head_parameters
+from helpers.remote import remote_clients, withheld_shards
 from helpers.resumable import begin_run
 from helpers.runs import Run, load_artifact, mark_done, save_artifact
 from helpers.sparse_sgdm import SparseSGDM, masks_by_parameter
@@ -71,7 +72,7 @@ def run_sparse_centralized(
     if inputs is None:
         return _finish(run)
     config, (data, model) = run.config, inputs
-    device = data.train_x.device
+    device = next(model.parameters()).device
     packed, info = _edit_state(
         run, model, data,
         step0=lambda: fit_head(model, data, config, run_root=run.root),
@@ -104,13 +105,15 @@ def run_sparse_fedavg(
     if inputs is None:
         return _finish(run)
     config, (data, model) = run.config, inputs
-    device = data.train_x.device
-    shards = client_shards(config, data)
+    device = next(model.parameters()).device
+    remote = remote_clients(train_clients)  # the data is on the clients: the server gets n_k only
+    shards = client_shards(config, data) if remote is None else withheld_shards(remote.shard_sizes(config))
     packed, info = _edit_state(
         run, model, data,
         step0=lambda: fit_head_federated(model, data, shards, config, run_root=run.root, progress=progress,
-                                         keep_alive=run.claim.check if run.claim else None),
-        calibration=lambda: calibrate_federated(model, data, shards, config, progress),
+                                         keep_alive=run.claim.check if run.claim else None,
+                                         train_clients=train_clients),
+        calibration=lambda: calibrate_federated(model, data, shards, config, progress, remote),
     )  # fmt: skip
     masks = load_run_masks(model, packed, config, device)
     federated_training(run, model, data, shards, masks=masks, progress=progress, train_clients=train_clients)

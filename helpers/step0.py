@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from helpers.config import EXPERIMENTS, REMEDIES, make_config, setting, train_split_size
 from helpers.data import NUM_CLASSES, Data, step_batches
 from helpers.features import split_features
-from helpers.fedavg import BYTES_PER_ENTRY, clients_per_round, run_fedavg
+from helpers.fedavg import BYTES_PER_ENTRY, TrainClients, clients_per_round, run_fedavg
 from helpers.precision import make_scaler
+from helpers.remote import remote_clients
 from helpers.runs import load_checkpoint
 from helpers.seeding import torch_generator
 from helpers.train import NonFiniteLossError, lr_at, train_steps
@@ -119,31 +120,38 @@ def fit_head_federated(
     run_root: str | Path | None = None,
     progress: bool = True,
     keep_alive: Callable[[], None] | None = None,
+    train_clients: TrainClients | None = None,
 ) -> dict:
     """Step 0 without pooling client data: ridge from the sum of client statistics, or FedAvg on the head.
 
+    `train_clients`: the engine (a RemoteClients computes the statistics and trains the head on the clients).
     The head's FedAvg run is shared: while another session trains it, wait (calling `keep_alive`: the sparse
     run's lease check and heartbeat), then use it; a stale holder's run is taken over here."""
     t0 = time.perf_counter()
+    remote = remote_clients(train_clients)
     if config["step0"] == "ridge":
-        # Row i of the features depends on image i only: this equals every client featurising its own shard.
-        features = split_features(model, data, "train", config, run_root)
+        if remote is not None:
+            stats = remote.ridge_statistics(model, config)
+        else:  # row i of the features depends on image i only: this equals every client featurising its own shard
+            features = split_features(model, data, "train", config, run_root)
+            stats = (ridge_statistics(features[s.to(features.device)], data.train_y[s.to(features.device)])
+                     for s in shards)  # fmt: skip
         xtx = xty = None
-        for shard in shards:  # each client uploads (X_k^T X_k, X_k^T Y_k); the server sums them and solves
-            shard = shard.to(features.device)
-            a, b = ridge_statistics(features[shard], data.train_y[shard])
+        for a, b in stats:  # each client uploads (X_k^T X_k, X_k^T Y_k); the server sums them and solves
             xtx, xty = (a, b) if xtx is None else (xtx + a, xty + b)
         set_head(model, *solve_ridge(xtx, xty, config["ridge_lambda"]))
         uploaded = len(shards) * BYTES_PER_ENTRY * (xtx.numel() + xty.numel())
         return {"step0_s": round(time.perf_counter() - t0, 3), "step0_upload_bytes": uploaded}
-    head_run = run_fedavg(head_fedavg_config(config), run_root=run_root, progress=progress)
+    # on Flower the head trains on the nodes (each featurises its own shard); the run is the sequential engine's
+    head = dict(run_root=run_root, progress=progress, train_clients=train_clients if remote else None)
+    head_run = run_fedavg(head_fedavg_config(config), **head)
     while not head_run.done:
         print(f"step 0: waiting {HEAD_POLL_S:g} s for the head's FedAvg run {head_run.id}", flush=True)
         time.sleep(HEAD_POLL_S)
         if keep_alive is not None:
             keep_alive()
-        head_run = run_fedavg(head_fedavg_config(config), run_root=run_root, progress=progress)
-    state = load_checkpoint(head_run, map_location=data.train_x.device)
+        head_run = run_fedavg(head_fedavg_config(config), **head)
+    state = load_checkpoint(head_run, map_location=next(model.parameters()).device)
     if state is None:
         raise RuntimeError(f"step 0: the head's FedAvg run {head_run.dir} has no checkpoint; delete that folder")
     model.head.load_state_dict({k.removeprefix("head."): v for k, v in state["model"].items() if k.startswith("head.")})

@@ -26,11 +26,14 @@ pytest.importorskip("ray")
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict  # noqa: E402
 
-from helpers import flower  # noqa: E402
+from helpers import flower, flower_ops  # noqa: E402
 from helpers.__main__ import main  # noqa: E402
+from helpers.calibration import load_masks  # noqa: E402
 from helpers.config import make_config  # noqa: E402
+from helpers.data import NO_TRAIN_DATA_ENV  # noqa: E402
 from helpers.fedavg import client_update, run_fedavg, sample_clients  # noqa: E402
-from helpers.flower import FAULT_ENV, reply_content, run_flower  # noqa: E402
+from helpers.flower import run_flower  # noqa: E402
+from helpers.flower_ops import FAULT_ENV, reply_content  # noqa: E402
 from helpers.runs import Run, load_checkpoint, open_run, run_id  # noqa: E402
 from helpers.sparse_runs import run_sparse_fedavg  # noqa: E402
 from helpers.train import NonFiniteLossError  # noqa: E402
@@ -45,6 +48,11 @@ CASES = {
     "noniid-dense": ("fedavg", NONIID),
     "iid-sparse": ("sparse_fedavg", {**IID, **SPARSE}),
     "noniid-sparse": ("sparse_fedavg", {**NONIID, **SPARSE}),
+    # per-client masks from each node's scores, the other sensitivity rule, step 0 from the nodes' ridge statistics
+    "noniid-sparse-local-ridge": (
+        "sparse_fedavg",
+        {**NONIID, **SPARSE, "mask_scope": "local", "mask_rule": "most_sensitive", "step0": "ridge"},
+    ),
 }
 SEQUENTIAL = {"fedavg": run_fedavg, "sparse_fedavg": run_sparse_fedavg}
 TIMES = ("elapsed_s", "step0_s", "calibration_s")  # wall time: the only values allowed to differ
@@ -86,13 +94,26 @@ def assert_same_run(flw: Run, seq: Run) -> None:
     assert diff <= 1e-6
     pd.testing.assert_frame_equal(got.drop(columns="elapsed_s"), want.drop(columns="elapsed_s"), check_exact=True)
     assert summary(flw) == summary(seq)
+    if seq.experiment == "sparse_fedavg":  # the same masks, bit for bit (every client's, for local masks)
+        got_masks, want_masks = load_masks(flw), load_masks(seq)
+        for k in range(config["num_clients"]):
+            own, ref = got_masks.of_client(k), want_masks.of_client(k)
+            assert own.keys() == ref.keys() and all(torch.equal(own[n], ref[n]) for n in ref)
+
+
+def run_flower_without_train_data(config: dict, run_root: Path, monkeypatch) -> Run:
+    """run_flower with the server under FLME_NO_TRAIN_DATA=1 (the nodes hold their data: load_data(holder=True))."""
+    with monkeypatch.context() as patch:
+        patch.setenv(NO_TRAIN_DATA_ENV, "1")
+        return run_flower(config, run_root=run_root, progress=False)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_flower_equals_the_sequential_engine(case, tmp_path):
+def test_flower_equals_the_sequential_engine(case, tmp_path, monkeypatch):
+    """The server holds no training data: step 0, calibration and shard sizes come from the nodes."""
     config = case_config(case)
     seq = SEQUENTIAL[flower.experiment_of(config)](config, run_root=tmp_path / "sequential", progress=False)
-    flw = run_flower(config, run_root=tmp_path / "flower", progress=False)
+    flw = run_flower_without_train_data(config, tmp_path / "flower", monkeypatch)
     assert (flw.config["engine"], seq.config["engine"]) == ("flower", "sequential") and flw.id != seq.id
     assert {**flw.config, "engine": "sequential"} == seq.config
     assert_same_run(flw, seq)
@@ -108,10 +129,10 @@ REMEDIES = {
 
 
 @pytest.mark.parametrize("remedy", REMEDIES)
-def test_flower_runs_the_remedies_like_the_sequential_engine(remedy, tmp_path):
+def test_flower_runs_the_remedies_like_the_sequential_engine(remedy, tmp_path, monkeypatch):
     config = make_config("fedavg", "smoke", **{**SMALL, **IID, **REMEDIES[remedy]})
     seq = run_fedavg(config, run_root=tmp_path / "sequential", progress=False)
-    flw = run_flower(config, run_root=tmp_path / "flower", progress=False)
+    flw = run_flower_without_train_data(config, tmp_path / "flower", monkeypatch)
     assert {**flw.config, "engine": "sequential"} == seq.config and seq.config["algorithm"] == remedy
     assert_same_run(flw, seq)
 
@@ -176,14 +197,16 @@ def test_non_finite_loss_on_a_node_stays_a_non_finite_loss_error():
     """The node's half in-process (no Ray): client_update's error names round and client; the server's half
     turns the error reply back into NonFiniteLossError, and any other error into "round r, client k: ..."."""
     config = flower.flower_config({**SMALL, **IID, "lr": 1e30})
-    _, model, _ = flower.node_inputs(config)
+    _, model, _ = flower_ops.node_inputs(config)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 4}, state=RecordDict(), run_config={})
-    setup = RecordDict({"setup": ConfigRecord({"run": run_id(config)}), "frozen": ArrayRecord()})
-    assert flower.node_query(setup, context, config)["node"]["partition"] == 4
+    hello = RecordDict({"hello": ConfigRecord({"run": run_id(config)})})
+    assert flower_ops.node_query(hello, context, config)["node"]["partition"] == 4
+    setup = ConfigRecord({"op": "setup", "run": run_id(config), "client": 4})
+    flower_ops.node_query(RecordDict({"task": setup, "frozen": ArrayRecord()}), context, config)
     task = ConfigRecord({"run": run_id(config), "round": 1, "client": 4})
     with pytest.raises(NonFiniteLossError, match=r"^round 2, client 4: ") as exc:
-        flower.node_train(RecordDict({"weights": ArrayRecord(weights), "task": task}), context, config)
+        flower_ops.node_train(RecordDict({"weights": ArrayRecord(weights), "task": task}), context, config)
 
     def failed(reason: str) -> SimpleNamespace:
         return SimpleNamespace(has_error=lambda: True, error=SimpleNamespace(reason=reason))
@@ -201,16 +224,15 @@ def test_grad_scaler_state_travels_to_and_from_the_node():
     final state, as train_in_turn does; weights and state equal client_update's with that scaler (in-process).
     amp=fp16 runs the same path on the CPU (autocast and GradScaler on "cpu")."""
     config = flower.flower_config({**SMALL, **IID, "local_steps": 6, "lr": 0.1, "amp": "fp16"})
-    data, model, shards = flower.node_inputs(config)
+    data, model, shards = flower_ops.node_inputs(config)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     start = torch.amp.GradScaler("cpu", init_scale=2.0**126)  # overflows until the scale has halved a few times
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
-    flower.node_query(
-        RecordDict({"setup": ConfigRecord({"run": run_id(config)}), "frozen": ArrayRecord()}), context, config
-    )
+    setup = ConfigRecord({"op": "setup", "run": run_id(config), "client": 2})
+    flower_ops.node_query(RecordDict({"task": setup, "frozen": ArrayRecord()}), context, config)
     task = ConfigRecord({"run": run_id(config), "round": 0, "client": 2})
     content = RecordDict({"weights": ArrayRecord(weights), "task": task, "scaler": ConfigRecord(start.state_dict())})
-    reply = flower.node_train(content, context, config)
+    reply = flower_ops.node_train(content, context, config)
     got = reply["weights"].to_torch_state_dict()
 
     model.load_state_dict(weights)  # the same client on the same weights and scaler, in this process

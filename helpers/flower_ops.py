@@ -1,0 +1,296 @@
+"""The operations of a Flower federation, both halves: what the server sends (NodeEngine) and what a node runs.
+
+NodeEngine is fedavg_round's train_clients on the nodes and a helpers.remote.RemoteClients: shard sizes, each
+client's sensitivity scores and its step-0 ridge statistics are asked of the nodes, so a server started with
+FLME_NO_TRAIN_DATA=1 runs the whole study. Each operation is one message type (the node's query handler reads
+`task.op`); the node runs the project's own function on its shard: client_update, score_pool, ridge_statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from torch import Tensor, nn
+
+from helpers.algorithm import aligned_masks
+from helpers.algorithms import make_algorithm
+from helpers.caches import NODES
+from helpers.calibration import score_pool
+from helpers.config import check_value, setting
+from helpers.data import Data, load_data, pick_device
+from helpers.features import backbone_features, uses_cached_features
+from helpers.fedavg import ClientResult, client_lr, client_shards, client_update
+from helpers.masks import Masks
+from helpers.precision import make_scaler
+from helpers.resumable import build_seeded_model
+from helpers.runs import run_id
+from helpers.step0 import head_fedavg_config, ridge_statistics
+from helpers.stragglers import local_steps
+from helpers.train import NonFiniteLossError
+
+# Test-only fault injection: "ROUND:CLIENT" (1-based round) makes that client raise. An environment variable,
+# because Flower's simulation runs clients in Ray worker processes (they inherit the environment; patches do not).
+FAULT_ENV = "FLME_FLOWER_FAULT"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+# ----------------------------------------------------------------------------- transport
+
+
+def exchange(grid: Grid, messages: list[Message]) -> dict[int, Message]:
+    """Send, wait for every reply; node id -> reply (replies come back in any order)."""
+    return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages)}
+
+
+def reply_content(reply: Message | None, what: str) -> RecordDict:
+    """A reply's content, or its error raised as "<what>: reason" (e.g. "round 2, client 7: ..."); a client's
+    NonFiniteLossError stays one (client_update named the round and client)."""
+    if reply is None:
+        raise RuntimeError(f"{what}: no reply from its Flower node")
+    if not reply.has_error():
+        return reply.content
+    reason = ANSI.sub("", reply.error.reason)
+    if reason.startswith(f"{NonFiniteLossError.__name__}: "):
+        raise NonFiniteLossError(reason.split(": ", 1)[1])
+    raise RuntimeError(f"{what}: {reason}")
+
+
+def parameters(model: nn.Module) -> ArrayRecord:
+    """Every parameter of `model` as it is now (calibration damps the backbone between rounds)."""
+    return ArrayRecord({n: p.detach() for n, p in model.named_parameters()})
+
+
+# ----------------------------------------------------------------------------- server side
+
+
+class NodeEngine:
+    """fedavg_round's train_clients on Flower nodes (`nodes`: client id -> node id), and the RemoteClients whose
+    operations run there. Per run (a sparse run and its step-0 head run), the frozen weights and each node's mask
+    are sent once, at its first round."""
+
+    def __init__(self, grid: Grid, nodes: dict[int, int]):
+        self.grid, self.nodes, self.ready = grid, nodes, set()
+
+    def ask(self, op: str, config: dict, clients: list[int], content: Mapping | Callable | None = None, **task) -> list:
+        """Operation `op` of run `config` on each client's node, with `content` (or content(k)): their replies'
+        contents, in client order. All messages go at once: the nodes work in parallel."""
+        messages = []
+        for k in clients:
+            record = ConfigRecord({"op": op, "run": run_id(config), "client": k, **task})
+            body = RecordDict({"task": record, **((content(k) if callable(content) else content) or {})})
+            kind = MessageType.TRAIN if op == "train" else MessageType.QUERY
+            messages.append(Message(body, dst_node_id=self.nodes[k], message_type=kind))
+        replies = exchange(self.grid, messages)
+        what = f"round {task['round'] + 1}, client {{}}" if "round" in task else f"{op} on client {{}}"
+        return [reply_content(replies.get(self.nodes[k]), what.format(k)) for k in clients]
+
+    def shard_sizes(self, config: dict) -> list[int]:
+        return [int(c["result"]["size"]) for c in self.ask("size", config, sorted(self.nodes))]
+
+    def client_scores(
+        self, model: nn.Module, config: dict, call: int, clients: list[int]
+    ) -> Iterator[tuple[dict[str, Tensor], int]]:
+        device = next(model.parameters()).device
+        for c in self.ask("score", config, clients, {"model": parameters(model)}, call=call):
+            scores = {n: s.to(device) for n, s in c["scores"].to_torch_state_dict().items()}
+            yield scores, int(c["result"]["samples"])
+
+    def ridge_statistics(self, model: nn.Module, config: dict) -> Iterator[tuple[Tensor, Tensor]]:
+        device = next(model.parameters()).device
+        for c in self.ask("ridge", config, sorted(self.nodes), {"model": parameters(model)}):
+            stats = c["stats"].to_torch_state_dict()
+            yield stats["xtx"].to(device), stats["xty"].to(device)
+
+    def setup(self, model: nn.Module, masks: Masks | None, config: dict) -> None:
+        """Once per run and node: the frozen parameters (the step-0 head of sparse runs) and the client's mask."""
+        frozen = ArrayRecord({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
+        shared = ArrayRecord(dict(masks.shared)) if masks is not None and not masks.local else None
+
+        def content(k: int) -> dict:
+            if masks is None:
+                return {"frozen": frozen}  # else the shared mask's record, or the client's own
+            return {"frozen": frozen, "masks": shared if shared is not None else ArrayRecord(dict(masks.of_client(k)))}
+
+        self.ask("setup", config, sorted(self.nodes), content)
+        self.ready.add(run_id(config))
+
+    # fedavg_round's train_in_turn signature; data and shards live on the nodes
+    # (the algorithm's server step runs in fedavg_round on the server, its client side on the nodes: node_train)
+    def __call__(
+        self, model, data, shards, rnd, clients, config, *, masks, start, scaler, algorithm
+    ) -> Iterator[ClientResult]:
+        if run_id(config) not in self.ready:
+            self.setup(model, masks, config)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        content = {"weights": ArrayRecord(dict(zip(names, start, strict=True)))}
+        if scaler is not None:  # each client starts from the round's GradScaler state
+            content["scaler"] = ConfigRecord(scaler.state_dict())
+        contents = self.ask("train", config, clients, content, round=rnd)  # every error raised before any sum
+        device = start[0].device
+        for k, content in zip(clients, contents, strict=True):
+            trained = content["weights"].to_torch_state_dict()
+            own = masks.of_client(k) if masks is not None else None
+            state = dict(content["scaler"]) if "scaler" in content else None
+            loss = float(content["result"]["loss"])
+            yield ClientResult(k, [trained[n].to(device) for n in names], loss, own, state)
+
+
+# ----------------------------------------------------------------------------- node side
+
+
+def with_node_overrides(config: dict, context: Context) -> dict:
+    """A node's own `device` and `data-root` (--node-config) replace the run's: neither changes the results."""
+    local = {"device": context.node_config.get("device"), "data_root": context.node_config.get("data-root")}
+    return {**config, **{k: check_value(k, v) for k, v in local.items() if v is not None}}
+
+
+def node_run_config(run: str, config: dict) -> dict:
+    """The config of the server's run `run`: this node's run, or (sparse, step0="sgd") its step-0 head run."""
+    if run == run_id(config):
+        return config
+    if "sparsity" in config and config.get("step0") == "sgd" and run == run_id(head := head_fedavg_config(config)):
+        return head
+    raise ValueError(
+        f"this node's config is run {run_id(config)}, the server's run {run}: "
+        "give every node the same run config (and FLME_PROFILE)"
+    )
+
+
+def node_inputs(config: dict) -> tuple[Data, nn.Module, list[Tensor]]:
+    """This process's data, model and client shards for `config` (built once; one config at a time). A node holds
+    its training data: FLME_NO_TRAIN_DATA (the server's switch) does not apply."""
+
+    def build() -> tuple[Data, nn.Module, list[Tensor]]:
+        device = pick_device(config["device"])
+        data, model = load_data(config, device, holder=True), build_seeded_model(config, device)
+        if config["compile"]:
+            model.compile()  # as the sequential engine trains its clients
+        return data, model, client_shards(config, data)
+
+    return NODES.get(json.dumps(config, sort_keys=True), build)
+
+
+def client_inputs(config: dict, client: int) -> tuple[nn.Module, Data, Tensor]:
+    """What client k trains: (model, data, its shard); for a head-only run on cached features, (model.head, the
+    features of its own shard, their positions): the same rows as the server's cached features of the split."""
+    data, model, shards = node_inputs(config)
+    shard = shards[client].to(data.train_y.device)
+    if not uses_cached_features(config):
+        return model, data, shard
+    x = backbone_features(model, data.train_x[shard], img_size=config["img_size"],
+                          batch_size=config["eval_batch_size"], amp=setting(config, "amp"))  # fmt: skip
+    own = Data(x, data.train_y[shard], data.val_x, data.val_y, data.test_x, data.test_y)
+    return model.head, own, torch.arange(len(shard), device=shard.device)
+
+
+def node_partition(context: Context, config: dict) -> int:
+    """This node's client id: its partition-id, checked against num_clients."""
+    partition = int(context.node_config["partition-id"])
+    if not 0 <= partition < config["num_clients"]:
+        raise ValueError(f"partition-id={partition} is invalid: must be in [0, {config['num_clients'] - 1}]")
+    return partition
+
+
+def node_task(content: RecordDict, context: Context, config: dict) -> tuple[ConfigRecord, dict, int]:
+    """The message's task, the config of its run (with this node's overrides) and this node's client id."""
+    task = content["task"]
+    run_config = node_run_config(str(task["run"]), config)
+    client = node_partition(context, config)
+    if int(task["client"]) != client:
+        raise ValueError(f"client {task['client']} was sent to the node of partition-id={client}")
+    return task, with_node_overrides(run_config, context), client
+
+
+def node_query(content: RecordDict, context: Context, config: dict) -> RecordDict:
+    """`hello`: this node's partition (= client id). A `task`: the operation it names (NODE_OPS)."""
+    if "task" in content:
+        task, run_config, client = node_task(content, context, config)
+        return NODE_OPS[str(task["op"])](content, context, run_config, client)
+    if str(content["hello"]["run"]) != run_id(config):
+        node_run_config(str(content["hello"]["run"]), config)  # raises: another run
+    node_inputs(with_node_overrides(config, context))  # load the data and model now rather than in the first round
+    return RecordDict({"node": ConfigRecord({"partition": node_partition(context, config)})})
+
+
+def node_size(content: RecordDict, context: Context, config: dict, client: int) -> RecordDict:
+    """n_k: the size of this client's shard."""
+    return RecordDict({"result": ConfigRecord({"size": len(node_inputs(config)[2][client])})})
+
+
+def node_setup(content: RecordDict, context: Context, config: dict, client: int) -> RecordDict:
+    """Keep the run's frozen weights and this client's mask for its rounds."""
+    run = run_id(config)
+    for key in ("frozen", "masks"):
+        if key in content:
+            context.state[f"{key}@{run}"] = content[key]
+    return RecordDict({"result": ConfigRecord({"client": client})})
+
+
+def node_score(content: RecordDict, context: Context, config: dict, client: int) -> RecordDict:
+    """This client's summed sensitivity scores on the server's model (calibration round `call`)."""
+    data, model, shards = node_inputs(config)
+    load_weights(model, content["model"].to_torch_state_dict(), {})
+    key, call = ("client", client), int(content["task"]["call"])
+    scores, samples = score_pool(model, data, shards[client], key, call, config)
+    return RecordDict({"scores": ArrayRecord(scores), "result": ConfigRecord({"samples": samples})})
+
+
+def node_ridge(content: RecordDict, context: Context, config: dict, client: int) -> RecordDict:
+    """This client's ridge statistics (X_k^T X_k, X_k^T Y_k) of its own shard's features on the server's model."""
+    data, model, shards = node_inputs(config)
+    load_weights(model, content["model"].to_torch_state_dict(), {})
+    shard = shards[client].to(data.train_y.device)
+    x = backbone_features(model, data.train_x[shard], img_size=config["img_size"],
+                          batch_size=config["eval_batch_size"], amp=setting(config, "amp"))  # fmt: skip
+    xtx, xty = ridge_statistics(x, data.train_y[shard])
+    return RecordDict({"stats": ArrayRecord({"xtx": xtx, "xty": xty})})
+
+
+def node_train(content: RecordDict, context: Context, config: dict) -> RecordDict:
+    """Client k's round on its node: the round's global weights in, client_update, its trained weights out."""
+    _, config, client = node_task(content, context, config)
+    rnd, run = int(content["task"]["round"]), run_id(config)
+    if os.environ.get(FAULT_ENV) == f"{rnd + 1}:{client}":
+        raise RuntimeError(f"fault injected by {FAULT_ENV} (tests only)")
+    if f"frozen@{run}" not in context.state:
+        raise RuntimeError("this node has no setup for the run (was it restarted?): rerun the run to resume it")
+    model, data, shard = client_inputs(config, client)
+    device = shard.device
+    load_weights(model, content["weights"].to_torch_state_dict(), context.state[f"frozen@{run}"].to_torch_state_dict())
+    masks = None
+    if f"masks@{run}" in context.state:
+        masks = {n: m.to(device) for n, m in context.state[f"masks@{run}"].to_torch_state_dict().items()}
+    scaler = make_scaler(device, setting(config, "amp"))
+    if scaler is not None:
+        scaler.load_state_dict(dict(content["scaler"]))
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
+    start = [p.detach().clone() for p in params]  # the round's global weights (FedProx's anchor)
+    side = make_algorithm(config).client_side(
+        rnd, client, start, aligned_masks(names, masks), client_lr(config, rnd), local_steps(config, rnd, client)
+    )
+    loss = client_update(model, data, shard, rnd, client, config, masks=masks, scaler=scaler, side=side)
+    trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    reply = RecordDict({"weights": ArrayRecord(trained), "result": ConfigRecord({"client": client, "loss": loss})})
+    if scaler is not None:
+        reply["scaler"] = ConfigRecord(scaler.state_dict())
+    return reply
+
+
+NODE_OPS = {"size": node_size, "setup": node_setup, "score": node_score, "ridge": node_ridge}
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, trainable: Mapping[str, Tensor], frozen: Mapping[str, Tensor]) -> None:
+    """Every parameter from the round's weights (trainable) or the setup (frozen); the model is shared by the
+    nodes a process serves, so nothing may be left from the node before."""
+    for name, p in model.named_parameters():
+        if name not in trainable and name not in frozen:
+            raise ValueError(f"parameter {name} is neither in the round's weights nor in the setup")
+        p.copy_(trainable[name] if name in trainable else frozen[name])
+        p.requires_grad_(name in trainable)
