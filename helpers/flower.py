@@ -26,25 +26,24 @@ from pathlib import Path
 
 from helpers.config import REPO, make_config, parse_sets
 from helpers.fedavg import run_fedavg, train_in_turn
-from helpers.runs import Run, open_run, run_id
-from helpers.sparse_runs import run_sparse_fedavg
-
-MISSING = "Flower is not installed: pip install -r requirements-flower.txt"
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is imported; this machine may be offline
-try:
-    from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
-    from flwr.clientapp import ClientApp
-    from flwr.common.constant import ErrorCode
-    from flwr.serverapp import Grid, ServerApp
-except ImportError as exc:
-    raise ImportError(f"{MISSING} ({exc})") from None
-from helpers.flower_ops import (  # noqa: E402 (needs flwr: imported once its absence has been explained)
+from helpers.flower_ops import (  # says what to install when flwr is missing (flower_ops.MISSING)
+    MISSING,
     NodeEngine,
     exchange,
     node_query,
     node_train,
     reply_content,
 )
+from helpers.runs import Run, open_run, run_id
+from helpers.sparse_runs import run_sparse_fedavg
+
+try:  # helpers.flower_ops has already said what to install if flwr is missing, unless it was imported before
+    from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.common.constant import ErrorCode
+    from flwr.serverapp import Grid, ServerApp
+except ImportError as exc:
+    raise ImportError(f"{MISSING} ({exc})") from None
 
 EXPERIMENTS_ON_FLOWER = ("fedavg", "sparse_fedavg")
 FEDERATED_RUNNERS = {"fedavg": run_fedavg, "sparse_fedavg": run_sparse_fedavg}

@@ -14,8 +14,6 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 from torch import Tensor, nn
 
 from helpers.algorithm import aligned_masks
@@ -33,6 +31,14 @@ from helpers.runs import run_id
 from helpers.step0 import head_fedavg_config, ridge_statistics
 from helpers.stragglers import local_steps
 from helpers.train import NonFiniteLossError
+
+MISSING = "Flower is not installed: pip install -r requirements-flower.txt"
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is imported; this machine may be offline
+try:
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.serverapp import Grid
+except ImportError as exc:  # Flower is optional (requirements-flower.txt): say what to install
+    raise ImportError(f"{MISSING} ({exc})") from None
 
 # Test-only fault injection: "ROUND:CLIENT" (1-based round) makes that client raise. An environment variable,
 # because Flower's simulation runs clients in Ray worker processes (they inherit the environment; patches do not).
