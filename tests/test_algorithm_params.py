@@ -4,14 +4,13 @@ left out of FedAvg configs (their run ids and results columns predate them), def
 from __future__ import annotations
 
 import pytest
+from smallrun import SMALL
 
 from helpers import fedavg, resumable
 from helpers.__main__ import main
 from helpers.algorithms import ALGORITHMS
 from helpers.config import REMEDIES, make_config
 from helpers.runs import find_runs, run_id, tidy_results
-
-SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu")
 
 
 @pytest.mark.parametrize("experiment", ["fedavg", "sparse_fedavg"])

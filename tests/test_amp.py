@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from smallrun import CPU, SMALL
 
 import helpers.fedavg as fedavg
 from helpers.__main__ import runner
@@ -27,8 +28,6 @@ from helpers.sparse_sgdm import SparseSGDM
 from helpers.train import train_steps
 
 REPO = Path(__file__).resolve().parent.parent
-CPU = torch.device("cpu")
-SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu")
 FEDERATED = dict(num_clients=10, participation=0.3, local_steps=2, rounds=4)
 JOBS = {"fedavg": {}, "sparse_fedavg": dict(sparsity=0.9, calibration_rounds=2)}
 # Starts above the overflow point of the tiny ViT's fp16 gradients and grows after every good step: steps overflow

@@ -8,30 +8,16 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from smallrun import CPU, SMALL, fresh_model, small_config
 
 from helpers import fedavg, scaffold
 from helpers.algorithms import make_algorithm
 from helpers.config import make_config
 from helpers.data import augment_batch, augment_generator, load_data, step_batches
 from helpers.masks import Masks
-from helpers.models import set_trainable
-from helpers.resumable import build_seeded_model
 from helpers.runs import load_checkpoint
 from helpers.sparse_runs import run_sparse_fedavg
 from helpers.stragglers import local_steps
-
-CPU = torch.device("cpu")
-SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu")
-
-
-def small_config(**overrides) -> dict:
-    return make_config("fedavg", "smoke", **{**SMALL, **overrides})
-
-
-def fresh_model(config: dict) -> torch.nn.Module:
-    model = build_seeded_model(config, CPU)
-    set_trainable(model, config["train_mode"])
-    return model
 
 
 def client_batches(config, shard, rnd, client):

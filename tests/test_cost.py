@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from smallrun import SMALL
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -17,8 +18,6 @@ from helpers.config import make_config, split_sizes, train_split_size
 from helpers.fedavg import clients_per_round
 from helpers.memory import LABEL
 from helpers.models import build_model, forward_flops
-
-SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu")
 
 
 @pytest.mark.parametrize("name, img_size", [("vit_tiny_smoke", 32), ("vit_small_patch16_224.dino", 224)])

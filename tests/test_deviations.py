@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from smallrun import CPU, SMALL
 
 from helpers import report
 from helpers.calibration import masked_names
@@ -14,9 +15,6 @@ from helpers.resumable import build_seeded_model
 from helpers.sensitivity import calibrate_masks
 from helpers.sparse_sgdm import SparseSGDM
 from helpers.train import train_steps
-
-CPU = torch.device("cpu")
-SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu")
 
 
 @pytest.fixture()

@@ -16,30 +16,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from smallrun import CPU, SMALL, fresh_model, small_config
 
 from helpers import config as config_module
 from helpers import fedavg, resumable
 from helpers.config import make_config
 from helpers.data import augment_generator, load_data, step_batches
 from helpers.masks import Masks
-from helpers.models import set_trainable
-from helpers.resumable import build_seeded_model
 from helpers.runs import Run, load_checkpoint
 from helpers.train import NonFiniteLossError, train_steps
 
 REPO = Path(__file__).resolve().parent.parent
-CPU = torch.device("cpu")
-SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu")
-
-
-def small_config(**overrides) -> dict:
-    return make_config("fedavg", "smoke", **{**SMALL, **overrides})
-
-
-def fresh_model(config: dict) -> torch.nn.Module:
-    model = build_seeded_model(config, CPU)
-    set_trainable(model, config["train_mode"])
-    return model
 
 
 def client_sgd(model: torch.nn.Module, config: dict) -> torch.optim.SGD:

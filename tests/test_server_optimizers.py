@@ -10,18 +10,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from smallrun import CPU, small_config
 
 from helpers import fedavg
 from helpers.algorithms import ALGORITHMS, make_algorithm
-from helpers.config import make_config
 from helpers.data import load_data
 from helpers.masks import Masks
 from helpers.models import set_trainable
 from helpers.resumable import build_seeded_model
 from helpers.runs import Run, load_checkpoint
 
-CPU = torch.device("cpu")
-SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu")
 SERVER = {"server_beta1": 0.8, "server_beta2": 0.95, "server_tau": 0.05}
 SETTINGS = {
     "fedavgm": {"server_momentum": 0.7},
@@ -29,10 +27,6 @@ SETTINGS = {
     "fedyogi": SERVER,
     "fedadagrad": {"server_beta1": 0.8, "server_tau": 0.05},
 }
-
-
-def small_config(**overrides) -> dict:
-    return make_config("fedavg", "smoke", **{**SMALL, **overrides})
 
 
 def reference(name: str, w: np.ndarray, averages: list[np.ndarray], lr: float, **p) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from smallrun import CPU, SMALL
 
 from helpers.calibration import Scorer
 from helpers.config import make_config
@@ -13,9 +14,6 @@ from helpers.fedavg import client_lr
 from helpers.resumable import build_seeded_model
 from helpers.runs import run_id
 from helpers.step0 import head_fedavg_config
-
-CPU = torch.device("cpu")
-SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu")
 
 
 @pytest.mark.parametrize("experiment", ["sparse_fedavg", "sparse_centralized"])
