@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -155,8 +156,12 @@ class NodeEngine:
     def close(self, config: dict) -> None:
         """The run is done: every node drops what it kept only for resuming it (SCAFFOLD's c_i, as Scaffold.close
         does with the sequential engine's files)."""
-        if ALGORITHMS[algorithm_name(config)].node_state:
+        if not ALGORITHMS[algorithm_name(config)].node_state:
+            return
+        try:
             self.ask("close", config, sorted(self.nodes))
+        except RuntimeError as exc:  # the run is done all the same: say what is left behind
+            warnings.warn(f"run {run_id(config)} is done, but a node kept its files: {exc}", stacklevel=2)
 
 
 def algorithm_content(
@@ -331,7 +336,12 @@ def node_train(content: RecordDict, context: Context, config: dict) -> RecordDic
 
 
 def node_algorithm(
-    content: RecordDict, context: Context, config: dict, client: int, start: dict[str, Tensor], masks: list
+    content: RecordDict,
+    context: Context,
+    config: dict,
+    client: int,
+    start: dict[str, Tensor],
+    masks: list[Tensor | None],
 ) -> FedAvg:
     """This client's copy of the run's algorithm: the server state the round's message carries (FedAvg.to_node),
     its own state between rounds in this node's state-dir (SCAFFOLD's c_i)."""

@@ -1,6 +1,6 @@
 """SCAFFOLD on Flower: c on the ServerApp, each client's c_i on its node (its state-dir, versioned like the sequential
 engine's files). A node fault, then a rerun, ends at the sequential engine's run; a node keeps only the versions a
-resume reads, and none once the run is done. (The dense case is in test_flower.py's remedies.)"""
+resume reads, and none once the run is done."""
 
 from __future__ import annotations
 
@@ -83,23 +83,25 @@ def test_scaffold_on_flower_resumes_after_a_node_fault_to_the_sequential_run(tmp
     assert list(state.iterdir()) == []  # the done run's close message: no c_i left on any node
 
 
-def test_a_node_trains_like_the_sequential_client_and_prunes_then_drops_its_c_i(tmp_path, monkeypatch):
-    """The node's half in-process (no Ray), sparse with a global mask: client 1 in rounds 1, 2, 4 and 5 gets c at
-    its trainable entries and returns Delta c_i; its weights and Delta c_i equal train_in_turn's on one server
-    state, its files follow the keep round the server sends, and `close` removes them."""
-    config = flower.flower_config({**SMALL, "num_clients": 4, "sparsity": 0.8, "algorithm": "scaffold"})
+@pytest.mark.parametrize("sparse", [True, False])
+def test_a_node_trains_like_the_sequential_client_and_prunes_then_drops_its_c_i(sparse, tmp_path):
+    """The node's half in-process (no Ray), dense and sparse (a global mask on the matrices, the other tensors
+    dense): client 1 in rounds 1, 2, 4 and 5 gets c at its trainable entries and returns Delta c_i; its weights and
+    Delta c_i equal train_in_turn's from the same server state, its files follow the keep round the server sends,
+    and `close` removes them."""
+    config = flower.flower_config({**SMALL, "num_clients": 4, "algorithm": "scaffold"})
     data, model, shards = flower_ops.node_inputs(config)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(0)
-    masks = Masks(shared={n: torch.rand(p.shape, generator=gen) < 0.3 for n, p in model.named_parameters()
-                          if n in names and p.ndim == 2})  # fmt: skip
+    mask = {n: torch.rand(p.shape, generator=gen) < 0.3 for n, p in model.named_parameters() if p.ndim == 2}
+    masks = Masks(shared=mask) if sparse else None
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     frozen = {n: w for n, w in weights.items() if n not in names}
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "state-dir": str(tmp_path)},
                       state=RecordDict(), run_config={})  # fmt: skip
-    setup = ConfigRecord({"op": "setup", "run": run_id(config), "client": 1})
-    flower_ops.node_query(RecordDict({"task": setup, "frozen": ArrayRecord(frozen), "masks": ArrayRecord(
-        dict(masks.shared))}), context, config)  # fmt: skip
+    setup = RecordDict({"task": ConfigRecord({"op": "setup", "run": run_id(config), "client": 1}),
+                        "frozen": ArrayRecord(frozen), **({"masks": ArrayRecord(mask)} if sparse else {})})  # fmt: skip
+    flower_ops.node_query(setup, context, config)
     server, reference = make_algorithm(config), make_algorithm(config)  # reference: the sequential client's
     folder = tmp_path / run_id(config) / "client_1"
     for rnd, keep in [(0, 0), (1, 0), (3, 2), (4, 4)]:
@@ -111,7 +113,7 @@ def test_a_node_trains_like_the_sequential_client_and_prunes_then_drops_its_c_i(
         reply = flower_ops.node_train(RecordDict({"weights": ArrayRecord(dict(zip(names, start, strict=True))),
                                                   "task": task, **sent}), context, config)  # fmt: skip
         trained = reply["weights"].to_torch_state_dict()
-        delta = flower_ops.client_extra(reply, names, masks.shared, start)
+        delta = flower_ops.client_extra(reply, names, mask if sparse else None, start)
         (ref,) = train_in_turn(model, data, shards, rnd, [1], config, masks=masks, start=start, scaler=None,
                                algorithm=reference)  # fmt: skip
         assert all(torch.equal(trained[n], w) for n, w in zip(names, ref.weights, strict=True))
@@ -119,7 +121,7 @@ def test_a_node_trains_like_the_sequential_client_and_prunes_then_drops_its_c_i(
         held = sorted(int(p.stem.split("_")[1]) for p in folder.glob("*.pt"))
         assert held == sorted(reference.store.index()[1])  # the node keeps what the sequential store keeps
     assert held == [4, 5]  # round 5 with keep 4: the versions before 4 went
-    aligned = aligned_masks(names, masks.shared)
+    aligned = aligned_masks(names, mask if sparse else None)
     packed = sent["algorithm"].to_torch_state_dict()  # c travels at the trainable entries only
     assert [packed[n].numel() for n in names] == [int(m.sum()) if m is not None else w.numel()
                                                    for m, w in zip(aligned, start, strict=True)]  # fmt: skip
