@@ -13,6 +13,7 @@ os.environ.setdefault("FLME_RUN_ROOT", os.path.join(_scratch, "runs"))
 os.environ.setdefault("FLME_RESULTS_ROOT", os.path.join(_scratch, "results"))
 os.environ.setdefault("FLME_FIGURES_ROOT", os.path.join(_scratch, "figures"))
 os.environ.setdefault("FLME_TABLES_ROOT", os.path.join(_scratch, "report-generated"))
+os.environ.setdefault("FLME_NODE_STATE", os.path.join(_scratch, "node-state"))  # Flower nodes' c_i, not in ~/.cache
 
 
 def pytest_configure(config):

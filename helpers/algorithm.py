@@ -8,6 +8,7 @@ client order), then server_step once; the resumable loop checkpoints state_dict 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -21,8 +22,9 @@ class ClientSide:
     def correct(self, params: list[Tensor]) -> None:
         """Change the gradients `p.grad` after backward, before the optimizer step (they are unscaled)."""
 
-    def finish(self, params: list[Tensor]) -> object | None:
-        """After the local steps (`params` hold the client's weights): what it sends beyond them, or None."""
+    def finish(self, params: list[Tensor]) -> list[Tensor] | None:
+        """After the local steps (`params` hold the client's weights): what it sends beyond them, tensors shaped
+        like `params` and zero where its mask freezes (a Flower node sends their trainable entries), or None."""
         return None
 
 
@@ -34,7 +36,7 @@ class FedAvg:
     upload_factor = 1  # model-sized tensors a client uploads per round (SCAFFOLD: weights and control variates)
     memory_copies = 0  # model-sized fp32 tensors it keeps in memory beside FedAvg's (helpers.memory)
     stateful = False  # server state that the checkpoint must hold (exact resume)
-    on_flower = True  # runs with engine="flower" (server step on the ServerApp, client side on the nodes)
+    node_state = False  # per-client state kept between rounds, on a Flower node's disk (SCAFFOLD's c_i)
 
     def __init__(self, config: Mapping) -> None:
         self.server_lr = config["server_lr"]
@@ -45,6 +47,19 @@ class FedAvg:
         """Client `client`'s side in round `rnd` (0-based): `start` are the global weights (read only), `masks`
         its bool mask per trainable tensor (None: dense), `lr` and `steps` its local learning rate and step count."""
         return None
+
+    def to_node(
+        self, start: list[Tensor], masks: Sequence[Tensor | None]
+    ) -> tuple[list[Tensor], dict[str, int]] | None:
+        """What a client's side on a Flower node needs of the server's state this round beyond the weights: tensors
+        packed at the client's trainable entries (`masks`: helpers.scaffold.pack_entries) and numbers; None: none."""
+        return None
+
+    def from_server(
+        self, tensors: list[Tensor], numbers: Mapping[str, int], start: list[Tensor], masks: Sequence[Tensor | None],
+        folder: Path,
+    ) -> None:  # fmt: skip
+        """On a Flower node, before client_side: take what to_node sent; per-client state lives under `folder`."""
 
     def receive(self, client: int, extra: object | None) -> None:
         """The server receives what client_side's finish returned (clients in order of their ids)."""

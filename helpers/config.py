@@ -370,11 +370,6 @@ def _check_combinations(config: dict) -> None:
             f"calibration_rounds={config['calibration_rounds']} is invalid with mask_rule={config['mask_rule']!r}: "
             f"rounds only apply to {rounds} (the other rules are one-shot); use calibration_rounds=1"
         )
-    if config.get("engine") == "flower" and not ALGORITHMS[setting(config, "algorithm")].on_flower:
-        raise ValueError(
-            f"algorithm={config['algorithm']!r} is invalid with engine='flower' (not built for Flower nodes yet): "
-            f"use engine='sequential', or algorithm one of {', '.join(a for a, c in ALGORITHMS.items() if c.on_flower)}"
-        )
     if "num_clients" in config:
         if config["sharding"] == "noniid" and config["classes_per_client"] > 100:
             raise ValueError(f"classes_per_client={config['classes_per_client']} is invalid: must be in [1, 100]")

@@ -217,8 +217,11 @@ def simulate(server: ServerApp, client: ClientApp, num_nodes: int) -> None:
 def serve(grid: Grid, config: dict, run_root: str | Path | None = None, *, progress: bool = False) -> Run:
     """The ServerApp's work: the project's runner, each round's clients trained on the Flower nodes."""
     nodes = connect_nodes(grid, config)  # before step 0 and round 1: a missing node fails fast
-    runner = FEDERATED_RUNNERS[experiment_of(config)]
-    return runner(config, run_root=run_root, progress=progress, train_clients=NodeEngine(grid, nodes))
+    runner, engine = FEDERATED_RUNNERS[experiment_of(config)], NodeEngine(grid, nodes)
+    run = runner(config, run_root=run_root, progress=progress, train_clients=engine)
+    if run.done:  # the nodes drop what only a resume needs (SCAFFOLD's c_i), as the runner did on the server
+        engine.close(config)
+    return run
 
 
 def connect_nodes(grid: Grid, config: dict) -> dict[int, int]:

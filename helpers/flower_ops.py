@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import warnings
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from helpers.algorithm import aligned_masks
-from helpers.algorithms import make_algorithm
+from helpers.algorithm import FedAvg, aligned_masks
+from helpers.algorithms import ALGORITHMS, algorithm_name, make_algorithm
 from helpers.caches import NODES
 from helpers.calibration import score_pool
 from helpers.config import check_value, setting
@@ -28,6 +31,7 @@ from helpers.masks import Masks
 from helpers.precision import make_scaler
 from helpers.resumable import build_seeded_model
 from helpers.runs import run_id
+from helpers.scaffold import pack_entries, unpack_entries
 from helpers.step0 import head_fedavg_config, ridge_statistics
 from helpers.stragglers import local_steps
 from helpers.train import NonFiniteLossError
@@ -43,6 +47,7 @@ except ImportError as exc:  # Flower is optional (requirements-flower.txt): say 
 # Test-only fault injection: "ROUND:CLIENT" (1-based round) makes that client raise. An environment variable,
 # because Flower's simulation runs clients in Ray worker processes (they inherit the environment; patches do not).
 FAULT_ENV = "FLME_FLOWER_FAULT"
+STATE_ENV = "FLME_NODE_STATE"  # a node's state-dir when its --node-config has none (tests, simulation)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -137,14 +142,53 @@ class NodeEngine:
         content = {"weights": ArrayRecord(dict(zip(names, start, strict=True)))}
         if scaler is not None:  # each client starts from the round's GradScaler state
             content["scaler"] = ConfigRecord(scaler.state_dict())
-        contents = self.ask("train", config, clients, content, round=rnd)  # every error raised before any sum
+        down = algorithm_content(algorithm, start, names, masks)  # per client: server state its side needs
+        contents = self.ask("train", config, clients, lambda k, common=content: {**common, **down(k)}, round=rnd)
         device = start[0].device
         for k, content in zip(clients, contents, strict=True):
             trained = content["weights"].to_torch_state_dict()
             own = masks.of_client(k) if masks is not None else None
             state = dict(content["scaler"]) if "scaler" in content else None
             loss = float(content["result"]["loss"])
-            yield ClientResult(k, [trained[n].to(device) for n in names], loss, own, state)
+            extra = client_extra(content, names, own, start)
+            yield ClientResult(k, [trained[n].to(device) for n in names], loss, own, state, extra)
+
+    def close(self, config: dict) -> None:
+        """The run is done: every node drops what it kept only for resuming it (SCAFFOLD's c_i, as Scaffold.close
+        does with the sequential engine's files)."""
+        if not ALGORITHMS[algorithm_name(config)].node_state:
+            return
+        try:
+            self.ask("close", config, sorted(self.nodes))
+        except RuntimeError as exc:  # the run is done all the same: say what is left behind
+            warnings.warn(f"run {run_id(config)} is done, but a node kept its files: {exc}", stacklevel=2)
+
+
+def algorithm_content(
+    algorithm: FedAvg, start: list[Tensor], names: list[str], masks: Masks | None
+) -> Callable[[int], dict]:
+    """Client k -> the records of what its side needs of the algorithm's server state (FedAvg.to_node: SCAFFOLD's
+    c at the client's trainable entries, and which versions of c_i the node keeps)."""
+
+    def content(k: int) -> dict:
+        sent = algorithm.to_node(start, aligned_masks(names, masks.of_client(k) if masks is not None else None))
+        if sent is None:
+            return {}
+        tensors, numbers = sent
+        return {"algorithm": ArrayRecord(dict(zip(names, tensors, strict=True))), "numbers": ConfigRecord(numbers)}
+
+    return content
+
+
+def client_extra(
+    content: RecordDict, names: list[str], masks: Mapping[str, Tensor] | None, start: list[Tensor]
+) -> list[Tensor] | None:
+    """What a node sent beyond its weights (ClientSide.finish: SCAFFOLD's Delta c_i), back at full shape (zero where
+    the client's mask freezes, as finish returned it), or None."""
+    if "extra" not in content:
+        return None
+    packed = content["extra"].to_torch_state_dict()
+    return unpack_entries([packed[n] for n in names], aligned_masks(names, masks), start)
 
 
 # ----------------------------------------------------------------------------- node side
@@ -277,18 +321,58 @@ def node_train(content: RecordDict, context: Context, config: dict) -> RecordDic
         scaler.load_state_dict(dict(content["scaler"]))
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
     start = [p.detach().clone() for p in params]  # the round's global weights (FedProx's anchor)
-    side = make_algorithm(config).client_side(
-        rnd, client, start, aligned_masks(names, masks), client_lr(config, rnd), local_steps(config, rnd, client)
-    )
+    aligned = aligned_masks(names, masks)
+    algorithm = node_algorithm(content, context, config, client, dict(zip(names, start, strict=True)), aligned)
+    side = algorithm.client_side(rnd, client, start, aligned, client_lr(config, rnd), local_steps(config, rnd, client))
     loss = client_update(model, data, shard, rnd, client, config, masks=masks, scaler=scaler, side=side)
     trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     reply = RecordDict({"weights": ArrayRecord(trained), "result": ConfigRecord({"client": client, "loss": loss})})
     if scaler is not None:
         reply["scaler"] = ConfigRecord(scaler.state_dict())
+    extra = side.finish(list(params)) if side is not None else None
+    if extra is not None:  # only its trainable entries travel (the others are 0)
+        reply["extra"] = ArrayRecord(dict(zip(names, pack_entries(extra, aligned), strict=True)))
     return reply
 
 
-NODE_OPS = {"size": node_size, "setup": node_setup, "score": node_score, "ridge": node_ridge}
+def node_algorithm(
+    content: RecordDict,
+    context: Context,
+    config: dict,
+    client: int,
+    start: dict[str, Tensor],
+    masks: list[Tensor | None],
+) -> FedAvg:
+    """This client's copy of the run's algorithm: the server state the round's message carries (FedAvg.to_node),
+    its own state between rounds in this node's state-dir (SCAFFOLD's c_i)."""
+    algorithm = make_algorithm(config)
+    if "algorithm" in content:
+        packed = content["algorithm"].to_torch_state_dict()
+        tensors = [packed[n].to(w.device) for n, w in start.items()]
+        folder = node_state_dir(context, str(content["task"]["run"]), client)
+        algorithm.from_server(tensors, dict(content["numbers"]), list(start.values()), masks, folder)
+    return algorithm
+
+
+def node_state_dir(context: Context, run: str, client: int) -> Path:
+    """Where this node keeps client `client`'s state of run `run` between rounds, on its own disk (a restarted node
+    finds it): --node-config state-dir, else $FLME_NODE_STATE, else ~/.cache/flme/flower-nodes."""
+    root = context.node_config.get("state-dir") or os.environ.get(STATE_ENV) or "~/.cache/flme/flower-nodes"
+    return Path(str(root)).expanduser() / run / f"client_{client}"
+
+
+def node_close(content: RecordDict, context: Context, config: dict, client: int) -> RecordDict:
+    """The run is done: drop this client's state of it (and the run's folder once no client of it is left)."""
+    folder = node_state_dir(context, str(content["task"]["run"]), client)
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        folder.parent.rmdir()  # only if empty: the nodes of other clients may still hold theirs
+    except OSError:
+        pass
+    return RecordDict({"result": ConfigRecord({"client": client})})
+
+
+NODE_OPS = {"size": node_size, "setup": node_setup, "score": node_score, "ridge": node_ridge, "close": node_close}
 
 
 @torch.no_grad()

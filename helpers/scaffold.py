@@ -6,6 +6,7 @@ no extra pass); it sends y_i and Delta c_i = c_i+ - c_i. Server: w as in FedAvg 
 clients' size-weighted average: equal to the paper's plain mean for equal shards), c <- c + (1/N) sum_S Delta c_i.
 Under a mask every c_i is 0 at its frozen entries and stored only at its trainable ones (one file per client and
 round in the run folder, fp32: the paper's math unchanged), so RAM holds c and one client's c_i at a time.
+On Flower (engine="flower") c stays on the ServerApp and each c_i on its client's node (to_node, from_server).
 """
 
 from __future__ import annotations
@@ -136,9 +137,9 @@ class Scaffold(FedAvg):
 
     name = "scaffold"
     params = ("scaffold_option",)
-    on_flower = False  # its control variates would have to travel to and live on the nodes: not built yet
     upload_factor = 2  # y_i and Delta c_i
     stateful = True
+    node_state = True  # c_i: on Flower, in the node's state-dir (helpers.flower_ops.node_state_dir)
     memory_copies = 4  # c, the round's sum of Delta c_i, and the training client's c_i and correction
 
     def __init__(self, config: Mapping, store: ControlVariates | None = None) -> None:
@@ -149,6 +150,7 @@ class Scaffold(FedAvg):
         self.delta_c: list[Tensor] | None = None  # the round's sum of Delta c_i
         self.done = 0  # rounds done
         self.checkpoints: list[int] = []  # rounds done at the last two state_dict calls (checkpoints)
+        self.keep: int | None = None  # a Flower node's copy: the server's kept_round for this round
 
     def client_side(
         self, rnd: int, client: int, start: list[Tensor], masks: Sequence[Tensor | None], lr: float, steps: int
@@ -156,6 +158,20 @@ class Scaffold(FedAvg):
         if self.c is None:
             self.c = [torch.zeros_like(w) for w in start]
         return ControlledSteps(self, rnd, client, start, masks, lr, steps)
+
+    def to_node(self, start: list[Tensor], masks: Sequence[Tensor | None]) -> tuple[list[Tensor], dict[str, int]]:
+        """c at the client's trainable entries (the others never reach its weights or its c_i) and the round whose
+        versions of c_i its node keeps."""
+        if self.c is None:
+            self.c = [torch.zeros_like(w) for w in start]
+        return pack_entries(self.c, masks), {"keep": self.kept_round()}
+
+    def from_server(
+        self, tensors: list[Tensor], numbers: Mapping[str, int], start: list[Tensor], masks: Sequence[Tensor | None],
+        folder: Path,
+    ) -> None:  # fmt: skip
+        self.c, self.keep = unpack_entries(tensors, masks, start), int(numbers["keep"])
+        self.store = ControlVariates(folder)
 
     def receive(self, client: int, extra: object | None) -> None:
         if self.delta_c is None:
@@ -174,6 +190,8 @@ class Scaffold(FedAvg):
 
     def kept_round(self) -> int:
         """Rounds done at the older of the last two checkpoints (a corrupt checkpoint falls back to it)."""
+        if self.keep is not None:
+            return self.keep
         return self.checkpoints[0] if len(self.checkpoints) == 2 else 0
 
     def state_dict(self) -> dict:

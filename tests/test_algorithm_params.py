@@ -48,7 +48,6 @@ def test_a_config_holds_exactly_its_algorithms_parameters(name):
             r"^scaffold_option='III' is invalid: must be one of II, I",
         ),
         ({"stragglers": 1.0}, r"^stragglers=1.0 is invalid: must be a number in \[0, 1\)"),
-        ({"algorithm": "scaffold", "engine": "flower"}, r"^algorithm='scaffold' is invalid with engine='flower'"),
     ],
 )
 def test_bad_algorithm_parameters_fail_before_compute(overrides, message, tmp_path, monkeypatch):

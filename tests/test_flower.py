@@ -135,6 +135,8 @@ def test_flower_runs_the_remedies_like_the_sequential_engine(remedy, tmp_path, m
     flw = run_flower_without_train_data(config, tmp_path / "flower", monkeypatch)
     assert {**flw.config, "engine": "sequential"} == seq.config and seq.config["algorithm"] == remedy
     assert_same_run(flw, seq)
+    state = load_checkpoint(flw).get("algorithm"), load_checkpoint(seq).get("algorithm")  # c, FedAdam's m and v
+    torch.testing.assert_close(*state, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
