@@ -47,7 +47,6 @@ except ImportError as exc:  # Flower is optional (requirements-flower.txt): say 
 
 # The SuperLink's error replies for a node it lost (no heartbeat) or a message that expired: no reply from the node
 UNAVAILABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
-log = logging.getLogger(__name__)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -197,7 +196,7 @@ class NodeEngine:
             k = min(failed)
             raise_failure(f"round {rnd + 1}, client {k}" + ("" if kept else " (every client failed)"), failed[k])
         for k, problem in failed.items():  # node_failure="drop": left out of the round, recorded in its row
-            log.warning("round %d, client %d dropped: %s", rnd + 1, k, problem)
+            logging.getLogger(__name__).warning("round %d, client %d dropped: %s", rnd + 1, k, problem)
         total = sum(len(shards[k]) for k in kept)  # the clients that replied, their n_k renormalised
         for k in kept:
             weights, loss, state = results[k]
