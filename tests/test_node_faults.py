@@ -21,7 +21,7 @@ from helpers import resumable  # noqa: E402
 from helpers.config import make_config  # noqa: E402
 from helpers.data import load_data  # noqa: E402
 from helpers.fedavg import client_shards, client_update, run_fedavg, sample_clients  # noqa: E402
-from helpers.flower import flower_config, serve  # noqa: E402
+from helpers.flower import flower_config, run_flower, serve  # noqa: E402
 from helpers.flower_ops import node_query, node_train  # noqa: E402
 from helpers.replies import FAULT_ENV, corrupt, sort_replies, weights_problem  # noqa: E402
 from helpers.resumable import build_seeded_model  # noqa: E402
@@ -227,3 +227,27 @@ def test_every_client_failing_stops_the_round_and_a_stray_reply_stops_the_run(tm
 
     with pytest.raises(RuntimeError, match="a reply from node 5 to a message that was not sent"):
         flower_run(config, tmp_path / "stray", tamper=stray)
+
+
+def test_on_flower_simulation_the_nodes_evaluate_and_a_nan_update_is_dropped(tmp_path, monkeypatch):
+    """The same through Flower's simulation (Ray: messages serialised, nodes in other processes): the server loads
+    no data, the NaN update of round 2 is dropped, the weights are the hand-computed ones and the metrics those of
+    the in-process nodes."""
+    pytest.importorskip("ray")
+    config = make_config("fedavg", "smoke", **SMALL, **IID, evaluation="clients", node_failure="drop")
+    first, second = (sample_clients(config["seed"], r, config["num_clients"], config["participation"]) for r in (0, 1))
+    monkeypatch.setenv(FAULT_ENV, f"2:{second[1]}:nan")  # read by the node (a Ray worker inherits the environment)
+    local = flower_run(config, tmp_path / "in-process")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the server loaded data")
+
+    monkeypatch.setattr(resumable, "load_data", refuse)
+    flw = run_flower(config, run_root=tmp_path / "simulation", progress=False)
+    rows = flw.metrics()
+    assert list(rows["dropped"].fillna("").astype(str)) == ["", str(second[1])]
+    w0 = {n: p.detach() for n, p in build_seeded_model(config, torch.device("cpu")).named_parameters()}
+    want = reference_round(config, reference_round(config, w0, 0, first), 1, [second[0], second[2]])
+    got = run_weights(flw)
+    assert max((got[n] - want[n]).abs().max().item() for n in want) <= 1e-6
+    assert rows.drop(columns="elapsed_s").equals(local.metrics().drop(columns="elapsed_s"))
