@@ -21,7 +21,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from test_node_faults import reference_round  # noqa: E402
+from test_node_faults import dropped_ids, reference_round  # noqa: E402
 
 from helpers import flower  # noqa: E402
 from helpers.calibration import load_masks  # noqa: E402
@@ -144,9 +144,9 @@ def test_a_node_killed_mid_round_is_dropped_and_the_run_finishes(federation, tmp
     assert server.wait(timeout=600) == 0, federation.log()[-3000:]
     run = open_run("fedavg", flower.flower_config(config), root)
     assert run.done, federation.log()[-3000:]
-    dropped = list(run.metrics()["dropped"].fillna("").astype(str))
-    assert dropped[0] == "" and dropped[-1] == "1"
-    assert dropped == [""] * dropped.index("1") + ["1"] * (len(dropped) - dropped.index("1"))  # gone for good
+    dropped = dropped_ids(run)
+    assert dropped[0] == [] and dropped[-1] == [1]
+    assert dropped == [[]] * dropped.index([1]) + [[1]] * (len(dropped) - dropped.index([1]))  # gone for good
     weights = {n: p.detach() for n, p in build_seeded_model(config, torch.device("cpu")).named_parameters()}
     for rnd, gone in enumerate(dropped):
         weights = reference_round(config, weights, rnd, [0] if gone else [0, 1])
