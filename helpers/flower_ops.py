@@ -24,7 +24,7 @@ from helpers.caches import NODES
 from helpers.calibration import score_pool
 from helpers.config import check_value, setting
 from helpers.data import Data, load_data, pick_device
-from helpers.evaluation import eval_parts, part_sums
+from helpers.evaluation import eval_parts, split_tensors
 from helpers.features import backbone_features, uses_cached_features
 from helpers.fedavg import ClientResult, client_lr, client_shards, client_update
 from helpers.masks import Masks
@@ -34,7 +34,7 @@ from helpers.resumable import build_seeded_model
 from helpers.runs import run_id
 from helpers.step0 import head_fedavg_config, ridge_statistics
 from helpers.stragglers import local_steps
-from helpers.train import NonFiniteLossError
+from helpers.train import NonFiniteLossError, evaluation_sums
 
 MISSING = "Flower is not installed: pip install -r requirements-flower.txt"
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is imported; this machine may be offline
@@ -188,8 +188,8 @@ class NodeEngine:
         content = {"weights": ArrayRecord(dict(zip(names, start, strict=True)))}
         if scaler is not None:  # each client starts from the round's GradScaler state
             content["scaler"] = ConfigRecord(scaler.state_dict())
-        replies = self.gather("train", config, clients, content, round=rnd)
-        results = {k: trained_result(r, dict(zip(names, start, strict=True))) for k, r in replies.items()}
+        replies, expected = self.gather("train", config, clients, content, round=rnd), dict(zip(names, start))
+        results = {k: trained_result(r, expected) for k, r in replies.items()}
         failed = {k: r for k, r in results.items() if isinstance(r, str)}  # every check done before any sum
         kept = [k for k in clients if k not in failed]
         if failed and (setting(config, "node_failure") == "stop" or not kept):
@@ -369,23 +369,15 @@ def node_train(content: RecordDict, context: Context, config: dict) -> RecordDic
 
 def node_evaluate(content: RecordDict, context: Context, config: dict, client: int) -> RecordDict:
     """This client's (summed loss, correct, samples) on its part of the val or test split (evaluation=clients);
-    a head-only run on cached features sends the head, evaluated on the part's backbone features."""
+    a head-only run on cached features sends the head, evaluated on the backbone features of the part."""
     data, model, _ = node_inputs(config)
-    split = str(content["task"]["split"])
-    part = eval_parts(len(data.val_y if split == "val" else data.test_y), config["num_clients"])[client]
-    weights = content["model"].to_torch_state_dict()
-    if uses_cached_features(config):
-        load_weights(model.head, weights, {})
-        x = data.val_x if split == "val" else data.test_x
-        part = part.to(x.device)
-        x = backbone_features(model, x[part], img_size=config["img_size"], batch_size=config["eval_batch_size"],
-                              amp=setting(config, "amp"))  # fmt: skip
-        y = (data.val_y if split == "val" else data.test_y)[part]
-        own = Data(x, y, x, y, x, y)
-        loss, correct, n = part_sums(model.head, own, split, torch.arange(len(y), device=y.device), config)
-    else:
-        load_weights(model, weights, {})
-        loss, correct, n = part_sums(model, data, split, part, config)
+    x, y = split_tensors(data, str(content["task"]["split"]))
+    part = eval_parts(len(y), config["num_clients"])[client].to(y.device)
+    net = model.head if uses_cached_features(config) else model
+    load_weights(net, content["model"].to_torch_state_dict(), {})
+    opts = dict(img_size=config["img_size"], batch_size=config["eval_batch_size"], amp=setting(config, "amp"))
+    x = backbone_features(model, x[part], **opts) if net is model.head else x[part]
+    loss, correct, n = evaluation_sums(net, x, y[part], **opts)
     return RecordDict({"result": ConfigRecord({"loss": loss, "correct": correct, "samples": n})})
 
 
