@@ -89,6 +89,10 @@ PARAMS: dict[str, Param] = {
     "client_lr_schedule": _choice("constant", "cosine"),
     # who runs the clients: helpers.fedavg one after another in this process, or Flower apps (helpers.flower)
     "engine": _choice("sequential", "flower"),
+    # where val/test are evaluated: on the server, or each client on its part of the split (helpers.evaluation)
+    "evaluation": _choice("server", "clients", omitted_at="server"),
+    # a Flower node that fails mid-round (no reply, error, invalid reply): stop the run, or drop it from the round
+    "node_failure": _choice("stop", "drop", omitted_at="stop"),
     # remedies against client drift (helpers.algorithms); each algorithm's own parameters are in its configs only
     "algorithm": _choice(*ALGORITHMS, omitted_at=DEFAULT_ALGORITHM),
     "server_momentum": Param(float, low=0, high=1, high_open=True),  # FedAvgM
@@ -143,7 +147,7 @@ COMMON_DEFAULTS = {
     "dirichlet_alpha": 0.5, "server_lr": 1.0, "client_lr_schedule": "constant", "engine": "sequential",
     "algorithm": DEFAULT_ALGORITHM, "server_momentum": 0.9, "prox_mu": 0.01, "scaffold_option": "II",
     "server_beta1": 0.9, "server_beta2": 0.99, "server_tau": 1e-3, "stragglers": 0.0, "warmup_rounds": 0,
-    "score_transform": "eval",
+    "score_transform": "eval", "evaluation": "server", "node_failure": "stop",
     "sparsity": 0.9, "calibration_rounds": 4, "mask_rule": DEFAULT_MASK_RULE, "score_method": "talos",
     "step0": "sgd", "step0_lr": 0.1, "ridge_lambda": 1.0, "mask_scope": "global", "embeddings": "masked",
 }
@@ -177,7 +181,7 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "fedavg": _DATA + _OPTIM + _BOOK + ("num_clients", "participation", "local_steps", "rounds", "sharding",
                                         "classes_per_client", "dirichlet_alpha", "server_lr",
                                         "client_lr_schedule", "engine", "eval_test", *REMEDIES,
-                                        "warmup_rounds"),
+                                        "warmup_rounds", "evaluation", "node_failure"),
 }
 
 _EDIT = ("sparsity", "calibration_rounds", "mask_rule", "score_method", "calibration_samples", "embeddings",
@@ -369,6 +373,11 @@ def _check_combinations(config: dict) -> None:
         raise ValueError(
             f"calibration_rounds={config['calibration_rounds']} is invalid with mask_rule={config['mask_rule']!r}: "
             f"rounds only apply to {rounds} (the other rules are one-shot); use calibration_rounds=1"
+        )
+    if setting(config, "node_failure") == "drop" and ALGORITHMS[setting(config, "algorithm")].node_state:
+        raise ValueError(  # its node may have stored c_i+ already: c would no longer be the mean of the c_i
+            f"node_failure='drop' is invalid with algorithm={setting(config, 'algorithm')!r} (its clients keep state "
+            "between rounds that a dropped reply would leave inconsistent): must be 'stop'"
         )
     if "num_clients" in config:
         if config["sharding"] == "noniid" and config["classes_per_client"] > 100:

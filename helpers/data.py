@@ -29,8 +29,9 @@ class TrainDataWithheldError(RuntimeError):
 class Withheld:
     """Data that lives on the clients, not here: its size (if known) and nothing else; any other use raises."""
 
-    def __init__(self, what: str, size: int | None = None):
+    def __init__(self, what: str, size: int | None = None, why: str | None = None):
         self.what, self.size = what, size
+        self.why = why or f"{NO_TRAIN_DATA_ENV}=1: a federation's server holds no training data"
 
     def __len__(self) -> int:
         if self.size is None:
@@ -38,7 +39,7 @@ class Withheld:
         return self.size
 
     def __getattr__(self, name: str):
-        if name.startswith("__") or name in ("what", "size"):
+        if name.startswith("__") or name in ("what", "size", "why"):
             raise AttributeError(name)
         self.refuse(name)
 
@@ -47,8 +48,8 @@ class Withheld:
 
     def refuse(self, use: str):
         raise TrainDataWithheldError(
-            f"{self.what} is not on this machine ({NO_TRAIN_DATA_ENV}=1: a federation's server holds no training "
-            f"data), yet the code asked for {use}: this step must run on the clients (helpers.flower_ops)"
+            f"{self.what} is not on this machine ({self.why}), yet the code asked for {use}: this step must run on "
+            "the clients (helpers.flower_ops)"
         )
 
 
@@ -158,6 +159,12 @@ def _load_data(key: tuple, device: str) -> Data:
     if withheld:  # val is carved from the train file: only its rows stay
         return Data(Withheld("the training split"), Withheld("the training labels"), *(t.to(device) for t in parts[2:]))
     return Data(*(t.to(device) for t in parts))
+
+
+def no_data(why: str) -> Data:
+    """A server's Data when every split is on the clients (`why`): any use of a split raises."""
+    names = ("training split", "training labels", "validation split", "validation labels", "test split", "test labels")
+    return Data(*(Withheld(f"the {name}", why=why) for name in names))
 
 
 def step_batches(pool: torch.Tensor, batch_size: int, steps: int, generator: torch.Generator) -> torch.Tensor:

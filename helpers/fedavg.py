@@ -19,6 +19,7 @@ from helpers.algorithm import ClientSide, FedAvg, aligned_masks
 from helpers.algorithms import make_algorithm
 from helpers.config import make_config, setting
 from helpers.data import Data, augment_generator, step_batches
+from helpers.evaluation import remote_evaluation, round_evaluation
 from helpers.masks import Masks
 from helpers.models import set_trainable
 from helpers.remote import remote_clients, withheld_shards
@@ -28,7 +29,7 @@ from helpers.seeding import torch_generator
 from helpers.sharding import make_shards
 from helpers.sparse_sgdm import SparseSGDM, masks_by_parameter
 from helpers.stragglers import local_steps
-from helpers.train import NonFiniteLossError, evaluate, lr_at, train_steps
+from helpers.train import NonFiniteLossError, lr_at, train_steps
 
 BYTES_PER_ENTRY = 4  # fp32 upload
 
@@ -234,6 +235,7 @@ class ClientResult(NamedTuple):
     masks: Mapping[str, Tensor] | None  # the client's masks (for upload bytes and frozen entries)
     scaler_state: dict | None  # its final GradScaler state
     extra: object | None = None  # what it sends beyond its weights (helpers.algorithm.ClientSide.finish)
+    share: float | None = None  # n_k / n over the clients that replied, when an engine drops some (node_failure)
 
 
 # The engine seam, train_in_turn's signature:
@@ -267,15 +269,19 @@ def fedavg_round(
     shared = upload_bytes(model, masks.shared) if masks is not None and not masks.local else None
     train_clients, algorithm = train_clients or train_in_turn, algorithm or make_algorithm(config)
     opts = dict(masks=masks, start=server.start, scaler=scaler, algorithm=algorithm)
+    replied = []
     for r in train_clients(model, data, shards, rnd, clients, config, **opts):
         upload = algorithm.upload_factor * (shared if shared is not None else upload_bytes(model, r.masks))
-        server.add(r.weights, len(shards[r.client]) / total, loss=r.loss, upload=upload, masks=r.masks,
-                   scaler_state=r.scaler_state)  # fmt: skip
+        share = len(shards[r.client]) / total if r.share is None else r.share
+        server.add(r.weights, share, loss=r.loss, upload=upload, masks=r.masks, scaler_state=r.scaler_state)
         algorithm.receive(r.client, r.extra)
+        replied.append(r.client)
     if scaler is not None:
         scaler.load_state_dict(server.scaler_state)
-    row = server.apply(params, algorithm.server_step)
-    return {"round": rnd + 1, "clients": " ".join(map(str, clients)), "client_lr": client_lr(config, rnd), **row}
+    row = {"round": rnd + 1, "clients": " ".join(map(str, clients)), "client_lr": client_lr(config, rnd)}
+    if setting(config, "node_failure") == "drop":  # the column only where clients may be dropped
+        row["dropped"] = " ".join(str(k) for k in clients if k not in replied)
+    return {**row, **server.apply(params, algorithm.server_step)}
 
 
 def train_in_turn(
@@ -389,7 +395,8 @@ def begin_federated(
     """helpers.resumable.begin_run for a federated experiment, once its engine is checked (before any run folder)."""
     config = config or make_config(experiment, **overrides)
     check_engine(config, train_clients)
-    return begin_run(experiment, config, run_root)
+    remote = remote_evaluation(train_clients) is not None and setting(config, "evaluation") == "clients"
+    return begin_run(experiment, config, run_root, data_here=not remote)  # remote: the server loads no data
 
 
 def check_engine(config: dict, train_clients: TrainClients | None) -> None:
@@ -419,30 +426,15 @@ def federated_training(
     """
     config = run.config
     net, inputs, scaler = loop_inputs(run, model, data)
-    rounds, every = config["rounds"], config["eval_every"]
     algorithm = make_algorithm(config, run.dir)  # its state (server optimizer, c) goes into the checkpoint
     opts = dict(masks=masks, scaler=scaler, train_clients=train_clients, algorithm=algorithm)
 
     def one_round(rnd: int) -> dict:
         row = fedavg_round(net, inputs, shards, rnd, config, **opts)
-        last = rnd + 1 == rounds
-        evals = {
-            "val": (rnd + 1) % every == 0 or last,
-            "test": last or (config["eval_test"] and (rnd + 1) % every == 0),
-        }
-        for split, due in evals.items():
-            m = _evaluate(net, inputs, split, config) if due else {"loss": math.nan, "acc": math.nan}
-            row.update({f"{split}_loss": m["loss"], f"{split}_acc": m["acc"]})
-        return row
+        return {**row, **round_evaluation(net, inputs, rnd, config, remote_evaluation(train_clients))}
 
     show = ("train_loss", "val_acc", "drift_cos")
     extra = {"algorithm": algorithm} if algorithm.stateful else None
     resumable_loop(run, model, one_round, unit="round", extra=extra, scaler=scaler, show=show, progress=progress)
     algorithm.close()  # done: what only a resume needs goes (SCAFFOLD's c_i files: GBs at full size)
     return run
-
-
-def _evaluate(model: nn.Module, data: Data, split: str, config: dict) -> dict[str, float]:
-    x, y = (data.val_x, data.val_y) if split == "val" else (data.test_x, data.test_y)
-    return evaluate(model, x, y, img_size=config["img_size"], batch_size=config["eval_batch_size"],
-                    amp=setting(config, "amp"))  # fmt: skip

@@ -9,6 +9,8 @@ FLME_NO_TRAIN_DATA=1 runs the whole study. Each operation is one message type (t
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
 import shutil
@@ -25,29 +27,31 @@ from helpers.caches import NODES
 from helpers.calibration import score_pool
 from helpers.config import check_value, setting
 from helpers.data import Data, load_data, pick_device
+from helpers.evaluation import eval_parts, split_tensors
 from helpers.features import backbone_features, uses_cached_features
 from helpers.fedavg import ClientResult, client_lr, client_shards, client_update
 from helpers.masks import Masks
 from helpers.precision import make_scaler
+from helpers.replies import FAULT_ENV, corrupt, injected_fault, sort_replies, weights_problem
 from helpers.resumable import build_seeded_model
 from helpers.runs import run_id
 from helpers.scaffold import pack_entries, unpack_entries
 from helpers.step0 import head_fedavg_config, ridge_statistics
 from helpers.stragglers import local_steps
-from helpers.train import NonFiniteLossError
+from helpers.train import NonFiniteLossError, evaluation_sums
 
 MISSING = "Flower is not installed: pip install -r requirements-flower.txt"
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is imported; this machine may be offline
 try:
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
     from flwr.serverapp import Grid
 except ImportError as exc:  # Flower is optional (requirements-flower.txt): say what to install
     raise ImportError(f"{MISSING} ({exc})") from None
 
-# Test-only fault injection: "ROUND:CLIENT" (1-based round) makes that client raise. An environment variable,
-# because Flower's simulation runs clients in Ray worker processes (they inherit the environment; patches do not).
-FAULT_ENV = "FLME_FLOWER_FAULT"
 STATE_ENV = "FLME_NODE_STATE"  # a node's state-dir when its --node-config has none (tests, simulation)
+# The SuperLink's error replies for a node it lost (no heartbeat) or a message that expired: no reply from the node
+UNAVAILABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -62,14 +66,44 @@ def exchange(grid: Grid, messages: list[Message]) -> dict[int, Message]:
 def reply_content(reply: Message | None, what: str) -> RecordDict:
     """A reply's content, or its error raised as "<what>: reason" (e.g. "round 2, client 7: ..."); a client's
     NonFiniteLossError stays one (client_update named the round and client)."""
+    problem = reply_failure(reply)
+    if problem is not None:
+        raise_failure(what, problem)
+    return reply.content
+
+
+def reply_failure(reply: Message | None) -> str | None:
+    """Why a reply has no content (no reply, the node's error, the SuperLink's for a lost node), or None."""
     if reply is None:
-        raise RuntimeError(f"{what}: no reply from its Flower node")
+        return "no reply from its Flower node"
     if not reply.has_error():
-        return reply.content
+        return None
     reason = ANSI.sub("", reply.error.reason)
-    if reason.startswith(f"{NonFiniteLossError.__name__}: "):
-        raise NonFiniteLossError(reason.split(": ", 1)[1])
-    raise RuntimeError(f"{what}: {reason}")
+    if getattr(reply.error, "code", None) in UNAVAILABLE:
+        return f"no reply from its Flower node ({reason})"
+    return reason
+
+
+def raise_failure(what: str, problem: str) -> None:
+    """Stop the run: "<what>: <problem>"; a client's NonFiniteLossError stays one (it names round and client)."""
+    if problem.startswith(f"{NonFiniteLossError.__name__}: "):
+        raise NonFiniteLossError(problem.split(": ", 1)[1])
+    raise RuntimeError(f"{what}: {problem}")
+
+
+def exchange_checked(grid: Grid, messages: dict[int, Message]) -> tuple[dict[int, RecordDict | str], list[str]]:
+    """Send one message per client, wait for the replies and pair them with the messages sent (helpers.replies):
+    client -> its reply's content, or why there is none; and the replies to no message sent."""
+    replies = grid.send_and_receive(list(messages.values()))
+    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages.values()}
+    keyed = ((r.metadata.reply_to_message_id, r.metadata.src_node_id, r) for r in replies)
+    got, problems, unasked = sort_replies(asked, keyed, relay=SUPERLINK_NODE_ID)
+    out: dict[int, RecordDict | str] = {}
+    for k, m in messages.items():
+        reply = got.get(m.metadata.message_id)
+        problem = problems.get(m.metadata.message_id) or reply_failure(reply)
+        out[k] = problem if problem is not None else reply.content
+    return out, unasked
 
 
 def parameters(model: nn.Module) -> ArrayRecord:
@@ -90,16 +124,28 @@ class NodeEngine:
 
     def ask(self, op: str, config: dict, clients: list[int], content: Mapping | Callable | None = None, **task) -> list:
         """Operation `op` of run `config` on each client's node, with `content` (or content(k)): their replies'
-        contents, in client order. All messages go at once: the nodes work in parallel."""
-        messages = []
+        contents, in client order; any failure stops the run, naming the first failed client."""
+        replies = self.gather(op, config, clients, content, **task)
+        for k in clients:
+            if isinstance(replies[k], str):
+                raise_failure(f"{op} on client {k}", replies[k])
+        return [replies[k] for k in clients]
+
+    def gather(
+        self, op: str, config: dict, clients: list[int], content: Mapping | Callable | None = None, **task
+    ) -> dict[int, RecordDict | str]:
+        """Operation `op` on each client's node: client -> its reply's content, or why there is none. All messages
+        go at once: the nodes work in parallel. A reply to no message sent stops the run."""
+        messages = {}
         for k in clients:
             record = ConfigRecord({"op": op, "run": run_id(config), "client": k, **task})
             body = RecordDict({"task": record, **((content(k) if callable(content) else content) or {})})
             kind = MessageType.TRAIN if op == "train" else MessageType.QUERY
-            messages.append(Message(body, dst_node_id=self.nodes[k], message_type=kind))
-        replies = exchange(self.grid, messages)
-        what = f"round {task['round'] + 1}, client {{}}" if "round" in task else f"{op} on client {{}}"
-        return [reply_content(replies.get(self.nodes[k]), what.format(k)) for k in clients]
+            messages[k] = Message(body, dst_node_id=self.nodes[k], message_type=kind)
+        replies, unasked = exchange_checked(self.grid, messages)
+        if unasked:  # no client to drop: such a reply is never used, and something is wrong in the federation
+            raise RuntimeError(f"{op}: {unasked[0]}")
+        return replies
 
     def shard_sizes(self, config: dict) -> list[int]:
         return [int(c["result"]["size"]) for c in self.ask("size", config, sorted(self.nodes))]
@@ -117,6 +163,11 @@ class NodeEngine:
         for c in self.ask("ridge", config, sorted(self.nodes), {"model": parameters(model)}):
             stats = c["stats"].to_torch_state_dict()
             yield stats["xtx"].to(device), stats["xty"].to(device)
+
+    def client_evaluations(self, model: nn.Module, config: dict, split: str) -> Iterator[tuple[float, int, int]]:
+        """Every client's (summed loss, correct, samples) on its part of `split` (helpers.evaluation)."""
+        for c in self.ask("evaluate", config, sorted(self.nodes), {"model": parameters(model)}, split=split):
+            yield float(c["result"]["loss"]), int(c["result"]["correct"]), int(c["result"]["samples"])
 
     def setup(self, model: nn.Module, masks: Masks | None, config: dict) -> None:
         """Once per run and node: the frozen parameters (the step-0 head of sparse runs) and the client's mask."""
@@ -143,15 +194,26 @@ class NodeEngine:
         if scaler is not None:  # each client starts from the round's GradScaler state
             content["scaler"] = ConfigRecord(scaler.state_dict())
         down = algorithm_content(algorithm, start, names, masks)  # per client: server state its side needs
-        contents = self.ask("train", config, clients, lambda k, common=content: {**common, **down(k)}, round=rnd)
-        device = start[0].device
-        for k, content in zip(clients, contents, strict=True):
-            trained = content["weights"].to_torch_state_dict()
+        replies = self.gather("train", config, clients, lambda k: {**content, **down(k)}, round=rnd)
+        expected = dict(zip(names, start, strict=True))
+        results = {k: trained_result(r, expected) for k, r in replies.items()}
+        for k, r in results.items():  # what it sends beyond its weights (SCAFFOLD's Delta c_i), checked alike
+            if not isinstance(r, str):
+                extra = client_extra(replies[k], names, masks.of_client(k) if masks is not None else None, start)
+                results[k] = extra if isinstance(extra, str) else (*r, extra)
+        failed = {k: r for k, r in results.items() if isinstance(r, str)}  # every check done before any sum
+        kept = [k for k in clients if k not in failed]
+        if failed and (setting(config, "node_failure") == "stop" or not kept):
+            k = min(failed)
+            raise_failure(f"round {rnd + 1}, client {k}" + ("" if kept else " (every client failed)"), failed[k])
+        for k, problem in failed.items():  # node_failure="drop": left out of the round, recorded in its row
+            logging.getLogger(__name__).warning("round %d, client %d dropped: %s", rnd + 1, k, problem)
+        total = sum(len(shards[k]) for k in kept)  # the clients that replied, their n_k renormalised
+        for k in kept:
+            weights, loss, state, extra = results[k]
             own = masks.of_client(k) if masks is not None else None
-            state = dict(content["scaler"]) if "scaler" in content else None
-            loss = float(content["result"]["loss"])
-            extra = client_extra(content, names, own, start)
-            yield ClientResult(k, [trained[n].to(device) for n in names], loss, own, state, extra)
+            share = len(shards[k]) / total if failed else None
+            yield ClientResult(k, weights, loss, own, state, extra, share=share)
 
     def close(self, config: dict) -> None:
         """The run is done: every node drops what it kept only for resuming it (SCAFFOLD's c_i, as Scaffold.close
@@ -182,13 +244,38 @@ def algorithm_content(
 
 def client_extra(
     content: RecordDict, names: list[str], masks: Mapping[str, Tensor] | None, start: list[Tensor]
-) -> list[Tensor] | None:
+) -> list[Tensor] | None | str:
     """What a node sent beyond its weights (ClientSide.finish: SCAFFOLD's Delta c_i), back at full shape (zero where
-    the client's mask freezes, as finish returned it), or None."""
+    the client's mask freezes, as finish returned it), None, or why it cannot be used (like trained_result)."""
     if "extra" not in content:
         return None
-    packed = content["extra"].to_torch_state_dict()
-    return unpack_entries([packed[n] for n in names], aligned_masks(names, masks), start)
+    try:
+        packed = content["extra"].to_torch_state_dict()
+        extra = unpack_entries([packed[n] for n in names], aligned_masks(names, masks), start)
+    except Exception as exc:  # a wrong name or entry count: a problem of this client, not of the server
+        return f"malformed reply: {type(exc).__name__}: {exc}"
+    if not all(torch.isfinite(e).all() for e in extra):
+        return "invalid reply: non-finite control variate"
+    return extra
+
+
+def trained_result(content: RecordDict | str, expected: Mapping[str, Tensor]) -> tuple | str:
+    """A train reply as (weights in `expected`'s order and device, loss, GradScaler state), or why it cannot be
+    averaged in (helpers.replies.weights_problem, a missing or non-finite loss, a malformed reply)."""
+    if isinstance(content, str):
+        return content
+    try:
+        trained = content["weights"].to_torch_state_dict()
+        loss = float(content["result"]["loss"])
+        state = dict(content["scaler"]) if "scaler" in content else None
+    except Exception as exc:  # whatever a faulty node sent: a problem of this client, not of the server
+        return f"malformed reply: {type(exc).__name__}: {exc}"
+    problem = weights_problem(expected, trained)
+    if problem is None and not math.isfinite(loss):
+        problem = f"invalid reply: non-finite loss {loss}"
+    if problem is not None:
+        return problem
+    return [trained[n].to(w.device) for n, w in expected.items()], loss, state
 
 
 # ----------------------------------------------------------------------------- node side
@@ -306,7 +393,8 @@ def node_train(content: RecordDict, context: Context, config: dict) -> RecordDic
     """Client k's round on its node: the round's global weights in, client_update, its trained weights out."""
     _, config, client = node_task(content, context, config)
     rnd, run = int(content["task"]["round"]), run_id(config)
-    if os.environ.get(FAULT_ENV) == f"{rnd + 1}:{client}":
+    fault = injected_fault(rnd, client)
+    if fault == "raise":
         raise RuntimeError(f"fault injected by {FAULT_ENV} (tests only)")
     if f"frozen@{run}" not in context.state:
         raise RuntimeError("this node has no setup for the run (was it restarted?): rerun the run to resume it")
@@ -326,6 +414,8 @@ def node_train(content: RecordDict, context: Context, config: dict) -> RecordDic
     side = algorithm.client_side(rnd, client, start, aligned, client_lr(config, rnd), local_steps(config, rnd, client))
     loss = client_update(model, data, shard, rnd, client, config, masks=masks, scaler=scaler, side=side)
     trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    if fault is not None:
+        trained = corrupt(trained, fault)
     reply = RecordDict({"weights": ArrayRecord(trained), "result": ConfigRecord({"client": client, "loss": loss})})
     if scaler is not None:
         reply["scaler"] = ConfigRecord(scaler.state_dict())
@@ -372,7 +462,24 @@ def node_close(content: RecordDict, context: Context, config: dict, client: int)
     return RecordDict({"result": ConfigRecord({"client": client})})
 
 
-NODE_OPS = {"size": node_size, "setup": node_setup, "score": node_score, "ridge": node_ridge, "close": node_close}
+def node_evaluate(content: RecordDict, context: Context, config: dict, client: int) -> RecordDict:
+    """This client's (summed loss, correct, samples) on its part of the val or test split (evaluation=clients);
+    a head-only run on cached features sends the head, evaluated on the backbone features of the part."""
+    data, model, _ = node_inputs(config)
+    x, y = split_tensors(data, str(content["task"]["split"]))
+    part = eval_parts(len(y), config["num_clients"])[client].to(y.device)
+    net = model.head if uses_cached_features(config) else model
+    load_weights(net, content["model"].to_torch_state_dict(), {})
+    opts = dict(img_size=config["img_size"], batch_size=config["eval_batch_size"], amp=setting(config, "amp"))
+    x = backbone_features(model, x[part], **opts) if net is model.head else x[part]
+    loss, correct, n = evaluation_sums(net, x, y[part], **opts)
+    return RecordDict({"result": ConfigRecord({"loss": loss, "correct": correct, "samples": n})})
+
+
+NODE_OPS = {
+    "size": node_size, "setup": node_setup, "score": node_score, "ridge": node_ridge, "evaluate": node_evaluate,
+    "close": node_close,
+}  # fmt: skip
 
 
 @torch.no_grad()

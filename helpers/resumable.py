@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from helpers.config import setting
-from helpers.data import Data, load_data, pick_device
+from helpers.data import Data, load_data, no_data, pick_device
 from helpers.features import head_view
 from helpers.leases import claim, release_run
 from helpers.models import build_model
@@ -52,15 +52,19 @@ def build_seeded_model(config: dict, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
-def run_inputs(config: dict) -> tuple[Data, nn.Module]:
-    """What every runner starts from: the config's data on its device and its seeded model there."""
+def run_inputs(config: dict, data_here: bool = True) -> tuple[Data, nn.Module]:
+    """What every runner starts from: the config's data on its device (none if not `data_here`: every split is on
+    the clients) and its seeded model there."""
     device = pick_device(config["device"])
-    return load_data(config, device), build_seeded_model(config, device)
+    data = load_data(config, device) if data_here else no_data("evaluation='clients' with remote clients")
+    return data, build_seeded_model(config, device)
 
 
-def begin_run(experiment: str, config: dict, run_root: str | Path | None) -> tuple[Run, tuple[Data, nn.Module] | None]:
+def begin_run(
+    experiment: str, config: dict, run_root: str | Path | None, data_here: bool = True
+) -> tuple[Run, tuple[Data, nn.Module] | None]:
     """Open (or find) the run and claim it (helpers.leases); unless it is done or another session holds it, also
-    build its inputs (data, seeded model), else None.
+    build its inputs (data unless not `data_here`, seeded model), else None.
 
     The config's `deterministic` is applied here, before any CUDA work (process-wide: see precision.use_deterministic).
     """
@@ -69,7 +73,7 @@ def begin_run(experiment: str, config: dict, run_root: str | Path | None) -> tup
         return run, None
     try:
         use_deterministic(setting(config, "deterministic"))
-        return run, run_inputs(run.config)
+        return run, run_inputs(run.config, data_here)
     except BaseException:  # e.g. the download failed: another session may try at once
         release_run(run)
         raise

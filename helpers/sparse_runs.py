@@ -14,8 +14,9 @@ from torch import nn
 
 from helpers.calibration import EDITING_FILE, calibrate_centralized, calibrate_federated, load_run_masks
 from helpers.centralized import centralized_training
-from helpers.config import make_config, setting
+from helpers.config import make_config
 from helpers.data import Data
+from helpers.evaluation import RemoteEvaluation, evaluate_split, remote_evaluation
 from helpers.fedavg import TrainClients, begin_federated, client_shards, federated_training
 from helpers.models import head_parameters
 from helpers.remote import remote_clients, withheld_shards
@@ -23,11 +24,15 @@ from helpers.resumable import begin_run
 from helpers.runs import Run, load_artifact, mark_done, save_artifact
 from helpers.sparse_sgdm import SparseSGDM, masks_by_parameter
 from helpers.step0 import fit_head, fit_head_federated
-from helpers.train import evaluate
 
 
 def _edit_state(
-    run: Run, model: nn.Module, data: Data, step0: Callable[[], dict], calibration: Callable[[], tuple]
+    run: Run,
+    model: nn.Module,
+    data: Data,
+    step0: Callable[[], dict],
+    calibration: Callable[[], tuple],
+    remote: RemoteEvaluation | None = None,
 ) -> tuple[dict | list, dict]:
     """Step 0 and calibration once per run, saved in the run folder; later starts load them.
 
@@ -37,10 +42,9 @@ def _edit_state(
     if saved is None:
         info = step0()
         head = {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}
-        for split, x, y in (("val", data.val_x, data.val_y), ("test", data.test_x, data.test_y)):
+        for split in ("val", "test"):
             # the step-0 model is the control with no backbone training: its val and test results are kept
-            m = evaluate(model, x, y, img_size=run.config["img_size"], batch_size=run.config["eval_batch_size"],
-                         amp=setting(run.config, "amp"))  # fmt: skip
+            m = evaluate_split(model, data, split, run.config, remote)
             info.update({f"step0_{split}_loss": m["loss"], f"step0_{split}_acc": m["acc"]})
         masks, cost = calibration()
         info.update(cost, backbone_entries=masks.entries(), mask_density=masks.density())
@@ -114,6 +118,7 @@ def run_sparse_fedavg(
                                          keep_alive=run.claim.check if run.claim else None,
                                          train_clients=train_clients),
         calibration=lambda: calibrate_federated(model, data, shards, config, progress, remote),
+        remote=remote_evaluation(train_clients),
     )  # fmt: skip
     masks = load_run_masks(model, packed, config, device)
     federated_training(run, model, data, shards, masks=masks, progress=progress, train_clients=train_clients)

@@ -105,7 +105,7 @@ def train_steps(
 
 
 @torch.no_grad()
-def evaluate(
+def evaluation_sums(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -113,8 +113,9 @@ def evaluate(
     img_size: int,
     batch_size: int = 256,
     amp: str = "auto",
-) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over a whole split (eval mode, no augmentation, the config's `amp`)."""
+) -> tuple[float, int, int]:
+    """(summed cross-entropy, correct predictions, samples) over `images` (eval mode, no augmentation, `amp`):
+    sums, so that parts of a split evaluated apart add up to the whole (helpers.evaluation)."""
     was_training = model.training
     model.eval()
     device = images.device
@@ -128,5 +129,19 @@ def evaluate(
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
     model.train(was_training)
-    n = max(1, len(images))
-    return {"loss": loss_sum.item() / n, "acc": correct.item() / n}
+    return loss_sum.item(), int(correct.item()), len(images)
+
+
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    img_size: int,
+    batch_size: int = 256,
+    amp: str = "auto",
+) -> dict[str, float]:
+    """Mean cross-entropy and accuracy over a whole split (eval mode, no augmentation, the config's `amp`)."""
+    loss_sum, correct, n = evaluation_sums(model, images, labels, img_size=img_size, batch_size=batch_size, amp=amp)
+    n = max(1, n)
+    return {"loss": loss_sum / n, "acc": correct / n}

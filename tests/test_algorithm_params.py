@@ -48,6 +48,10 @@ def test_a_config_holds_exactly_its_algorithms_parameters(name):
             r"^scaffold_option='III' is invalid: must be one of II, I",
         ),
         ({"stragglers": 1.0}, r"^stragglers=1.0 is invalid: must be a number in \[0, 1\)"),
+        (
+            {"algorithm": "scaffold", "node_failure": "drop"},
+            r"^node_failure='drop' is invalid with .*'scaffold'.*'stop'",
+        ),
     ],
 )
 def test_bad_algorithm_parameters_fail_before_compute(overrides, message, tmp_path, monkeypatch):

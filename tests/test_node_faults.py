@@ -1,0 +1,258 @@
+"""Issue 23's evaluation on the nodes and node faults (issue 26's untrusted replies), without Ray: the Flower apps'
+own server (helpers.flower.serve) drives nodes whose handlers run in this process (InProcessGrid), so replies can
+be damaged, duplicated or invented. evaluation=clients gives the server's metrics and the server loads no data;
+a failed client is dropped (its round equals a hand-computed average of the others) or stops the run by name.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict  # noqa: E402
+from flwr.common.constant import ErrorCode  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from helpers import resumable  # noqa: E402
+from helpers.config import make_config  # noqa: E402
+from helpers.data import load_data  # noqa: E402
+from helpers.fedavg import client_shards, client_update, run_fedavg, sample_clients  # noqa: E402
+from helpers.flower import flower_config, run_flower, serve  # noqa: E402
+from helpers.flower_ops import node_query, node_train  # noqa: E402
+from helpers.replies import FAULT_ENV, corrupt, sort_replies, weights_problem  # noqa: E402
+from helpers.resumable import build_seeded_model  # noqa: E402
+from helpers.runs import load_checkpoint  # noqa: E402
+from helpers.sparse_runs import run_sparse_fedavg  # noqa: E402
+
+SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", rounds=2, server_lr=0.7)
+IID = dict(num_clients=10, participation=0.3, sharding="iid")
+SPARSE = dict(sparsity=0.9, calibration_rounds=2, calibration_samples=16, step0_epochs=1)
+
+
+class InProcessGrid:
+    """A Flower Grid whose nodes (partition-id k = client k) run the ClientApp's handlers in this process.
+    `tamper(message, reply)` returns the replies the server gets instead of `reply` (tests of untrusted replies)."""
+
+    def __init__(self, config: dict, tamper=None):
+        self.config, self.tamper = config, tamper
+        self.contexts = {
+            100 + k: Context(
+                run_id=1, node_id=100 + k, node_config={"partition-id": k}, state=RecordDict(), run_config={}
+            )  # fmt: skip
+            for k in range(config["num_clients"])
+        }
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        replies = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as the SuperLink does
+            handler = node_train if m.metadata.message_type == MessageType.TRAIN else node_query
+            try:
+                reply = Message(handler(m.content, self.contexts[m.metadata.dst_node_id], self.config), reply_to=m)
+            except Exception as exc:  # as helpers.flower's ClientApp replies
+                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}")
+                reply = Message(error, reply_to=m)
+            replies.extend(self.tamper(m, reply) if self.tamper else [reply])
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages are created outside a Flower process here: give them the identity Flower would."""
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def flower_run(config: dict, root, tamper=None):
+    config = flower_config(config)
+    return serve(InProcessGrid(config, tamper), config, root)
+
+
+def dropped_ids(run) -> list[list[int]]:
+    """The `dropped` column per round as client ids (pandas reads "3" as 3.0 and "" as NaN)."""
+    return [[] if v != v else [int(float(t)) for t in str(v).split()] for v in run.metrics()["dropped"]]
+
+
+def run_weights(run) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run)["model"]
+
+
+# ----------------------------------------------------------------------------- the checks, as units
+
+
+def test_sort_replies_trusts_one_reply_per_message_from_the_node_asked():
+    asked = {"m1": 11, "m2": 12, "m3": 13, "m4": 14}
+    replies = [("m1", 11, "a"), ("m2", 12, "b"), ("m2", 12, "b again"), ("m3", 99, "c"), ("m4", 1, "lost"),
+               ("zz", 15, "stray")]  # fmt: skip
+    got, problems, unasked = sort_replies(asked, replies, relay=1)
+    assert got == {"m1": "a", "m4": "lost"}  # the relay (SuperLink) may answer for a node it lost
+    assert problems == {
+        "m2": "a second reply to the same message",
+        "m3": "a reply from node 99, not from the node asked (13)",
+    }
+    assert len(unasked) == 1 and "node 15" in unasked[0] and "'zz'" in unasked[0]
+
+
+@pytest.mark.parametrize("kind", ["nan", "shape", "dtype", "extra", "missing"])
+def test_weights_problem_names_what_is_wrong(kind):
+    expected = {"a.weight": torch.ones(3, 2), "b.bias": torch.zeros(4)}
+    assert weights_problem(expected, {n: w.clone() for n, w in expected.items()}) is None
+    problem = weights_problem(expected, corrupt(expected, kind))
+    want = {"nan": "a.weight has non-finite", "shape": "a.weight has shape (5,), expected (3, 2)",
+            "dtype": "a.weight has dtype torch.float64, expected torch.float32", "extra": "unexpected ['intruder']",
+            "missing": "missing ['a.weight']"}  # fmt: skip
+    assert problem.startswith("invalid weights: ") and want[kind] in problem
+
+
+# ----------------------------------------------------------------------------- evaluation on the clients
+
+
+@pytest.mark.parametrize("experiment", ["fedavg", "sparse_fedavg"])
+def test_client_evaluation_equals_server_evaluation(experiment, tmp_path, monkeypatch):
+    """Sequential engine: the clients' parts add up to the server's metrics (acc exactly, loss to rounding), and
+    the weights are the same; on Flower nodes the server loads no data at all and gets the same metrics."""
+    runner = {"fedavg": run_fedavg, "sparse_fedavg": run_sparse_fedavg}[experiment]
+    extra = SPARSE if experiment == "sparse_fedavg" else {}  # step0="sgd": the head's FedAvg run on cached features
+    config = make_config(experiment, "smoke", **SMALL, **IID, **extra)
+    server = runner(config, run_root=tmp_path / "server", progress=False)
+    clients = runner({**config, "evaluation": "clients"}, run_root=tmp_path / "clients", progress=False)
+    assert server.id != clients.id and "evaluation" not in server.config  # default: left out, run ids unchanged
+    assert_same_metrics(clients, server, rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(run_weights(clients).values(), run_weights(server).values()))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the server loaded data")
+
+    monkeypatch.setattr(resumable, "load_data", refuse)  # the server's loader; the nodes load their own
+    flw = flower_run({**config, "evaluation": "clients"}, tmp_path / "flower")
+    assert_same_metrics(flw, clients, rel=1e-6)  # the nodes featurise their own part for the cached head run
+    assert (
+        max((a - b).abs().max().item() for a, b in zip(run_weights(flw).values(), run_weights(clients).values()))
+        <= 1e-6
+    )
+
+
+def assert_same_metrics(got, want, rel: float) -> None:
+    a, b = got.metrics(), want.metrics()
+    assert list(a.columns) == list(b.columns) and len(a) == len(b)
+    for col in ("val_acc", "test_acc", "round", "clients"):
+        assert list(a[col].fillna(-1)) == list(b[col].fillna(-1))
+    for col in ("val_loss", "test_loss", "train_loss"):
+        assert list(a[col].fillna(-1)) == pytest.approx(list(b[col].fillna(-1)), rel=rel)
+    sa, sb = got.summary(), want.summary()
+    for key in ("step0_val_acc", "step0_test_acc", "val_acc", "test_acc"):
+        assert sa.get(key) == sb.get(key)
+    for key in ("step0_val_loss", "step0_test_loss"):
+        assert sa.get(key, -1) == pytest.approx(sb.get(key, -1), rel=rel)
+
+
+# ----------------------------------------------------------------------------- failed clients
+
+
+def reference_round(config: dict, weights: dict, rnd: int, kept: list[int]) -> dict[str, torch.Tensor]:
+    """FedAvg's round by hand over the clients in `kept` only: w + server_lr (sum_k n_k/n' w_k - w)."""
+    data = load_data(config, torch.device("cpu"))
+    shards = client_shards(config, data)
+    model = build_seeded_model(config, torch.device("cpu"))
+    total = sum(len(shards[k]) for k in kept)
+    avg = {n: torch.zeros_like(w, dtype=torch.float64) for n, w in weights.items()}
+    for k in kept:
+        model.load_state_dict(weights)
+        client_update(model, data, shards[k], rnd, k, config)
+        for n, p in model.named_parameters():
+            avg[n] += len(shards[k]) / total * p.detach().double()
+    return {n: (w + config["server_lr"] * (avg[n] - w.double())).float() for n, w in weights.items()}
+
+
+def test_failed_clients_are_dropped_recorded_and_the_others_averaged(tmp_path, monkeypatch):
+    """node_failure=drop: a NaN update, a client that raises, a duplicated reply (round 1), a wrong-shaped and a
+    wrong-dtype update (round 2) are left out; the rounds equal FedAvg over the clients that replied."""
+    config = make_config("fedavg", "smoke", **SMALL, **IID, node_failure="drop")
+    first, second = (sample_clients(config["seed"], r, config["num_clients"], config["participation"]) for r in (0, 1))
+    monkeypatch.setenv(FAULT_ENV, f"1:{first[0]}:nan,2:{second[0]}:shape,2:{second[2]}:dtype")
+    twice = first[2]  # its round-1 reply arrives twice: neither is trusted
+
+    def duplicate(message, reply):
+        task = message.content["task"] if "task" in message.content else {"op": "hello"}
+        again = task["op"] == "train" and task["round"] == 0 and task["client"] == twice
+        return [reply, reply] if again else [reply]
+
+    run = flower_run(config, tmp_path, tamper=duplicate)
+    rows = run.metrics()
+    assert dropped_ids(run) == [[first[0], twice], [second[0], second[2]]]
+    w0 = {n: p.detach() for n, p in build_seeded_model(config, torch.device("cpu")).named_parameters()}
+    w1 = reference_round(config, w0, 0, [first[1]])
+    w2 = reference_round(config, w1, 1, [second[1]])
+    got = run_weights(run)
+    diff = max((got[n] - w2[n]).abs().max().item() for n in w2)
+    print(f"max abs weight difference to the hand-computed rounds: {diff}")
+    assert diff <= 1e-6
+    assert run_fedavg(make_config("fedavg", "smoke", **SMALL, **IID), run_root=tmp_path).metrics().columns.tolist() == [
+        c for c in rows.columns if c != "dropped"
+    ]  # the column only where clients may be dropped
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("shape", r"invalid weights: \S+ has shape"),
+        ("nan", r"invalid weights: \S+ has non-finite values"),
+        ("raise", "RuntimeError: fault"),
+    ],
+)
+def test_with_stop_a_bad_reply_stops_the_run_naming_round_and_client(fault, message, tmp_path, monkeypatch):
+    config = make_config("fedavg", "smoke", **SMALL, **IID)
+    victim = sample_clients(config["seed"], 1, config["num_clients"], config["participation"])[1]
+    monkeypatch.setenv(FAULT_ENV, f"2:{victim}:{fault}")
+    with pytest.raises(RuntimeError, match=rf"^round 2, client {victim}: {message}"):
+        flower_run(config, tmp_path)
+    saved = torch.load(next((tmp_path / "fedavg").iterdir()) / "checkpoint.pt", weights_only=False)
+    assert saved["round"] == 1  # the global model is round 1's: the bad reply never touched it
+
+
+def test_every_client_failing_stops_the_round_and_a_stray_reply_stops_the_run(tmp_path, monkeypatch):
+    config = make_config("fedavg", "smoke", **SMALL, **IID, node_failure="drop")
+    clients = sample_clients(config["seed"], 0, config["num_clients"], config["participation"])
+    monkeypatch.setenv(FAULT_ENV, ",".join(f"1:{k}:nan" for k in clients))
+    with pytest.raises(RuntimeError, match=rf"^round 1, client {clients[0]} \(every client failed\): invalid"):
+        flower_run(config, tmp_path / "all")
+    monkeypatch.delenv(FAULT_ENV)
+
+    def stray(message, reply):
+        other = Message(RecordDict({"x": ConfigRecord({"y": 1})}), dst_node_id=5, message_type=MessageType.QUERY)
+        other.metadata.__dict__["_message_id"] = "never-sent"
+        return [reply, Message(RecordDict(), reply_to=other)]
+
+    with pytest.raises(RuntimeError, match="a reply from node 5 to a message that was not sent"):
+        flower_run(config, tmp_path / "stray", tamper=stray)
+
+
+def test_on_flower_simulation_the_nodes_evaluate_and_a_nan_update_is_dropped(tmp_path, monkeypatch):
+    """The same through Flower's simulation (Ray: messages serialised, nodes in other processes): the server loads
+    no data, the NaN update of round 2 is dropped, the weights are the hand-computed ones and the metrics those of
+    the in-process nodes."""
+    pytest.importorskip("ray")
+    config = make_config("fedavg", "smoke", **SMALL, **IID, evaluation="clients", node_failure="drop")
+    first, second = (sample_clients(config["seed"], r, config["num_clients"], config["participation"]) for r in (0, 1))
+    monkeypatch.setenv(FAULT_ENV, f"2:{second[1]}:nan")  # read by the node (a Ray worker inherits the environment)
+    local = flower_run(config, tmp_path / "in-process")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the server loaded data")
+
+    monkeypatch.setattr(resumable, "load_data", refuse)
+    flw = run_flower(config, run_root=tmp_path / "simulation", progress=False)
+    rows = flw.metrics()
+    assert dropped_ids(flw) == [[], [second[1]]]
+    w0 = {n: p.detach() for n, p in build_seeded_model(config, torch.device("cpu")).named_parameters()}
+    want = reference_round(config, reference_round(config, w0, 0, first), 1, [second[0], second[2]])
+    got = run_weights(flw)
+    assert max((got[n] - want[n]).abs().max().item() for n in want) <= 1e-6
+    assert rows.drop(columns="elapsed_s").equals(local.metrics().drop(columns="elapsed_s"))
