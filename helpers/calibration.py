@@ -51,7 +51,7 @@ def score_pool(
     model: nn.Module, data: Data, pool: Tensor, key: tuple, call: int, config: dict
 ) -> tuple[dict[str, Tensor], int]:
     """One pool's (one client's) summed scores in calibration round `call` and the samples it scored; where the
-    data is (helpers.flower_ops runs it on a client's node). Every round draws fresh labels."""
+    data is (helpers.flower_node runs it on a client's node). Every round draws fresh labels."""
     batches, samples = calibration_batches(data, pool, key, call, config)
     gen = torch_generator(config["seed"], "talos_labels", call, *key)
     return compute_scores(model, batches, method=config["score_method"], generator=gen), samples

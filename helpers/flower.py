@@ -26,14 +26,8 @@ from pathlib import Path
 
 from helpers.config import REPO, make_config, parse_sets
 from helpers.fedavg import run_fedavg, train_in_turn
-from helpers.flower_ops import (  # says what to install when flwr is missing (flower_ops.MISSING)
-    MISSING,
-    NodeEngine,
-    exchange,
-    node_query,
-    node_train,
-    reply_content,
-)
+from helpers.flower_node import node_query, node_train
+from helpers.flower_ops import MISSING, NodeEngine, exchange, reply_content  # say what to install if flwr is missing
 from helpers.runs import Run, open_run, run_id
 from helpers.sparse_runs import run_sparse_fedavg
 

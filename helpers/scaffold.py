@@ -139,7 +139,7 @@ class Scaffold(FedAvg):
     params = ("scaffold_option",)
     upload_factor = 2  # y_i and Delta c_i
     stateful = True
-    node_state = True  # c_i: on Flower, in the node's state-dir (helpers.flower_ops.node_state_dir)
+    node_state = True  # c_i: on Flower, in the node's state-dir (helpers.flower_node.node_state_dir)
     memory_copies = 4  # c, the round's sum of Delta c_i, and the training client's c_i and correction
 
     def __init__(self, config: Mapping, store: ControlVariates | None = None) -> None:

@@ -26,14 +26,15 @@ pytest.importorskip("ray")
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict  # noqa: E402
 
-from helpers import flower, flower_ops  # noqa: E402
+from helpers import flower, flower_node  # noqa: E402
 from helpers.__main__ import main  # noqa: E402
 from helpers.calibration import load_masks  # noqa: E402
 from helpers.config import make_config  # noqa: E402
 from helpers.data import NO_TRAIN_DATA_ENV  # noqa: E402
 from helpers.fedavg import client_update, run_fedavg, sample_clients  # noqa: E402
 from helpers.flower import run_flower  # noqa: E402
-from helpers.flower_ops import FAULT_ENV, reply_content  # noqa: E402
+from helpers.flower_ops import reply_content  # noqa: E402
+from helpers.replies import FAULT_ENV  # noqa: E402
 from helpers.runs import Run, load_checkpoint, open_run, run_id  # noqa: E402
 from helpers.sparse_runs import run_sparse_fedavg  # noqa: E402
 from helpers.train import NonFiniteLossError  # noqa: E402
@@ -199,16 +200,16 @@ def test_non_finite_loss_on_a_node_stays_a_non_finite_loss_error():
     """The node's half in-process (no Ray): client_update's error names round and client; the server's half
     turns the error reply back into NonFiniteLossError, and any other error into "round r, client k: ..."."""
     config = flower.flower_config({**SMALL, **IID, "lr": 1e30})
-    _, model, _ = flower_ops.node_inputs(config)
+    _, model, _ = flower_node.node_inputs(config)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 4}, state=RecordDict(), run_config={})
     hello = RecordDict({"hello": ConfigRecord({"run": run_id(config)})})
-    assert flower_ops.node_query(hello, context, config)["node"]["partition"] == 4
+    assert flower_node.node_query(hello, context, config)["node"]["partition"] == 4
     setup = ConfigRecord({"op": "setup", "run": run_id(config), "client": 4})
-    flower_ops.node_query(RecordDict({"task": setup, "frozen": ArrayRecord()}), context, config)
+    flower_node.node_query(RecordDict({"task": setup, "frozen": ArrayRecord()}), context, config)
     task = ConfigRecord({"run": run_id(config), "round": 1, "client": 4})
     with pytest.raises(NonFiniteLossError, match=r"^round 2, client 4: ") as exc:
-        flower_ops.node_train(RecordDict({"weights": ArrayRecord(weights), "task": task}), context, config)
+        flower_node.node_train(RecordDict({"weights": ArrayRecord(weights), "task": task}), context, config)
 
     def failed(reason: str) -> SimpleNamespace:
         return SimpleNamespace(has_error=lambda: True, error=SimpleNamespace(reason=reason))
@@ -226,15 +227,15 @@ def test_grad_scaler_state_travels_to_and_from_the_node():
     final state, as train_in_turn does; weights and state equal client_update's with that scaler (in-process).
     amp=fp16 runs the same path on the CPU (autocast and GradScaler on "cpu")."""
     config = flower.flower_config({**SMALL, **IID, "local_steps": 6, "lr": 0.1, "amp": "fp16"})
-    data, model, shards = flower_ops.node_inputs(config)
+    data, model, shards = flower_node.node_inputs(config)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     start = torch.amp.GradScaler("cpu", init_scale=2.0**126)  # overflows until the scale has halved a few times
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
     setup = ConfigRecord({"op": "setup", "run": run_id(config), "client": 2})
-    flower_ops.node_query(RecordDict({"task": setup, "frozen": ArrayRecord()}), context, config)
+    flower_node.node_query(RecordDict({"task": setup, "frozen": ArrayRecord()}), context, config)
     task = ConfigRecord({"run": run_id(config), "round": 0, "client": 2})
     content = RecordDict({"weights": ArrayRecord(weights), "task": task, "scaler": ConfigRecord(start.state_dict())})
-    reply = flower_ops.node_train(content, context, config)
+    reply = flower_node.node_train(content, context, config)
     got = reply["weights"].to_torch_state_dict()
 
     model.load_state_dict(weights)  # the same client on the same weights and scaler, in this process

@@ -1,5 +1,5 @@
-"""Flower is optional: every module but helpers.flower and helpers.flower_ops imports without flwr, the Flower entry
-points say what to install, and the sequential runners refuse a run labelled engine="flower"."""
+"""Flower is optional: every module but helpers.flower, flower_ops and flower_node imports without flwr, the Flower
+entry points say what to install, and the sequential runners refuse a run labelled engine="flower"."""
 
 import subprocess
 import sys
@@ -19,9 +19,9 @@ import importlib, pkgutil, sys
 sys.modules["flwr"] = None  # as if not installed
 import helpers
 for m in pkgutil.iter_modules(helpers.__path__):
-    if m.name not in ("flower", "flower_ops"):
+    if m.name not in ("flower", "flower_ops", "flower_node"):
         importlib.import_module(f"helpers.{m.name}")
-for name in ("helpers.flower_ops", "helpers.flower"):
+for name in ("helpers.flower_ops", "helpers.flower_node", "helpers.flower"):
     try:
         importlib.import_module(name)
     except ImportError as exc:
@@ -33,7 +33,7 @@ def test_helpers_import_without_flwr():
     out = subprocess.run([sys.executable, "-c", WITHOUT_FLWR], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert len(lines) == 2 and all(
+    assert len(lines) == 3 and all(
         x.startswith("Flower is not installed: pip install -r requirements-flower.txt") for x in lines
     )
 

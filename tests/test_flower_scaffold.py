@@ -13,13 +13,14 @@ pytest.importorskip("ray")
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict  # noqa: E402
 from test_flower import SMALL, assert_same_run, run_flower_without_train_data  # noqa: E402
 
-from helpers import flower, flower_ops  # noqa: E402
+from helpers import flower, flower_node, flower_ops  # noqa: E402
 from helpers.algorithm import aligned_masks  # noqa: E402
 from helpers.algorithms import make_algorithm  # noqa: E402
 from helpers.config import make_config  # noqa: E402
 from helpers.fedavg import sample_clients, train_in_turn  # noqa: E402
-from helpers.flower_ops import FAULT_ENV, STATE_ENV  # noqa: E402
+from helpers.flower_node import STATE_ENV  # noqa: E402
 from helpers.masks import Masks  # noqa: E402
+from helpers.replies import FAULT_ENV  # noqa: E402
 from helpers.runs import load_checkpoint, run_id  # noqa: E402
 from helpers.sparse_runs import run_sparse_fedavg  # noqa: E402
 
@@ -90,7 +91,7 @@ def test_a_node_trains_like_the_sequential_client_and_prunes_then_drops_its_c_i(
     Delta c_i equal train_in_turn's from the same server state, its files follow the keep round the server sends,
     and `close` removes them."""
     config = flower.flower_config({**SMALL, "num_clients": 4, "algorithm": "scaffold"})
-    data, model, shards = flower_ops.node_inputs(config)
+    data, model, shards = flower_node.node_inputs(config)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(0)
     mask = {n: torch.rand(p.shape, generator=gen) < 0.3 for n, p in model.named_parameters() if p.ndim == 2}
@@ -101,7 +102,7 @@ def test_a_node_trains_like_the_sequential_client_and_prunes_then_drops_its_c_i(
                       state=RecordDict(), run_config={})  # fmt: skip
     setup = RecordDict({"task": ConfigRecord({"op": "setup", "run": run_id(config), "client": 1}),
                         "frozen": ArrayRecord(frozen), **({"masks": ArrayRecord(mask)} if sparse else {})})  # fmt: skip
-    flower_ops.node_query(setup, context, config)
+    flower_node.node_query(setup, context, config)
     server, reference = make_algorithm(config), make_algorithm(config)  # reference: the sequential client's
     folder = tmp_path / run_id(config) / "client_1"
     for rnd, keep in [(0, 0), (1, 0), (3, 2), (4, 4)]:
@@ -110,7 +111,7 @@ def test_a_node_trains_like_the_sequential_client_and_prunes_then_drops_its_c_i(
         server.checkpoints = reference.checkpoints = [keep, rnd]
         sent = flower_ops.algorithm_content(server, start, names, masks)(1)
         task = ConfigRecord({"run": run_id(config), "round": rnd, "client": 1})
-        reply = flower_ops.node_train(RecordDict({"weights": ArrayRecord(dict(zip(names, start, strict=True))),
+        reply = flower_node.node_train(RecordDict({"weights": ArrayRecord(dict(zip(names, start, strict=True))),
                                                   "task": task, **sent}), context, config)  # fmt: skip
         trained = reply["weights"].to_torch_state_dict()
         delta = flower_ops.client_extra(reply, names, mask if sparse else None, start)
@@ -126,5 +127,5 @@ def test_a_node_trains_like_the_sequential_client_and_prunes_then_drops_its_c_i(
     assert [packed[n].numel() for n in names] == [int(m.sum()) if m is not None else w.numel()
                                                    for m, w in zip(aligned, start, strict=True)]  # fmt: skip
     close = ConfigRecord({"op": "close", "run": run_id(config), "client": 1})
-    flower_ops.node_query(RecordDict({"task": close}), context, config)
+    flower_node.node_query(RecordDict({"task": close}), context, config)
     assert not folder.exists() and not folder.parent.exists()
