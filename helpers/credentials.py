@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from helpers.config import REPO
+from helpers.federation import DEFAULT_CREDENTIALS
 from helpers.runs import default_run_root
 
 MISSING = "the credentials command needs the cryptography package: pip install -r requirements-flower.txt"
@@ -28,7 +29,6 @@ except ImportError as exc:
         sys.exit(2)
     raise ImportError(f"{MISSING} ({exc})") from None
 
-DEFAULT_OUT = Path.home() / ".flme" / "credentials"  # outside the repository: keys never sit beside the code
 CURVE = ec.SECP384R1()  # a NIST curve: Flower's SuperNode authentication accepts no other kind of key
 LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){LABEL}(\.{LABEL})*$")  # RFC 1123 host names
@@ -60,7 +60,7 @@ def check_out(out: Path, nodes: int, *, force: bool = False) -> Path:
     out = out.expanduser().resolve()
     if inside(out, REPO.resolve()):
         raise ValueError(f"--out {out} is inside the repository {REPO}: keys must never sit beside the code; "
-                         f"use a folder outside it (default {DEFAULT_OUT})")  # fmt: skip
+                         f"use a folder outside it (default {DEFAULT_CREDENTIALS})")  # fmt: skip
     runs = default_run_root().expanduser().resolve()
     if inside(out, runs) or any((p / "config.json").exists() for p in (out, *out.parents)):
         raise ValueError(f"--out {out} is inside a run folder (or the run root {runs}): use a folder of its own")
@@ -153,8 +153,8 @@ def parser() -> argparse.ArgumentParser:
         epilog="example: python -m helpers.credentials --host server.lab --host 10.0.0.5 --nodes 10  "
         "(docs/flower.md walks through the whole federation)",
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help=f"a folder outside the repository and the run folders (default {DEFAULT_OUT}); created "
+    p.add_argument("--out", type=Path, default=DEFAULT_CREDENTIALS,
+                   help=f"a folder outside the repository and the run folders (default {DEFAULT_CREDENTIALS}); created "
                    "with mode 0700, private keys 0600")  # fmt: skip
     p.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP", required=True,
                    help="a host name or IP address at which the SuperNodes and `flwr` reach the SuperLink; repeat "
