@@ -17,7 +17,7 @@ from helpers.config import REPO
 from helpers.federation import DEFAULT_CREDENTIALS
 from helpers.runs import default_run_root
 
-MISSING = "the credentials command needs the cryptography package: pip install -r requirements-flower.txt"
+NO_CRYPTOGRAPHY = "the credentials command needs the cryptography package: pip install -r requirements-flower.txt"
 try:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -25,13 +25,13 @@ try:
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 except ImportError as exc:
     if __name__ == "__main__":  # the command line says what to install, without a traceback
-        print(f"error: {MISSING} ({exc})", file=sys.stderr)
+        print(f"error: {NO_CRYPTOGRAPHY} ({exc})", file=sys.stderr)
         sys.exit(2)
-    raise ImportError(f"{MISSING} ({exc})") from None
+    raise ImportError(f"{NO_CRYPTOGRAPHY} ({exc})") from None
 
 CURVE = ec.SECP384R1()  # a NIST curve: Flower's SuperNode authentication accepts no other kind of key
-LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){LABEL}(\.{LABEL})*$")  # RFC 1123 host names
+HOST_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){HOST_LABEL}(\.{HOST_LABEL})*$")  # RFC 1123 host names
 
 
 def planned_files(nodes: int) -> list[str]:

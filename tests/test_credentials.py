@@ -140,5 +140,5 @@ def test_without_cryptography_the_command_says_what_to_install(tmp_path):
     run = "runpy.run_module('helpers.credentials', run_name='__main__')"
     out = subprocess.run([sys.executable, "-c", block + run, "--host", "localhost", "--nodes", "1"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 2 and out.stderr.startswith(f"error: {credentials.MISSING}"), out.stderr
+    assert out.returncode == 2 and out.stderr.startswith(f"error: {credentials.NO_CRYPTOGRAPHY}"), out.stderr
     assert "Traceback" not in out.stderr
