@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     flower.add_argument("--credentials", default=None, metavar="DIR",
                         help="with --print-flwr-run NAME: the credentials folder (python -m helpers.credentials; "
-                        "default ~/.flme/credentials)")  # fmt: skip
+                        "default ~/.flme/credentials, outside the repository)")  # fmt: skip
     flower.add_argument(
         "--insecure",
         action="store_true",
