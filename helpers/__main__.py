@@ -9,6 +9,7 @@ import importlib
 import json
 import shlex
 import sys
+from pathlib import Path
 
 from helpers.config import EXPERIMENTS, PROFILES, describe_parameters, make_config, parse_sets
 from helpers.leases import LeaseLost
@@ -55,6 +56,21 @@ def _hours(text: str) -> float:
     return hours
 
 
+def secure_script(args: argparse.Namespace, command: list[str], num_nodes: int) -> str:
+    """--print-flwr-run's output: the `flwr run` line (local simulation) or a real federation's whole script."""
+    federation = (args.superlink_address, args.credentials, args.insecure or None)
+    if args.print_flwr_run == "local":
+        if any(x is not None for x in federation):
+            raise ValueError("--superlink-address, --credentials and --insecure are for a real federation: "
+                             "--print-flwr-run NAME (a connection name other than local)")  # fmt: skip
+        return shlex.join(command)
+    from helpers.federation import DEFAULT_ADDRESS, DEFAULT_CREDENTIALS, check_address, federation_script
+
+    credentials = Path(args.credentials or DEFAULT_CREDENTIALS).expanduser().resolve()
+    address = check_address(args.superlink_address or DEFAULT_ADDRESS)
+    return federation_script(command, num_nodes, credentials, address, insecure=args.insecure)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,7 +83,23 @@ def main(argv: list[str] | None = None) -> int:
     flower.add_argument("experiment", nargs="?", default="fedavg", choices=["fedavg", "sparse_fedavg"])
     flower.add_argument("--print-flwr-run", nargs="?", const="local", default=None, metavar="CONNECTION",
                         help="print the `flwr run` command (Flower's CLI) for this run on a SuperLink connection "
-                        "(default: local, Flower's local simulation) instead of running it")  # fmt: skip
+                        "(default: local, Flower's local simulation) instead of running it; with a connection "
+                        "NAME, the whole secure federation: credentials, SuperLink, registration, SuperNodes, "
+                        "flwr run")  # fmt: skip
+    flower.add_argument(
+        "--superlink-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --print-flwr-run NAME: where nodes reach the SuperLink (default SERVER:8000)",
+    )
+    flower.add_argument("--credentials", default=None, metavar="DIR",
+                        help="with --print-flwr-run NAME: the credentials folder (python -m helpers.credentials; "
+                        "default ~/.flme/credentials, outside the repository)")  # fmt: skip
+    flower.add_argument(
+        "--insecure",
+        action="store_true",
+        help="with --print-flwr-run NAME: no TLS, no node authentication (a local try-out only)",
+    )
     for p in (run, flower):
         p.add_argument("--profile", choices=PROFILES, default=None, help="default: $FLME_PROFILE or smoke")
         p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a parameter")
@@ -115,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 from helpers.runs import default_run_root
 
                 root = args.run_root or default_run_root()
-                print(shlex.join(flwr_run_command(config, root, superlink=args.print_flwr_run)))
+                command = flwr_run_command(config, root, superlink=args.print_flwr_run)
+                print(secure_script(args, command, config["num_clients"]))
                 return 0
             run_fn = runner(args.experiment, config.get("engine", "sequential"))
             result = run_fn(config, run_root=args.run_root, progress=sys.stderr.isatty())

@@ -1,9 +1,11 @@
-"""A real Flower federation on localhost (§12): a SuperLink whose ServerApp runs under FLME_NO_TRAIN_DATA=1, so it
-cannot read the training split, and one SuperNode per client that holds its own data; the runs start with `flwr run`.
+"""A real, secure Flower federation on localhost (§12): a SuperLink with TLS and SuperNode authentication whose
+ServerApp runs under FLME_NO_TRAIN_DATA=1, so it cannot read the training split, and one registered SuperNode per
+client that holds its own data; the runs start with `flwr run`, trusting the federation's private CA.
 
-Sparse FedAvg (non-IID, 2 calibration rounds) gives the sequential engine's masks, weights and metrics; a node killed
-mid-round is dropped from its rounds (node_failure=drop) and the run finishes with the other client. Slow (each
-message starts a ClientApp process that imports torch): about 5 minutes on two cores.
+Sparse FedAvg (non-IID, 2 calibration rounds) gives the sequential engine's masks, weights and metrics while an
+unregistered node is refused; nodes that trust another CA or skip TLS cannot connect; a node killed mid-round is
+dropped from its rounds (node_failure=drop) and the run finishes with the other client. Slow (each message starts a
+ClientApp process that imports torch): about 6 minutes on two cores.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from test_node_faults import dropped_ids, reference_round  # noqa: E402
 from helpers import flower  # noqa: E402
 from helpers.calibration import load_masks  # noqa: E402
 from helpers.config import make_config  # noqa: E402
+from helpers.credentials import make_credentials  # noqa: E402
 from helpers.data import NO_TRAIN_DATA_ENV  # noqa: E402
+from helpers.federation import connection_toml, register_command, superlink_command, supernode_command  # noqa: E402
 from helpers.resumable import build_seeded_model  # noqa: E402
 from helpers.runs import load_checkpoint, open_run  # noqa: E402
 from helpers.sparse_runs import run_sparse_fedavg  # noqa: E402
@@ -45,25 +49,38 @@ def free_port() -> int:
 
 
 class Federation:
-    """A SuperLink (its ServerApp without training data) and SuperNodes on localhost, each in its own session."""
+    """A secure federation on localhost, started with the commands --print-flwr-run prints (helpers.federation): a
+    SuperLink with TLS and --enable-supernode-auth whose ServerApp runs without training data, and SuperNodes
+    registered with their own keys, each in its own session. One spare key pair (node-<num_nodes>) is never
+    registered."""
 
     def __init__(self, root: Path, num_nodes: int):
-        self.root, self.port, self.nodes = root, free_port(), {}
+        self.root, self.port, self.nodes, self.others, self.link = root, free_port(), {}, [], None
+        self.creds = root / "creds"
+        make_credentials(self.creds, ["localhost", "127.0.0.1"], nodes=num_nodes + 1)
+        self.address = f"127.0.0.1:{self.port}"
         self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
                     "FLWR_HOME": str(root / "flwr-home")}  # fmt: skip
         self.env.pop(NO_TRAIN_DATA_ENV, None)  # the nodes hold their data; only the server runs without
         (root / "flwr-home").mkdir(parents=True)
-        connection = f'[superlink]\ndefault = "fed"\n[superlink.fed]\naddress = "127.0.0.1:{self.port}"\n'
-        (root / "flwr-home" / "config.toml").write_text(connection + "insecure = true\n")
-        command = ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                   "--port", str(self.port), "--database", str(root / "link.db")]  # fmt: skip
+        (root / "flwr-home" / "config.toml").write_text(connection_toml("fed", self.address, self.creds))
+
+    def start_all(self, num_nodes: int) -> None:
+        command = [*superlink_command(self.creds), "--port", str(self.port), "--database", str(self.root / "link.db")]
         self.link = self.start(command, "link", {NO_TRAIN_DATA_ENV: "1"})
         deadline = time.monotonic() + 120
         while not self.listening():  # flwr run fails at once if the SuperLink is not up yet
-            assert time.monotonic() < deadline and self.link.poll() is None, (root / "link.log").read_text()[-2000:]
+            assert time.monotonic() < deadline and self.link.poll() is None, (self.root / "link.log").read_text()[
+                -2000:
+            ]
             time.sleep(0.2)
-        for k in range(num_nodes):
-            self.start_node(k, num_nodes)
+        registering = [subprocess.Popen(register_command(self.creds, k, "fed"), env=self.env, cwd=self.root,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                       for k in range(num_nodes)]  # fmt: skip
+        for register in registering:
+            assert register.wait(timeout=120) == 0, register.stdout.read()
+        for k in range(num_nodes):  # not awaited: they activate while the test computes its reference run
+            self.launch(k, num_nodes)
 
     def listening(self) -> bool:
         with socket.socket() as s:
@@ -76,9 +93,31 @@ class Federation:
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
     def start_node(self, k: int, num_nodes: int) -> None:
-        command = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--port",
-                   str(free_port()), "--node-config", f"partition-id={k} num-partitions={num_nodes}"]  # fmt: skip
-        self.nodes[k] = self.start(command, f"node{k}")
+        """Node k, started and activated: a node killed a moment ago stays "online" at the SuperLink until its
+        heartbeats lapse (about a minute), and its key is refused until then, so a refused start is retried."""
+        self.launch(k, num_nodes)
+        self.await_active(k, num_nodes)
+
+    def launch(self, k: int, num_nodes: int) -> None:
+        command = supernode_command(self.creds, k, num_nodes, self.address)
+        if (log := self.root / f"node{k}.log").exists():  # await_active reads this start's log only
+            log.replace(self.root / f"node{k}-before.log")
+        self.nodes[k] = self.start([*command, "--port", str(free_port())], f"node{k}")
+
+    def await_active(self, k: int, num_nodes: int) -> None:
+        deadline = time.monotonic() + 180
+        while "SuperNode ID:" not in self.log(f"node{k}"):
+            assert time.monotonic() < deadline, self.log(f"node{k}")[-2000:]
+            if self.nodes[k].poll() is not None:  # refused (still online after a kill) or failed: try again
+                time.sleep(2)
+                self.launch(k, num_nodes)
+            time.sleep(0.2)
+
+    def start_intruder(self, name: str, command: list[str]) -> subprocess.Popen:
+        """A SuperNode that must not get in: it gives up after one retry (stopped in close() if it does not)."""
+        proc = self.start([*command, "--port", str(free_port()), "--max-retries", "1"], name)
+        self.others.append(proc)
+        return proc
 
     def kill_node(self, k: int) -> None:
         os.killpg(self.nodes[k].pid, signal.SIGKILL)  # the SuperNode and the ClientApp it runs, mid-message
@@ -90,21 +129,28 @@ class Federation:
         log = open(self.root / "runs.log", "a")  # noqa: SIM115
         return subprocess.Popen(command, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
 
-    def log(self) -> str:
-        return (self.root / "runs.log").read_text()
+    def log(self, name: str = "runs") -> str:
+        return (self.root / f"{name}.log").read_text()
 
     def close(self) -> None:
-        for proc in [self.link, *self.nodes.values()]:
-            if proc.poll() is None:
+        for proc in [*self.others, *self.nodes.values(), self.link]:
+            if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     fed = Federation(tmp_path_factory.mktemp("federation"), num_nodes=2)
-    yield fed
-    fed.close()
+    try:  # every process is stopped, even when starting fails halfway
+        fed.start_all(num_nodes=2)
+        yield fed
+    finally:
+        fed.close()
 
 
 def assert_same_weights_and_metrics(flw, seq) -> None:
@@ -115,10 +161,18 @@ def assert_same_weights_and_metrics(flw, seq) -> None:
     assert got.drop(columns="elapsed_s").equals(want.drop(columns="elapsed_s"))
 
 
-def test_sparse_fedavg_on_a_federation_whose_server_holds_no_training_data(federation, tmp_path):
+def test_sparse_fedavg_on_a_secure_federation_whose_server_holds_no_training_data(federation, tmp_path):
+    """TLS, registered nodes, the server without training data: the sequential engine's masks, weights and metrics.
+    A third node with a valid key pair that was never registered (claiming partition 1: had it joined, the server
+    would stop on two nodes with one partition-id) is refused while the run starts, and the run ends without it."""
     config = make_config("sparse_fedavg", "smoke", rounds=2, **SMALL, **NONIID, **SPARSE)
     seq = run_sparse_fedavg(config, run_root=tmp_path / "sequential", progress=False)
-    assert federation.run(config, tmp_path / "flower").wait(timeout=600) == 0, federation.log()[-3000:]
+    intruder = federation.start_intruder("unregistered", supernode_command(federation.creds, 2, 2, federation.address))
+    server = federation.run(config, tmp_path / "flower")
+    assert intruder.wait(timeout=120) != 0, federation.log("unregistered")[-2000:]
+    assert "Failed to activate SuperNode" in federation.log("unregistered")
+    assert "No SuperNode found with the given public key" in federation.log("link")
+    assert server.wait(timeout=600) == 0, federation.log()[-3000:]
     flw = open_run("sparse_fedavg", flower.flower_config(config), tmp_path / "flower")
     assert flw.done, federation.log()[-3000:]
     assert_same_weights_and_metrics(flw, seq)
@@ -126,6 +180,21 @@ def test_sparse_fedavg_on_a_federation_whose_server_holds_no_training_data(feder
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
     s, f = seq.summary(), flw.summary()
     assert all(f[k] == s[k] for k in ("step0_val_acc", "calibration_scored", "calibration_upload_bytes", "test_acc"))
+
+
+def test_a_node_that_trusts_another_ca_or_skips_tls_cannot_connect(federation, tmp_path):
+    """Node 0's registered key, but the wrong trust: the TLS handshake fails (another CA) or the SuperLink, which
+    speaks only TLS, drops the connection (no TLS); either node gives up and exits without joining."""
+    other = make_credentials(tmp_path / "other", ["localhost", "127.0.0.1"], nodes=1)[0].parent
+    wrong_ca = supernode_command(other, 0, 2, federation.address)
+    wrong_ca[wrong_ca.index("--auth-supernode-private-key") + 1] = str(federation.creds / "node-0.key")
+    procs = {"other-ca": federation.start_intruder("other-ca", wrong_ca),
+             "no-tls": federation.start_intruder("no-tls", supernode_command(other, 0, 2, federation.address,
+                                                                              insecure=True))}  # fmt: skip
+    for name, proc in procs.items():
+        assert proc.wait(timeout=120) != 0, federation.log(name)[-2000:]
+        assert "could not establish a connection to the SuperLink" in federation.log(name)
+    assert "CERTIFICATE_VERIFY_FAILED" in federation.log("other-ca")
 
 
 def test_a_node_killed_mid_round_is_dropped_and_the_run_finishes(federation, tmp_path):

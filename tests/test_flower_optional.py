@@ -19,7 +19,7 @@ import importlib, pkgutil, sys
 sys.modules["flwr"] = None  # as if not installed
 import helpers
 for m in pkgutil.iter_modules(helpers.__path__):
-    if m.name not in ("flower", "flower_ops", "flower_node"):
+    if m.name not in ("flower", "flower_ops", "flower_node", "credentials"):  # credentials needs cryptography
         importlib.import_module(f"helpers.{m.name}")
 for name in ("helpers.flower_ops", "helpers.flower_node", "helpers.flower"):
     try:
