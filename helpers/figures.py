@@ -281,9 +281,21 @@ def _cumulative_upload(part: pd.DataFrame) -> pd.Series:
     return total / 1e6
 
 
+def _accuracy_per_upload(ax, data: pd.DataFrame, hue: str, order: list[str], title: str) -> None:
+    """One panel: validation accuracy against cumulative upload (MB, log scale), one line per `hue` value."""
+    import seaborn as sns
+
+    sns.lineplot(data=data, x="upload_mb", y="val_acc", hue=hue, hue_order=order, errorbar="sd", palette=PALETTE,
+                 marker="o", markersize=2.5, markeredgewidth=0, ax=ax)  # fmt: skip
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks of a short log range overlap
+    ax.set_title(title)
+    ax.set_xlabel("")
+    ax.set_ylabel(LABELS["val_acc"])
+
+
 def fig_communication(df: pd.DataFrame) -> Figure:
     """Federated fine-tuning: validation accuracy against cumulative upload, one panel per sharding."""
-    import seaborn as sns
 
     part = with_method_and_setting(select(df, "editing_federated", ("round", "upload_bytes", "val_acc")))
     part = part.dropna(subset=["upload_bytes"]).sort_values(["run_id", "round"])
@@ -293,13 +305,8 @@ def fig_communication(df: pd.DataFrame) -> Figure:
     fig, axes = _figure(FULL, len(settings), sharey=True)
     order = list(pd.unique(part.sort_values("method", key=lambda m: ~m.str.startswith("dense"))["method"]))
     for ax, setting in zip(axes, settings):
-        sns.lineplot(data=part[part["setting"] == setting], x="upload_mb", y="val_acc", hue="method", hue_order=order,
-                     errorbar="sd", palette=PALETTE, marker="o", markersize=2.5, markeredgewidth=0, ax=ax)  # fmt: skip
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks of a short log range overlap
-        ax.set_title(setting if setting == "IID" else setting.replace("=", " = "))
-        ax.set_xlabel("")
-        ax.set_ylabel(LABELS["val_acc"])
+        title = setting if setting == "IID" else setting.replace("=", " = ")
+        _accuracy_per_upload(ax, part[part["setting"] == setting], "method", order, title)
     fig.supxlabel(LABELS["upload_mb"] + ", log scale; calibration uploads included", fontsize=8)
     _legend_on_top(fig, axes, None)
     return fig
@@ -308,7 +315,6 @@ def fig_communication(df: pd.DataFrame) -> Figure:
 def fig_remedies(df: pd.DataFrame) -> Figure:
     """Remedies against client drift, dense and sparse: validation accuracy against cumulative upload, one panel per
     (sharding, dense/sparse), one line per algorithm."""
-    import seaborn as sns
 
     from helpers.remedy_views import with_algorithm
 
@@ -322,13 +328,7 @@ def fig_remedies(df: pd.DataFrame) -> Figure:
     order = [a for a in ALGORITHMS if a in set(part["algorithm"])]  # the registry's order, FedAvg first
     for ax, (setting, kind) in zip(axes, panels):
         data = part[(part["setting"] == setting) & (part["kind"] == kind)]
-        sns.lineplot(data=data, x="upload_mb", y="val_acc", hue="algorithm", hue_order=order, errorbar="sd",
-                     palette=PALETTE, marker="o", markersize=2.5, markeredgewidth=0, ax=ax)  # fmt: skip
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(f"{setting.replace('=', ' = ')}, {kind}")
-        ax.set_xlabel("")
-        ax.set_ylabel(LABELS["val_acc"])
+        _accuracy_per_upload(ax, data, "algorithm", order, f"{setting.replace('=', ' = ')}, {kind}")
     fig.supxlabel(LABELS["upload_mb"] + ", log scale", fontsize=8)
     _legend_on_top(fig, axes, None)
     return fig
