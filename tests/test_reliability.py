@@ -35,12 +35,14 @@ JOBS = {
     "sparse_fedavg": ["run", "sparse_fedavg", *SIZES, *FEDERATED, *_sets(sparsity=0.9, calibration_rounds=2)],
 }
 MODULE = {"centralized": "helpers.centralized", "fedavg": "helpers.fedavg", "sparse_fedavg": "helpers.fedavg"}
+# where each job's evaluation calls helpers.train.evaluate from (federated runs: the evaluation seam)
+EVAL_MODULE = {**MODULE, "fedavg": "helpers.evaluation", "sparse_fedavg": "helpers.evaluation"}
 
 # Each fault kills the process (SIGKILL: no cleanup, no finally) at the n-th call of a function.
 KILL = "os.kill(os.getpid(), signal.SIGKILL)"
 FAULTS = {
     "during training": ("{module}", "train_steps", 3, KILL),
-    "during evaluation": ("{module}", "evaluate", 2, KILL),
+    "during evaluation": ("{eval_module}", "evaluate", 2, KILL),
     # a checkpoint half written to its temporary file, then death
     "during a checkpoint write": (
         "helpers.runs",
@@ -103,7 +105,7 @@ def references(tmp_path_factory):
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_killed_run_resumes_to_the_uninterrupted_result(job, fault, references, tmp_path):
     module, func, n, action = FAULTS[fault]
-    module = module.format(module=MODULE[job])
+    module = module.format(module=MODULE[job], eval_module=EVAL_MODULE[job])
     if func == "atomic_write":
         name = ".checkpoint.pt.new" if "checkpoint" in fault else "metrics.csv"
         match, n = f"Path(args[0]).name == {name!r}", 3
