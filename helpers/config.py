@@ -93,6 +93,8 @@ PARAMS: dict[str, Param] = {
     "evaluation": _choice("server", "clients", omitted_at="server"),
     # a Flower node that fails mid-round (no reply, error, invalid reply): stop the run, or drop it from the round
     "node_failure": _choice("stop", "drop", omitted_at="stop"),
+    # seconds the server waits for a round's replies (0: no limit); a node silent that long has failed (node_failure)
+    "node_timeout_s": Param(float, low=0, hashed=False, omitted_at=0.0),
     # remedies against client drift (helpers.algorithms); each algorithm's own parameters are in its configs only
     "algorithm": _choice(*ALGORITHMS, omitted_at=DEFAULT_ALGORITHM),
     "server_momentum": Param(float, low=0, high=1, high_open=True),  # FedAvgM
@@ -147,7 +149,7 @@ COMMON_DEFAULTS = {
     "dirichlet_alpha": 0.5, "server_lr": 1.0, "client_lr_schedule": "constant", "engine": "sequential",
     "algorithm": DEFAULT_ALGORITHM, "server_momentum": 0.9, "prox_mu": 0.01, "scaffold_option": "II",
     "server_beta1": 0.9, "server_beta2": 0.99, "server_tau": 1e-3, "stragglers": 0.0, "warmup_rounds": 0,
-    "score_transform": "eval", "evaluation": "server", "node_failure": "stop",
+    "score_transform": "eval", "evaluation": "server", "node_failure": "stop", "node_timeout_s": 0.0,
     "sparsity": 0.9, "calibration_rounds": 4, "mask_rule": DEFAULT_MASK_RULE, "score_method": "talos",
     "step0": "sgd", "step0_lr": 0.1, "ridge_lambda": 1.0, "mask_scope": "global", "embeddings": "masked",
 }
@@ -181,7 +183,7 @@ EXPERIMENTS: dict[str, tuple[str, ...]] = {
     "fedavg": _DATA + _OPTIM + _BOOK + ("num_clients", "participation", "local_steps", "rounds", "sharding",
                                         "classes_per_client", "dirichlet_alpha", "server_lr",
                                         "client_lr_schedule", "engine", "eval_test", *REMEDIES,
-                                        "warmup_rounds", "evaluation", "node_failure"),
+                                        "warmup_rounds", "evaluation", "node_failure", "node_timeout_s"),
 }
 
 _EDIT = ("sparsity", "calibration_rounds", "mask_rule", "score_method", "calibration_samples", "embeddings",

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from helpers.config import REPO, make_config, parse_sets
+from helpers.config import REPO, make_config, parse_sets, setting
 from helpers.fedavg import run_fedavg, train_in_turn
 from helpers.flower_node import node_query, node_train
 from helpers.flower_ops import MISSING, NodeEngine, exchange, reply_content  # say what to install if flwr is missing
@@ -230,7 +230,8 @@ def connect_nodes(grid: Grid, config: dict) -> dict[int, int]:
             )
         time.sleep(0.1)
     hello = RecordDict({"hello": ConfigRecord({"run": run_id(config)})})
-    replies = exchange(grid, [Message(hello, dst_node_id=n, message_type=MessageType.QUERY) for n in ids])
+    messages = [Message(hello, dst_node_id=n, message_type=MessageType.QUERY) for n in ids]
+    replies = exchange(grid, messages, setting(config, "node_timeout_s") or None)  # a silent node stops the run
     nodes: dict[int, int] = {}
     for n in ids:
         partition = int(reply_content(replies.get(n), f"Flower node {n}")["node"]["partition"])

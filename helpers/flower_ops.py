@@ -46,9 +46,9 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # ----------------------------------------------------------------------------- transport
 
 
-def exchange(grid: Grid, messages: list[Message]) -> dict[int, Message]:
-    """Send, wait for every reply; node id -> reply (replies come back in any order)."""
-    return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages)}
+def exchange(grid: Grid, messages: list[Message], timeout: float | None = None) -> dict[int, Message]:
+    """Send, wait for every reply (at most `timeout` s); node id -> reply (replies come back in any order)."""
+    return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
 
 
 def reply_content(reply: Message | None, what: str) -> RecordDict:
@@ -79,10 +79,12 @@ def raise_failure(what: str, problem: str) -> None:
     raise RuntimeError(f"{what}: {problem}")
 
 
-def exchange_checked(grid: Grid, messages: dict[int, Message]) -> tuple[dict[int, RecordDict | str], list[str]]:
-    """Send one message per client, wait for the replies and pair them with the messages sent (helpers.replies):
-    client -> its reply's content, or why there is none; and the replies to no message sent."""
-    replies = grid.send_and_receive(list(messages.values()))
+def exchange_checked(
+    grid: Grid, messages: dict[int, Message], timeout: float | None = None
+) -> tuple[dict[int, RecordDict | str], list[str]]:
+    """Send one message per client, wait for the replies (at most `timeout` s) and pair them with the messages sent
+    (helpers.replies): client -> its reply's content, or why there is none; and the replies to no message sent."""
+    replies = grid.send_and_receive(list(messages.values()), timeout=timeout)
     asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages.values()}
     keyed = ((r.metadata.reply_to_message_id, r.metadata.src_node_id, r) for r in replies)
     got, problems, unasked = sort_replies(asked, keyed, relay=SUPERLINK_NODE_ID)
@@ -90,6 +92,8 @@ def exchange_checked(grid: Grid, messages: dict[int, Message]) -> tuple[dict[int
     for k, m in messages.items():
         reply = got.get(m.metadata.message_id)
         problem = problems.get(m.metadata.message_id) or reply_failure(reply)
+        if reply is None and timeout is not None:
+            problem = f"no reply from its Flower node within node_timeout_s={timeout:g}"
         out[k] = problem if problem is not None else reply.content
     return out, unasked
 
@@ -130,7 +134,7 @@ class NodeEngine:
             body = RecordDict({"task": record, **((content(k) if callable(content) else content) or {})})
             kind = MessageType.TRAIN if op == "train" else MessageType.QUERY
             messages[k] = Message(body, dst_node_id=self.nodes[k], message_type=kind)
-        replies, unasked = exchange_checked(self.grid, messages)
+        replies, unasked = exchange_checked(self.grid, messages, setting(config, "node_timeout_s") or None)
         if unasked:  # no client to drop: such a reply is never used, and something is wrong in the federation
             raise RuntimeError(f"{op}: {unasked[0]}")
         return replies

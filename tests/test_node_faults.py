@@ -25,7 +25,7 @@ from helpers.flower import flower_config, run_flower, serve  # noqa: E402
 from helpers.flower_node import node_query, node_train  # noqa: E402
 from helpers.replies import FAULT_ENV, corrupt, sort_replies, weights_problem  # noqa: E402
 from helpers.resumable import build_seeded_model  # noqa: E402
-from helpers.runs import load_checkpoint  # noqa: E402
+from helpers.runs import load_checkpoint, run_id  # noqa: E402
 from helpers.sparse_runs import run_sparse_fedavg  # noqa: E402
 
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", rounds=2, server_lr=0.7)
@@ -256,3 +256,33 @@ def test_on_flower_simulation_the_nodes_evaluate_and_a_nan_update_is_dropped(tmp
     got = run_weights(flw)
     assert max((got[n] - want[n]).abs().max().item() for n in want) <= 1e-6
     assert rows.drop(columns="elapsed_s").equals(local.metrics().drop(columns="elapsed_s"))
+
+
+def test_a_node_silent_past_node_timeout_s_is_dropped_and_the_timeout_reaches_flower(tmp_path):
+    """node_timeout_s bounds every wait for replies (Grid.send_and_receive's timeout; 0 = no limit; not part of the
+    run id): a client whose reply is not back by then has failed, here dropped from round 2."""
+    config = make_config("fedavg", "smoke", **SMALL, **IID, node_failure="drop", node_timeout_s=30)
+    slow = sample_clients(config["seed"], 1, config["num_clients"], config["participation"])[1]
+    waits = []
+
+    class SlowGrid(InProcessGrid):
+        """The slow client's round-2 reply is not back within the timeout: Flower's grid returns the others."""
+
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            waits.append(timeout)
+            replies = super().send_and_receive(messages, timeout=timeout)
+            late = {m.metadata.message_id for m in messages if m.metadata.message_type == MessageType.TRAIN
+                    and m.content["task"]["round"] == 1 and m.content["task"]["client"] == slow}  # fmt: skip
+            return [r for r in replies if r.metadata.reply_to_message_id not in late]
+
+    run = serve(SlowGrid(flower_config(config)), flower_config(config), tmp_path)
+    assert set(waits) == {30.0} and dropped_ids(run) == [[], [slow]]
+    w0 = {n: p.detach() for n, p in build_seeded_model(config, torch.device("cpu")).named_parameters()}
+    first = sample_clients(config["seed"], 0, config["num_clients"], config["participation"])
+    second = [k for k in sample_clients(config["seed"], 1, config["num_clients"], config["participation"]) if k != slow]
+    want = reference_round(config, reference_round(config, w0, 0, first), 1, second)
+    got = run_weights(run)
+    assert max((got[n] - want[n]).abs().max().item() for n in want) <= 1e-6
+    plain = make_config("fedavg", "smoke", **SMALL, **IID, node_failure="drop")
+    assert "node_timeout_s" not in plain and run_id(flower_config(plain)) == run.id
