@@ -77,10 +77,11 @@ def check_out(out: Path, nodes: int, *, force: bool = False) -> Path:
 
 def write(path: Path, data: bytes, private: bool) -> None:
     """Write `data`; a private key is created with mode 0600 (never readable by others, not even for a moment)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    # O_NOFOLLOW: a symbolic link planted in the folder must not send a key elsewhere (e.g. into a repository)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600 if private else 0o644)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.chmod(path, 0o600 if private else 0o644)  # an existing file (--force) keeps its old mode through os.open
+        os.fchmod(f.fileno(), 0o600 if private else 0o644)  # an existing file (--force) keeps its old mode
 
 
 def certificate(subject: str, key, issuer: str, issuer_key, days: int, extensions: list) -> x509.Certificate:

@@ -59,7 +59,7 @@ def federation_script(
 ) -> str:
     """The whole walk-through as a bash script, one part per machine, for the `flwr run` command `run_command`
     (its connection name is run_command[3])."""
-    name, host, last, join = run_command[3], address.rsplit(":", 1)[0], num_nodes - 1, shlex.join
+    name, host, last, join = run_command[3], address.rsplit(":", 1)[0].strip("[]"), num_nodes - 1, shlex.join
     step = iter(range(1, 7))
     lines = [f"# {TRY_OUT}"] if insecure else [
         f"# {next(step)}. coordinator, once: the credentials (keep ca.key offline)",

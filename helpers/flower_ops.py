@@ -92,7 +92,7 @@ def exchange_checked(
     for k, m in messages.items():
         reply = got.get(m.metadata.message_id)
         problem = problems.get(m.metadata.message_id) or reply_failure(reply)
-        if reply is None and timeout is not None:
+        if reply is None and timeout is not None and m.metadata.message_id not in problems:
             problem = f"no reply from its Flower node within node_timeout_s={timeout:g}"
         out[k] = problem if problem is not None else reply.content
     return out, unasked
@@ -139,27 +139,39 @@ class NodeEngine:
             raise RuntimeError(f"{op}: {unasked[0]}")
         return replies
 
+    # Steps that need every client: a reply that cannot be used stops the run, naming the client (n_k is trusted).
     def shard_sizes(self, config: dict) -> list[int]:
-        return [int(c["result"]["size"]) for c in self.ask("size", config, sorted(self.nodes))]
+        clients = sorted(self.nodes)
+        sizes = [int(c["result"]["size"]) for c in self.ask("size", config, clients)]
+        for k, n in zip(clients, sizes, strict=True):
+            usable(f"size on client {k}", None if n >= 1 else f"shard size {n}")
+        return sizes
 
     def client_scores(
         self, model: nn.Module, config: dict, call: int, clients: list[int]
     ) -> Iterator[tuple[dict[str, Tensor], int]]:
         device = next(model.parameters()).device
-        for c in self.ask("score", config, clients, {"model": parameters(model)}, call=call):
-            scores = {n: s.to(device) for n, s in c["scores"].to_torch_state_dict().items()}
-            yield scores, int(c["result"]["samples"])
+        for k, c in zip(clients, self.ask("score", config, clients, {"model": parameters(model)}, call=call)):
+            scores, samples = c["scores"].to_torch_state_dict(), int(c["result"]["samples"])
+            usable(f"score on client {k}", finite_problem(scores) or (None if samples >= 1 else f"{samples} samples"))
+            yield {n: s.to(device) for n, s in scores.items()}, samples
 
     def ridge_statistics(self, model: nn.Module, config: dict) -> Iterator[tuple[Tensor, Tensor]]:
         device = next(model.parameters()).device
-        for c in self.ask("ridge", config, sorted(self.nodes), {"model": parameters(model)}):
+        clients = sorted(self.nodes)
+        for k, c in zip(clients, self.ask("ridge", config, clients, {"model": parameters(model)})):
             stats = c["stats"].to_torch_state_dict()
+            usable(f"ridge on client {k}", finite_problem(stats))
             yield stats["xtx"].to(device), stats["xty"].to(device)
 
     def client_evaluations(self, model: nn.Module, config: dict, split: str) -> Iterator[tuple[float, int, int]]:
         """Every client's (summed loss, correct, samples) on its part of `split` (helpers.evaluation)."""
-        for c in self.ask("evaluate", config, sorted(self.nodes), {"model": parameters(model)}, split=split):
-            yield float(c["result"]["loss"]), int(c["result"]["correct"]), int(c["result"]["samples"])
+        clients = sorted(self.nodes)
+        for k, c in zip(clients, self.ask("evaluate", config, clients, {"model": parameters(model)}, split=split)):
+            loss, correct, n = float(c["result"]["loss"]), int(c["result"]["correct"]), int(c["result"]["samples"])
+            ok = 0 <= loss < math.inf and 0 <= correct <= n
+            usable(f"evaluate on client {k}", None if ok else f"loss {loss}, {correct} correct of {n}")
+            yield loss, correct, n
 
     def setup(self, model: nn.Module, masks: Masks | None, config: dict) -> None:
         """Once per run and node: the frozen parameters (the step-0 head of sparse runs) and the client's mask."""
@@ -188,11 +200,13 @@ class NodeEngine:
         down = algorithm_content(algorithm, start, names, masks)  # per client: server state its side needs
         replies = self.gather("train", config, clients, lambda k: {**content, **down(k)}, round=rnd)
         expected = dict(zip(names, start, strict=True))
-        results = {k: trained_result(r, expected) for k, r in replies.items()}
+        results = {k: trained_result(r, expected, scaler is not None) for k, r in replies.items()}
         for k, r in results.items():  # what it sends beyond its weights (SCAFFOLD's Delta c_i), checked alike
             if not isinstance(r, str):
-                extra = client_extra(replies[k], names, masks.of_client(k) if masks is not None else None, start)
-                results[k] = extra if isinstance(extra, str) else (*r, extra)
+                own = aligned_masks(names, masks.of_client(k) if masks is not None else None)
+                extra = client_extra(replies[k], names, own, start, required=algorithm.upload_factor > 1)
+                weights = [w if m is None else torch.where(m, w, w0) for w, m, w0 in zip(r[0], own, start, strict=True)]
+                results[k] = extra if isinstance(extra, str) else (weights, *r[1:], extra)  # frozen entries: start's
         failed = {k: r for k, r in results.items() if isinstance(r, str)}  # every check done before any sum
         kept = [k for k in clients if k not in failed]
         if failed and (setting(config, "node_failure") == "stop" or not kept):
@@ -235,15 +249,15 @@ def algorithm_content(
 
 
 def client_extra(
-    content: RecordDict, names: list[str], masks: Mapping[str, Tensor] | None, start: list[Tensor]
+    content: RecordDict, names: list[str], masks: list[Tensor | None], start: list[Tensor], *, required: bool
 ) -> list[Tensor] | None | str:
     """What a node sent beyond its weights (ClientSide.finish: SCAFFOLD's Delta c_i), back at full shape (zero where
-    the client's mask freezes, as finish returned it), None, or why it cannot be used (like trained_result)."""
+    the client's mask `masks` freezes, as finish returned it), None, or why it cannot be used (like trained_result)."""
     if "extra" not in content:
-        return None
+        return "malformed reply: no control variate" if required else None
     try:
         packed = content["extra"].to_torch_state_dict()
-        extra = unpack_entries([packed[n] for n in names], aligned_masks(names, masks), start)
+        extra = unpack_entries([packed[n] for n in names], masks, start)
     except Exception as exc:  # a wrong name or entry count: a problem of this client, not of the server
         return f"malformed reply: {type(exc).__name__}: {exc}"
     if not all(torch.isfinite(e).all() for e in extra):
@@ -251,9 +265,22 @@ def client_extra(
     return extra
 
 
-def trained_result(content: RecordDict | str, expected: Mapping[str, Tensor]) -> tuple | str:
+def usable(what: str, problem: str | None) -> None:
+    """Stop the run on a reply that cannot be used: "<what>: invalid reply: <problem>"."""
+    if problem is not None:
+        raise RuntimeError(f"{what}: invalid reply: {problem}")
+
+
+def finite_problem(tensors: Mapping[str, Tensor]) -> str | None:
+    """The first tensor with a non-finite value, or None."""
+    bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
+    return f"{bad[0]} has non-finite values" if bad else None
+
+
+def trained_result(content: RecordDict | str, expected: Mapping[str, Tensor], scaled: bool = False) -> tuple | str:
     """A train reply as (weights in `expected`'s order and device, loss, GradScaler state), or why it cannot be
-    averaged in (helpers.replies.weights_problem, a missing or non-finite loss, a malformed reply)."""
+    averaged in (helpers.replies.weights_problem, a missing or non-finite loss, a bad scaler state when `scaled`,
+    a malformed reply)."""
     if isinstance(content, str):
         return content
     try:
@@ -265,6 +292,8 @@ def trained_result(content: RecordDict | str, expected: Mapping[str, Tensor]) ->
     problem = weights_problem(expected, trained)
     if problem is None and not math.isfinite(loss):
         problem = f"invalid reply: non-finite loss {loss}"
+    if problem is None and scaled and not (state is not None and 0 < float(state.get("scale", math.nan)) < math.inf):
+        problem = f"invalid reply: GradScaler state {state} has no finite scale > 0"  # min() would take it
     if problem is not None:
         return problem
     return [trained[n].to(w.device) for n, w in expected.items()], loss, state

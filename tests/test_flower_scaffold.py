@@ -114,7 +114,7 @@ def test_a_node_trains_like_the_sequential_client_and_prunes_then_drops_its_c_i(
         reply = flower_node.node_train(RecordDict({"weights": ArrayRecord(dict(zip(names, start, strict=True))),
                                                   "task": task, **sent}), context, config)  # fmt: skip
         trained = reply["weights"].to_torch_state_dict()
-        delta = flower_ops.client_extra(reply, names, mask if sparse else None, start)
+        delta = flower_ops.client_extra(reply, names, aligned_masks(names, masks and mask), start, required=True)
         (ref,) = train_in_turn(model, data, shards, rnd, [1], config, masks=masks, start=start, scaler=None,
                                algorithm=reference)  # fmt: skip
         assert all(torch.equal(trained[n], w) for n, w in zip(names, ref.weights, strict=True))

@@ -6,6 +6,7 @@ a failed client is dropped (its round equals a hand-computed average of the othe
 
 from __future__ import annotations
 
+import math
 import uuid
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict  # noqa: E402
 from flwr.common.constant import ErrorCode  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
@@ -286,3 +287,62 @@ def test_a_node_silent_past_node_timeout_s_is_dropped_and_the_timeout_reaches_fl
     assert max((got[n] - want[n]).abs().max().item() for n in want) <= 1e-6
     plain = make_config("fedavg", "smoke", **SMALL, **IID, node_failure="drop")
     assert "node_timeout_s" not in plain and run_id(flower_config(plain)) == run.id
+
+
+def test_entries_outside_a_clients_own_mask_never_reach_the_average(tmp_path):
+    """Per-client masks: a node that also changes entries its own mask freezes (others may train them) gives the
+    honest run's weights bit for bit: the server takes those entries from the round's start, not from the reply."""
+    config = flower_config(make_config("sparse_fedavg", "smoke", **SMALL, **IID, **SPARSE, mask_scope="local"))
+    honest = serve(InProcessGrid(config), config, tmp_path / "honest")
+
+    def outside(message, reply):
+        key = f"masks@{message.content['task']['run']}" if "task" in message.content else ""
+        state = grid.contexts[message.metadata.dst_node_id].state
+        if message.metadata.message_type != MessageType.TRAIN or key not in state:
+            return [reply]
+        masks, sent = state[key].to_torch_state_dict(), reply.content["weights"].to_torch_state_dict()
+        reply.content["weights"] = ArrayRecord({n: torch.where(masks[n].bool(), w, w + 1000) if n in masks else w
+                                                for n, w in sent.items()})  # fmt: skip
+        return [reply]
+
+    grid = InProcessGrid(config, outside)
+    tampered = serve(grid, config, tmp_path / "tampered")
+    want, got = run_weights(honest), run_weights(tampered)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def too_many_correct(content: RecordDict) -> None:
+    content["result"]["correct"] = 10**6
+
+
+def nan_scores(content: RecordDict) -> None:
+    scores = content["scores"].to_torch_state_dict()
+    first = next(iter(scores))
+    content["scores"] = ArrayRecord({**scores, first: scores[first] * math.nan})
+
+
+def no_control_variate(content: RecordDict) -> None:
+    del content["extra"]
+
+
+@pytest.mark.parametrize(
+    ("experiment", "op", "damage", "message"),
+    [
+        ("fedavg", "evaluate", too_many_correct, r"^evaluate on client \d+: invalid reply: loss"),
+        ("sparse_fedavg", "score", nan_scores, r"^score on client \d+: invalid reply: \S+ has non-finite"),
+        ("fedavg", "train", no_control_variate, r"^round 1, client \d+ \(every client failed\): malformed reply: no"),
+    ],
+)
+def test_every_reply_a_step_needs_is_checked(experiment, op, damage, message, tmp_path):
+    """Replies outside training (scores, evaluation sums) and SCAFFOLD's control variates are checked too: a
+    damaged one stops the run naming the operation and the client."""
+    extra = {"evaluation": "clients"} if op == "evaluate" else {"algorithm": "scaffold"} if op == "train" else {}
+    config = make_config(experiment, "smoke", **SMALL, **IID, **(SPARSE if experiment != "fedavg" else {}), **extra)
+
+    def damaged(m, reply):
+        if "task" in m.content and m.content["task"]["op"] == op and not reply.has_error():
+            damage(reply.content)
+        return [reply]
+
+    with pytest.raises(RuntimeError, match=message):
+        flower_run(config, tmp_path, tamper=damaged)
