@@ -41,7 +41,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check helpers tests conftest.py
 	$(PY) -m ruff format --check helpers tests conftest.py
 
-# The report from whatever is in results/<PROFILE>/: its figures and tables (helpers.report), then
+# The report from whatever is in results/<PROFILE>/: its figures and tables (helpers.reporting.report), then
 # report/main-<PROFILE>.pdf with latexmk (needs a LaTeX installation: see docs/report.md).
 PROFILE ?= smoke
 report: $(VENV)/.installed

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from helpers.config import make_config
-from helpers.models import set_trainable
-from helpers.resumable import build_seeded_model
+from helpers.config.experiments import make_config
+from helpers.core.models import set_trainable
+from helpers.training.resumable import build_seeded_model
 
 CPU = torch.device("cpu")
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu")

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 from smallrun import SMALL
 
-from helpers import fedavg, resumable
-from helpers.__main__ import main
-from helpers.algorithms import ALGORITHMS
-from helpers.config import REMEDIES, make_config
-from helpers.runs import find_runs, run_id, tidy_results
+from helpers.algorithms.registry import ALGORITHMS
+from helpers.config.experiments import REMEDIES, make_config
+from helpers.federated import rounds as fedavg
+from helpers.ops.cli import main
+from helpers.training import resumable
+from helpers.training.runs import find_runs, run_id, tidy_results
 
 
 @pytest.mark.parametrize("experiment", ["fedavg", "sparse_fedavg"])

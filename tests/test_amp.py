@@ -17,15 +17,15 @@ import pytest
 import torch
 from smallrun import CPU, SMALL
 
-import helpers.fedavg as fedavg
-from helpers.__main__ import runner
-from helpers.config import make_config
-from helpers.data import make_synthetic, step_batches
-from helpers.models import build_model
-from helpers.precision import amp_dtype, make_scaler, resolve_amp, use_deterministic
-from helpers.runs import load_checkpoint, run_id
-from helpers.sparse_sgdm import SparseSGDM
-from helpers.train import train_steps
+import helpers.federated.rounds as fedavg
+from helpers.config.experiments import make_config
+from helpers.core.models import build_model
+from helpers.core.precision import amp_dtype, make_scaler, resolve_amp, use_deterministic
+from helpers.data.datasets import make_synthetic, step_batches
+from helpers.ops.runners import runner
+from helpers.sparse.sgdm import SparseSGDM
+from helpers.training.loop import train_steps
+from helpers.training.runs import load_checkpoint, run_id
 
 REPO = Path(__file__).resolve().parent.parent
 FEDERATED = dict(num_clients=10, participation=0.3, local_steps=2, rounds=4)
@@ -37,7 +37,7 @@ DRIVER = """
 import functools, os, signal, sys
 import torch
 torch.amp.GradScaler = functools.partial(torch.amp.GradScaler, **{scaler!r})
-import helpers.fedavg as fedavg
+import helpers.federated.rounds as fedavg
 original, calls = fedavg.client_update, []
 def killing(*args, **kwargs):
     if {kill} and args[3] == 1 and (kwargs.get("masks") is not None or {dense}):
@@ -46,7 +46,7 @@ def killing(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
     return original(*args, **kwargs)
 fedavg.client_update = killing
-from helpers.__main__ import main
+from helpers.ops.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -268,7 +268,7 @@ def test_deterministic_same_run_id_same_metrics_flags_on_during_the_run(tmp_path
 
 def test_bench_training_in_each_precision():
     """The benchmark's training step runs and reports the precision it used (what a GPU check calls per amp)."""
-    from helpers.bench import bench_training
+    from helpers.ops.bench import bench_training
 
     for amp in ("fp16", "bf16", "fp32"):
         config = make_config("fedavg", "smoke", device="cpu", amp=amp)

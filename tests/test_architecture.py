@@ -21,14 +21,22 @@ ENTRY_POINTS = {"main"}  # every command-line module has one
 
 
 def modules() -> dict[str, ast.Module]:
-    return {p.stem: ast.parse(p.read_text(), str(p)) for p in sorted(PACKAGE.glob("*.py")) if p.stem != "__init__"}
+    """{dotted module name under helpers: its tree} (package __init__ files aside)."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name != "__init__.py":
+            found[".".join(path.relative_to(PACKAGE).with_suffix("").parts)] = ast.parse(path.read_text(), str(path))
+    return found
+
+
+KNOWN = set(modules())
 
 
 def module_map() -> dict[str, int]:
     """{module: layer} from the table of docs/architecture.md whose header is `| module | layer | owns |`."""
     text = MAP.read_text()
     table = text[text.index("| module | layer | owns |") :].split("\n\n")[0]
-    rows = re.findall(r"^\| `([\w]+)` \| (\d+) \|", table, flags=re.M)
+    rows = re.findall(r"^\| `([\w.]+)` \| (\d+) \|", table, flags=re.M)
     assert rows, "no rows in the module table of docs/architecture.md"
     layers = {}
     for name, layer in rows:
@@ -43,12 +51,15 @@ def helpers_imports(tree: ast.Module) -> list[tuple[str, list[str], int]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "helpers":
             names = [a.name for a in node.names]
-            if node.module == "helpers":  # from helpers import data, plots
-                found += [(name, [], node.lineno) for name in names]
+            base = node.module.removeprefix("helpers").lstrip(".")
+            if f"{base}.{names[0]}" in KNOWN:  # from helpers.core import caches
+                found += [(f"{base}.{name}", [], node.lineno) for name in names]
             else:
-                found.append((node.module.split(".")[1], names, node.lineno))
+                found.append((base, names, node.lineno))
         elif isinstance(node, ast.Import):
-            found += [(a.name.split(".")[1], [], node.lineno) for a in node.names if a.name.startswith("helpers.")]
+            found += [
+                (a.name.removeprefix("helpers."), [], node.lineno) for a in node.names if a.name.startswith("helpers.")
+            ]
     return found
 
 

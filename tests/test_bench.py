@@ -2,7 +2,7 @@
 
 import json
 
-from helpers import bench
+from helpers.ops import bench
 
 
 def test_quick_bench_writes_every_measurement(tmp_path, capsys):

@@ -5,8 +5,8 @@ import pytest
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
-from helpers.bench_flower import bench_flower  # noqa: E402
-from helpers.config import make_config  # noqa: E402
+from helpers.config.experiments import make_config  # noqa: E402
+from helpers.ops.bench_flower import bench_flower  # noqa: E402
 
 
 def test_flower_round_time_is_measured_against_the_sequential_engine():

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.algorithms import ALGORITHMS
-from helpers.bench_remedies import bench_algorithms, measured_store_bytes, scaffold_memory
-from helpers.config import make_config
+from helpers.algorithms.registry import ALGORITHMS
+from helpers.config.experiments import make_config
+from helpers.ops.bench_remedies import bench_algorithms, measured_store_bytes, scaffold_memory
 
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", num_clients=6,
              participation=0.5, local_steps=2)  # fmt: skip

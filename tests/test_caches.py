@@ -1,13 +1,13 @@
-"""helpers.caches: bounded, least recently used out first, one make() per key; load_data and the ImageNet
+"""helpers.core.caches: bounded, least recently used out first, one make() per key; load_data and the ImageNet
 normalisation go through it (same object back for the same key)."""
 
 from __future__ import annotations
 
 import torch
 
-from helpers import caches
-from helpers.config import make_config
-from helpers.data import eval_batch, load_data
+from helpers.config.experiments import make_config
+from helpers.core import caches
+from helpers.data.datasets import eval_batch, load_data
 
 
 def test_cache_is_a_bounded_lru_that_makes_each_value_once():

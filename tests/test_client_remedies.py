@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 from smallrun import CPU, SMALL, fresh_model, small_config
 
-from helpers import fedavg, scaffold
-from helpers.algorithms import make_algorithm
-from helpers.config import make_config
-from helpers.data import augment_batch, augment_generator, load_data, step_batches
-from helpers.masks import Masks
-from helpers.runs import load_checkpoint
-from helpers.sparse_runs import run_sparse_fedavg
-from helpers.stragglers import local_steps
+from helpers.algorithms import scaffold
+from helpers.algorithms.registry import make_algorithm
+from helpers.config.experiments import make_config
+from helpers.data.datasets import augment_batch, augment_generator, load_data, step_batches
+from helpers.editing.sparse_runs import run_sparse_fedavg
+from helpers.federated import rounds as fedavg
+from helpers.federated.stragglers import local_steps
+from helpers.sparse.masks import Masks
+from helpers.training.runs import load_checkpoint
 
 
 def client_batches(config, shard, rnd, client):

@@ -1,4 +1,4 @@
-"""The notebooks' bootstrap cell and helpers.colab, run as on a fresh Colab runtime (fake google.colab, fake
+"""The notebooks' bootstrap cell and helpers.core.colab, run as on a fresh Colab runtime (fake google.colab, fake
 subprocess, /content moved to a temporary folder) and as locally (papermill, nbval): what is cloned, installed,
 put on sys.path, and the errors."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from helpers.colab import use_repository
+from helpers.core.colab import use_repository
 
 REPO = Path(__file__).resolve().parent.parent
 PLACEHOLDER = "https://github.com/your-team/fl-model-editing.git"
@@ -30,7 +30,7 @@ def test_every_notebook_starts_with_the_same_short_bootstrap():
     cells = first_cells()
     assert len(cells) == 7 and len(set(cells.values())) == 1, "the first code cells differ"
     source = next(iter(cells.values()))
-    assert len(source.splitlines()) <= 20 and "from helpers.colab import use_repository" in source
+    assert len(source.splitlines()) <= 20 and "from helpers.core.colab import use_repository" in source
 
 
 class FakeColab:

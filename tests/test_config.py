@@ -2,8 +2,7 @@
 
 import pytest
 
-from helpers.__main__ import main
-from helpers.config import (
+from helpers.config.experiments import (
     EXPERIMENTS,
     PARAMS,
     REMEDIES,
@@ -13,6 +12,7 @@ from helpers.config import (
     profile_defaults,
     resolve_profile,
 )
+from helpers.ops.cli import main
 
 BAD = [
     ("val_fraction", 0.0, "(0, 1)"),

@@ -12,12 +12,12 @@ from smallrun import SMALL
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import cost
-from helpers.centralized import run_centralized
-from helpers.config import make_config, split_sizes, train_split_size
-from helpers.fedavg import clients_per_round
-from helpers.memory import LABEL
-from helpers.models import build_model, forward_flops
+from helpers.config.experiments import make_config, split_sizes, train_split_size
+from helpers.core.models import build_model, forward_flops
+from helpers.federated.rounds import clients_per_round
+from helpers.ops import cost
+from helpers.ops.memory import LABEL
+from helpers.training.centralized import run_centralized
 
 
 @pytest.mark.parametrize("name, img_size", [("vit_tiny_smoke", 32), ("vit_small_patch16_224.dino", 224)])

@@ -1,4 +1,4 @@
-"""The credentials command (helpers.credentials): file modes, refusals, and files that parse and verify as Flower
+"""The credentials command (helpers.flower.credentials): file modes, refusals, and files that parse and verify as Flower
 and a TLS client need them (checked with cryptography's own X.509 verifier and Flower's key loader)."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError  # noqa: E402
 
-from helpers import credentials  # noqa: E402
-from helpers.config import REPO  # noqa: E402
+from helpers.config.experiments import REPO  # noqa: E402
+from helpers.flower import credentials  # noqa: E402
 
 HOSTS = ["localhost", "127.0.0.1", "server.lab"]
 
@@ -137,7 +137,7 @@ def test_cli_io_error_exits_1(tmp_path, capsys):
 
 def test_without_cryptography_the_command_says_what_to_install(tmp_path):
     block = "import runpy, sys; sys.modules['cryptography'] = None; sys.argv[0] = 'x'; "
-    run = "runpy.run_module('helpers.credentials', run_name='__main__')"
+    run = "runpy.run_module('helpers.flower.credentials', run_name='__main__')"
     out = subprocess.run([sys.executable, "-c", block + run, "--host", "localhost", "--nodes", "1"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 2 and out.stderr.startswith(f"error: {credentials.NO_CRYPTOGRAPHY}"), out.stderr

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers.data import (
+from helpers.data.datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     augment_batch,

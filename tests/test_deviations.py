@@ -6,15 +6,15 @@ import pytest
 import torch
 from smallrun import CPU, SMALL
 
-from helpers import report
-from helpers.calibration import masked_names
-from helpers.config import make_config
-from helpers.data import augment_generator, load_data
-from helpers.fedavg import client_optimizer
-from helpers.resumable import build_seeded_model
-from helpers.sensitivity import calibrate_masks
-from helpers.sparse_sgdm import SparseSGDM
-from helpers.train import train_steps
+from helpers.config.experiments import make_config
+from helpers.data.datasets import augment_generator, load_data
+from helpers.editing.calibration import masked_names
+from helpers.federated.rounds import client_optimizer
+from helpers.reporting import report
+from helpers.sparse.sensitivity import calibrate_masks
+from helpers.sparse.sgdm import SparseSGDM
+from helpers.training.loop import train_steps
+from helpers.training.resumable import build_seeded_model
 
 
 @pytest.fixture()

@@ -7,18 +7,21 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import calibration, centralized, editing_views, fedavg, resumable, sparse_runs
-from helpers.__main__ import main
-from helpers.calibration import EDITING_FILE, Scorer, calibrate_centralized, calibrate_federated, load_masks
-from helpers.config import make_config, train_split_size
-from helpers.data import load_data
-from helpers.fedavg import client_shards, sample_clients
-from helpers.mask_stats import mask_jaccard
-from helpers.models import backbone_parameters
-from helpers.resumable import build_seeded_model
-from helpers.runs import load_artifact, load_checkpoint
-from helpers.sparse_runs import run_sparse_centralized, run_sparse_fedavg
-from helpers.step0 import fit_head, fit_head_federated, head_fedavg_config, ridge_statistics, solve_ridge
+from helpers.config.experiments import make_config, train_split_size
+from helpers.core.models import backbone_parameters
+from helpers.data.datasets import load_data
+from helpers.editing import calibration, sparse_runs
+from helpers.editing import views as editing_views
+from helpers.editing.calibration import EDITING_FILE, Scorer, calibrate_centralized, calibrate_federated, load_masks
+from helpers.editing.sparse_runs import run_sparse_centralized, run_sparse_fedavg
+from helpers.editing.step0 import fit_head, fit_head_federated, head_fedavg_config, ridge_statistics, solve_ridge
+from helpers.federated import rounds as fedavg
+from helpers.federated.rounds import client_shards, sample_clients
+from helpers.ops.cli import main
+from helpers.sparse.mask_stats import mask_jaccard
+from helpers.training import centralized, resumable
+from helpers.training.resumable import build_seeded_model
+from helpers.training.runs import load_artifact, load_checkpoint
 
 CPU = torch.device("cpu")
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", calibration_samples=16)

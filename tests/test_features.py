@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import caches, features
-from helpers.centralized import run_centralized
-from helpers.config import make_config, train_split_size
-from helpers.data import load_data
-from helpers.fedavg import run_fedavg
-from helpers.resumable import build_seeded_model
-from helpers.runs import load_checkpoint
+from helpers.config.experiments import make_config, train_split_size
+from helpers.core import caches
+from helpers.data.datasets import load_data
+from helpers.federated.rounds import run_fedavg
+from helpers.training import features
+from helpers.training.centralized import run_centralized
+from helpers.training.resumable import build_seeded_model
+from helpers.training.runs import load_checkpoint
 
 CPU = torch.device("cpu")
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", train_mode="head")

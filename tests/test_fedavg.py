@@ -18,13 +18,14 @@ import pytest
 import torch
 from smallrun import CPU, SMALL, fresh_model, small_config
 
-from helpers import config as config_module
-from helpers import fedavg, resumable
-from helpers.config import make_config
-from helpers.data import augment_generator, load_data, step_batches
-from helpers.masks import Masks
-from helpers.runs import Run, load_checkpoint
-from helpers.train import NonFiniteLossError, train_steps
+from helpers.config import experiments as config_module
+from helpers.config.experiments import make_config
+from helpers.data.datasets import augment_generator, load_data, step_batches
+from helpers.federated import rounds as fedavg
+from helpers.sparse.masks import Masks
+from helpers.training import resumable
+from helpers.training.loop import NonFiniteLossError, train_steps
+from helpers.training.runs import Run, load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -319,7 +320,7 @@ def test_killed_cli_run_resumes_bit_identically(tmp_path):
 
 
 def test_round_plots_accept_runs_and_frames(tmp_path):
-    from helpers.plots import plot_drift, plot_rounds
+    from helpers.reporting.plots import plot_drift, plot_rounds
 
     configs = [
         small_config(num_clients=5, participation=0.4, local_steps=1, rounds=2, sharding=s)

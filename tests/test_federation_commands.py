@@ -1,4 +1,4 @@
-"""`--print-flwr-run NAME` prints the secure federation (helpers.federation): TLS and node authentication on every
+"""`--print-flwr-run NAME` prints the secure federation (flower.federation): TLS and node authentication on every
 command, each node's own key, registration of every node; --insecure only as a named local try-out. The commands
 themselves run in tests/test_flower_federation.py."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.__main__ import main
+from helpers.ops.cli import main
 
 ARGS = ["flower", "sparse_fedavg", "--profile", "smoke", "--set", "num_clients=3", "--print-flwr-run", "fed"]
 
@@ -29,7 +29,7 @@ def test_the_printed_federation_is_secure_end_to_end(capsys, tmp_path):
     creds = tmp_path / "creds"
     lines = printed(capsys, tmp_path, "--credentials", str(creds), "--superlink-address", "server.lab:9000")
     assert not any("--insecure" in x or "insecure = true" in x for x in lines)
-    make = command(lines, "helpers.credentials")
+    make = command(lines, "helpers.flower.credentials")
     assert make[make.index("--host") + 1] == "server.lab" and make[make.index("--nodes") + 1] == "3"
     link = command(lines, "flower-superlink")
     assert link[0] == "FLME_NO_TRAIN_DATA=1" and "--enable-supernode-auth" in link
@@ -57,7 +57,9 @@ def test_insecure_is_a_named_local_try_out(capsys, tmp_path):
     lines = printed(capsys, tmp_path, "--insecure", "--superlink-address", "127.0.0.1:8000")
     assert lines[0].startswith("# local try-out only: no TLS and no node authentication")
     assert "--insecure" in command(lines, "flower-superlink") and "--insecure" in command(lines, "flower-supernode")
-    assert not any(w in " ".join(lines) for w in ("register", "--ssl-", "--root-certificates", "helpers.credentials"))
+    assert not any(
+        w in " ".join(lines) for w in ("register", "--ssl-", "--root-certificates", "helpers.flower.credentials")
+    )
 
 
 @pytest.mark.parametrize(

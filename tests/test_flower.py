@@ -26,18 +26,19 @@ pytest.importorskip("ray")
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict  # noqa: E402
 
-from helpers import flower, flower_node  # noqa: E402
-from helpers.__main__ import main  # noqa: E402
-from helpers.calibration import load_masks  # noqa: E402
-from helpers.config import make_config  # noqa: E402
-from helpers.data import NO_TRAIN_DATA_ENV  # noqa: E402
-from helpers.fedavg import client_update, run_fedavg, sample_clients  # noqa: E402
-from helpers.flower import run_flower  # noqa: E402
-from helpers.flower_ops import reply_content  # noqa: E402
-from helpers.replies import FAULT_ENV  # noqa: E402
-from helpers.runs import Run, load_checkpoint, open_run, run_id  # noqa: E402
-from helpers.sparse_runs import run_sparse_fedavg  # noqa: E402
-from helpers.train import NonFiniteLossError  # noqa: E402
+from helpers.config.experiments import make_config  # noqa: E402
+from helpers.data.datasets import NO_TRAIN_DATA_ENV  # noqa: E402
+from helpers.editing.calibration import load_masks  # noqa: E402
+from helpers.editing.sparse_runs import run_sparse_fedavg  # noqa: E402
+from helpers.federated.rounds import client_update, run_fedavg, sample_clients  # noqa: E402
+from helpers.flower import app as flower
+from helpers.flower import node as flower_node  # noqa: E402
+from helpers.flower.app import run_flower  # noqa: E402
+from helpers.flower.replies import FAULT_ENV  # noqa: E402
+from helpers.flower.server import reply_content  # noqa: E402
+from helpers.ops.cli import main  # noqa: E402
+from helpers.training.loop import NonFiniteLossError  # noqa: E402
+from helpers.training.runs import Run, load_checkpoint, open_run, run_id  # noqa: E402
 
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", rounds=3, server_lr=0.7)
 IID = dict(num_clients=10, participation=0.3, sharding="iid")

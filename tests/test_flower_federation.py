@@ -25,15 +25,15 @@ pytest.importorskip("flwr")
 
 from test_node_faults import dropped_ids, reference_round  # noqa: E402
 
-from helpers import flower  # noqa: E402
-from helpers.calibration import load_masks  # noqa: E402
-from helpers.config import make_config  # noqa: E402
-from helpers.credentials import make_credentials  # noqa: E402
-from helpers.data import NO_TRAIN_DATA_ENV  # noqa: E402
-from helpers.federation import connection_toml, register_command, superlink_command, supernode_command  # noqa: E402
-from helpers.resumable import build_seeded_model  # noqa: E402
-from helpers.runs import load_checkpoint, open_run  # noqa: E402
-from helpers.sparse_runs import run_sparse_fedavg  # noqa: E402
+from helpers.config.experiments import make_config  # noqa: E402
+from helpers.data.datasets import NO_TRAIN_DATA_ENV  # noqa: E402
+from helpers.editing.calibration import load_masks  # noqa: E402
+from helpers.editing.sparse_runs import run_sparse_fedavg  # noqa: E402
+from helpers.flower import app as flower  # noqa: E402
+from helpers.flower.credentials import make_credentials  # noqa: E402
+from helpers.flower.federation import connection_toml, register_command, superlink_command, supernode_command  # noqa: E402
+from helpers.training.resumable import build_seeded_model  # noqa: E402
+from helpers.training.runs import load_checkpoint, open_run  # noqa: E402
 
 # K=2 non-IID: each client holds 50 of the 100 classes (Nc * K >= 100, every class has a client)
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", server_lr=0.7)
@@ -49,7 +49,7 @@ def free_port() -> int:
 
 
 class Federation:
-    """A secure federation on localhost, started with the commands --print-flwr-run prints (helpers.federation): a
+    """A secure federation on localhost, started with the commands --print-flwr-run prints (flower.federation): a
     SuperLink with TLS and --enable-supernode-auth whose ServerApp runs without training data, and SuperNodes
     registered with their own keys, each in its own session. One spare key pair (node-<num_nodes>) is never
     registered."""

@@ -1,4 +1,4 @@
-"""Flower is optional: every module but helpers.flower, flower_ops and flower_node imports without flwr, the Flower
+"""Flower is optional: every module but helpers.flower.app, flower_ops and flower_node imports without flwr, the Flower
 entry points say what to install, and the sequential runners refuse a run labelled engine="flower"."""
 
 import subprocess
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers.__main__ import main
-from helpers.config import make_config
-from helpers.fedavg import run_fedavg
-from helpers.sparse_runs import run_sparse_fedavg
+from helpers.config.experiments import make_config
+from helpers.editing.sparse_runs import run_sparse_fedavg
+from helpers.federated.rounds import run_fedavg
+from helpers.ops.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", num_clients=10)
@@ -21,7 +21,7 @@ import helpers
 for m in pkgutil.iter_modules(helpers.__path__):
     if m.name not in ("flower", "flower_ops", "flower_node", "credentials"):  # credentials needs cryptography
         importlib.import_module(f"helpers.{m.name}")
-for name in ("helpers.flower_ops", "helpers.flower_node", "helpers.flower"):
+for name in ("helpers.flower.server", "helpers.flower.node", "helpers.flower.app"):
     try:
         importlib.import_module(name)
     except ImportError as exc:
@@ -41,7 +41,7 @@ def test_helpers_import_without_flwr():
 def test_flower_entry_points_without_flwr_say_what_to_install(monkeypatch, capsys, tmp_path):
     for name in [m for m in sys.modules if m == "flwr" or m.startswith("flwr.")] + ["flwr"]:
         monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.delitem(sys.modules, "helpers.flower", raising=False)
+    monkeypatch.delitem(sys.modules, "helpers.flower.app", raising=False)
     for argv in (["flower", "--profile", "smoke"], ["run", "fedavg", "--profile", "smoke", "--set", "engine=flower"]):
         assert main([*argv, "--run-root", str(tmp_path)]) == 2
         err = capsys.readouterr().err

@@ -13,16 +13,18 @@ pytest.importorskip("ray")
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict  # noqa: E402
 from test_flower import SMALL, assert_same_run, run_flower_without_train_data  # noqa: E402
 
-from helpers import flower, flower_node, flower_ops  # noqa: E402
-from helpers.algorithm import aligned_masks  # noqa: E402
-from helpers.algorithms import make_algorithm  # noqa: E402
-from helpers.config import make_config  # noqa: E402
-from helpers.fedavg import sample_clients, train_in_turn  # noqa: E402
-from helpers.flower_node import STATE_ENV  # noqa: E402
-from helpers.masks import Masks  # noqa: E402
-from helpers.replies import FAULT_ENV  # noqa: E402
-from helpers.runs import load_checkpoint, run_id  # noqa: E402
-from helpers.sparse_runs import run_sparse_fedavg  # noqa: E402
+from helpers.algorithms.fedavg import aligned_masks  # noqa: E402
+from helpers.algorithms.registry import make_algorithm  # noqa: E402
+from helpers.config.experiments import make_config  # noqa: E402
+from helpers.editing.sparse_runs import run_sparse_fedavg  # noqa: E402
+from helpers.federated.rounds import sample_clients, train_in_turn  # noqa: E402
+from helpers.flower import app as flower
+from helpers.flower import node as flower_node
+from helpers.flower import server as flower_ops  # noqa: E402
+from helpers.flower.node import STATE_ENV  # noqa: E402
+from helpers.flower.replies import FAULT_ENV  # noqa: E402
+from helpers.sparse.masks import Masks  # noqa: E402
+from helpers.training.runs import load_checkpoint, run_id  # noqa: E402
 
 # Non-IID with K=10 (10 classes each) so that C=0.3 samples clients again and their c_i are read back.
 NONIID_LOCAL = dict(num_clients=10, participation=0.3, sharding="noniid", classes_per_client=10, sparsity=0.9,

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from helpers import gpucheck
+from helpers.ops import gpucheck
 
 
 def test_the_cpu_run_passes_every_check_and_writes_its_json(tmp_path, capsys):

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import masks as masks_module
-from helpers.config import PARAMS, make_config
-from helpers.masks import MASK_RULES, MaskRule, Masks, mask_rule, one_shot, overall_density
-from helpers.models import backbone_parameters, build_model
-from helpers.sensitivity import calibrate_masks
+from helpers.config.experiments import PARAMS, make_config
+from helpers.core.models import backbone_parameters, build_model
+from helpers.sparse import masks as masks_module
+from helpers.sparse.masks import MASK_RULES, MaskRule, Masks, mask_rule, one_shot, overall_density
+from helpers.sparse.sensitivity import calibrate_masks
 
 
 def random_masks(seed: int, shapes=((3, 5), (7,), (2, 3, 4))) -> dict[str, torch.Tensor]:

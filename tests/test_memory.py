@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers.config import make_config
-from helpers.memory import (
+from helpers.config.experiments import make_config
+from helpers.core.models import build_model
+from helpers.ops.memory import (
     CUDA_CONTEXT_BYTES,
     LABEL,
     GiB,
@@ -16,7 +17,6 @@ from helpers.memory import (
     saved_bytes,
     training_activations,
 )
-from helpers.models import build_model
 
 
 def test_saved_bytes_counts_what_backward_needs_once_and_not_the_weights():
@@ -51,7 +51,7 @@ def test_every_phase_is_reported_against_the_t4_with_its_label():
 
 
 def test_an_algorithms_server_state_is_counted():
-    """SCAFFOLD keeps four more model-sized fp32 tensors than FedAvg (helpers.scaffold), FedAdam two."""
+    """SCAFFOLD keeps four more model-sized fp32 tensors than FedAvg (helpers.algorithms.scaffold), FedAdam two."""
     fedavg = estimate_phases(make_config("fedavg", "smoke"))[0]
     params = sum(p.numel() for p in build_model("vit_tiny_smoke", num_classes=100, pretrained=False, img_size=32)
                  .parameters())  # fmt: skip

@@ -1,5 +1,5 @@
 """Issue 23's evaluation on the nodes and node faults (issue 26's untrusted replies), without Ray: the Flower apps'
-own server (helpers.flower.serve) drives nodes whose handlers run in this process (InProcessGrid), so replies can
+own server (helpers.flower.app.serve) drives nodes whose handlers run in this process (InProcessGrid), so replies can
 be damaged, duplicated or invented. evaluation=clients gives the server's metrics and the server loads no data;
 a failed client is dropped (its round equals a hand-computed average of the others) or stops the run by name.
 """
@@ -18,16 +18,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 from flwr.common.constant import ErrorCode  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from helpers import resumable  # noqa: E402
-from helpers.config import make_config  # noqa: E402
-from helpers.data import load_data  # noqa: E402
-from helpers.fedavg import client_shards, client_update, run_fedavg, sample_clients  # noqa: E402
-from helpers.flower import flower_config, run_flower, serve  # noqa: E402
-from helpers.flower_node import node_query, node_train  # noqa: E402
-from helpers.replies import FAULT_ENV, corrupt, sort_replies, weights_problem  # noqa: E402
-from helpers.resumable import build_seeded_model  # noqa: E402
-from helpers.runs import load_checkpoint, run_id  # noqa: E402
-from helpers.sparse_runs import run_sparse_fedavg  # noqa: E402
+from helpers.config.experiments import make_config  # noqa: E402
+from helpers.data.datasets import load_data  # noqa: E402
+from helpers.editing.sparse_runs import run_sparse_fedavg  # noqa: E402
+from helpers.federated.rounds import client_shards, client_update, run_fedavg, sample_clients  # noqa: E402
+from helpers.flower.app import flower_config, run_flower, serve  # noqa: E402
+from helpers.flower.node import node_query, node_train  # noqa: E402
+from helpers.flower.replies import FAULT_ENV, corrupt, sort_replies, weights_problem  # noqa: E402
+from helpers.training import resumable  # noqa: E402
+from helpers.training.resumable import build_seeded_model  # noqa: E402
+from helpers.training.runs import load_checkpoint, run_id  # noqa: E402
 
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", rounds=2, server_lr=0.7)
 IID = dict(num_clients=10, participation=0.3, sharding="iid")
@@ -57,7 +57,7 @@ class InProcessGrid:
             handler = node_train if m.metadata.message_type == MessageType.TRAIN else node_query
             try:
                 reply = Message(handler(m.content, self.contexts[m.metadata.dst_node_id], self.config), reply_to=m)
-            except Exception as exc:  # as helpers.flower's ClientApp replies
+            except Exception as exc:  # as helpers.flower.app's ClientApp replies
                 error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}")
                 reply = Message(error, reply_to=m)
             replies.extend(self.tamper(m, reply) if self.tamper else [reply])

@@ -8,11 +8,11 @@ import pandas as pd
 import papermill
 import pytest
 
-from helpers.config import EXPERIMENTS, PARAMS, make_config, profile_defaults
-from helpers.fedavg import run_fedavg
-from helpers.notebook import assigned_names, check_parameters, declared_parameters, plan_progress
-from helpers.pipeline import check_pipeline_parameters, notebook_paths, run_pipeline
-from helpers.runs import write_results
+from helpers.config.experiments import EXPERIMENTS, PARAMS, make_config, profile_defaults
+from helpers.federated.rounds import run_fedavg
+from helpers.ops.notebook import assigned_names, check_parameters, declared_parameters, plan_progress
+from helpers.ops.pipeline import check_pipeline_parameters, notebook_paths, run_pipeline
+from helpers.training.runs import write_results
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = [p.stem for p in notebook_paths()]
@@ -148,7 +148,7 @@ def test_pipeline_executes_without_the_kernel_transport_warning(tmp_path, capfd,
 
 
 def test_every_schema_parameter_is_in_the_help_of_its_commands(capsys):
-    from helpers.__main__ import main
+    from helpers.ops.cli import main
 
     for argv, experiments in ((["run"], list(EXPERIMENTS)), (["flower"], ["fedavg", "sparse_fedavg"])):
         with pytest.raises(SystemExit):
@@ -189,7 +189,7 @@ def test_executing_02_with_other_rounds_leaves_the_study_csv_alone(tmp_path, mon
 
 
 def test_cli_results_says_when_it_replaces_a_file(tmp_path, capsys, monkeypatch):
-    from helpers.__main__ import main
+    from helpers.ops.cli import main
 
     monkeypatch.setenv("FLME_RESULTS_ROOT", str(tmp_path / "results"))
     argv = ["run", "centralized", "--run-root", str(tmp_path / "runs"), "--results", "demo",

@@ -15,12 +15,12 @@ import torch
 import torchvision.datasets
 from safetensors.torch import save_file
 
-from helpers import models
-from helpers.__main__ import main
-from helpers.config import make_config
-from helpers.data import DatasetUnavailableError, load_cifar100, load_data
-from helpers.downloads import CIFAR_URL, PROBE_SECONDS, check_downloads
-from helpers.models import WeightsUnavailableError, build_model
+from helpers.config.experiments import make_config
+from helpers.core import models
+from helpers.core.downloads import CIFAR_URL, PROBE_SECONDS, check_downloads
+from helpers.core.models import WeightsUnavailableError, build_model
+from helpers.data.datasets import DatasetUnavailableError, load_cifar100, load_data
+from helpers.ops.cli import main
 
 
 def test_dataset_download_failure_is_explained(monkeypatch, tmp_path):

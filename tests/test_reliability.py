@@ -13,11 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-import helpers.data
-import helpers.runs as runs
-from helpers.__main__ import RUNNERS, main, runner
-from helpers.config import EXPERIMENTS, PARAMS, Param
-from helpers.runs import load_checkpoint, open_run, save_checkpoint
+import helpers.data.datasets
+import helpers.training.runs as runs
+from helpers.config.experiments import EXPERIMENTS, PARAMS, Param
+from helpers.ops.cli import main
+from helpers.ops.runners import RUNNERS, runner
+from helpers.training.runs import load_checkpoint, open_run, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,9 +35,13 @@ JOBS = {
     "fedavg": ["run", "fedavg", *SIZES, *FEDERATED],
     "sparse_fedavg": ["run", "sparse_fedavg", *SIZES, *FEDERATED, *_sets(sparsity=0.9, calibration_rounds=2)],
 }
-MODULE = {"centralized": "helpers.centralized", "fedavg": "helpers.fedavg", "sparse_fedavg": "helpers.fedavg"}
-# where each job's evaluation calls helpers.train.evaluate from (federated runs: the evaluation seam)
-EVAL_MODULE = {**MODULE, "fedavg": "helpers.evaluation", "sparse_fedavg": "helpers.evaluation"}
+MODULE = {
+    "centralized": "helpers.training.centralized",
+    "fedavg": "helpers.federated.rounds",
+    "sparse_fedavg": "helpers.federated.rounds",
+}
+# where each job's evaluation calls helpers.training.loop.evaluate from (federated runs: the evaluation seam)
+EVAL_MODULE = {**MODULE, "fedavg": "helpers.federated.evaluation", "sparse_fedavg": "helpers.federated.evaluation"}
 
 # Each fault kills the process (SIGKILL: no cleanup, no finally) at the n-th call of a function.
 KILL = "os.kill(os.getpid(), signal.SIGKILL)"
@@ -45,13 +50,18 @@ FAULTS = {
     "during evaluation": ("{eval_module}", "evaluate", 2, KILL),
     # a checkpoint half written to its temporary file, then death
     "during a checkpoint write": (
-        "helpers.runs",
+        "helpers.training.runs",
         "atomic_write",
         None,
         "Path(args[0]).write_bytes(args[1][: len(args[1]) // 2]); " + KILL,
     ),
     # a torn metrics.csv line, as a non-atomic append would leave, then death
-    "during a CSV write": ("helpers.runs", "atomic_write", None, "open(args[0], 'ab').write(b'9,0.1,2.'); " + KILL),
+    "during a CSV write": (
+        "helpers.training.runs",
+        "atomic_write",
+        None,
+        "open(args[0], 'ab').write(b'9,0.1,2.'); " + KILL,
+    ),
 }
 DRIVER = """
 import os, signal, sys
@@ -66,7 +76,7 @@ def patched(*args, **kwargs):
             {action}
     return original(*args, **kwargs)
 setattr(target, {func!r}, patched)
-from helpers.__main__ import main
+from helpers.ops.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -129,7 +139,7 @@ def test_same_command_twice_gives_identical_metrics(tmp_path, capsys):
 
 
 def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    from helpers.config import make_config
+    from helpers.config.experiments import make_config
 
     run = open_run("centralized", make_config("centralized", "smoke"), tmp_path)
     save_checkpoint(run, {"epoch": 1})
@@ -177,7 +187,7 @@ def test_every_bad_parameter_fails_before_any_data_is_loaded(experiment, name, v
     def no_data(*args, **kwargs):
         raise AssertionError("data was loaded before the parameters were validated")
 
-    monkeypatch.setattr(helpers.data, "_load_data", no_data)
+    monkeypatch.setattr(helpers.data.datasets, "_load_data", no_data)
     with pytest.raises(ValueError) as err:
         runner(experiment)(run_root=tmp_path, progress=False, **{name: value})
     assert f"{name}=" in str(err.value) and "must" in str(err.value)

@@ -3,10 +3,10 @@ shared step 0, the adaptive server optimizers at their own server_lr."""
 
 from __future__ import annotations
 
-from helpers.algorithms import ALGORITHMS, algorithm_name
-from helpers.config import make_config
-from helpers.remedy_views import ADAPTIVE, remedy_algorithms, remedy_plan
-from helpers.step0 import head_fedavg_config
+from helpers.algorithms.registry import ALGORITHMS, algorithm_name
+from helpers.config.experiments import make_config
+from helpers.editing.step0 import head_fedavg_config
+from helpers.reporting.remedies import ADAPTIVE, remedy_algorithms, remedy_plan
 
 
 def test_every_algorithm_runs_dense_and_sparse_per_setting_at_the_same_budget():

@@ -1,5 +1,5 @@
-"""A server without training data (FLME_NO_TRAIN_DATA=1, helpers.remote): the loader withholds the train split and
-names the switch on any use; with a RemoteClients engine (here in-process, as helpers.flower_ops runs it on nodes)
+"""A server without training data (FLME_NO_TRAIN_DATA=1, federated.remote): the loader withholds the train split and
+names the switch on any use; with a RemoteClients engine (here in-process, as helpers.flower.server runs it on nodes)
 the federated runners give the sequential engine's run without touching it. No Flower needed."""
 
 from __future__ import annotations
@@ -7,15 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.calibration import load_masks, score_pool
-from helpers.config import make_config
-from helpers.data import NO_TRAIN_DATA_ENV, TrainDataWithheldError, Withheld, load_data
-from helpers.features import backbone_features
-from helpers.fedavg import client_shards, run_fedavg, train_in_turn
-from helpers.remote import RemoteClients, remote_clients
-from helpers.runs import load_checkpoint
-from helpers.sparse_runs import run_sparse_fedavg
-from helpers.step0 import ridge_statistics
+from helpers.config.experiments import make_config
+from helpers.data.datasets import NO_TRAIN_DATA_ENV, TrainDataWithheldError, Withheld, load_data
+from helpers.editing.calibration import load_masks, score_pool
+from helpers.editing.sparse_runs import run_sparse_fedavg
+from helpers.editing.step0 import ridge_statistics
+from helpers.federated.remote import RemoteClients, remote_clients
+from helpers.federated.rounds import client_shards, run_fedavg, train_in_turn
+from helpers.training.features import backbone_features
+from helpers.training.runs import load_checkpoint
 
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", rounds=2)
 NONIID = dict(num_clients=50, participation=0.06, sharding="noniid", classes_per_client=2)

@@ -1,4 +1,4 @@
-"""helpers.report: loading, summaries, LaTeX tables from tiny hand-made CSVs, figures, and the LaTeX build."""
+"""helpers.reporting.report: loading, summaries, LaTeX tables from tiny hand-made CSVs, figures, and the LaTeX build."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import report
+from helpers.reporting import report
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE = "smoke"
@@ -19,7 +19,7 @@ SHARDINGS = ["iid", "noniid"]
 
 
 def _runs(experiment: str, step: str, steps: int, grid: list[dict], fed: bool = False) -> pd.DataFrame:
-    """Tidy rows (schema of helpers.report) for every config in `grid`, made up numbers, no training."""
+    """Tidy rows (schema of helpers.reporting.report) for every config in `grid`, made up numbers, no training."""
     rows = []
     for i, config in enumerate(grid):
         for t in range(1, steps + 1):

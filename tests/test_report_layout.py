@@ -16,8 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 from test_report import write_fixture
 
-from helpers import report
-from helpers.plots import MIN_FONT_PT, TEXT_WIDTH_IN
+from helpers.reporting import report
+from helpers.reporting.plots import MIN_FONT_PT, TEXT_WIDTH_IN
 
 REPO = Path(__file__).resolve().parent.parent
 STEP_LABELS = {"epoch", "round", "local steps J", "calibration rounds R"}

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-import helpers.centralized as centralized
-from helpers.config import make_config
-from helpers.runs import last_rows, load_checkpoint, open_run, run_id, save_checkpoint, write_results
+import helpers.training.centralized as centralized
+from helpers.config.experiments import make_config
+from helpers.training.runs import last_rows, load_checkpoint, open_run, run_id, save_checkpoint, write_results
 
 
 def small(**kw):
@@ -96,7 +96,7 @@ def test_write_results_is_tidy_and_refuses_mixed_profiles(tmp_path):
 def test_colab_without_drive_warns_and_falls_back(monkeypatch):
     import sys
 
-    from helpers import runs
+    from helpers.training import runs
 
     monkeypatch.delenv("FLME_RUN_ROOT", raising=False)
     monkeypatch.setitem(sys.modules, "google.colab", object())

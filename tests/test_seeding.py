@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from helpers.seeding import derive_seed, numpy_rng, torch_generator
+from helpers.core.seeding import derive_seed, numpy_rng, torch_generator
 
 
 def test_integer_keys_hash_by_value_not_type():

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from helpers.mask_stats import mask_density_table, mask_jaccard, plot_mask_density
-from helpers.masks import MASK_RULES, one_shot, overall_density
-from helpers.models import backbone_parameters, build_model, is_head
-from helpers.seeding import torch_generator
-from helpers.sensitivity import calibrate_masks, compute_scores
-from helpers.sparse_sgdm import SparseSGDM, masks_by_parameter
+from helpers.core.models import backbone_parameters, build_model, is_head
+from helpers.core.seeding import torch_generator
+from helpers.sparse.mask_stats import mask_density_table, mask_jaccard, plot_mask_density
+from helpers.sparse.masks import MASK_RULES, one_shot, overall_density
+from helpers.sparse.sensitivity import calibrate_masks, compute_scores
+from helpers.sparse.sgdm import SparseSGDM, masks_by_parameter
 
 N_SAMPLES = 6
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from smallrun import CPU, small_config
 
-from helpers import fedavg
-from helpers.algorithms import ALGORITHMS, make_algorithm
-from helpers.data import load_data
-from helpers.masks import Masks
-from helpers.models import set_trainable
-from helpers.resumable import build_seeded_model
-from helpers.runs import Run, load_checkpoint
+from helpers.algorithms.registry import ALGORITHMS, make_algorithm
+from helpers.core.models import set_trainable
+from helpers.data.datasets import load_data
+from helpers.federated import rounds as fedavg
+from helpers.sparse.masks import Masks
+from helpers.training.resumable import build_seeded_model
+from helpers.training.runs import Run, load_checkpoint
 
 SERVER = {"server_beta1": 0.8, "server_beta2": 0.95, "server_tau": 0.05}
 SETTINGS = {

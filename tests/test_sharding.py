@@ -6,8 +6,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from helpers.plots import plot_shard_stats
-from helpers.sharding import (
+from helpers.data.sharding import (
     dirichlet_shards,
     iid_shards,
     make_shards,
@@ -15,6 +14,7 @@ from helpers.sharding import (
     shard_class_counts,
     shard_stats,
 )
+from helpers.reporting.plots import plot_shard_stats
 
 C, PER_CLASS, K = 100, 450, 100
 

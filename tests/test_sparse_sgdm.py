@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers.sparse_sgdm import SparseSGDM, masks_by_parameter
+from helpers.sparse.sgdm import SparseSGDM, masks_by_parameter
 
 # (momentum, dampening, nesterov): every combination torch.optim.SGD accepts.
 MOMENTUM_CASES = [

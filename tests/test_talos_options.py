@@ -7,13 +7,13 @@ import pytest
 import torch
 from smallrun import CPU, SMALL
 
-from helpers.calibration import Scorer
-from helpers.config import make_config
-from helpers.data import load_data
-from helpers.fedavg import client_lr
-from helpers.resumable import build_seeded_model
-from helpers.runs import run_id
-from helpers.step0 import head_fedavg_config
+from helpers.config.experiments import make_config
+from helpers.data.datasets import load_data
+from helpers.editing.calibration import Scorer
+from helpers.editing.step0 import head_fedavg_config
+from helpers.federated.rounds import client_lr
+from helpers.training.resumable import build_seeded_model
+from helpers.training.runs import run_id
 
 
 @pytest.mark.parametrize("experiment", ["sparse_fedavg", "sparse_centralized"])

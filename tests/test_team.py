@@ -15,13 +15,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import helpers.fedavg as fedavg
-import helpers.storage as storage
-from helpers.__main__ import main
-from helpers.config import make_config
-from helpers.leases import LEASE_FILE, LeaseInfo, LeaseLost, claim, lease_state, read_lease
-from helpers.runs import load_checkpoint, open_run, run_id, save_checkpoint, write_metrics
-from helpers.study import plan_status, run_status, study_plan, study_status
+import helpers.core.storage as storage
+import helpers.federated.rounds as fedavg
+from helpers.config.experiments import make_config
+from helpers.ops.cli import main
+from helpers.ops.study import plan_status, run_status, study_plan, study_status
+from helpers.training.leases import LEASE_FILE, LeaseInfo, LeaseLost, claim, lease_state, read_lease
+from helpers.training.runs import load_checkpoint, open_run, run_id, save_checkpoint, write_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 SETS = {"synthetic_train_size": 600, "synthetic_test_size": 100, "batch_size": 16, "device": "cpu",
@@ -32,8 +32,8 @@ FAST = {"FLME_IO_RETRY_WAIT_S": "0.001", "FLME_LEASE_SETTLE_S": "0.5"}
 # appear, so that two workers claim at the same moment; then runs the CLI.
 DRIVER = """
 import os, signal, sys, time
-import helpers.fedavg as fedavg
-from helpers.__main__ import main
+import helpers.federated.rounds as fedavg
+from helpers.ops.cli import main
 original = fedavg.fedavg_round
 def logged(model, data, shards, rnd, config, **kwargs):
     with open(os.environ["ROUND_LOG"], "a") as log:
@@ -136,7 +136,7 @@ def test_dead_process_on_this_machine_frees_its_run_at_once(tmp_path):
 
 
 def read_host() -> str:
-    from helpers.leases import this_host
+    from helpers.training.leases import this_host
 
     return this_host()
 

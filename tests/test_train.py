@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers.centralized import run_centralized
-from helpers.config import make_config, train_split_size
-from helpers.data import eval_batch, make_synthetic
-from helpers.models import build_model, set_trainable
-from helpers.runs import load_checkpoint
-from helpers.train import NonFiniteLossError, evaluate, lr_at
+from helpers.config.experiments import make_config, train_split_size
+from helpers.core.models import build_model, set_trainable
+from helpers.data.datasets import eval_batch, make_synthetic
+from helpers.training.centralized import run_centralized
+from helpers.training.loop import NonFiniteLossError, evaluate, lr_at
+from helpers.training.runs import load_checkpoint
 
 
 def test_schedules():

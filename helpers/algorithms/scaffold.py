@@ -1,0 +1,202 @@
+"""SCAFFOLD (Karimireddy et al. 2020, Algorithm 1): local steps corrected by c - c_i, control variates for drift.
+
+Client i, from the global w with K local steps at lr eta: g <- g + c - c_i at every step; then option II (default)
+c_i+ = c_i - c + (w - y_i) / (K eta), or option I c_i+ = the loss gradient at w (here: on its first local batch,
+no extra pass); it sends y_i and Delta c_i = c_i+ - c_i. Server: w as in FedAvg (global step size = server_lr, the
+clients' size-weighted average: equal to the paper's plain mean for equal shards), c <- c + (1/N) sum_S Delta c_i.
+Under a mask every c_i is 0 at its frozen entries and stored only at its trainable ones (one file per client and
+round in the run folder, fp32: the paper's math unchanged), so RAM holds c and one client's c_i at a time.
+On Flower (engine="flower") c stays on the ServerApp and each c_i on its client's node (to_node, from_server).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from helpers.algorithms.fedavg import ClientSide, FedAvg
+
+
+def pack_entries(tensors: list[Tensor], masks: Sequence[Tensor | None]) -> list[Tensor]:
+    """Each tensor's entries where its mask is True (all of them without a mask), flat, on the CPU."""
+    return [(t[m] if m is not None else t.flatten()).cpu() for t, m in zip(tensors, masks, strict=True)]
+
+
+def unpack_entries(values: list[Tensor], masks: Sequence[Tensor | None], like: list[Tensor]) -> list[Tensor]:
+    """The inverse of pack_entries: tensors shaped like `like`, zero where a mask is False."""
+    out = [torch.zeros_like(t) for t in like]
+    for o, v, m in zip(out, values, masks, strict=True):
+        if m is not None:
+            o[m] = v.to(o.device)
+        else:
+            o.copy_(v.view(o.shape))
+    return out
+
+
+class ControlVariates:
+    """Every client's c_i (packed), versioned by the rounds done when it was written, so a run resumed from an
+    earlier checkpoint reads the versions of that round. In memory, or one file per version under `folder`."""
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self.versions: dict[int, dict[int, list[Tensor] | None]] | None = None  # client -> {rounds done: values}
+
+    def index(self) -> dict[int, dict[int, list[Tensor] | None]]:
+        if self.versions is None:  # files are read when needed (None); the folder is listed once per run
+            self.versions = {}
+            for path in self.folder.glob("*.pt") if self.folder is not None else ():
+                client, done = map(int, path.stem.split("_"))
+                self.versions.setdefault(client, {})[done] = None
+        return self.versions
+
+    def path(self, client: int, done: int) -> Path:
+        return self.folder / f"{client}_{done}.pt"
+
+    def load(self, client: int, upto: int) -> list[Tensor] | None:
+        """Client's latest c_i written after at most `upto` rounds (None: never written, c_i = 0)."""
+        done = max((d for d in self.index().get(client, {}) if d <= upto), default=None)
+        if done is None:
+            return None
+        values = self.versions[client][done]
+        return values if values is not None else torch.load(self.path(client, done), weights_only=True)
+
+    def save(self, client: int, done: int, values: list[Tensor], keep: int) -> None:
+        """Store c_i after `done` rounds; drop the versions older than the latest one at most `keep` rounds old
+        (the one a resume from the oldest checkpoint kept on disk reads)."""
+        versions = self.index().setdefault(client, {})
+        if self.folder is None:
+            versions[done] = values
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path, tmp = self.path(client, done), self.folder / f".{client}_{done}.tmp{os.getpid()}"
+            torch.save(values, tmp)
+            os.replace(tmp, path)  # a kill leaves the old version or the new one, never half a file
+            versions[done] = None
+        oldest_needed = max((d for d in versions if d <= keep), default=None)
+        for d in [d for d in versions if oldest_needed is not None and d < oldest_needed]:
+            del versions[d]
+            if self.folder is not None:
+                self.path(client, d).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Forget every version (a done run never resumes): frees the run folder's share of the disk."""
+        for client, versions in self.index().items():
+            for done in list(versions):
+                if self.folder is not None:
+                    self.path(client, done).unlink(missing_ok=True)
+        self.versions = {}
+
+    def nbytes(self) -> int:
+        """Bytes the current versions take (one per client)."""
+        total = 0
+        for client in self.index():
+            values = self.load(client, max(self.versions[client]))
+            total += sum(v.numel() * v.element_size() for v in values)
+        return total
+
+
+class ControlledSteps(ClientSide):
+    """Client i's corrected steps and its new control variate."""
+
+    def __init__(self, scaffold: Scaffold, rnd: int, client: int, start: list[Tensor], masks, lr: float, steps: int):
+        self.scaffold, self.rnd, self.client, self.start, self.masks = scaffold, rnd, client, start, masks
+        self.lr, self.steps = lr, steps
+        packed = scaffold.store.load(client, upto=rnd)
+        self.c_i = unpack_entries(packed, masks, start) if packed is not None else [torch.zeros_like(w) for w in start]
+        self.correction = torch._foreach_sub(scaffold.c, self.c_i)  # c - c_i
+        self.first_grad: list[Tensor] | None = None
+
+    @torch.no_grad()
+    def correct(self, params: list[Tensor]) -> None:
+        grads = [p.grad for p in params]
+        if self.scaffold.option == "I" and self.first_grad is None:
+            self.first_grad = [g.clone() for g in grads]  # the loss gradient at w (first batch)
+        torch._foreach_add_(grads, self.correction)
+
+    @torch.no_grad()
+    def finish(self, params: list[Tensor]) -> list[Tensor]:
+        if self.scaffold.option == "I":
+            new = self.first_grad
+        else:  # c_i - c + (w - y_i) / (K eta)
+            new = torch._foreach_sub(self.start, params)
+            torch._foreach_div_(new, self.steps * self.lr)
+            torch._foreach_sub_(new, self.correction)
+        new = [n.masked_fill(~m, 0) if m is not None else n for n, m in zip(new, self.masks, strict=True)]
+        self.scaffold.store.save(
+            self.client, self.rnd + 1, pack_entries(new, self.masks), keep=self.scaffold.kept_round()
+        )
+        return torch._foreach_sub(new, self.c_i)  # Delta c_i
+
+
+class Scaffold(FedAvg):
+    """SCAFFOLD: FedAvg's server step for w, plus the server control variate c (dense over trainable tensors)."""
+
+    name = "scaffold"
+    params = ("scaffold_option",)
+    upload_factor = 2  # y_i and Delta c_i
+    stateful = True
+    node_state = True  # c_i: on Flower, in the node's state-dir (helpers.flower.node.node_state_dir)
+    memory_copies = 4  # c, the round's sum of Delta c_i, and the training client's c_i and correction
+
+    def __init__(self, config: Mapping, store: ControlVariates | None = None) -> None:
+        super().__init__(config)
+        self.option, self.num_clients = config["scaffold_option"], config["num_clients"]
+        self.store = store if store is not None else ControlVariates()
+        self.c: list[Tensor] | None = None
+        self.delta_c: list[Tensor] | None = None  # the round's sum of Delta c_i
+        self.done = 0  # rounds done
+        self.checkpoints: list[int] = []  # rounds done at the last two state_dict calls (checkpoints)
+        self.keep: int | None = None  # a Flower node's copy: the server's kept_round for this round
+
+    def client_side(
+        self, rnd: int, client: int, start: list[Tensor], masks: Sequence[Tensor | None], lr: float, steps: int
+    ) -> ClientSide:
+        if self.c is None:
+            self.c = [torch.zeros_like(w) for w in start]
+        return ControlledSteps(self, rnd, client, start, masks, lr, steps)
+
+    def to_node(self, start: list[Tensor], masks: Sequence[Tensor | None]) -> tuple[list[Tensor], dict[str, int]]:
+        """c at the client's trainable entries (the others never reach its weights or its c_i) and the round whose
+        versions of c_i its node keeps."""
+        if self.c is None:
+            self.c = [torch.zeros_like(w) for w in start]
+        return pack_entries(self.c, masks), {"keep": self.kept_round()}
+
+    def from_server(
+        self, tensors: list[Tensor], numbers: Mapping[str, int], start: list[Tensor], masks: Sequence[Tensor | None],
+        folder: Path,
+    ) -> None:  # fmt: skip
+        self.c, self.keep = unpack_entries(tensors, masks, start), int(numbers["keep"])
+        self.store = ControlVariates(folder)
+
+    def receive(self, client: int, extra: object | None) -> None:
+        if self.delta_c is None:
+            self.delta_c = extra
+        else:
+            torch._foreach_add_(self.delta_c, extra)
+
+    @torch.no_grad()
+    def server_step(self, start: list[Tensor], avg: list[Tensor]) -> None:
+        super().server_step(start, avg)
+        torch._foreach_add_(self.c, self.delta_c, alpha=1 / self.num_clients)
+        self.delta_c, self.done = None, self.done + 1
+
+    def close(self) -> None:
+        self.store.clear()
+
+    def kept_round(self) -> int:
+        """Rounds done at the older of the last two checkpoints (a corrupt checkpoint falls back to it)."""
+        if self.keep is not None:
+            return self.keep
+        return self.checkpoints[0] if len(self.checkpoints) == 2 else 0
+
+    def state_dict(self) -> dict:
+        self.checkpoints = [*self.checkpoints, self.done][-2:]
+        return {"c": self.c, "done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.c, self.done, self.checkpoints = state["c"], state["done"], []

@@ -1,0 +1,88 @@
+"""The commands of a real Flower federation (docs/flower.md): SuperLink with TLS and SuperNode authentication, node
+registration, SuperNodes holding the CA and their own key, and the `flwr` connection that trusts the CA. Strings only:
+`python -m helpers flower --print-flwr-run NAME` prints them, tests/test_flower_federation.py runs them."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+from helpers.data.datasets import NO_TRAIN_DATA_ENV
+
+DEFAULT_ADDRESS = "SERVER:8000"  # flwr 1.41's SuperLink serves every API on one port (--port, default 8000)
+DEFAULT_CREDENTIALS = Path.home() / ".flme" / "credentials"  # outside the repository: keys never sit beside code
+TRY_OUT = (
+    "local try-out only: no TLS and no node authentication, anyone who reaches the port can join and read every update"
+)
+
+
+def check_address(address: str) -> str:
+    """A SuperLink address HOST:PORT (IPv6 in brackets), or ValueError naming --superlink-address."""
+    if not re.fullmatch(r"[A-Za-z0-9.-]+:\d{1,5}|\[[0-9A-Fa-f:.]+\]:\d{1,5}", address):
+        raise ValueError(f"--superlink-address {address!r} is invalid: must be HOST:PORT, e.g. server.lab:8000")
+    return address
+
+
+def superlink_command(credentials: Path, *, insecure: bool = False) -> list[str]:
+    """flower-superlink with TLS (the private CA's certificate for its host names) accepting registered nodes only."""
+    security = ["--insecure"] if insecure else [
+        "--ssl-ca-certfile", str(credentials / "ca.crt"), "--ssl-certfile", str(credentials / "superlink.crt"),
+        "--ssl-keyfile", str(credentials / "superlink.key"), "--enable-supernode-auth"]  # fmt: skip
+    return ["flower-superlink", *security, "--disable-runtime-dependency-installation"]
+
+
+def register_command(credentials: Path, node: int | str, connection: str) -> list[str]:
+    """`flwr supernode register`: the SuperLink accepts the node holding node-<k>.key from now on."""
+    return ["flwr", "supernode", "register", str(credentials / f"node-{node}.pub"), connection]
+
+
+def supernode_command(
+    credentials: Path, node: int | str, num_nodes: int, address: str, *, insecure: bool = False
+) -> list[str]:
+    """flower-supernode for client `node`: trusts only the federation's CA, signs in with its own private key."""
+    security = ["--insecure"] if insecure else [
+        "--root-certificates", str(credentials / "ca.crt"),
+        "--auth-supernode-private-key", str(credentials / f"node-{node}.key")]  # fmt: skip
+    config = f"partition-id={node} num-partitions={num_nodes}"
+    return ["flower-supernode", *security, "--superlink", address, "--node-config", config]
+
+
+def connection_toml(name: str, address: str, credentials: Path, *, insecure: bool = False) -> str:
+    """The `flwr` CLI's connection in $FLWR_HOME/config.toml: TLS verified against the federation's CA."""
+    trust = "insecure = true" if insecure else f'root-certificates = "{credentials / "ca.crt"}"'
+    return f'[superlink]\ndefault = "{name}"\n[superlink.{name}]\naddress = "{address}"\n{trust}\n'
+
+
+def federation_script(
+    run_command: list[str], num_nodes: int, credentials: Path, address: str = DEFAULT_ADDRESS, *, insecure: bool = False
+) -> str:
+    """The whole walk-through as a bash script, one part per machine, for the `flwr run` command `run_command`
+    (its connection name is run_command[3])."""
+    name, host, last, join = run_command[3], address.rsplit(":", 1)[0].strip("[]"), num_nodes - 1, shlex.join
+    step = iter(range(1, 7))
+    lines = [f"# {TRY_OUT}"] if insecure else [
+        f"# {next(step)}. coordinator, once: the credentials (keep ca.key offline)",
+        join(["python", "-m", "helpers.flower.credentials", "--out", str(credentials), "--host", host,
+              "--nodes", str(num_nodes)])]  # fmt: skip
+    files = "" if insecure else "ca.crt, superlink.crt, superlink.key; "
+    lines += [
+        f"# {next(step)}. server machine ({files}its ServerApp cannot read the train split)",
+        f"{NO_TRAIN_DATA_ENV}=1 {join(superlink_command(credentials, insecure=insecure))}",
+        f"# {next(step)}. wherever flwr runs: this connection in $FLWR_HOME/config.toml (default ~/.flwr)",
+        *(f"#   {line}" for line in connection_toml(name, address, credentials, insecure=insecure).splitlines()),
+    ]
+    if not insecure:
+        pub = f"{shlex.quote(str(credentials))}/node-$k.pub"
+        lines += [
+            f"# {next(step)}. register every node's public key (the SuperLink refuses a node not registered)",
+            f"for k in $(seq 0 {last}); do flwr supernode register {pub} {shlex.quote(name)}; done",
+        ]
+    files = "" if insecure else "ca.crt and its own node-k.key; "
+    lines += [
+        f"# {next(step)}. node machine k = 0..{last} ({files}shown for k=0; distinct --port for several on a host)",
+        join(supernode_command(credentials, 0, num_nodes, address, insecure=insecure)),
+        f"# {next(step)}. anywhere with this repository and the connection above",
+        join(run_command),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,281 @@
+"""Figures for notebooks and the report. Every function returns a matplotlib Figure and never calls show().
+
+Figures are built with `matplotlib.figure.Figure` rather than pyplot: no global state, nothing leaks when
+many are made in a loop, it works headless (MPLBACKEND=Agg), and a notebook still shows a returned Figure.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from helpers.data.sharding import as_labels, shard_class_counts
+
+# The report's article class (10pt, a4paper, 2.2 cm margins) has \textwidth = 472.31595 pt (72.27 pt per inch):
+# report figures are drawn at these printed widths and included unscaled, so a 7 pt font prints at 7 pt.
+TEXT_WIDTH_IN = 472.31595 / 72.27
+HALF_WIDTH_IN = (TEXT_WIDTH_IN - 0.15) / 2  # two figures side by side with a \hfill gap
+MIN_FONT_PT = 7
+PAPER_RC = {
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "figure.titlesize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "legend.title_fontsize": 7,
+    "lines.linewidth": 1.2,
+    "lines.markersize": 3,
+    "axes.linewidth": 0.6,
+    "grid.linewidth": 0.4,
+    "pdf.fonttype": 42,  # TrueType in the PDF: text stays text (searchable, sharp at any zoom)
+}
+
+
+@contextmanager
+def paper_style():
+    """Seaborn's whitegrid with the report's font sizes (>= MIN_FONT_PT at printed size)."""
+    import matplotlib as mpl
+    import seaborn as sns
+
+    with sns.axes_style("whitegrid"), mpl.rc_context(PAPER_RC):
+        yield
+
+
+def integer_ticks(ax, axis: str = "x") -> None:
+    """Ticks only at integers on `axis` of `ax` (epochs, rounds, J): never 4.0 or 2.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    # min_n_ticks=1: with the default (2) a range holding one integer (a one-round run) gets fractional ticks
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(nbins="auto", integer=True, min_n_ticks=1))
+
+
+def plot_shard_stats(labels, shards, num_classes: int | None = None, title: str | None = None) -> Figure:
+    """Client x class count heatmap (clients on y) beside each client's shard size (bars on the same y)."""
+    y = as_labels(labels)
+    num_classes = int(y.max()) + 1 if num_classes is None else num_classes
+    counts = shard_class_counts(y, shards, num_classes)
+    sizes = counts.sum(axis=1)
+    k = len(shards)
+
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    ax_map, ax_size = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [4, 1]})
+    # extent puts cell centres on integer client/class ids, so the shared y axis lines up with the bars.
+    im = ax_map.imshow(
+        counts,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        origin="upper",
+        extent=(-0.5, num_classes - 0.5, k - 0.5, -0.5),
+    )
+    ax_map.set_xlabel("class")
+    ax_map.set_ylabel("client")
+    ax_map.set_title("samples per client and class")
+    fig.colorbar(im, ax=ax_map, label="samples", pad=0.01)
+
+    # Touching bars when there are many clients: gaps narrower than a pixel render as stripes.
+    ax_size.barh(np.arange(k), sizes, height=1.0 if k > 40 else 0.8, color="tab:blue", linewidth=0)
+    ax_size.set_xlabel("shard size (samples)")
+    ax_size.set_title(f"sizes {sizes.min()}-{sizes.max()}")
+    ax_size.set_ylim(k - 0.5, -0.5)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_class_histogram(labels, num_classes: int = 100, title: str = "training samples per class") -> Figure:
+    """Bar chart of samples per class (checks the split is stratified and balanced)."""
+    counts = np.bincount(as_labels(labels), minlength=num_classes)
+    fig = Figure(figsize=(10, 2.8), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(np.arange(num_classes), counts, width=1.0, color="tab:blue", linewidth=0)
+    ax.set_xlabel("class")
+    ax.set_ylabel("samples")
+    ax.set_title(f"{title} (min {counts.min()}, max {counts.max()})")
+    return fig
+
+
+def plot_image_grid(images, labels, rows: int = 4, cols: int = 8, class_names=None) -> Figure:
+    """The first rows*cols uint8 images (N, 3, H, W) with their labels."""
+    n = min(rows * cols, len(images))
+    pictures = np.asarray(images[:n].cpu()).transpose(0, 2, 3, 1)
+    names = [class_names[int(i)] if class_names else str(int(i)) for i in as_labels(labels)[:n]]
+    fig = Figure(figsize=(cols * 1.2, rows * 1.35), layout="constrained")
+    for i, ax in enumerate(fig.subplots(rows, cols).flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(pictures[i], interpolation="nearest")
+            ax.set_title(names[i], fontsize=8)
+    return fig
+
+
+def plot_curves(
+    df,
+    x: str,
+    metrics: list[str],
+    hue: str | None = None,
+    title: str | None = None,
+    reference: dict[str, float] | None = None,
+    *,
+    hue_order: list | None = None,
+    labels: dict[str, str] | None = None,
+    legend_title: str | None = None,
+    reference_label: str = "reference",
+    panel_size: tuple[float, float] = (4.5, 3.4),
+) -> Figure:
+    """One panel per metric against `x`; mean +- std band over runs sharing a `hue` value (e.g. seeds).
+
+    `reference` maps a metric to a dashed horizontal line (e.g. the centralized result); `labels` names axes.
+    """
+    import pandas as pd
+    import seaborn as sns
+
+    labels = labels or {}
+    width, height = panel_size
+    fig = Figure(figsize=(width * len(metrics) + (1.4 if hue else 0), height), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(metrics), squeeze=False)[0])
+    for i, (ax, metric) in enumerate(zip(axes, metrics)):
+        data = df.dropna(subset=[metric]) if metric in df else df.iloc[:0]
+        if data.empty:
+            ax.text(0.5, 0.5, f"{metric}: not run yet", ha="center", va="center", transform=ax.transAxes)
+        else:
+            sns.lineplot(data=data, x=x, y=metric, hue=hue, hue_order=hue_order, errorbar="sd", marker="o",
+                         markersize=3, ax=ax, palette="colorblind" if hue else None,
+                         legend=bool(hue) and i == len(metrics) - 1)  # fmt: skip
+        if reference and metric in reference:
+            ax.axhline(reference[metric], ls="--", color="grey", label=reference_label)
+        if x in df and pd.api.types.is_integer_dtype(df[x]):  # epochs, rounds: no fractional ticks
+            integer_ticks(ax)
+        ax.set_xlabel(labels.get(x, x))
+        default = metric.replace("_", " ") + (" (fraction)" if metric.endswith("acc") else "")
+        ax.set_ylabel(labels.get(metric, default))
+    if hue and axes[-1].get_legend() is not None:  # one legend, outside the panels
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1), title=legend_title or hue, frameon=False)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _rounds_frame(df_or_runs):
+    """A tidy DataFrame from a DataFrame, one Run or a list of Runs (metrics joined with config columns)."""
+    import pandas as pd
+
+    from helpers.training.runs import Run, tidy_results
+
+    if isinstance(df_or_runs, pd.DataFrame):
+        return df_or_runs
+    return tidy_results([df_or_runs] if isinstance(df_or_runs, Run) else list(df_or_runs))
+
+
+def plot_rounds(
+    df_or_runs,
+    metrics: tuple[str, ...] = ("val_acc", "val_loss"),
+    hue: str | None = None,
+    reference: float | dict[str, float] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """FedAvg accuracy/loss against rounds; `reference` (e.g. centralized accuracy) is drawn dashed.
+
+    A number as `reference` goes on the accuracy panels; a dict maps metric -> value.
+    """
+    if reference is not None and not isinstance(reference, dict):
+        reference = {m: float(reference) for m in metrics if m.endswith("acc")}
+    return plot_curves(_rounds_frame(df_or_runs), "round", list(metrics), hue=hue, title=title, reference=reference)
+
+
+def plot_drift(df_or_runs, hue: str | None = None, title: str | None = "client drift") -> Figure:
+    """Client drift per round: mean update norm and mean pairwise cosine between client updates."""
+    return plot_curves(_rounds_frame(df_or_runs), "round", ["drift_norm", "drift_cos"], hue=hue, title=title)
+
+
+def plot_heatmap(
+    df,
+    index: str,
+    columns: str,
+    value: str,
+    fmt: str = ".3f",
+    title: str | None = None,
+    cmap: str = "viridis",
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    """Annotated heatmap of `value` (mean over rows sharing a cell, e.g. seeds) over (`index`, `columns`).
+
+    Rows and columns keep their order of first appearance in `df` (so e.g. an "IID" row can be put last);
+    cells with no data stay blank. `figsize` (inches) defaults to a size that grows with the table.
+    """
+    import pandas as pd
+    import seaborn as sns
+
+    rows, cols = list(pd.unique(df[index])), list(pd.unique(df[columns]))
+    table = df.groupby([index, columns], sort=False)[value].mean().unstack(columns)
+    table = table.reindex(index=rows, columns=cols).astype(float)
+    fig = Figure(figsize=figsize or (1.3 * len(cols) + 2.5, 0.55 * len(rows) + 1.6), layout="constrained")
+    ax = fig.subplots()
+    if table.empty or table.isna().all().all():
+        ax.text(0.5, 0.5, f"{value}: not run yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    else:
+        sns.heatmap(
+            table, annot=True, fmt=fmt, cmap=cmap, ax=ax, cbar_kws={"label": value.replace("_", " ")}, linewidths=0.5
+        )
+        ax.set_xlabel(columns)
+        ax.set_ylabel(index)
+        ax.tick_params(axis="y", rotation=0)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_facets(
+    df, x: str, metric: str, col: str, hue: str | None = None, title: str | None = None, reference: float | None = None
+) -> Figure:
+    """One panel per value of `col` (e.g. J), `metric` against `x` with one line per `hue` (e.g. Nc).
+
+    Shared y axis so panels compare; mean +- std band over runs sharing (col, hue) (seeds); `reference` is
+    drawn dashed in every panel. Panel and hue order follow first appearance in `df`.
+    """
+    import pandas as pd
+    import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
+
+    data = df.dropna(subset=[metric]) if metric in df else df.iloc[:0]
+    panels = list(pd.unique(df[col])) if col in df else []
+    fig = Figure(figsize=(4.2 * max(1, len(panels)) + 1.2, 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(panels)), sharey=True, squeeze=False)[0])
+    hue_order = list(pd.unique(data[hue])) if hue and not data.empty else None
+    palette = dict(zip(hue_order, sns.color_palette("colorblind", len(hue_order)))) if hue_order else None
+    parts = [data[data[col] == value] for value in panels] if panels else [data]
+    with_data = [i for i, part in enumerate(parts) if not part.empty]
+    for i, (ax, part) in enumerate(zip(axes, parts)):
+        if part.empty:
+            ax.text(0.5, 0.5, f"{metric}: not run yet", ha="center", va="center", transform=ax.transAxes)
+        else:  # one legend, on the last panel with data; colours fixed per hue value across panels
+            sns.lineplot(
+                data=part,
+                x=x,
+                y=metric,
+                hue=hue,
+                hue_order=hue_order,
+                errorbar="sd",
+                marker="o",
+                markersize=4,
+                ax=ax,
+                palette=palette,
+                legend=bool(hue) and i == with_data[-1],
+            )
+        if reference is not None:
+            ax.axhline(reference, ls="--", color="grey", label="reference")
+        ax.set_title(f"{col} = {panels[i]}" if panels else metric)
+        if x in df and pd.api.types.is_integer_dtype(df[x]):  # rounds, steps: no fractional ticks
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(x)
+        ax.set_ylabel(metric.replace("_", " ") + (" (fraction)" if metric.endswith("acc") else ""))
+    if with_data and axes[with_data[-1]].get_legend() is not None:
+        sns.move_legend(axes[with_data[-1]], "upper left", bbox_to_anchor=(1.02, 1), title=hue)
+    if title:
+        fig.suptitle(title)
+    return fig
