@@ -76,13 +76,15 @@ def test_fedprox_without_mu_is_fedavg_bit_for_bit(tmp_path):
 
 
 def scaffold_reference(config, data, shards, rounds):
-    """Karimireddy et al. 2020, Algorithm 1 (plain SGD clients, equal shards): returns (x, c)."""
+    """Karimireddy et al. 2020, Algorithm 1 (equal shards) with the clients' heavy-ball SGD (momentum beta, weight
+    decay lambda) and option II over its effective steps K_eff = (K - beta (1 - beta^K) / (1 - beta)) / (1 - beta)
+    (the paper's K at beta = 0); K: the client's steps (a straggler's fewer). Returns (x, c)."""
     model = fresh_model(config)
     params = list(model.parameters())
     x = [p.detach().clone() for p in params]
     c = [torch.zeros_like(p) for p in params]
     c_i = {k: [torch.zeros_like(p) for p in params] for k in range(len(shards))}
-    lr, K, N = config["lr"], config["local_steps"], len(shards)
+    lr, N, beta, lam = config["lr"], len(shards), config["momentum"], config["weight_decay"]
     for rnd in range(rounds):
         sampled = fedavg.sample_clients(config["seed"], rnd, N, config["participation"])
         dys, dcs = [], []
@@ -91,19 +93,23 @@ def scaffold_reference(config, data, shards, rounds):
                 for p, w in zip(params, x, strict=True):
                     p.copy_(w)
             batches, gen = client_batches(config, shards[k], rnd, k)
+            K = local_steps(config, rnd, k)
+            m = [torch.zeros_like(p) for p in params]
             model.train()
-            for step, idx in enumerate(batches):
+            for step, idx in enumerate(batches[:K]):
                 grads = torch.autograd.grad(batch_loss(model, data, idx, gen, config), params)
                 if step == 0:
                     first = [g.clone() for g in grads]  # g_i(x): the gradient at the server model
                 with torch.no_grad():
-                    for p, g, ci, cc in zip(params, grads, c_i[k], c, strict=True):
-                        p -= lr * (g + cc - ci)  # y_i <- y_i - eta_l (g_i(y_i) - c_i + c)
+                    for p, g, ci, cc, mm in zip(params, grads, c_i[k], c, m, strict=True):
+                        mm.copy_(beta * mm + g + lam * p + cc - ci)  # momentum over g_i(y_i) + lambda y_i - c_i + c
+                        p -= lr * mm
             y = [p.detach().clone() for p in params]
             if config["scaffold_option"] == "I":
                 new = first
             else:
-                new = [ci - cc + (w - yy) / (K * lr) for ci, cc, w, yy in zip(c_i[k], c, x, y, strict=True)]
+                k_eff = (K - beta * (1 - beta**K) / (1 - beta)) / (1 - beta)
+                new = [ci - cc + (w - yy) / (k_eff * lr) for ci, cc, w, yy in zip(c_i[k], c, x, y, strict=True)]
             dys.append([yy - w for yy, w in zip(y, x, strict=True)])
             dcs.append([n - ci for n, ci in zip(new, c_i[k], strict=True)])
             c_i[k] = new
@@ -113,10 +119,17 @@ def scaffold_reference(config, data, shards, rounds):
     return x, c
 
 
+PLAIN_SGD = dict(momentum=0.0, weight_decay=0.0)  # the paper's clients
+DEFAULTS = dict(stragglers=0.5)  # the clients' default SGD (momentum 0.9, weight decay 5e-5), stragglers on
+
+
 @pytest.mark.parametrize("option", ["II", "I"])
-def test_scaffold_follows_algorithm_1_for_several_rounds(option):
+@pytest.mark.parametrize("clients", [PLAIN_SGD, DEFAULTS], ids=["plain_sgd", "defaults"])
+def test_scaffold_follows_algorithm_1_for_several_rounds(option, clients):
     config = small_config(algorithm="scaffold", scaffold_option=option, num_clients=4, participation=0.5,
-                          local_steps=3, momentum=0.0, weight_decay=0.0, server_lr=0.8, lr=0.1)  # fmt: skip
+                          local_steps=3, server_lr=0.8, lr=0.1, **clients)  # fmt: skip
+    if clients is DEFAULTS:
+        assert config["momentum"] == 0.9 and config["weight_decay"] > 0
     data = load_data(config, CPU)
     shards = fedavg.client_shards(config, data)
     assert len({len(s) for s in shards}) == 1  # equal shards: the size-weighted mean is the paper's plain mean

@@ -1,9 +1,17 @@
 """SCAFFOLD (Karimireddy et al. 2020, Algorithm 1): local steps corrected by c - c_i, control variates for drift.
 
 Client i, from the global w with K local steps at lr eta: g <- g + c - c_i at every step; then option II (default)
-c_i+ = c_i - c + (w - y_i) / (K eta), or option I c_i+ = the loss gradient at w (here: on its first local batch,
-no extra pass); it sends y_i and Delta c_i = c_i+ - c_i. Server: w as in FedAvg (global step size = server_lr, the
-clients' size-weighted average: equal to the paper's plain mean for equal shards), c <- c + (1/N) sum_S Delta c_i.
+c_i+ = c_i - c + (w - y_i) / (K_eff eta), or option I c_i+ = the loss gradient at w (here: on its first applied
+batch, no extra pass); it sends y_i and Delta c_i = c_i+ - c_i. Server: w as in FedAvg (global step size = server_lr,
+the clients' size-weighted average: equal to the paper's plain mean for equal shards), c <- c + (1/N) sum_S Delta c_i.
+
+K_eff = sum_{k=1..K} (1 - beta^k) / (1 - beta) is the effective number of steps of the clients' heavy-ball SGD
+(momentum beta, torch's form: no dampening): its K steps move w - y_i = eta sum_k w_k (g_k + lambda y_k + c - c_i),
+w_k = (1 - beta^(K-k+1)) / (1 - beta), sum_k w_k = K_eff. Dividing by K_eff eta (the paper's K eta at beta = 0)
+makes c_i+ the w_k-weighted mean of the gradients of the weight-decayed objective and cancels c - c_i exactly; the
+paper's K eta would feed back -(K_eff / K - 1) (c - c_i), which diverges once K_eff > 2K (K >= 4 at beta = 0.9).
+K counts the applied steps (a straggler's; a step a GradScaler skips moves nothing). Why this and not the mean of
+the gradients or plain SGD clients: docs/remedies.md.
 Under a mask every c_i is 0 at its frozen entries and stored only at its trainable ones (one file per client and
 round in the run folder, fp32: the paper's math unchanged), so RAM holds c and one client's c_i at a time.
 On Flower (engine="flower") c stays on the ServerApp and each c_i on its client's node (to_node, from_server).
@@ -99,31 +107,44 @@ class ControlVariates:
         return total
 
 
+def effective_steps(steps: int, momentum: float) -> float:
+    """K_eff = sum_{k=1..K} (1 - beta^k) / (1 - beta): w - y_i over eta for a constant unit gradient (K at beta 0)."""
+    return sum((1 - momentum**k) / (1 - momentum) for k in range(1, steps + 1))
+
+
 class ControlledSteps(ClientSide):
     """Client i's corrected steps and its new control variate."""
 
-    def __init__(self, scaffold: Scaffold, rnd: int, client: int, start: list[Tensor], masks, lr: float, steps: int):
+    def __init__(self, scaffold: Scaffold, rnd: int, client: int, start: list[Tensor], masks, lr: float) -> None:
         self.scaffold, self.rnd, self.client, self.start, self.masks = scaffold, rnd, client, start, masks
-        self.lr, self.steps = lr, steps
+        self.lr = lr
         packed = scaffold.store.load(client, upto=rnd)
         self.c_i = unpack_entries(packed, masks, start) if packed is not None else [torch.zeros_like(w) for w in start]
         self.correction = torch._foreach_sub(scaffold.c, self.c_i)  # c - c_i
         self.first_grad: list[Tensor] | None = None
+        self.taken = torch.zeros((), dtype=torch.int64, device=start[0].device)  # applied steps (no sync per step)
 
     @torch.no_grad()
     def correct(self, params: list[Tensor]) -> None:
         grads = [p.grad for p in params]
-        if self.scaffold.option == "I" and self.first_grad is None:
-            self.first_grad = [g.clone() for g in grads]  # the loss gradient at w (first batch)
+        # A GradScaler skips a step whose gradients are not finite: the weights and momentum do not move.
+        finite = torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()
+        if self.scaffold.option == "I":  # the loss gradient at w: of the first applied step (a skipped one left w)
+            first = self.first_grad or [torch.zeros_like(g) for g in grads]
+            self.first_grad = [torch.where(finite & (self.taken == 0), g, f) for g, f in zip(grads, first, strict=True)]
+        self.taken += finite
         torch._foreach_add_(grads, self.correction)
 
     @torch.no_grad()
     def finish(self, params: list[Tensor]) -> list[Tensor]:
-        if self.scaffold.option == "I":
+        taken = int(self.taken)  # one sync per client
+        if not taken:  # every step skipped: nothing measured, c_i stays
+            new = self.c_i
+        elif self.scaffold.option == "I":
             new = self.first_grad
-        else:  # c_i - c + (w - y_i) / (K eta)
+        else:  # c_i - c + (w - y_i) / (K_eff eta)
             new = torch._foreach_sub(self.start, params)
-            torch._foreach_div_(new, self.steps * self.lr)
+            torch._foreach_div_(new, effective_steps(taken, self.scaffold.momentum) * self.lr)
             torch._foreach_sub_(new, self.correction)
         new = [n.masked_fill(~m, 0) if m is not None else n for n, m in zip(new, self.masks, strict=True)]
         self.scaffold.store.save(
@@ -145,6 +166,7 @@ class Scaffold(FedAvg):
     def __init__(self, config: Mapping, store: ControlVariates | None = None) -> None:
         super().__init__(config)
         self.option, self.num_clients = config["scaffold_option"], config["num_clients"]
+        self.momentum = config["momentum"]  # the clients' (helpers.fedavg.client_optimizer): K_eff
         self.store = store if store is not None else ControlVariates()
         self.c: list[Tensor] | None = None
         self.delta_c: list[Tensor] | None = None  # the round's sum of Delta c_i
@@ -157,7 +179,7 @@ class Scaffold(FedAvg):
     ) -> ClientSide:
         if self.c is None:
             self.c = [torch.zeros_like(w) for w in start]
-        return ControlledSteps(self, rnd, client, start, masks, lr, steps)
+        return ControlledSteps(self, rnd, client, start, masks, lr)  # K: the steps it applies, counted
 
     def to_node(self, start: list[Tensor], masks: Sequence[Tensor | None]) -> tuple[list[Tensor], dict[str, int]]:
         """c at the client's trainable entries (the others never reach its weights or its c_i) and the round whose
