@@ -5,7 +5,7 @@ decay), F = (1/N) sum_i F_i. In closed form: w* = (A + lambda I)^-1 b with A = m
 control variates' targets c_i* = grad F_i(w*) = A_i (w* - a_i) + lambda w* (option II: gradients of the objective
 the clients minimise), c* = grad F(w*) = 0, so c - c_i -> grad F(w*) - grad F_i(w*) (lambda w* cancels; option I's
 loss gradient has the same difference). The clients run through the engine's client optimizer and
-helpers.scaffold; every reference is the math above, never the engine's code.
+helpers.algorithms.scaffold; every reference is the math above, never the engine's code.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import torch
 from smallrun import small_config
 from torch import Tensor, nn
 
-from helpers import fedavg, scaffold
-from helpers.algorithm import aligned_masks
-from helpers.algorithms import make_algorithm
-from helpers.config import make_config
-from helpers.stragglers import local_steps
+from helpers.algorithms import scaffold
+from helpers.algorithms.fedavg import aligned_masks
+from helpers.algorithms.registry import make_algorithm
+from helpers.config.experiments import make_config
+from helpers.federated import rounds as fedavg
+from helpers.federated.stragglers import local_steps
 
 N, DIM = 4, 8  # clients; entries of the model (a 2x3 weight and a bias of 2)
 
@@ -61,7 +62,7 @@ def loss(model: Quadratic, a_mat: Tensor, a: Tensor) -> Tensor:
 
 
 def run_scaffold(config, curv, optima, rounds, *, mask=None, scale=None) -> list[dict]:
-    """SCAFFOLD's rounds as helpers.fedavg runs them (client_optimizer, client_side, correct, finish, RoundSum,
+    """SCAFFOLD's rounds as federated.rounds runs them (client_optimizer, client_side, correct, finish, RoundSum,
     server_step), every client in every round; returns per round w, c, each c_i (flat) and the steps each client's
     GradScaler (initial `scale`) skipped."""
     model, algorithm = Quadratic(), make_algorithm(config)
@@ -82,7 +83,7 @@ def run_scaffold(config, curv, optima, rounds, *, mask=None, scale=None) -> list
                     loss(model, curv[k], optima[k]).backward()
                     side.correct(params)
                     opt.step()
-                else:  # as helpers.train.train_steps: the correction sees unscaled gradients
+                else:  # as helpers.training.loop.train_steps: the correction sees unscaled gradients
                     scaler.scale(loss(model, curv[k], optima[k])).backward()
                     scaler.unscale_(opt)
                     side.correct(params)

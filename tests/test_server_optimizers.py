@@ -190,7 +190,7 @@ def flower_strategy(name: str, lr: float, p: dict):
 def test_server_steps_match_flowers_own_strategies(name, monkeypatch):
     """Flower's FedAvgM/FedAdam/FedYogi/FedAdagrad (flwr.serverapp.strategy, run by Strategy.start on a grid whose
     nodes return fixed updates) against helpers' server steps on the same updates, after aligning only what
-    helpers.fedopt documents as different:
+    helpers.algorithms.fedopt documents as different:
     - Flower's v starts at 0 (ours at tau^2, Reddi et al.: v_{-1} >= tau^2): ours is started at 0 here;
     - Flower's FedAdam corrects the bias, eta_t = eta sqrt(1 - b2^(t+1)) / (1 - b1^(t+1)) in round t (1-based;
       Algorithm 2 has none): our server_lr is set to eta_t in round t;
