@@ -159,7 +159,7 @@ def _editing(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
 
 def _remedies(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
     """05's remedies comparison: every algorithm dense and sparse at Nc 1 and 5, J 8 (its defaults)."""
-    from helpers.reporting.remedies import remedy_plan
+    from helpers.ops.plans import remedy_plan
 
     base = make_config("sparse_fedavg", PROFILE, calibration_rounds=2)
     gains = {"fedavg": 0.0, "fedavgm": 0.01, "fedprox": 0.005, "scaffold": 0.02, "fedadam": 0.015, "fedyogi": 0.012,

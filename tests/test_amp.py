@@ -17,7 +17,7 @@ import pytest
 import torch
 from smallrun import CPU, SMALL
 
-import helpers.federated.rounds as fedavg
+import helpers.federated.clients as fed_clients
 from helpers.config.experiments import make_config
 from helpers.core.models import build_model
 from helpers.core.precision import amp_dtype, make_scaler, resolve_amp, use_deterministic
@@ -244,13 +244,13 @@ def restore_determinism():
 
 def test_deterministic_same_run_id_same_metrics_flags_on_during_the_run(tmp_path, monkeypatch, restore_determinism):
     seen = []
-    original = fedavg.train_steps
+    original = fed_clients.train_steps
 
     def recording(*args, **kwargs):
         seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(fedavg, "train_steps", recording)
+    monkeypatch.setattr(fed_clients, "train_steps", recording)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     small = dict(**SMALL, **{**FEDERATED, "rounds": 2})
     plain = runner("fedavg")(make_config("fedavg", "smoke", **small), run_root=tmp_path / "a", progress=False)

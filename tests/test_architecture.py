@@ -1,96 +1,165 @@
-"""The module map of docs/architecture.md against the real code: every helpers module is in it, no module imports a
-higher layer or another module's private name, no module keeps its own cache, and one public name has one meaning."""
+"""The package map of docs/architecture.md against the real code: packages in one order, every module in the map,
+no import against the order and no import cycle (imports inside functions and registry strings included), lazy
+imports only with their reason, no private names across modules, no module-level caches, one public name one
+meaning, no module above 450 lines, the report's entry point without torch."""
 
 from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "helpers"
 MAP = REPO / "docs" / "architecture.md"
-
-# Known violations not yet fixed (issue 20 goes on): listed so that whoever fixes one deletes its entry; the
-# entry of a violation that is gone fails the test (stale).
-PENDING_PRIVATE_IMPORTS: set[tuple[str, str]] = set()  # (home module, name)
-PENDING_CACHES: set[str] = set()  # module-level cache names
-PENDING_NAMES: dict[str, str] = {}  # name -> its meanings
+MAX_LINES = 450
 ENTRY_POINTS = {"main"}  # every command-line module has one
+REGISTRY_STRING = re.compile(r"^helpers\.([\w.]+):\w+$")  # "helpers.flower.app:run_flower": a lazy import
 
 
 def modules() -> dict[str, ast.Module]:
-    """{dotted module name under helpers: its tree} (package __init__ files aside)."""
+    """{dotted name under helpers: parsed module}, package __init__ files left out (they hold a docstring)."""
     found = {}
     for path in sorted(PACKAGE.rglob("*.py")):
-        if path.name != "__init__.py":
-            found[".".join(path.relative_to(PACKAGE).with_suffix("").parts)] = ast.parse(path.read_text(), str(path))
+        if path.name == "__init__.py":
+            continue
+        name = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        found[name] = ast.parse(path.read_text(), str(path))
     return found
 
 
-KNOWN = set(modules())
+KNOWN = set(modules())  # parsed once for the whole file
 
 
-def module_map() -> dict[str, int]:
-    """{module: layer} from the table of docs/architecture.md whose header is `| module | layer | owns |`."""
+def table(header: str) -> list[list[str]]:
+    """The rows of the table of docs/architecture.md that starts with `header`, as lists of cells."""
     text = MAP.read_text()
-    table = text[text.index("| module | layer | owns |") :].split("\n\n")[0]
-    rows = re.findall(r"^\| `([\w.]+)` \| (\d+) \|", table, flags=re.M)
+    block = text[text.index(header) :].split("\n\n")[0].splitlines()[2:]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in block]
+
+
+def package_order() -> list[str]:
+    """Packages from the lowest to the highest: each may import its own modules and those of lower packages."""
+    return [row[0].strip("`") for row in table("| package | owns |")]
+
+
+def module_map() -> dict[str, str]:
+    """{module: what it owns} from the module table."""
+    rows = {row[0].strip("`"): row[1] for row in table("| module | owns |")}
     assert rows, "no rows in the module table of docs/architecture.md"
-    layers = {}
-    for name, layer in rows:
-        assert name not in layers, f"{name} has two rows in docs/architecture.md"
-        layers[name] = int(layer)
-    return layers
+    return rows
 
 
-def helpers_imports(tree: ast.Module) -> list[tuple[str, list[str], int]]:
-    """(imported helpers module, names taken from it, line) for every import, those inside functions included."""
+def package_of(module: str) -> str | None:
+    """A module's package (None: a top-level module of helpers, i.e. `__main__` or an entry point)."""
+    return module.split(".")[0] if "." in module else None
+
+
+def helpers_imports(tree: ast.Module) -> list[tuple[str, list[str], int, bool]]:
+    """(imported module, names taken from it, line, inside a function) for every import of a helpers module, and
+    for every registry string "helpers.x.y:name" (an import by name when the registry is read: names ["<registry>"])."""
+    known = KNOWN
+    lazy_lines = {n.lineno for f in ast.walk(tree) if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
+                  for n in ast.walk(f) if isinstance(n, ast.Import | ast.ImportFrom)}  # fmt: skip
     found = []
     for node in ast.walk(tree):
+        inner = getattr(node, "lineno", None) in lazy_lines
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "helpers":
-            names = [a.name for a in node.names]
             base = node.module.removeprefix("helpers").lstrip(".")
-            if f"{base}.{names[0]}" in KNOWN:  # from helpers.core import caches
-                found += [(f"{base}.{name}", [], node.lineno) for name in names]
-            else:
-                found.append((base, names, node.lineno))
+            for alias in node.names:  # from helpers.core import caches: the module core.caches
+                sub = f"{base}.{alias.name}" if base else alias.name
+                if sub in known:
+                    found.append((sub, [], node.lineno, inner))
+                elif base in known:
+                    found.append((base, [alias.name], node.lineno, inner))
         elif isinstance(node, ast.Import):
-            found += [
-                (a.name.removeprefix("helpers."), [], node.lineno) for a in node.names if a.name.startswith("helpers.")
-            ]
+            for alias in node.names:
+                if alias.name.startswith("helpers."):
+                    found.append((alias.name.removeprefix("helpers."), [], node.lineno, inner))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and REGISTRY_STRING.match(node.value):
+            found.append((REGISTRY_STRING.match(node.value).group(1), ["<registry>"], node.lineno, False))
     return found
 
 
 def test_every_module_is_in_the_map_and_every_row_is_a_module():
-    layers, real = module_map(), set(modules())
-    missing = sorted(real - set(layers))
+    rows, real = module_map(), set(modules())
+    missing = sorted(real - set(rows))
     assert not missing, f"helpers modules missing from the module table of docs/architecture.md: {missing}"
-    assert not sorted(set(layers) - real), f"rows for modules that do not exist: {sorted(set(layers) - real)}"
+    assert not sorted(set(rows) - real), f"rows for modules that do not exist: {sorted(set(rows) - real)}"
+    order = package_order()
+    unknown = sorted({package_of(m) for m in real} - set(order) - {None})
+    assert not unknown, f"packages missing from the package table of docs/architecture.md: {unknown}"
+    assert [p.name for p in sorted(PACKAGE.iterdir()) if (p / "__init__.py").is_file()] == sorted(order)
 
 
-def test_no_module_imports_a_higher_layer():
-    layers, wrong = module_map(), []
+def test_each_package_says_what_it_owns_and_may_import():
+    for package in package_order():
+        doc = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text())) or ""
+        assert "Imports:" in doc, f"helpers/{package}/__init__.py: a docstring saying what it owns and may import"
+
+
+def test_the_top_of_helpers_holds_only_the_command_line_entry_points():
+    """`python -m helpers` and `python -m helpers.X` (X: cost, report, bench, gpucheck, credentials) stay commands:
+    each is a few lines that call a package's `main`."""
+    for name in (m for m in modules() if package_of(m) is None):
+        text = (PACKAGE / f"{name}.py").read_text()
+        assert len(text.splitlines()) <= 10 and "def main" not in text and "import main" in text, name
+    assert len([m for m in modules() if package_of(m) is None]) <= 6
+
+
+def test_no_module_imports_a_higher_package():
+    order, wrong = package_order(), []
     for name, tree in modules().items():
-        for target, _, line in helpers_imports(tree):
-            if target in layers and name in layers and layers[target] > layers[name]:
-                wrong.append(
-                    f"helpers/{name}.py:{line} (layer {layers[name]}) imports {target} (layer {layers[target]})"
-                )
-    assert not wrong, "imports of a higher layer:\n" + "\n".join(wrong)
+        own = package_of(name)
+        for target, _, line, _ in helpers_imports(tree):
+            if own is not None and order.index(package_of(target)) > order.index(own):
+                wrong.append(f"helpers/{name.replace('.', '/')}.py:{line} ({own}) imports {target}")
+    assert not wrong, "imports against the package order:\n" + "\n".join(wrong)
+
+
+def test_no_import_cycle_between_modules():
+    graph = {name: {t for t, _, _, _ in helpers_imports(tree) if t != name} for name, tree in modules().items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(path[path.index(nxt) :] + [node, nxt]) if nxt in path else f"{node}->{nxt}")
+            elif nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_lazy_imports_say_why():
+    """An import inside a function keeps a heavy or optional dependency lazy (Flower, LaTeX): its line says so."""
+    wrong = []
+    for name, tree in modules().items():
+        lines = (PACKAGE / f"{name.replace('.', '/')}.py").read_text().splitlines()
+        for target, _, line, inner in helpers_imports(tree):
+            if inner and "# lazy:" not in lines[line - 1]:
+                wrong.append(f"helpers/{name.replace('.', '/')}.py:{line} imports {target} inside a function")
+    assert not wrong, "imports inside functions without a '# lazy: <why>' comment:\n" + "\n".join(wrong)
 
 
 def test_no_private_names_imported_across_modules():
     found = {
         (target, imported)
         for name, tree in modules().items()
-        for target, names, _ in helpers_imports(tree)
+        for target, names, _, _ in helpers_imports(tree)
         for imported in names
         if imported.startswith("_") and target != name
     }
-    assert not sorted(found - PENDING_PRIVATE_IMPORTS), f"private (module, name) imported from another module: {found}"
-    assert not sorted(PENDING_PRIVATE_IMPORTS - found), "fixed: remove from PENDING_PRIVATE_IMPORTS"
+    assert not found, f"private (module, name) imported from another module: {sorted(found)}"
 
 
 def module_level_caches(tree: ast.Module) -> list[str]:
@@ -113,10 +182,8 @@ def module_level_caches(tree: ast.Module) -> list[str]:
 
 
 def test_no_module_keeps_its_own_cache():
-    found = {(name, cache) for name, tree in modules().items() for cache in module_level_caches(tree)}
-    wrong = sorted(f"helpers/{m}.py: {c}" for m, c in found if c not in PENDING_CACHES)
-    assert not wrong, f"module-level caches (put them in helpers.caches): {wrong}"
-    assert PENDING_CACHES <= {c for _, c in found}, "fixed: remove from PENDING_CACHES"
+    found = sorted(f"{m}: {c}" for m, tree in modules().items() for c in module_level_caches(tree))
+    assert not found, f"module-level caches (put them in helpers.core.caches): {found}"
 
 
 def test_the_cache_check_sees_what_it_must():
@@ -142,6 +209,53 @@ def public_definitions() -> dict[str, list[str]]:
 
 def test_one_public_name_has_one_meaning():
     twice = {n: m for n, m in public_definitions().items() if len(m) > 1 and n not in ENTRY_POINTS}
-    new = {n: m for n, m in twice.items() if n not in PENDING_NAMES}
-    assert not new, f"public names defined in several modules (rename one, or import it from its home): {new}"
-    assert not sorted(set(PENDING_NAMES) - set(twice)), "fixed: remove from PENDING_NAMES"
+    assert not twice, f"public names defined in several modules (rename one, or import it from its home): {twice}"
+
+
+def test_no_module_is_longer_than_450_lines():
+    long = {m: n for m in modules() if (n := len((PACKAGE / f"{m.replace('.', '/')}.py").read_text().splitlines()))
+            > MAX_LINES}  # fmt: skip
+    assert not long, f"modules above {MAX_LINES} lines (split them by concern): {long}"
+
+
+def test_no_code_is_run_from_text():
+    found = [m for m, tree in modules().items() for n in ast.walk(tree)
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("exec", "eval")]  # fmt: skip
+    assert not found, f"exec/eval in {found}: plans and parameters are functions and literals, never code run as text"
+
+
+def test_the_reports_entry_point_imports_no_torch_and_no_runner():
+    code = (
+        "import sys, helpers.reporting.report\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'helpers.training', "
+        "'helpers.federated', 'helpers.editing', 'helpers.flower', 'helpers.ops')))\n"
+        "print(bad)\nsys.exit(1 if bad else 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, f"importing helpers.reporting.report loads {done.stdout.strip()} {done.stderr[-500:]}"
+
+
+def test_environment_variables_are_read_in_one_place():
+    """Every FLME_* variable is read by helpers.core.settings (which documents each); no other module reads one."""
+    from helpers.core.settings import SETTINGS
+
+    named, wrong = set(), []
+    for name, tree in modules().items():
+        strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        named |= {v for s in strings for v in re.findall(r"\bFLME_[A-Z_]+\b", s)}
+        if name == "core.settings":
+            continue
+        constants = [n for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)]
+        aliases = {t.id for n in constants if str(n.value.value).startswith("FLME_") for t in n.targets}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("os.environ.get", "os.getenv") and node.args:
+                key = node.args[0]
+            elif isinstance(node, ast.Subscript) and ast.unparse(node.value) == "os.environ":
+                key = node.slice
+            else:
+                key = None
+            if key is not None and ("FLME_" in ast.unparse(key) or ast.unparse(key) in aliases):
+                wrong.append(f"helpers/{name.replace('.', '/')}.py:{node.lineno}: {ast.unparse(node)}")
+    pending = [w for w in wrong if "FAULT_ENV" in w]  # the Flower fault injection: leaves production code next
+    assert not sorted(set(wrong) - set(pending)), "FLME_* read outside helpers.core.settings:\n" + "\n".join(wrong)
+    assert named <= set(SETTINGS) | {"FLME_FLOWER_FAULT"}, f"undocumented settings: {named - set(SETTINGS)}"

@@ -15,7 +15,8 @@ from helpers.algorithms.registry import make_algorithm
 from helpers.config.experiments import make_config
 from helpers.data.datasets import augment_batch, augment_generator, load_data, step_batches
 from helpers.editing.sparse_runs import run_sparse_fedavg
-from helpers.federated import rounds as fedavg
+from helpers.federated import clients as fed_clients
+from helpers.federated import rounds
 from helpers.federated.stragglers import local_steps
 from helpers.sparse.masks import Masks
 from helpers.training.runs import load_checkpoint
@@ -39,9 +40,9 @@ def test_fedprox_clients_descend_the_proximal_objective():
     mu = 0.5
     config = small_config(algorithm="fedprox", prox_mu=mu, num_clients=1, participation=1.0, local_steps=3, lr=0.1)
     data = load_data(config, CPU)
-    shards = fedavg.client_shards(config, data)
+    shards = fed_clients.client_shards(config, data)
     model, ref = fresh_model(config), fresh_model(config)
-    fedavg.fedavg_round(model, data, shards, 0, config)  # one client, server_lr 1: the new weights are its own
+    rounds.fedavg_round(model, data, shards, 0, config)  # one client, server_lr 1: the new weights are its own
     anchor = [p.detach().clone() for p in ref.parameters()]
     hyper = {k: config[k] for k in ("lr", "momentum", "weight_decay")}
     opt = torch.optim.SGD(ref.parameters(), **hyper)
@@ -62,8 +63,8 @@ def test_fedprox_clients_descend_the_proximal_objective():
 
 def test_fedprox_without_mu_is_fedavg_bit_for_bit(tmp_path):
     common = dict(num_clients=6, participation=0.5, local_steps=2, rounds=3)
-    plain = fedavg.run_fedavg(small_config(**common), run_root=tmp_path, progress=False)
-    prox = fedavg.run_fedavg(small_config(**common, algorithm="fedprox", prox_mu=0.0), run_root=tmp_path,
+    plain = rounds.run_fedavg(small_config(**common), run_root=tmp_path, progress=False)
+    prox = rounds.run_fedavg(small_config(**common, algorithm="fedprox", prox_mu=0.0), run_root=tmp_path,
                              progress=False)  # fmt: skip
     assert plain.id != prox.id
     frames = [r.metrics().drop(columns="elapsed_s") for r in (plain, prox)]
@@ -86,7 +87,7 @@ def scaffold_reference(config, data, shards, rounds):
     c_i = {k: [torch.zeros_like(p) for p in params] for k in range(len(shards))}
     lr, N, beta, lam = config["lr"], len(shards), config["momentum"], config["weight_decay"]
     for rnd in range(rounds):
-        sampled = fedavg.sample_clients(config["seed"], rnd, N, config["participation"])
+        sampled = fed_clients.sample_clients(config["seed"], rnd, N, config["participation"])
         dys, dcs = [], []
         for k in sampled:
             with torch.no_grad():
@@ -131,11 +132,11 @@ def test_scaffold_follows_algorithm_1_for_several_rounds(option, clients):
     if clients is DEFAULTS:
         assert config["momentum"] == 0.9 and config["weight_decay"] > 0
     data = load_data(config, CPU)
-    shards = fedavg.client_shards(config, data)
+    shards = fed_clients.client_shards(config, data)
     assert len({len(s) for s in shards}) == 1  # equal shards: the size-weighted mean is the paper's plain mean
     model, algorithm = fresh_model(config), make_algorithm(config)
     for rnd in range(4):
-        fedavg.fedavg_round(model, data, shards, rnd, config, algorithm=algorithm)
+        rounds.fedavg_round(model, data, shards, rnd, config, algorithm=algorithm)
     x, c = scaffold_reference(config, data, shards, rounds=4)
     for (name, got), want in zip(model.named_parameters(), x, strict=True):
         torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=1e-4, msg=name)
@@ -147,13 +148,13 @@ def test_scaffold_follows_algorithm_1_for_several_rounds(option, clients):
 def test_control_variates_are_stored_at_trainable_entries_only(tmp_path):
     config = small_config(algorithm="scaffold", num_clients=4, participation=0.5, local_steps=2)
     data = load_data(config, CPU)
-    shards = fedavg.client_shards(config, data)
+    shards = fed_clients.client_shards(config, data)
     model = fresh_model(config)
     gen = torch.Generator().manual_seed(0)
     mask = {n: torch.rand(p.shape, generator=gen) < 0.2 for n, p in model.named_parameters() if p.ndim == 2}
     algorithm = make_algorithm(config, tmp_path)
     for rnd in range(2):
-        fedavg.fedavg_round(model, data, shards, rnd, config, masks=Masks(shared=mask), algorithm=algorithm)
+        rounds.fedavg_round(model, data, shards, rnd, config, masks=Masks(shared=mask), algorithm=algorithm)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     aligned = [mask.get(n) for n in names]
     dense = sum(p.numel() for n, p in model.named_parameters() if n not in mask)
@@ -229,10 +230,10 @@ def test_stragglers_are_seeded_and_run_a_prefix_of_their_work(monkeypatch):
         seen.append(batches.clone())
         return 0.0
 
-    monkeypatch.setattr(fedavg, "train_steps", recording)
+    monkeypatch.setattr(fed_clients, "train_steps", recording)
     data = load_data(config, CPU)
-    shards = fedavg.client_shards(config, data)
-    row = fedavg.fedavg_round(fresh_model(config), data, shards, 3, config)
+    shards = fed_clients.client_shards(config, data)
+    row = rounds.fedavg_round(fresh_model(config), data, shards, 3, config)
     for k, batches in zip(map(int, row["clients"].split()), seen, strict=True):
         full, _ = client_batches(config, shards[k], 3, k)
         assert torch.equal(batches, full[: local_steps(config, 3, k)])

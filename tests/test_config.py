@@ -2,16 +2,17 @@
 
 import pytest
 
+from helpers.algorithms.registry import ALGORITHMS, algorithm_class
 from helpers.config.experiments import (
     EXPERIMENTS,
-    PARAMS,
-    REMEDIES,
+    experiment_parameters,
     make_config,
-    parse_sets,
-    parse_value,
+    parameters,
     profile_defaults,
+    remedy_parameters,
     resolve_profile,
 )
+from helpers.config.parsing import parse_sets, parse_value
 from helpers.ops.cli import main
 
 BAD = [
@@ -69,9 +70,10 @@ def test_profiles_and_overrides(monkeypatch):
     smoke = make_config("centralized", "smoke", lr=0.123, epochs=7)
     assert smoke["dataset"] == "synthetic" and smoke["lr"] == 0.123 and smoke["epochs"] == 7
     # parameters at their `omitted_at` value (amp=auto, deterministic=false) are left out: old run ids and CSVs hold
-    added = {n for n in EXPERIMENTS["centralized"] if PARAMS[n].omitted_at is not None}
-    assert added >= {"amp", "deterministic"} and set(smoke) == set(EXPERIMENTS["centralized"]) - added
-    assert set(make_config("centralized", "smoke", amp="fp32", deterministic=True)) == set(EXPERIMENTS["centralized"])
+    names, params = experiment_parameters("centralized"), parameters()
+    added = {n for n in names if params[n].omitted_at is not None}
+    assert added >= {"amp", "deterministic"} and set(smoke) == set(names) - added
+    assert set(make_config("centralized", "smoke", amp="fp32", deterministic=True)) == set(names)
     assert make_config("centralized", "smoke", lr=1)["lr"] == 1.0  # ints accepted for floats
     # full federated runs validate every 5th round; epochs and smoke rounds every time; an explicit value wins
     assert full["eval_every"] == 1 and make_config("fedavg", "smoke")["eval_every"] == 1
@@ -96,13 +98,18 @@ def test_parse_value_types():
 
 
 def test_every_param_has_a_default_in_both_profiles():
-    for exp, names in EXPERIMENTS.items():
-        for profile in ("smoke", "full"):
-            assert set(profile_defaults(exp, profile)) == set(names)
-            omitted = {n for n, v in profile_defaults(exp, profile).items() if v == PARAMS[n].omitted_at}
-            # and FedAvg's configs hold no remedy's parameters (run ids from before the remedies stay)
-            assert set(make_config(exp, profile)) == set(names) - omitted - set(REMEDIES)
-    assert set().union(*EXPERIMENTS.values()) <= set(PARAMS)
+    params = parameters()
+    for exp in EXPERIMENTS:
+        names = experiment_parameters(exp)
+        for profile, algorithm in ((p, a) for p in ("smoke", "full") for a in ALGORITHMS):
+            others = set(remedy_parameters()) - set(algorithm_class(algorithm).params) - {"algorithm", "stragglers"}
+            defaults = profile_defaults(exp, profile, algorithm)
+            assert set(defaults) == set(names) - others  # every parameter but the other algorithms' own ones
+            omitted = {n for n, v in defaults.items() if v == params[n].omitted_at}
+            # and FedAvg's configs hold no other algorithm's parameters (run ids from before the remedies stay)
+            if algorithm == "fedavg":
+                assert set(make_config(exp, profile)) == set(names) - omitted - others
+    assert {n for e in EXPERIMENTS for n in experiment_parameters(e)} <= set(params)
 
 
 def test_cli_errors_are_one_line(capsys):

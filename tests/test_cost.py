@@ -14,9 +14,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from helpers.config.experiments import make_config, split_sizes, train_split_size
 from helpers.core.models import build_model, forward_flops
-from helpers.federated.rounds import clients_per_round
+from helpers.federated.clients import clients_per_round
 from helpers.ops import cost
 from helpers.ops.memory import LABEL
+from helpers.ops.notebook import NOTEBOOKS
+from helpers.ops.plans import notebook_plan
 from helpers.training.centralized import run_centralized
 
 
@@ -99,14 +101,14 @@ def test_measured_t4_benchmark_replaces_the_assumption(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["01_centralized", "02_fedavg_iid", "03_fedavg_noniid", "04_model_editing",
                                   "05_federated_editing", "06_mask_strategies"])  # fmt: skip
 def test_every_notebook_exposes_its_plan(name):
-    plan = cost.notebook_plan(name, "smoke")
+    plan = notebook_plan(name, "smoke").runs
     assert plan and all(experiment in ("centralized", "fedavg", "sparse_centralized", "sparse_fedavg")
                         for experiment, _ in plan)  # fmt: skip
     assert all(config["profile"] == "smoke" for _, config in plan)
 
 
 def test_notebook_plan_takes_parameters():
-    plan = cost.notebook_plan("02_fedavg_iid", "smoke", SEEDS=[0, 1, 2])
+    plan = notebook_plan("02_fedavg_iid", "smoke", SEEDS=[0, 1, 2]).runs
     assert [c["seed"] for _, c in plan] == [0, 1, 2]
 
 
@@ -115,6 +117,6 @@ def test_cli_prints_every_notebook_a_total_and_the_source(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     source = lines.index(cost.t4_throughput("vit_tiny_smoke", 32)[-1])
     names = [line.split()[0] for line in lines[:source]]
-    assert names == [p.stem for p in sorted(cost.NOTEBOOKS.glob("0[1-6]_*.ipynb"))] + ["total"]
+    assert names == [p.stem for p in sorted(NOTEBOOKS.glob("0[1-6]_*.ipynb"))] + ["total"]
     assert "T4" in lines[source] and LABEL in lines[source + 1]  # then the memory estimate, one line per phase
     assert len(lines) == source + 2 + 5 and all("vs a T4's 15 GiB" in line for line in lines[source + 2 :])

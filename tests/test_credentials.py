@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError  # noqa: E402
 
-from helpers.config.experiments import REPO  # noqa: E402
+from helpers.core.settings import REPO  # noqa: E402
 from helpers.flower import credentials  # noqa: E402
 
 HOSTS = ["localhost", "127.0.0.1", "server.lab"]

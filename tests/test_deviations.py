@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from smallrun import CPU, SMALL
@@ -9,12 +10,17 @@ from smallrun import CPU, SMALL
 from helpers.config.experiments import make_config
 from helpers.data.datasets import augment_generator, load_data
 from helpers.editing.calibration import masked_names
-from helpers.federated.rounds import client_optimizer
+from helpers.federated.clients import client_optimizer
 from helpers.reporting import report
 from helpers.sparse.sensitivity import calibrate_masks
 from helpers.sparse.sgdm import SparseSGDM
 from helpers.training.loop import train_steps
 from helpers.training.resumable import build_seeded_model
+
+
+def results_of(**configs: dict) -> pd.DataFrame:
+    """Tidy results rows of runs with these configs, as the report reads them (one row per experiment)."""
+    return pd.DataFrame([{"experiment": experiment, **config} for experiment, config in configs.items()])
 
 
 @pytest.fixture()
@@ -28,7 +34,7 @@ def test_clients_optimise_with_sgd_momentum_not_adamw(model):
     for opt in (client_optimizer(model, 0.1, config), client_optimizer(model, 0.1, config, masks)):
         assert type(opt) in (torch.optim.SGD, SparseSGDM) and isinstance(opt, torch.optim.SGD)
         assert opt.param_groups[0]["momentum"] == config["momentum"] == 0.9
-    assert f"momentum {config['momentum']:g}" in report.deviations_table("smoke")
+    assert f"momentum {config['momentum']:g}" in report.deviations_table(results_of(sparse_fedavg=config), "smoke")
 
 
 def test_no_gradient_clipping(model):
@@ -60,7 +66,8 @@ def test_masked_entries_default_and_the_reference_choice(model):
 
 def test_sample_counts_in_the_table_are_the_config_defaults(monkeypatch):
     monkeypatch.delenv("FLME_PROFILE", raising=False)  # it would override the profile asked for
-    text = report.deviations_table("full")
+    runs = {e: make_config(e, "full") for e in ("sparse_centralized", "sparse_fedavg")}
+    text = report.deviations_table(results_of(**runs), "full")  # the values the runs used (their results' columns)
     assert make_config("sparse_centralized", "full")["calibration_samples"] == 5000 and "5,000 train-split" in text
     assert make_config("sparse_fedavg", "full")["calibration_samples"] == 50 and "50 per client" in text
 

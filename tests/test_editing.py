@@ -11,13 +11,15 @@ from helpers.config.experiments import make_config, train_split_size
 from helpers.core.models import backbone_parameters
 from helpers.data.datasets import load_data
 from helpers.editing import calibration, sparse_runs
-from helpers.editing import views as editing_views
 from helpers.editing.calibration import EDITING_FILE, Scorer, calibrate_centralized, calibrate_federated, load_masks
+from helpers.editing.sample_counts import sample_count_study
 from helpers.editing.sparse_runs import run_sparse_centralized, run_sparse_fedavg
 from helpers.editing.step0 import fit_head, fit_head_federated, head_fedavg_config, ridge_statistics, solve_ridge
-from helpers.federated import rounds as fedavg
-from helpers.federated.rounds import client_shards, sample_clients
+from helpers.federated import rounds
+from helpers.federated.clients import client_shards, sample_clients
 from helpers.ops.cli import main
+from helpers.reporting.labels import with_labels
+from helpers.reporting.results import dense_fedavg_reference, step0_rows, summary_table
 from helpers.sparse.mask_stats import mask_jaccard
 from helpers.training import centralized, resumable
 from helpers.training.resumable import build_seeded_model
@@ -70,9 +72,9 @@ def fed_run(tmp_path_factory):
             snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
         return row
 
-    real_round = fedavg.fedavg_round
+    real_round = rounds.fedavg_round
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fedavg, "fedavg_round", spy)
+        mp.setattr(rounds, "fedavg_round", spy)
         run = run_sparse_fedavg(federated_config(step0="sgd"), run_root=tmp_path_factory.mktemp("fed"), progress=False)
     return run, snapshots
 
@@ -316,13 +318,13 @@ def test_step0_rows_give_one_control_row_per_step0_model(tmp_path):
     runs = [run_sparse_centralized(central_config(sparsity=s, epochs=1), run_root=tmp_path, progress=False)
             for s in (0.9, 0.0)] + [run_sparse_centralized(central_config(sparsity=0.9, epochs=1, seed=1),
                                                            run_root=tmp_path, progress=False)]  # fmt: skip
-    rows = editing_views.step0_rows(runs)
+    rows = step0_rows(runs)
     assert len(rows) == 2 and set(rows["experiment"]) == {"step0"} and (rows["epoch"] == 0).all()
     for _, row in rows.iterrows():
         summary = next(r.summary() for r in runs if r.config["seed"] == row["seed"])
         assert row["test_acc"] == summary["step0_test_acc"] and row["val_loss"] == summary["step0_val_loss"]
         assert pd.isna(row.get("sparsity"))
-    labels = editing_views.with_labels(pd.concat([editing_views.summary_table(runs), rows]))
+    labels = with_labels(pd.concat([summary_table(runs), rows]))
     assert list(labels["method"]) == ["sparse s=0.9 R=2", "dense, step-0 head", "sparse s=0.9 R=2", "step-0 model",
                                       "step-0 model"]  # fmt: skip
 
@@ -332,7 +334,7 @@ def test_sample_count_study_compares_prefixes_with_the_largest(tmp_path):
     data = load_data(config, CPU)
     model = build_seeded_model(config, CPU)
     fit_head(model, data, config)
-    table, _ = editing_views.sample_count_study(model, data, config, [64, 16, 32])
+    table, _ = sample_count_study(model, data, config, [64, 16, 32])
     assert list(table["calibration_samples"]) == [16, 32, 64] and table["jaccard_vs_largest"].iloc[-1] == 1.0
     assert (table["jaccard_vs_largest"].iloc[:-1] < 1).all()
     masks = calibrate_centralized(model, data, {**config, "calibration_samples": 32})[0].shared
@@ -354,7 +356,7 @@ def test_dense_reference_keeps_only_the_matching_runs_and_settings(monkeypatch, 
     )
     table[table["sharding"] == "iid"].to_csv(tmp_path / "smoke" / "fedavg_iid.csv", index=False)
     table[table["sharding"] != "iid"].to_csv(tmp_path / "smoke" / "fedavg_noniid.csv", index=False)
-    picked = editing_views.dense_fedavg_reference("smoke", [("noniid", 1), ("iid", None), ("noniid", 50)], lr=0.01)
+    picked = dense_fedavg_reference("smoke", [("noniid", 1), ("iid", None), ("noniid", 50)], lr=0.01)
     assert sorted(set(picked["run_id"])) == ["r0", "r1"] and len(picked) == 4
-    assert sorted(set(editing_views.dense_fedavg_reference("smoke", lr=0.01)["run_id"])) == ["r0", "r1", "r2", "r3"]
-    assert editing_views.dense_fedavg_reference("full", [("iid", None)]).empty
+    assert sorted(set(dense_fedavg_reference("smoke", lr=0.01)["run_id"])) == ["r0", "r1", "r2", "r3"]
+    assert dense_fedavg_reference("full", [("iid", None)]).empty

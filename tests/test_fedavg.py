@@ -21,7 +21,8 @@ from smallrun import CPU, SMALL, fresh_model, small_config
 from helpers.config import experiments as config_module
 from helpers.config.experiments import make_config
 from helpers.data.datasets import augment_generator, load_data, step_batches
-from helpers.federated import rounds as fedavg
+from helpers.federated import clients as fed_clients
+from helpers.federated import rounds
 from helpers.sparse.masks import Masks
 from helpers.training import resumable
 from helpers.training.loop import NonFiniteLossError, train_steps
@@ -47,10 +48,10 @@ def train_reference(model, data, shard, config, rnd: int, client: int) -> None:
 def test_one_client_with_all_data_equals_plain_training():
     config = small_config(num_clients=1, participation=1.0, server_lr=1.0, local_steps=3)
     data = load_data(config, CPU)
-    shards = fedavg.client_shards(config, data)
+    shards = fed_clients.client_shards(config, data)
     assert torch.equal(shards[0], torch.arange(len(data.train_y)))
     model, ref = fresh_model(config), fresh_model(config)
-    row = fedavg.fedavg_round(model, data, shards, 0, config)
+    row = rounds.fedavg_round(model, data, shards, 0, config)
     train_reference(ref, data, shards[0], config, 0, 0)
     for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
@@ -64,7 +65,7 @@ def test_server_applies_size_weighted_average(server_lr):
     shards = [torch.arange(0, 40), torch.arange(40, 140), torch.arange(140, 400)]  # unequal sizes
     model = fresh_model(config)
     start = copy.deepcopy(model.state_dict())
-    fedavg.fedavg_round(model, data, shards, 0, config)
+    rounds.fedavg_round(model, data, shards, 0, config)
     sizes = torch.tensor([len(s) for s in shards], dtype=torch.float64)
     clients = []
     for k, shard in enumerate(shards):
@@ -91,7 +92,7 @@ def test_entries_no_client_trains_stay_bit_exact(scope):
     per_client = [{n: torch.rand(start[n].shape, generator=gen) < 0.3 for n in names} for _ in shards]
     masks = Masks(shared=per_client[0]) if scope == "global" else Masks.per_client(per_client)
     trained = per_client[:1] if scope == "global" else per_client
-    fedavg.fedavg_round(model, data, shards, 0, config, masks=masks)
+    rounds.fedavg_round(model, data, shards, 0, config, masks=masks)
     moved = 0
     for n in names:
         frozen = ~functools.reduce(torch.logical_or, [m[n] for m in trained])
@@ -109,15 +110,15 @@ def test_rounds_sample_m_distinct_clients_and_clients_use_only_their_shard(tmp_p
         seen.append(set(batches.flatten().tolist()))
         return train_steps(model, optimizer, images, labels, batches, *args, **kwargs)
 
-    monkeypatch.setattr(fedavg, "train_steps", recording_train_steps)
-    metrics = fedavg.run_fedavg(config, run_root=tmp_path, progress=False).metrics()
-    shards = fedavg.client_shards(config, load_data(config, CPU))
+    monkeypatch.setattr(fed_clients, "train_steps", recording_train_steps)
+    metrics = rounds.run_fedavg(config, run_root=tmp_path, progress=False).metrics()
+    shards = fed_clients.client_shards(config, load_data(config, CPU))
     calls = iter(seen)
     assert list(metrics["round"]) == [1, 2, 3, 4]
     for rnd, text in enumerate(metrics["clients"].astype(str)):
         clients = [int(c) for c in text.split()]
         assert len(clients) == len(set(clients)) == 3 and all(0 <= c < 10 for c in clients)
-        assert clients == fedavg.sample_clients(config["seed"], rnd, 10, 0.3)  # a pure function of the round
+        assert clients == fed_clients.sample_clients(config["seed"], rnd, 10, 0.3)  # a pure function of the round
         for k in clients:
             assert next(calls) <= set(shards[k].tolist()), f"round {rnd + 1}, client {k} left its shard"
     assert next(calls, None) is None
@@ -127,17 +128,17 @@ def test_rounds_sample_m_distinct_clients_and_clients_use_only_their_shard(tmp_p
 
 
 def test_sample_clients_count():
-    assert len(fedavg.sample_clients(0, 0, 10, 0.01)) == 1
-    ids = fedavg.sample_clients(0, 5, 100, 0.1)
+    assert len(fed_clients.sample_clients(0, 0, 10, 0.01)) == 1
+    ids = fed_clients.sample_clients(0, 5, 100, 0.1)
     assert len(set(ids)) == 10 and ids == sorted(ids)
-    assert fedavg.sample_clients(0, 5, 100, 0.1) != fedavg.sample_clients(0, 6, 100, 0.1)
+    assert fed_clients.sample_clients(0, 5, 100, 0.1) != fed_clients.sample_clients(0, 6, 100, 0.1)
 
 
 def test_rounds_for_budget_keeps_total_steps():
-    assert [fedavg.rounds_for_budget(2000, j) for j in (4, 8, 16)] == [500, 250, 125]
-    assert fedavg.rounds_for_budget(10, 4) == 3
+    assert [rounds.rounds_for_budget(2000, j) for j in (4, 8, 16)] == [500, 250, 125]
+    assert rounds.rounds_for_budget(10, 4) == 3
     with pytest.raises(ValueError, match="local_steps"):
-        fedavg.rounds_for_budget(10, 0)
+        rounds.rounds_for_budget(10, 0)
 
 
 @pytest.mark.parametrize("idle", [None, 2])
@@ -161,8 +162,8 @@ def test_drift_and_aggregation_match_explicit_formulas(monkeypatch, idle):
             torch._foreach_add_(params, next(calls))
         return 1.0
 
-    monkeypatch.setattr(fedavg, "train_steps", fake_train_steps)
-    row = fedavg.fedavg_round(model, data, shards, 0, config)
+    monkeypatch.setattr(fed_clients, "train_steps", fake_train_steps)
+    row = rounds.fedavg_round(model, data, shards, 0, config)
     flat = [torch.cat([d.flatten() for d in delta]).double() for delta in deltas]
     moving = [f for k, f in enumerate(flat) if k != idle]
     cos = [torch.dot(a, b) / (a.norm() * b.norm()) for i, a in enumerate(moving) for b in moving[i + 1 :]]
@@ -181,7 +182,7 @@ def test_noniid_clients_drift_further_than_iid():
         config = small_config(num_clients=100, participation=0.1, local_steps=4, sharding=sharding,
                               classes_per_client=1, synthetic_train_size=1000)  # fmt: skip
         data = load_data(config, CPU)
-        row = fedavg.fedavg_round(fresh_model(config), data, fedavg.client_shards(config, data), 0, config)
+        row = rounds.fedavg_round(fresh_model(config), data, fed_clients.client_shards(config, data), 0, config)
         assert -1 <= row["drift_cos"] <= 1
         return row["drift_norm"]
 
@@ -192,13 +193,13 @@ def test_sparse_masks_plug_into_the_same_engine():
     """A global mask: masked entries never move, upload counts nnz; per-client masks: each uploads its own nnz."""
     config = small_config(num_clients=4, participation=0.5, local_steps=2)
     data = load_data(config, CPU)
-    shards = fedavg.client_shards(config, data)
+    shards = fed_clients.client_shards(config, data)
     model = fresh_model(config)
     named = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(1)
     masks = {n: (torch.rand(p.shape, generator=gen) < 0.3).float() for n, p in named.items() if p.ndim == 2}
     before = {n: p.detach().clone() for n, p in named.items()}
-    row = fedavg.fedavg_round(model, data, shards, 0, config, masks=Masks(shared=masks))
+    row = rounds.fedavg_round(model, data, shards, 0, config, masks=Masks(shared=masks))
     dense = sum(p.numel() for n, p in named.items() if n not in masks)
     assert row["upload_bytes"] == 2 * 4 * (dense + sum(int(m.sum()) for m in masks.values()))
     for n, m in masks.items():
@@ -206,7 +207,7 @@ def test_sparse_masks_plug_into_the_same_engine():
         assert not torch.equal(named[n], before[n]), n
     # client k trains a fraction k/8 of the masked entries: the upload names which clients' masks were used
     own = [{n: torch.rand(m.shape, generator=gen) < k / 8 for n, m in masks.items()} for k in range(4)]
-    row = fedavg.fedavg_round(model, data, shards, 1, config, masks=Masks.per_client(own))
+    row = rounds.fedavg_round(model, data, shards, 1, config, masks=Masks.per_client(own))
     nnz = [sum(int(m.sum()) for m in own[int(k)].values()) for k in row["clients"].split()]
     assert len(set(sum(int(m.sum()) for m in o.values()) for o in own)) == 4
     assert row["upload_bytes"] == 4 * (2 * dense + sum(nnz))
@@ -214,7 +215,7 @@ def test_sparse_masks_plug_into_the_same_engine():
 
 def test_head_mode_trains_and_uploads_only_the_head(tmp_path):
     config = small_config(train_mode="head", num_clients=5, participation=0.4, local_steps=1, rounds=1)
-    run = fedavg.run_fedavg(config, run_root=tmp_path, progress=False)
+    run = rounds.run_fedavg(config, run_root=tmp_path, progress=False)
     head = sum(p.numel() for n, p in fresh_model(config).named_parameters() if n.startswith("head."))
     assert run.metrics()["upload_bytes"].tolist() == [2 * 4 * head]
     final = load_checkpoint(run)["model"]
@@ -226,7 +227,7 @@ def test_head_mode_trains_and_uploads_only_the_head(tmp_path):
 def test_nonfinite_loss_names_round_and_client_and_keeps_no_checkpoint(tmp_path):
     config = small_config(lr=1e30, num_clients=5, participation=0.4, local_steps=2, rounds=2)
     with pytest.raises(NonFiniteLossError, match=r"round 1, client \d"):
-        fedavg.run_fedavg(config, run_root=tmp_path, progress=False)
+        rounds.run_fedavg(config, run_root=tmp_path, progress=False)
     assert not list(tmp_path.rglob("checkpoint*.pt"))
 
 
@@ -249,7 +250,7 @@ def test_bad_parameters_fail_before_compute(overrides, name, tmp_path, monkeypat
 
     monkeypatch.setattr(resumable, "run_inputs", no_compute)
     with pytest.raises(ValueError, match=f"^{name}="):
-        fedavg.run_fedavg(run_root=tmp_path, progress=False, **{**SMALL, **overrides})
+        rounds.run_fedavg(run_root=tmp_path, progress=False, **{**SMALL, **overrides})
     assert not any(tmp_path.iterdir())  # no run folder for an invalid config
 
 
@@ -326,7 +327,7 @@ def test_round_plots_accept_runs_and_frames(tmp_path):
         small_config(num_clients=5, participation=0.4, local_steps=1, rounds=2, sharding=s)
         for s in ("iid", "dirichlet")
     ]
-    runs = [fedavg.run_fedavg(c, run_root=tmp_path, progress=False) for c in configs]
+    runs = [rounds.run_fedavg(c, run_root=tmp_path, progress=False) for c in configs]
     fig = plot_drift(runs, hue="sharding")
     assert len(fig.axes) == 2 and all(ax.lines for ax in fig.axes)
     fig = plot_rounds(runs[0].metrics(), metrics=("val_acc", "test_acc"), reference=0.5)
@@ -341,7 +342,7 @@ def test_models_with_buffers_are_rejected_before_any_client_trains():
     model.register_buffer("running_mean", torch.zeros(3))  # what a BatchNorm would hold
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="buffers.*running_mean"):
-        fedavg.fedavg_round(model, data, fedavg.client_shards(config, data), 0, config)
+        rounds.fedavg_round(model, data, fed_clients.client_shards(config, data), 0, config)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
@@ -350,8 +351,8 @@ def test_a_client_does_not_depend_on_the_client_before_it(monkeypatch):
     whether or not client 0 (whose first steps overflow and lower the scale) ran before it in the round."""
     config = small_config(num_clients=2, participation=1.0, local_steps=6, lr=0.1)
     data = load_data(config, CPU)
-    shards = fedavg.client_shards(config, data)
-    real_update = fedavg.client_update
+    shards = fed_clients.client_shards(config, data)
+    real_update = fed_clients.client_update
 
     def round_with(clients: list[int]) -> tuple[dict, torch.amp.GradScaler]:
         trained = {}
@@ -361,10 +362,10 @@ def test_a_client_does_not_depend_on_the_client_before_it(monkeypatch):
             trained[client] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
             return loss
 
-        monkeypatch.setattr(fedavg, "sample_clients", lambda *args: clients)
-        monkeypatch.setattr(fedavg, "client_update", recording)
+        monkeypatch.setattr(rounds, "sample_clients", lambda *args: clients)
+        monkeypatch.setattr(rounds, "client_update", recording)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126)  # overflows until the scale has halved a few times
-        fedavg.fedavg_round(fresh_model(config), data, shards, 0, config, scaler=scaler)
+        rounds.fedavg_round(fresh_model(config), data, shards, 0, config, scaler=scaler)
         return trained, scaler
 
     both, scaler = round_with([0, 1])

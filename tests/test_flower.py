@@ -30,7 +30,8 @@ from helpers.config.experiments import make_config  # noqa: E402
 from helpers.data.datasets import NO_TRAIN_DATA_ENV  # noqa: E402
 from helpers.editing.calibration import load_masks  # noqa: E402
 from helpers.editing.sparse_runs import run_sparse_fedavg  # noqa: E402
-from helpers.federated.rounds import client_update, run_fedavg, sample_clients  # noqa: E402
+from helpers.federated.clients import client_update, sample_clients  # noqa: E402
+from helpers.federated.rounds import run_fedavg
 from helpers.flower import app as flower
 from helpers.flower import node as flower_node  # noqa: E402
 from helpers.flower.app import run_flower  # noqa: E402

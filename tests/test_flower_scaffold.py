@@ -17,11 +17,11 @@ from helpers.algorithms.fedavg import aligned_masks  # noqa: E402
 from helpers.algorithms.registry import make_algorithm  # noqa: E402
 from helpers.config.experiments import make_config  # noqa: E402
 from helpers.editing.sparse_runs import run_sparse_fedavg  # noqa: E402
-from helpers.federated.rounds import sample_clients, train_in_turn  # noqa: E402
+from helpers.federated.clients import sample_clients  # noqa: E402
+from helpers.federated.rounds import train_in_turn
 from helpers.flower import app as flower
 from helpers.flower import node as flower_node
 from helpers.flower import server as flower_ops  # noqa: E402
-from helpers.flower.node import STATE_ENV  # noqa: E402
 from helpers.flower.replies import FAULT_ENV  # noqa: E402
 from helpers.sparse.masks import Masks  # noqa: E402
 from helpers.training.runs import load_checkpoint, run_id  # noqa: E402
@@ -62,7 +62,7 @@ def test_scaffold_on_flower_resumes_after_a_node_fault_to_the_sequential_run(tmp
     metrics, weights, masks and the server's c; the nodes then hold no c_i."""
     config = make_config("sparse_fedavg", "smoke", **{**SMALL, **NONIID_LOCAL, **SCAFFOLD})
     state = tmp_path / "node-state"
-    monkeypatch.setenv(STATE_ENV, str(state))
+    monkeypatch.setenv("FLME_NODE_STATE", str(state))
     victim = sample_clients(config["seed"], 3, config["num_clients"], config["participation"])[0]
     monkeypatch.setenv(FAULT_ENV, f"4:{victim}")
     with pytest.raises(RuntimeError, match=rf"^round 4, client {victim}: RuntimeError: fault injected"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.config.experiments import PARAMS, make_config
+from helpers.config.experiments import make_config, parameters
 from helpers.core.models import backbone_parameters, build_model
 from helpers.sparse import masks as masks_module
 from helpers.sparse.masks import MASK_RULES, MaskRule, Masks, mask_rule, one_shot, overall_density
@@ -55,7 +55,7 @@ def test_masks_hold_exactly_one_of_shared_or_per_client():
 
 
 def test_the_registry_is_the_config_choice_and_names_the_bad_rule():
-    assert PARAMS["mask_rule"].choices == tuple(MASK_RULES)
+    assert parameters()["mask_rule"].choices == tuple(MASK_RULES)
     assert make_config("sparse_fedavg", "smoke")["mask_rule"] == next(iter(MASK_RULES))
     with pytest.raises(ValueError, match=r"mask_rule='largest'.*least_sensitive, most_sensitive"):
         mask_rule("largest")

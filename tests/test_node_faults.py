@@ -21,7 +21,8 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from helpers.config.experiments import make_config  # noqa: E402
 from helpers.data.datasets import load_data  # noqa: E402
 from helpers.editing.sparse_runs import run_sparse_fedavg  # noqa: E402
-from helpers.federated.rounds import client_shards, client_update, run_fedavg, sample_clients  # noqa: E402
+from helpers.federated.clients import client_shards, client_update, sample_clients  # noqa: E402
+from helpers.federated.rounds import run_fedavg
 from helpers.flower.app import flower_config, run_flower, serve  # noqa: E402
 from helpers.flower.node import node_query, node_train  # noqa: E402
 from helpers.flower.replies import FAULT_ENV, corrupt, sort_replies, weights_problem  # noqa: E402

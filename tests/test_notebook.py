@@ -8,11 +8,18 @@ import pandas as pd
 import papermill
 import pytest
 
-from helpers.config.experiments import EXPERIMENTS, PARAMS, make_config, profile_defaults
+from helpers.config.experiments import (
+    EXPERIMENTS,
+    algorithm_params,
+    experiment_parameters,
+    make_config,
+    parameters,
+    profile_defaults,
+)
 from helpers.federated.rounds import run_fedavg
 from helpers.ops.notebook import assigned_names, check_parameters, declared_parameters, plan_progress
 from helpers.ops.pipeline import check_pipeline_parameters, notebook_paths, run_pipeline
-from helpers.training.runs import write_results
+from helpers.reporting.results import write_results
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = [p.stem for p in notebook_paths()]
@@ -66,7 +73,7 @@ def test_every_notebook_parameter_with_a_config_key_is_validated_under_its_own_n
             check_parameters({**defaults, name: value}, notebook)
         message = str(err.value)
         assert message.startswith(f"{name}={value!r} is invalid: must") and message.endswith(f"(config key {key})")
-        assert PARAMS[key].allowed() in message
+        assert parameters()[key].allowed() in message
     with pytest.raises(ValueError, match="INCLUDE_IID='yes' is invalid: must be True or False"):
         check_parameters({**declared_parameters("03_fedavg_noniid"), "INCLUDE_IID": "yes"}, "03_fedavg_noniid")
 
@@ -148,23 +155,31 @@ def test_pipeline_executes_without_the_kernel_transport_warning(tmp_path, capfd,
 
 
 def test_every_schema_parameter_is_in_the_help_of_its_commands(capsys):
+    """`run --help` and `flower --help` explain every parameter from the schema: its meaning, type, defaults (each
+    algorithm's own, for an algorithm's parameter) and allowed values; and end with examples."""
     from helpers.ops.cli import main
 
+    params, owners = parameters(), algorithm_params()
     for argv, experiments in ((["run"], list(EXPERIMENTS)), (["flower"], ["fedavg", "sparse_fedavg"])):
         with pytest.raises(SystemExit):
             main([*argv, "--help"])
         out = capsys.readouterr().out
-        table = out[out.index("\nname ") :].split("\n\n")[0]  # the parameter table of the epilog
-        lines = {line.split()[0]: line for line in table.splitlines()[2:]}
-        wanted = {n for e in experiments for n in EXPERIMENTS[e]}
-        assert set(lines) == wanted
-        for name in wanted:  # type, each profile's default, allowed values
-            experiment = experiments[-1] if name in EXPERIMENTS[experiments[-1]] else experiments[0]
-            # a remedy's parameters are left out of the defaults' config: their defaults as the table shows them
-            smoke = {**profile_defaults(experiment, "smoke"), **make_config(experiment, "smoke")}
-            assert PARAMS[name].allowed() in lines[name] and PARAMS[name].kind.__name__ in lines[name]
-            if name not in ("calibration_samples", "eval_every"):  # derived per experiment
-                assert str(smoke[name]) in lines[name], lines[name]
+        block = out[out.index("parameters (--set NAME=VALUE)") : out.index("\n\ncalibration_samples")].splitlines()[1:]
+        entries = {line.split()[0]: (line, block[i + 1]) for i, line in enumerate(block) if not line.startswith("    ")}
+        wanted = {n for e in experiments for n in experiment_parameters(e)}
+        assert set(entries) == wanted
+        for name in wanted:
+            line, detail = entries[name]
+            assert params[name].meaning and params[name].meaning in line and f"({params[name].kind.__name__})" in line
+            assert params[name].allowed() in detail, detail
+            by_algorithm = [f"{a} {own[name].default:g}" if isinstance(own[name].default, float) else
+                            f"{a} {own[name].default}" for a, own in owners.items() if name in own]  # fmt: skip
+            if by_algorithm:
+                assert all(d in detail for d in by_algorithm), detail
+            elif name not in ("profile", "calibration_samples", "eval_every"):  # derived or set by an option
+                experiment = next(e for e in experiments if name in experiment_parameters(e))
+                assert str(profile_defaults(experiment, "smoke")[name]).split(".0")[0] in detail, detail
+        assert "\nexamples:\n  python -m helpers run " in out
     with pytest.raises(SystemExit):
         main(["pipeline", "--help"])
     out = capsys.readouterr().out

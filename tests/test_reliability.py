@@ -15,7 +15,8 @@ import torch
 
 import helpers.data.datasets
 import helpers.training.runs as runs
-from helpers.config.experiments import EXPERIMENTS, PARAMS, Param
+from helpers.config.experiments import EXPERIMENTS, experiment_parameters, parameters
+from helpers.core.params import Param
 from helpers.ops.cli import main
 from helpers.ops.runners import RUNNERS, runner
 from helpers.training.runs import load_checkpoint, open_run, save_checkpoint
@@ -37,8 +38,8 @@ JOBS = {
 }
 MODULE = {
     "centralized": "helpers.training.centralized",
-    "fedavg": "helpers.federated.rounds",
-    "sparse_fedavg": "helpers.federated.rounds",
+    "fedavg": "helpers.federated.clients",
+    "sparse_fedavg": "helpers.federated.clients",
 }
 # where each job's evaluation calls helpers.training.loop.evaluate from (federated runs: the evaluation seam)
 EVAL_MODULE = {**MODULE, "fedavg": "helpers.federated.evaluation", "sparse_fedavg": "helpers.federated.evaluation"}
@@ -176,9 +177,9 @@ def bad_values(spec: Param) -> list:
 CASES = [
     (exp, name, value)
     for exp in sorted(set(EXPERIMENTS) & set(RUNNERS))
-    for name in EXPERIMENTS[exp]
+    for name in experiment_parameters(exp)
     if name != "profile"
-    for value in bad_values(PARAMS[name])
+    for value in bad_values(parameters()[name])
 ]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from helpers.algorithms.registry import ALGORITHMS, algorithm_name
 from helpers.config.experiments import make_config
 from helpers.editing.step0 import head_fedavg_config
-from helpers.reporting.remedies import ADAPTIVE, remedy_algorithms, remedy_plan
+from helpers.ops.plans import ADAPTIVE, remedy_algorithms, remedy_plan
 
 
 def test_every_algorithm_runs_dense_and_sparse_per_setting_at_the_same_budget():

@@ -12,8 +12,9 @@ from helpers.data.datasets import NO_TRAIN_DATA_ENV, TrainDataWithheldError, Wit
 from helpers.editing.calibration import load_masks, score_pool
 from helpers.editing.sparse_runs import run_sparse_fedavg
 from helpers.editing.step0 import ridge_statistics
+from helpers.federated.clients import client_shards
 from helpers.federated.remote import RemoteClients, remote_clients
-from helpers.federated.rounds import client_shards, run_fedavg, train_in_turn
+from helpers.federated.rounds import run_fedavg, train_in_turn
 from helpers.training.features import backbone_features
 from helpers.training.runs import load_checkpoint
 

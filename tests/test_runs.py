@@ -9,7 +9,8 @@ import torch
 
 import helpers.training.centralized as centralized
 from helpers.config.experiments import make_config
-from helpers.training.runs import last_rows, load_checkpoint, open_run, run_id, save_checkpoint, write_results
+from helpers.reporting.results import last_rows, write_results
+from helpers.training.runs import load_checkpoint, open_run, run_id, save_checkpoint
 
 
 def small(**kw):
@@ -96,13 +97,13 @@ def test_write_results_is_tidy_and_refuses_mixed_profiles(tmp_path):
 def test_colab_without_drive_warns_and_falls_back(monkeypatch):
     import sys
 
-    from helpers.training import runs
+    from helpers.core import settings
 
     monkeypatch.delenv("FLME_RUN_ROOT", raising=False)
     monkeypatch.setitem(sys.modules, "google.colab", object())
-    monkeypatch.setattr(runs, "DRIVE_ROOT", runs.Path("/nonexistent-drive/MyDrive/x"))
+    monkeypatch.setattr(settings, "DRIVE_ROOT", settings.Path("/nonexistent-drive/MyDrive/x"))
     with pytest.warns(UserWarning, match="Drive is not mounted"):
-        assert runs.default_run_root() == runs.Path("runs")
+        assert settings.default_run_root() == settings.Path("runs")
 
 
 def test_last_rows_is_each_runs_greatest_step_in_table_order():

@@ -21,7 +21,8 @@ from helpers.algorithms import scaffold
 from helpers.algorithms.fedavg import aligned_masks
 from helpers.algorithms.registry import make_algorithm
 from helpers.config.experiments import make_config
-from helpers.federated import rounds as fedavg
+from helpers.federated.clients import client_lr, client_optimizer
+from helpers.federated.rounds import RoundSum
 from helpers.federated.stragglers import local_steps
 
 N, DIM = 4, 8  # clients; entries of the model (a 2x3 weight and a bias of 2)
@@ -68,13 +69,13 @@ def run_scaffold(config, curv, optima, rounds, *, mask=None, scale=None) -> list
     model, algorithm = Quadratic(), make_algorithm(config)
     names, params = [n for n, _ in model.named_parameters()], list(model.parameters())
     masks = {"weight": mask[:6].view(2, 3), "bias": mask[6:]} if mask is not None else None
-    lr, history = fedavg.client_lr(config, 0), []
+    lr, history = client_lr(config, 0), []
     for rnd in range(rounds):
-        server, skipped = fedavg.RoundSum(model), []
+        server, skipped = RoundSum(model), []
         for k in range(N):
             with torch.no_grad():
                 torch._foreach_copy_(params, server.start)
-            opt = fedavg.client_optimizer(model, lr, config, masks)
+            opt = client_optimizer(model, lr, config, masks)
             side = algorithm.client_side(rnd, k, server.start, aligned_masks(names, masks), lr, config["local_steps"])
             scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
             for _ in range(local_steps(config, rnd, k)):

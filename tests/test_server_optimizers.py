@@ -16,7 +16,8 @@ from smallrun import CPU, small_config
 from helpers.algorithms.registry import ALGORITHMS, make_algorithm
 from helpers.core.models import set_trainable
 from helpers.data.datasets import load_data
-from helpers.federated import rounds as fedavg
+from helpers.federated import clients as fed_clients
+from helpers.federated import rounds
 from helpers.sparse.masks import Masks
 from helpers.training.resumable import build_seeded_model
 from helpers.training.runs import Run, load_checkpoint
@@ -81,8 +82,8 @@ def final_weights(run) -> dict:
 @pytest.mark.parametrize("server_lr", [1.0, 0.5])
 def test_fedavgm_without_momentum_is_fedavg_bit_for_bit(tmp_path, server_lr):
     common = dict(num_clients=6, participation=0.5, local_steps=2, rounds=3, server_lr=server_lr)
-    plain = fedavg.run_fedavg(small_config(**common), run_root=tmp_path, progress=False)
-    zero = fedavg.run_fedavg(small_config(**common, algorithm="fedavgm", server_momentum=0.0), run_root=tmp_path,
+    plain = rounds.run_fedavg(small_config(**common), run_root=tmp_path, progress=False)
+    zero = rounds.run_fedavg(small_config(**common, algorithm="fedavgm", server_momentum=0.0), run_root=tmp_path,
                              progress=False)  # fmt: skip
     assert plain.id != zero.id
     pd.testing.assert_frame_equal(run_frame(plain), run_frame(zero), check_exact=True)
@@ -97,7 +98,7 @@ def test_entries_no_client_of_the_round_trains_never_move(name):
     config = small_config(algorithm=name, num_clients=4, participation=0.5, local_steps=2, lr=0.2,
                           **SETTINGS.get(name, {}))  # fmt: skip
     data = load_data(config, CPU)
-    shards = fedavg.client_shards(config, data)
+    shards = fed_clients.client_shards(config, data)
     model = build_seeded_model(config, CPU)
     set_trainable(model, "full")
     gen = torch.Generator().manual_seed(0)
@@ -107,7 +108,7 @@ def test_entries_no_client_of_the_round_trains_never_move(name):
     algorithm, moved = make_algorithm(config), 0
     for rnd in range(3):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        row = fedavg.fedavg_round(model, data, shards, rnd, config, masks=Masks.per_client(per_client),
+        row = rounds.fedavg_round(model, data, shards, rnd, config, masks=Masks.per_client(per_client),
                                   algorithm=algorithm)  # fmt: skip
         trained = [per_client[int(k)] for k in row["clients"].split()]
         for n in names:
@@ -126,9 +127,9 @@ class Killed(Exception):
 def test_killed_run_resumes_to_identical_metrics_with_server_state(tmp_path, monkeypatch, name):
     config = small_config(algorithm=name, num_clients=6, participation=0.5, local_steps=2, rounds=5, server_lr=0.1,
                           **SETTINGS[name])  # fmt: skip
-    clean = fedavg.run_fedavg(config, run_root=tmp_path / "clean", progress=False)
+    clean = rounds.run_fedavg(config, run_root=tmp_path / "clean", progress=False)
     calls = {"n": 0}
-    original = fedavg.RoundSum.apply
+    original = rounds.RoundSum.apply
 
     def dies_in_round_4(self, params, step):
         calls["n"] += 1
@@ -136,13 +137,13 @@ def test_killed_run_resumes_to_identical_metrics_with_server_state(tmp_path, mon
             raise Killed
         return original(self, params, step)
 
-    monkeypatch.setattr(fedavg.RoundSum, "apply", dies_in_round_4)
+    monkeypatch.setattr(rounds.RoundSum, "apply", dies_in_round_4)
     with pytest.raises(Killed):
-        fedavg.run_fedavg(config, run_root=tmp_path / "killed", progress=False)
+        rounds.run_fedavg(config, run_root=tmp_path / "killed", progress=False)
     monkeypatch.undo()
     (killed_dir,) = (tmp_path / "killed").glob("fedavg/*")
     assert load_checkpoint(Run("fedavg", config, killed_dir.name, killed_dir))["round"] == 3
-    resumed = fedavg.run_fedavg(config, run_root=tmp_path / "killed", progress=False)
+    resumed = rounds.run_fedavg(config, run_root=tmp_path / "killed", progress=False)
     pd.testing.assert_frame_equal(run_frame(resumed), run_frame(clean), check_exact=True)
     state = load_checkpoint(resumed)
     assert set(state["algorithm"]) == ({"velocity"} if name == "fedavgm" else {"m", "v"})

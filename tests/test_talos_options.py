@@ -11,7 +11,7 @@ from helpers.config.experiments import make_config
 from helpers.data.datasets import load_data
 from helpers.editing.calibration import Scorer
 from helpers.editing.step0 import head_fedavg_config
-from helpers.federated.rounds import client_lr
+from helpers.federated.clients import client_lr
 from helpers.training.resumable import build_seeded_model
 from helpers.training.runs import run_id
 

@@ -19,7 +19,10 @@ import helpers.core.storage as storage
 import helpers.federated.rounds as fedavg
 from helpers.config.experiments import make_config
 from helpers.ops.cli import main
+from helpers.ops.notebook import declared_parameters
+from helpers.ops.plans import best_hyperparameters, best_scheduler, final_configs, notebook_plan, scheduler_configs
 from helpers.ops.study import plan_status, run_status, study_plan, study_status
+from helpers.training.centralized import run_centralized
 from helpers.training.leases import LEASE_FILE, LeaseInfo, LeaseLost, claim, lease_state, read_lease
 from helpers.training.runs import load_checkpoint, open_run, run_id, save_checkpoint, write_metrics
 
@@ -248,7 +251,7 @@ def test_status_and_work_on_the_smoke_profile(tmp_path, capsys):
     root = str(tmp_path)
     assert main(["work", "--profile", "smoke", "--notebook", "02", "--run-root", root]) == 0
     out = capsys.readouterr().out
-    assert "this session finished 1 runs" in out
+    assert "this session finished 1 run;" in out
     assert main(["status", "--profile", "smoke", "--run-root", root, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     rows = {row["notebook"]: row for row in status["notebooks"]}
@@ -260,7 +263,7 @@ def test_status_and_work_on_the_smoke_profile(tmp_path, capsys):
     # 01's scheduler and seed runs wait for its grid's best lr: work leaves them to the notebook
     assert rows["01_centralized"]["waiting"] == 7 and total["t4_hours_left"] >= 0
     assert main(["work", "--profile", "smoke", "--notebook", "02", "--run-root", root]) == 0
-    assert "this session finished 0 runs" in capsys.readouterr().out  # nothing left: nothing retrained
+    assert "this session finished 0 runs;" in capsys.readouterr().out  # nothing left: nothing retrained
     table = plan_status(study_plan_of("02_fedavg_iid"), root)  # the notebook's status cell
     assert table[["state", "holder"]].values.tolist() == [["done", ""]]
 
@@ -296,3 +299,21 @@ def test_bad_status_and_work_options_exit_2_naming_the_option(args, message, cap
 
 def study_plan_of(notebook: str) -> list[tuple[str, dict]]:
     return [(p.experiment, p.config) for p in study_plan("smoke", [notebook])]
+
+
+def test_01s_later_runs_are_planned_exactly_once_the_results_they_need_are_done(tmp_path):
+    """01's scheduler runs take the grid's best hyperparameters and its seed runs the best scheduler: placeholders
+    (waiting) until those runs are done on the run root, then the very runs the notebook trains (status finishes)."""
+    params = dict(GRID_LR=[0.05, 0.01], GRID_WEIGHT_DECAY=[0.0], SCHEDULERS=["cosine", "constant"], SEEDS=[0, 1],
+                  EPOCHS=1, PROBE_LR=0.1)  # fmt: skip
+    plan = notebook_plan("01_centralized", "smoke", tmp_path, **params)
+    assert plan.waiting == ("schedulers", "final")
+    grid = [run_centralized(c, run_root=tmp_path, progress=False) for c in plan["grid"]]
+    best = best_hyperparameters(grid)
+    plan = notebook_plan("01_centralized", "smoke", tmp_path, **params)
+    values = {**declared_parameters("01_centralized"), **params, "PROFILE": "smoke"}
+    assert plan.waiting == ("final",) and plan["schedulers"] == scheduler_configs(values, best)
+    schedulers = [run_centralized(c, run_root=tmp_path, progress=False) for c in plan["schedulers"]]
+    plan = notebook_plan("01_centralized", "smoke", tmp_path, **params)
+    assert plan.waiting == () and plan["final"] == final_configs(values, best, best_scheduler(schedulers))
+    assert {c["seed"] for c in plan["final"]} == {0, 1} and best["lr"] in (0.05, 0.01)

@@ -13,7 +13,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-DEFAULT_ALGORITHM = "fedavg"
+from helpers.core.params import Param
+
+# The server's step size: every algorithm takes it, each with the default of its own paper.
+SERVER_LR = Param(
+    float,
+    "the server's step size on the round's update (1: FedAvg's plain average)",
+    low=0,
+    low_open=True,
+    default=1.0,
+    source="McMahan et al. 2017, Algorithm 1: the server takes the average",
+)
 
 
 class ClientSide:
@@ -32,9 +42,8 @@ class FedAvg:
     """McMahan et al. 2017: the server moves to the clients' size-weighted average, w <- w + server_lr (avg - w)."""
 
     name = "fedavg"
-    params: tuple[
-        str, ...
-    ] = ()  # its own parameters (helpers.config.experiments.PARAMS): in a config of this algorithm only
+    # its own parameters, with their defaults and sources: in a config of this algorithm only (helpers.config)
+    params: dict[str, Param] = {"server_lr": SERVER_LR}
     upload_factor = 1  # model-sized tensors a client uploads per round (SCAFFOLD: weights and control variates)
     memory_copies = 0  # model-sized fp32 tensors it keeps in memory beside FedAvg's (helpers.ops.memory)
     stateful = False  # server state that the checkpoint must hold (exact resume)
@@ -42,6 +51,11 @@ class FedAvg:
 
     def __init__(self, config: Mapping) -> None:
         self.server_lr = config["server_lr"]
+
+    @classmethod
+    def from_config(cls, config: Mapping, folder: Path | None = None) -> FedAvg:
+        """The algorithm of a run; `folder` (its run folder) is where a stateful one may keep per-client state."""
+        return cls(config)
 
     def client_side(
         self, rnd: int, client: int, start: list[Tensor], masks: Sequence[Tensor | None], lr: float, steps: int

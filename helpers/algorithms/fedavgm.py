@@ -1,23 +1,34 @@
 """FedAvgM (Hsu et al. 2019): server momentum on the round's pseudo-gradient, as Flower's FedAvgM states it.
 
-v <- server_momentum * v + (avg - w), w <- w + server_lr * v, with v = 0 before the first round.
+v <- server_momentum * v + (avg - w), w <- w + server_lr * v, with v = 0 before the first round. In steady state the
+step is server_lr / (1 - server_momentum) times the round's update (the effective rate: 10 at the defaults).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-from helpers.algorithms.fedavg import FedAvg, pseudo_gradient
+from helpers.algorithms.fedavg import SERVER_LR, FedAvg, pseudo_gradient
+from helpers.core.params import PROBABILITY, Param
+
+_REDDI = (
+    "Reddi et al. 2021 (ICLR), App. D: FedAvgM's best CIFAR-100 setting, as the authors' code lists it "
+    "(google-research/federated, optimization/docs/hyperparameters.md)"
+)
 
 
 class FedAvgM(FedAvg):
     """FedAvg with server momentum; server_momentum=0 runs FedAvg's own operations (bit for bit)."""
 
     name = "fedavgm"
-    params = ("server_momentum",)
+    params = {
+        "server_lr": replace(SERVER_LR, default=1.0, source=_REDDI),
+        "server_momentum": Param(float, "FedAvgM's server momentum", **PROBABILITY, default=0.9, source=_REDDI),
+    }
     stateful = True
     memory_copies = 1  # the velocity
 

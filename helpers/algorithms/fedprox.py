@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from helpers.algorithms.fedavg import ClientSide, FedAvg
+from helpers.core.params import Param
 
 
 class ProximalTerm(ClientSide):
@@ -30,7 +31,17 @@ class FedProx(FedAvg):
     """FedAvg's server with proximal clients."""
 
     name = "fedprox"
-    params = ("prox_mu",)
+    params = {
+        **FedAvg.params,
+        "prox_mu": Param(
+            float,
+            "FedProx's proximal weight mu",
+            low=0,
+            default=1.0,
+            source="Li et al. 2020 (MLSys), Sec. 5.3: the best mu on its image tasks (MNIST, FEMNIST), "
+            "as the authors' code (litian96/FedProx) plots them",
+        ),
+    }
 
     def __init__(self, config: Mapping) -> None:
         super().__init__(config)

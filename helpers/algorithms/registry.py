@@ -1,21 +1,35 @@
-"""The registry of federated algorithms: name -> its class (helpers.algorithms.fedavg's seam); config's `algorithm`
-choice, the engines, the cost estimate and the report read it. A new algorithm: one module, one entry here."""
+"""The registry of federated algorithms: name -> its title and where its class lives. A new algorithm is one module
+(a subclass of helpers.algorithms.fedavg.FedAvg declaring its own parameters) and one line here.
+
+Torch-free on purpose: the report reads names and titles without loading any algorithm; config, the engines and
+the cost estimate load the classes by name (`algorithm_class`)."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
-from helpers.algorithms.fedavg import DEFAULT_ALGORITHM, FedAvg
-from helpers.algorithms.fedavgm import FedAvgM
-from helpers.algorithms.fedopt import FedAdagrad, FedAdam, FedYogi
-from helpers.algorithms.fedprox import FedProx
-from helpers.algorithms.scaffold import ControlVariates, Scaffold
+from helpers.core.params import DEFAULT_ALGORITHM
 
-ALGORITHMS: dict[str, type[FedAvg]] = {
-    cls.name: cls for cls in (FedAvg, FedAvgM, FedProx, Scaffold, FedAdam, FedYogi, FedAdagrad)
+
+class Entry(NamedTuple):
+    """One algorithm: how tables and figures name it, and "module:Class" of its implementation."""
+
+    title: str
+    home: str
+
+
+ALGORITHMS: dict[str, Entry] = {
+    "fedavg": Entry("FedAvg", "helpers.algorithms.fedavg:FedAvg"),
+    "fedavgm": Entry("FedAvgM", "helpers.algorithms.fedavgm:FedAvgM"),
+    "fedprox": Entry("FedProx", "helpers.algorithms.fedprox:FedProx"),
+    "scaffold": Entry("SCAFFOLD", "helpers.algorithms.scaffold:Scaffold"),
+    "fedadam": Entry("FedAdam", "helpers.algorithms.fedopt:FedAdam"),
+    "fedyogi": Entry("FedYogi", "helpers.algorithms.fedopt:FedYogi"),
+    "fedadagrad": Entry("FedAdagrad", "helpers.algorithms.fedopt:FedAdagrad"),
 }
-ALGORITHM_PARAMS = tuple(dict.fromkeys(p for cls in ALGORITHMS.values() for p in cls.params))  # every one, once
 
 
 def algorithm_name(config: Mapping) -> str:
@@ -23,25 +37,12 @@ def algorithm_name(config: Mapping) -> str:
     return config.get("algorithm", DEFAULT_ALGORITHM)
 
 
-def keep_own_parameters(config: dict, given: Mapping) -> None:
-    """In a config being made: keep its algorithm's own parameters, drop the others', refuse those `given`."""
-    algorithm = config["algorithm"]
-    for name in ALGORITHM_PARAMS:
-        if name in ALGORITHMS[algorithm].params:
-            continue
-        if name in given:
-            users = [a for a, cls in ALGORITHMS.items() if name in cls.params]
-            raise ValueError(
-                f"{name}={given[name]!r} is invalid with algorithm={algorithm!r}: {name} is a parameter of "
-                f"algorithm {' or '.join(repr(u) for u in users)} (algorithm: one of {', '.join(ALGORITHMS)})"
-            )
-        del config[name]
+def algorithm_class(name: str) -> type:
+    """The class of algorithm `name` (imported on first use: the algorithms need torch, this registry does not)."""
+    module, attr = ALGORITHMS[name].home.split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
-def make_algorithm(config: Mapping, folder: str | Path | None = None) -> FedAvg:
+def make_algorithm(config: Mapping, folder: str | Path | None = None):
     """The config's algorithm; `folder` (a run folder) keeps per-client state on disk (SCAFFOLD's c_i)."""
-    cls = ALGORITHMS[algorithm_name(config)]
-    if cls is Scaffold:
-        store = ControlVariates(Path(folder) / "control_variates" if folder is not None else None)
-        return Scaffold(config, store)
-    return cls(config)
+    return algorithm_class(algorithm_name(config)).from_config(config, Path(folder) if folder is not None else None)

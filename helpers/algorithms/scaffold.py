@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from helpers.algorithms.fedavg import ClientSide, FedAvg
+from helpers.algorithms.fedavg import SERVER_LR, ClientSide, FedAvg
+from helpers.core.params import choice
 
 
 def pack_entries(tensors: list[Tensor], masks: Sequence[Tensor | None]) -> list[Tensor]:
@@ -157,7 +159,17 @@ class Scaffold(FedAvg):
     """SCAFFOLD: FedAvg's server step for w, plus the server control variate c (dense over trainable tensors)."""
 
     name = "scaffold"
-    params = ("scaffold_option",)
+    params = {
+        "server_lr": replace(SERVER_LR, source="Karimireddy et al. 2020 (ICML), Sec. 7: global step size 1"),
+        "scaffold_option": choice(
+            "II",
+            "I",
+            meaning="SCAFFOLD's control-variate update: II (from the client's steps) or I (a gradient at "
+            "the global weights)",
+            default="II",
+            source="Karimireddy et al. 2020, Algorithm 1: option II, the cheaper",
+        ),
+    }
     upload_factor = 2  # y_i and Delta c_i
     stateful = True
     node_state = True  # c_i: on Flower, in the node's state-dir (helpers.flower.node.node_state_dir)
@@ -173,6 +185,11 @@ class Scaffold(FedAvg):
         self.done = 0  # rounds done
         self.checkpoints: list[int] = []  # rounds done at the last two state_dict calls (checkpoints)
         self.keep: int | None = None  # a Flower node's copy: the server's kept_round for this round
+
+    @classmethod
+    def from_config(cls, config: Mapping, folder: Path | None = None) -> Scaffold:
+        """c_i live in the run folder (one file per client and version), or in memory without one."""
+        return cls(config, ControlVariates(Path(folder) / "control_variates" if folder is not None else None))
 
     def client_side(
         self, rnd: int, client: int, start: list[Tensor], masks: Sequence[Tensor | None], lr: float, steps: int

@@ -17,8 +17,9 @@ from typing import TypeVar
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
+from helpers.core.settings import io_retry_wait_seconds
+
 ATTEMPTS = 6  # about 15 s of backoff in all at the default wait: longer than a Drive hiccup, short for a session
-RETRY_WAIT_ENV = "FLME_IO_RETRY_WAIT_S"  # first wait; doubles each time (tests set it near 0)
 RETRY_WAIT_S = 0.5
 # Errors retrying cannot fix: the disk is full, read-only, or forbids the write.
 PERMANENT = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR}
@@ -58,7 +59,7 @@ def transient(exc: BaseException) -> bool:
 
 def retried(what: str, fn: Callable[[], T]) -> T:
     """fn() retried with exponential backoff on transient errors; StorageError naming `what` when they persist."""
-    wait = float(os.environ.get(RETRY_WAIT_ENV, RETRY_WAIT_S))
+    wait = io_retry_wait_seconds(RETRY_WAIT_S)
 
     def warn(state) -> None:
         exc = state.outcome.exception()

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers.config.experiments import NUM_CLASSES
 from helpers.core import caches
 from helpers.core.downloads import OFFLINE_HINT, DatasetUnavailableError, check_downloads
 from helpers.core.seeding import numpy_rng, torch_generator
+from helpers.core.settings import no_train_data
 
+NUM_CLASSES = 100  # CIFAR-100 and its synthetic stand-in
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTATIONS = ("crop", "rrc", "none")
 # Set on a federation's server: it must never hold the clients' training data (val and test are allowed).
-NO_TRAIN_DATA_ENV = "FLME_NO_TRAIN_DATA"
+NO_TRAIN_DATA_ENV = "FLME_NO_TRAIN_DATA"  # read by helpers.core.settings.no_train_data
 
 
 class TrainDataWithheldError(RuntimeError):
@@ -55,10 +55,7 @@ class Withheld:
 
 def train_data_withheld() -> bool:
     """True in a process started with FLME_NO_TRAIN_DATA=1 (a Flower server); values other than 1, 0, "" raise."""
-    value = os.environ.get(NO_TRAIN_DATA_ENV, "")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{NO_TRAIN_DATA_ENV}={value!r} is invalid: must be 1 (no training data here) or 0")
-    return value == "1"
+    return no_train_data()
 
 
 @dataclass

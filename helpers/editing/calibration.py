@@ -19,8 +19,8 @@ from helpers.config.experiments import setting
 from helpers.core.models import backbone_parameters
 from helpers.core.seeding import derive_seed, torch_generator
 from helpers.data.datasets import Data, augment_batch, eval_batch
+from helpers.federated.clients import BYTES_PER_ENTRY
 from helpers.federated.remote import RemoteClients
-from helpers.federated.rounds import BYTES_PER_ENTRY
 from helpers.sparse.masks import Masks, TensorMasks
 from helpers.sparse.sensitivity import calibrate_masks, compute_scores
 from helpers.training.runs import Run, load_artifact

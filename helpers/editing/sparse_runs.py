@@ -17,9 +17,10 @@ from helpers.core.models import head_parameters
 from helpers.data.datasets import Data
 from helpers.editing.calibration import EDITING_FILE, calibrate_centralized, calibrate_federated, load_run_masks
 from helpers.editing.step0 import fit_head, fit_head_federated
+from helpers.federated.clients import client_shards
 from helpers.federated.evaluation import RemoteEvaluation, evaluate_split, remote_evaluation
 from helpers.federated.remote import remote_clients, withheld_shards
-from helpers.federated.rounds import TrainClients, begin_federated, client_shards, federated_training
+from helpers.federated.rounds import TrainClients, begin_federated, federated_training
 from helpers.sparse.sgdm import SparseSGDM, masks_by_parameter
 from helpers.training.centralized import centralized_training
 from helpers.training.resumable import begin_run

@@ -15,12 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from helpers.config.experiments import EXPERIMENTS, REMEDIES, make_config, setting, train_split_size
+from helpers.config.experiments import (
+    experiment_parameters,
+    make_config,
+    remedy_parameters,
+    setting,
+    train_split_size,
+)
 from helpers.core.precision import make_scaler
 from helpers.core.seeding import torch_generator
 from helpers.data.datasets import NUM_CLASSES, Data, step_batches
+from helpers.federated.clients import BYTES_PER_ENTRY, clients_per_round
 from helpers.federated.remote import remote_clients
-from helpers.federated.rounds import BYTES_PER_ENTRY, TrainClients, clients_per_round, run_fedavg
+from helpers.federated.rounds import TrainClients, run_fedavg
 from helpers.training.features import split_features
 from helpers.training.loop import NonFiniteLossError, lr_at, train_steps
 from helpers.training.runs import load_checkpoint
@@ -100,7 +107,8 @@ def head_fedavg_config(config: dict) -> dict:
     per_round = m * config["local_steps"] * config["batch_size"]
     rounds = max(1, math.ceil(config["step0_epochs"] * train_split_size(config) / per_round))
     # Plain FedAvg whatever the remedy: every algorithm's sparse runs on these shards share one step 0.
-    shared = {k: config[k] for k in EXPERIMENTS["fedavg"] if k in config and k not in REMEDIES}
+    remedies = set(remedy_parameters()) - {"server_lr"}  # FedAvg's own step stays, unless a remedy set it (below)
+    shared = {k: config[k] for k in experiment_parameters("fedavg") if k in config and k not in remedies}
     # augment=None: the head trains on cached (un-augmented) features, whatever the sparse run augments.
     # engine="sequential": both engines share one step-0 run (helpers.flower.app runs step 0 on the server).
     overrides = {"train_mode": "head", "lr": config["step0_lr"], "rounds": rounds, "eval_every": rounds,

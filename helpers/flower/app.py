@@ -24,7 +24,9 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from helpers.config.experiments import REPO, make_config, parse_sets, setting
+from helpers.config.experiments import make_config, setting
+from helpers.config.parsing import parse_sets
+from helpers.core.settings import REPO
 from helpers.editing.sparse_runs import run_sparse_fedavg
 from helpers.federated.rounds import run_fedavg, train_in_turn
 from helpers.flower.node import node_query, node_train

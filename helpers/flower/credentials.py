@@ -13,9 +13,8 @@ import stat
 import sys
 from pathlib import Path
 
-from helpers.config.experiments import REPO
+from helpers.core.settings import REPO, default_run_root
 from helpers.flower.federation import DEFAULT_CREDENTIALS
-from helpers.training.runs import default_run_root
 
 NO_CRYPTOGRAPHY = "the credentials command needs the cryptography package: pip install -r requirements-flower.txt"
 try:

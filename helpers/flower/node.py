@@ -8,7 +8,6 @@ stays in the node's state-dir.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,11 +21,12 @@ from helpers.algorithms.scaffold import pack_entries
 from helpers.config.experiments import check_value, setting
 from helpers.core.caches import NODES
 from helpers.core.precision import make_scaler
+from helpers.core.settings import node_state_root
 from helpers.data.datasets import Data, load_data, pick_device
 from helpers.editing.calibration import score_pool
 from helpers.editing.step0 import head_fedavg_config, ridge_statistics
+from helpers.federated.clients import client_lr, client_shards, client_update
 from helpers.federated.evaluation import eval_parts, split_tensors
-from helpers.federated.rounds import client_lr, client_shards, client_update
 from helpers.federated.stragglers import local_steps
 from helpers.flower.replies import FAULT_ENV, corrupt, injected_fault
 from helpers.flower.server import MISSING  # imported first: says what to install when flwr is missing
@@ -39,8 +39,6 @@ try:
     from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 except ImportError as exc:
     raise ImportError(f"{MISSING} ({exc})") from None
-
-STATE_ENV = "FLME_NODE_STATE"  # a node's state-dir when its --node-config has none (tests, simulation)
 
 
 def with_node_overrides(config: dict, context: Context) -> dict:
@@ -209,7 +207,7 @@ def node_algorithm(
 def node_state_dir(context: Context, run: str, client: int) -> Path:
     """Where this node keeps client `client`'s state of run `run` between rounds, on its own disk (a restarted node
     finds it): --node-config state-dir, else $FLME_NODE_STATE, else ~/.cache/flme/flower-nodes."""
-    root = context.node_config.get("state-dir") or os.environ.get(STATE_ENV) or "~/.cache/flme/flower-nodes"
+    root = context.node_config.get("state-dir") or node_state_root()
     return Path(str(root)).expanduser() / run / f"client_{client}"
 
 

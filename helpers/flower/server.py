@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from helpers.algorithms.fedavg import FedAvg, aligned_masks
-from helpers.algorithms.registry import ALGORITHMS, algorithm_name
+from helpers.algorithms.registry import algorithm_class, algorithm_name
 from helpers.algorithms.scaffold import unpack_entries
 from helpers.config.experiments import setting
 from helpers.federated.rounds import ClientResult
@@ -98,7 +98,7 @@ def exchange_checked(
     return out, unasked
 
 
-def parameters(model: nn.Module) -> ArrayRecord:
+def model_record(model: nn.Module) -> ArrayRecord:
     """Every parameter of `model` as it is now (calibration damps the backbone between rounds)."""
     return ArrayRecord({n: p.detach() for n, p in model.named_parameters()})
 
@@ -151,7 +151,7 @@ class NodeEngine:
         self, model: nn.Module, config: dict, call: int, clients: list[int]
     ) -> Iterator[tuple[dict[str, Tensor], int]]:
         device = next(model.parameters()).device
-        for k, c in zip(clients, self.ask("score", config, clients, {"model": parameters(model)}, call=call)):
+        for k, c in zip(clients, self.ask("score", config, clients, {"model": model_record(model)}, call=call)):
             scores, samples = c["scores"].to_torch_state_dict(), int(c["result"]["samples"])
             usable(f"score on client {k}", finite_problem(scores) or (None if samples >= 1 else f"{samples} samples"))
             yield {n: s.to(device) for n, s in scores.items()}, samples
@@ -159,7 +159,7 @@ class NodeEngine:
     def ridge_statistics(self, model: nn.Module, config: dict) -> Iterator[tuple[Tensor, Tensor]]:
         device = next(model.parameters()).device
         clients = sorted(self.nodes)
-        for k, c in zip(clients, self.ask("ridge", config, clients, {"model": parameters(model)})):
+        for k, c in zip(clients, self.ask("ridge", config, clients, {"model": model_record(model)})):
             stats = c["stats"].to_torch_state_dict()
             usable(f"ridge on client {k}", finite_problem(stats))
             yield stats["xtx"].to(device), stats["xty"].to(device)
@@ -167,7 +167,7 @@ class NodeEngine:
     def client_evaluations(self, model: nn.Module, config: dict, split: str) -> Iterator[tuple[float, int, int]]:
         """Every client's (summed loss, correct, samples) on its part of `split` (helpers.federated.evaluation)."""
         clients = sorted(self.nodes)
-        for k, c in zip(clients, self.ask("evaluate", config, clients, {"model": parameters(model)}, split=split)):
+        for k, c in zip(clients, self.ask("evaluate", config, clients, {"model": model_record(model)}, split=split)):
             loss, correct, n = float(c["result"]["loss"]), int(c["result"]["correct"]), int(c["result"]["samples"])
             ok = 0 <= loss < math.inf and 0 <= correct <= n
             usable(f"evaluate on client {k}", None if ok else f"loss {loss}, {correct} correct of {n}")
@@ -224,7 +224,7 @@ class NodeEngine:
     def close(self, config: dict) -> None:
         """The run is done: every node drops what it kept only for resuming it (SCAFFOLD's c_i, as Scaffold.close
         does with the sequential engine's files)."""
-        if not ALGORITHMS[algorithm_name(config)].node_state:
+        if not algorithm_class(algorithm_name(config)).node_state:
             return
         try:
             self.ask("close", config, sorted(self.nodes))

@@ -13,56 +13,26 @@ import os
 import platform
 import resource
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from helpers.config.experiments import make_config, setting
-from helpers.core.models import build_model, forward_flops
+from helpers.core.models import build_model, forward_flops, set_trainable
 from helpers.core.precision import AMP_CHOICES, make_scaler, resolve_amp
-from helpers.data.datasets import augment_batch, eval_batch, pick_device, step_batches
+from helpers.data.datasets import Data, augment_batch, eval_batch, load_data, pick_device, step_batches
+from helpers.editing.calibration import Scorer
+from helpers.federated.clients import client_optimizer, client_shards, local_train, sample_clients
+from helpers.federated.rounds import fedavg_round
+from helpers.ops.bench_remedies import bench_algorithms, measured_store_bytes, scaffold_memory
 from helpers.ops.memory import LABEL, GiB, estimate_phases
+from helpers.ops.timing import clock, peak_flops, timed
 from helpers.sparse.sensitivity import compute_scores
+from helpers.training.features import backbone_features
 from helpers.training.loop import evaluate, train_steps
+from helpers.training.resumable import build_seeded_model
 from helpers.training.runs import Run, load_checkpoint, save_checkpoint
-
-# Dense fp16/bf16 tensor-core peaks (TFLOP/s) from vendor datasheets, used for model FLOP utilisation.
-PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L4": 121.0,
-    "A10": 125.0,
-    "V100": 125.0,
-    "T4": 65.0,
-}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The device's dense half-precision peak in FLOP/s, or None (CPU, unknown GPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
-
-
-def clock(fn, device: torch.device) -> float:
-    """Wall time of one call, with the GPU's queue drained before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
-
-
-def timed(fn, device: torch.device, repeats: int = 3) -> float:
-    """Best wall time of `repeats` calls after one warm-up (best = least disturbed by other processes)."""
-    fn()
-    return min(clock(fn, device) for _ in range(repeats))
 
 
 def fake_images(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,8 +159,6 @@ def bench_calibration(profile: str, device: torch.device, scale: int = 1) -> dic
     scale > 1 scores 1/scale of the samples (at least one per pool) and extrapolates the round's time: full sizes
     on a CPU would take many minutes; the JSON says whether the figures are extrapolated.
     """
-    from helpers.data.datasets import Data
-    from helpers.editing.calibration import Scorer
 
     out = {"calibration_extrapolated": scale > 1}
     for kind in ("centralized", "federated"):
@@ -216,8 +184,6 @@ def bench_head(config: dict, device: torch.device, batch: int, steps: int) -> di
 
     Both do the same `steps` optimizer steps of `batch` images; the one-off feature extraction is timed apart.
     """
-    from helpers.core.models import set_trainable
-    from helpers.training.features import backbone_features
 
     torch.manual_seed(0)
     model = build_model(config["model"], pretrained=False, img_size=config["img_size"]).to(device)
@@ -261,10 +227,6 @@ def bench_fedavg(config: dict, repeats: int = 3) -> dict:
 
     The difference is what FedAvg adds: weight copies, fresh optimizers, aggregation, drift statistics.
     """
-    from helpers.core.models import set_trainable
-    from helpers.data.datasets import load_data
-    from helpers.federated.rounds import client_optimizer, client_shards, fedavg_round, local_train, sample_clients
-    from helpers.training.resumable import build_seeded_model
 
     device = pick_device(config["device"])
     data = load_data(config, device)
@@ -344,13 +306,12 @@ def run_bench(
                 )
             )
         )
-        from helpers.ops.bench_remedies import bench_algorithms, measured_store_bytes, scaffold_memory
 
         remedies = make_config("fedavg", profile, device=str(dev.type), pretrained=False)
         out.update(bench_algorithms(remedies, repeats=1 if quick else 3))
         out.update({**measured_store_bytes(config), **scaffold_memory()})
     if flower:
-        from helpers.ops.bench_flower import bench_flower
+        from helpers.ops.bench_flower import bench_flower  # lazy: Flower is optional (requirements-flower.txt)
 
         fed = dict(num_clients=10, participation=0.3, rounds=3 if quick else 6)
         out.update(bench_flower(make_config("fedavg", profile, device=str(dev.type), pretrained=False, **fed)))

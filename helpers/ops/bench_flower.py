@@ -20,7 +20,7 @@ def seconds_per_round(run: Run) -> float:
 def bench_flower(config: dict) -> dict:
     """Seconds per round on each engine for one FedAvg config (>= 2 rounds), their ratio, and Flower's wall time
     outside its rounds (start, connect, shutdown). Needs flwr[simulation]."""
-    from helpers.flower.app import run_flower  # optional dependency: only this measurement needs it
+    from helpers.flower.app import run_flower  # lazy: Flower is optional; only this measurement needs it
 
     if config["rounds"] < 2:
         raise ValueError(f"rounds={config['rounds']} is invalid for bench_flower: must be >= 2")

@@ -12,8 +12,9 @@ from helpers.config.experiments import make_config, setting
 from helpers.core.models import DINO_VIT_S16, build_model, set_trainable
 from helpers.core.precision import make_scaler
 from helpers.data.datasets import load_data, pick_device
-from helpers.federated.rounds import client_shards, fedavg_round
-from helpers.ops.bench import clock
+from helpers.federated.clients import client_shards
+from helpers.federated.rounds import fedavg_round
+from helpers.ops.timing import clock
 from helpers.sparse.masks import Masks
 from helpers.training.resumable import build_seeded_model
 

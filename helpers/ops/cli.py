@@ -10,24 +10,40 @@ import shlex
 import sys
 from pathlib import Path
 
-from helpers.config.experiments import EXPERIMENTS, PROFILES, describe_parameters, make_config, parse_sets
+from helpers.config.experiments import EXPERIMENTS, make_config
+from helpers.config.parsing import describe_parameters, parse_sets
+from helpers.core.settings import PROFILES, default_run_root
+from helpers.flower.federation import DEFAULT_ADDRESS, DEFAULT_CREDENTIALS, check_address, federation_script
 from helpers.ops.pipeline import describe_notebooks, parse_parameters, run_pipeline
 from helpers.ops.runners import RUNNERS, runner
 from helpers.ops.study import pick_notebooks, print_status, study_notebooks
 from helpers.ops.study import work as work_on
+from helpers.reporting.results import read_results, write_results
 from helpers.training.leases import LeaseLost
 
 HELD = 3  # exit code: the run is held by another session (not an error: it is being trained)
 
 
+EXAMPLES = """examples:
+  python -m helpers run fedavg --set sharding=noniid --set classes_per_client=1 --set local_steps=8
+  python -m helpers run fedavg --set algorithm=fedadam       # FedAdam at its paper's defaults (listed above)
+  python -m helpers run sparse_fedavg --profile full --set sparsity=0.95 --results custom/sparse95"""
+OTHER_COMMANDS = """the other commands:
+  python -m helpers.cost          T4 hours and GPU memory of every notebook's plan
+  python -m helpers.report        the report's figures and tables from results/<profile>/ (make report: the PDF)
+  python -m helpers.bench         the speed benchmark (--flower: Flower's per-round overhead)
+  python -m helpers.gpucheck      every GPU check in one command
+  python -m helpers.credentials   a Flower federation's CA, SuperLink certificate and SuperNode keys"""
+
+
 def _schema_help(experiments: list[str]) -> dict:
-    """argparse keywords that list every --set parameter of `experiments` below the options."""
+    """argparse keywords that list every --set parameter of `experiments` below the options, with examples."""
     epilog = (
-        "parameters (--set NAME=VALUE), with each profile's default ('a or b': experiments differ):\n"
+        "parameters (--set NAME=VALUE): what each means, its default and its allowed values\n"
         + describe_parameters(experiments)
         + "\n\ncalibration_samples is a total: federated runs give each client ceil(total / num_clients) unless "
         "it is set.\nEach run's config is validated before any compute; a finished run is skipped, an interrupted one "
-        "resumes."
+        "resumes.\n\n" + EXAMPLES
     )
     return {"epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}
 
@@ -50,7 +66,6 @@ def secure_script(args: argparse.Namespace, command: list[str], num_nodes: int) 
             raise ValueError("--superlink-address, --credentials and --insecure are for a real federation: "
                              "--print-flwr-run NAME (a connection name other than local)")  # fmt: skip
         return shlex.join(command)
-    from helpers.flower.federation import DEFAULT_ADDRESS, DEFAULT_CREDENTIALS, check_address, federation_script
 
     credentials = Path(args.credentials or DEFAULT_CREDENTIALS).expanduser().resolve()
     address = check_address(args.superlink_address or DEFAULT_ADDRESS)
@@ -58,7 +73,8 @@ def secure_script(args: argparse.Namespace, command: list[str], num_nodes: int) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__, epilog=OTHER_COMMANDS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     experiments = sorted(set(EXPERIMENTS) & set(RUNNERS))
     run = sub.add_parser("run", help="run one experiment (resumes or skips as needed)", **_schema_help(experiments))
@@ -95,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                           formatter_class=argparse.RawDescriptionHelpFormatter,
                           epilog="notebook parameters (-p NAME VALUE) and their defaults; PROFILE comes from "
                           "--profile:\n" + describe_notebooks())  # fmt: skip
-    pipe.add_argument("--profile", choices=PROFILES, default="smoke")
+    pipe.add_argument("--profile", choices=PROFILES, default="smoke", help="the notebooks' PROFILE (default smoke)")
     pipe.add_argument("--notebooks", nargs="*", default=None, help="e.g. 01 02 (default: all)")
-    pipe.add_argument("--output-dir", default="notebooks/executed")
+    pipe.add_argument("--output-dir", default="notebooks/executed", help="where the executed notebooks are saved "
+                      "(default notebooks/executed)")  # fmt: skip
     pipe.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                       help="a notebook parameter (a Python literal, else text), e.g. -p ROUNDS 3")  # fmt: skip
     notebooks = ", ".join(n.split("_")[0] for n in study_notebooks())
@@ -129,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 sets["engine"] = "flower"
             config = make_config(args.experiment, args.profile, **sets)
             if args.command == "flower" and args.print_flwr_run:
-                from helpers.flower.app import flwr_run_command
-                from helpers.training.runs import default_run_root
+                from helpers.flower.app import flwr_run_command  # lazy: Flower is optional
 
                 root = args.run_root or default_run_root()
                 command = flwr_run_command(config, root, superlink=args.print_flwr_run)
@@ -142,8 +158,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"run_dir": str(result.dir), "done": False}))
                 return HELD
             if args.results:
-                from helpers.training.runs import read_results, write_results
-
                 existed = read_results(args.results, config["profile"]) is not None
                 path = write_results([result], args.results)
                 note = " (replaced: it now holds this run's rows only)" if existed else ""

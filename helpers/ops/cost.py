@@ -17,20 +17,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers.config.experiments import REPO, make_config, split_sizes
+from helpers.config.experiments import make_config, split_sizes
 from helpers.core.models import forward_flops
-from helpers.federated.rounds import clients_per_round
+from helpers.core.settings import REPO, default_run_root
+from helpers.editing.step0 import head_fedavg_config
+from helpers.federated.clients import clients_per_round
 from helpers.federated.stragglers import expected_local_steps
 from helpers.ops.memory import estimate_phases, memory_table
-from helpers.ops.notebook import NOTEBOOKS
+from helpers.ops.plans import PLANS, notebook_plan
 from helpers.sparse.masks import one_shot
-from helpers.training.runs import default_run_root, run_id
+from helpers.training.runs import run_id
 
 T4_PEAK_FLOPS = 65e12  # dense fp16 tensor-core peak of a T4 (datasheet)
 T4_FP32_PEAK_FLOPS = 8.1e12  # its fp32 peak: per-sample scoring runs without autocast, so it runs at this rate
 ASSUMED_T4_MFU = 0.25  # an assumption until a T4 benchmark exists: no T4 was available to measure it
 BENCH_DIR = REPO / "results" / "bench"
-Plan = list[tuple[str, dict]]  # (experiment, config) of every run a notebook starts
 
 
 @dataclass
@@ -87,8 +88,6 @@ def run_work(experiment: str, config: dict) -> Work:
 def _add_editing(work: Work, experiment: str, config: dict, n_train: int, n_eval: int) -> None:
     """Step 0 (shared between runs on the same backbone/shards) and calibration (per-sample gradients)."""
     if experiment == "sparse_fedavg" and config["step0"] == "sgd":
-        from helpers.editing.step0 import head_fedavg_config
-
         head = head_fedavg_config(config)
         work.shared[f"step0:{run_id(head)}"] = sum(run_work("fedavg", head).shared.values())
     else:
@@ -187,36 +186,13 @@ def _duration(seconds: float) -> str:
 # ----------------------------------------------------------------------------- notebooks' default grids
 
 
-def notebook_plan(notebook: str | Path, profile: str = "full", **parameters: object) -> Plan:
-    """The PLAN a notebook's setup cell builds (its parameters cell, then the cell after it), without running it."""
-    return notebook_setup(notebook, profile, **parameters)["PLAN"]
-
-
-def notebook_setup(notebook: str | Path, profile: str = "full", **parameters: object) -> dict:
-    """The names a notebook's setup cell defines (PLAN; WAITING: how many of PLAN's last runs wait for results)."""
-    path = Path(notebook)
-    path = path if path.suffix == ".ipynb" else NOTEBOOKS / f"{path.name}.ipynb"
-    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
-    index = next(i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", []))
-    scope: dict = {}
-    exec("".join(cells[index]["source"]), scope)
-    scope.update(parameters, PROFILE=profile)
-    setup = "".join(line for line in "".join(cells[index + 1]["source"]).splitlines(True) if line[:1] != "%")
-    from contextlib import redirect_stdout
-    from io import StringIO
-
-    with redirect_stdout(StringIO()):
-        exec(setup, scope)
-    return scope
-
-
 def notebook_table(profile: str = "full") -> list[dict]:
     """One row per notebook: runs in its default grid and their T4 hours (nothing counted as done)."""
     rows = []
-    for path in sorted(NOTEBOOKS.glob("0[1-6]_*.ipynb")):
-        plan = notebook_plan(path, profile)
+    for name in PLANS:
+        plan = notebook_plan(name, profile, run_root=Path("/nonexistent-run-root")).runs
         estimate = estimate_plan(plan, run_root=Path("/nonexistent-run-root"))
-        rows.append({"notebook": path.stem, "runs": estimate.runs, "t4_hours": estimate.total_s / 3600})
+        rows.append({"notebook": name, "runs": estimate.runs, "t4_hours": estimate.total_s / 3600})
     return rows
 
 

@@ -28,12 +28,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from helpers.config.experiments import REPO, make_config, setting
+from helpers.config.experiments import make_config, setting
 from helpers.core.models import backbone_parameters, set_trainable
 from helpers.core.precision import make_scaler
 from helpers.core.seeding import torch_generator
+from helpers.core.settings import REPO
 from helpers.data.datasets import eval_batch, load_data, pick_device
-from helpers.federated.rounds import client_shards, fedavg_round
+from helpers.federated.clients import client_shards
+from helpers.federated.rounds import fedavg_round
 from helpers.ops import bench
 from helpers.ops.memory import T4_BYTES, GiB, estimate_phases
 from helpers.sparse.masks import Masks
@@ -133,14 +135,14 @@ def check_scoring(profile: str, device: torch.device, n: int = 6) -> dict:
 # A run as a separate process; KILL=1 makes client 1 of round 2 SIGKILL its own process (as a crash would).
 DRIVER = """
 import os, signal, sys
-from helpers.federated import rounds as fedavg
+from helpers.federated import rounds
 from helpers.ops.cli import main
-original = fedavg.client_update
+original = rounds.client_update
 def killing(*args, **kwargs):
-    if os.environ.get("GPUCHECK_KILL") == "1" and args[3] == 1 and args[4] == fedavg.sample_clients(0, 1, 4, 0.5)[-1]:
+    if os.environ.get("GPUCHECK_KILL") == "1" and args[3] == 1 and args[4] == rounds.sample_clients(0, 1, 4, 0.5)[-1]:
         os.kill(os.getpid(), signal.SIGKILL)
     return original(*args, **kwargs)
-fedavg.client_update = killing
+rounds.client_update = killing
 sys.exit(main(sys.argv[1:]))
 """
 

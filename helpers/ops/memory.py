@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers.algorithms.registry import ALGORITHMS, algorithm_name
-from helpers.config.experiments import NUM_CLASSES, setting, split_sizes
+from helpers.algorithms.registry import algorithm_class, algorithm_name
+from helpers.config.experiments import setting, split_sizes
 from helpers.core.models import backbone_parameters, build_model
 from helpers.core.precision import DTYPES
+from helpers.data.datasets import NUM_CLASSES
 from helpers.sparse.sensitivity import default_chunk_size
 
 GiB = 2**30
@@ -136,7 +137,7 @@ def estimate_phases(config: dict) -> list[Phase]:
     evaluation = evaluation_activations(model, size, config["eval_batch_size"], amp)
     weights, cast = 4 * params, half * params  # fp32 weights; autocast's low-precision copies during evaluation
     # RoundSum (the round's start weights, the running average, the unit-update sum) and the algorithm's own state
-    algorithm = ALGORITHMS[algorithm_name(config)]
+    algorithm = algorithm_class(algorithm_name(config))
     server = (3 + algorithm.memory_copies) * 4 * params
     features = 4 * model.num_features * n_train  # the cached pre-logit features (fp32)
     return [

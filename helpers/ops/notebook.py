@@ -9,9 +9,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers.config.experiments import PARAMS, REPO, as_list, check_value
+from helpers.config.experiments import check_value, parameters
+from helpers.config.parsing import as_list
+from helpers.core.settings import REPO, default_run_root
 from helpers.training.leases import lease_state
-from helpers.training.runs import Run, default_run_root, run_id, run_state
+from helpers.training.runs import Run, run_id, run_state
 
 NOTEBOOKS = REPO / "notebooks"
 # Parameters that choose where things go or which profile runs, not what the study computes.
@@ -83,6 +85,7 @@ class NotebookParameters:
     defaults: dict
     changed: dict = field(default_factory=dict)
     replace_study: bool = False
+    values: dict = field(default_factory=dict)  # every declared parameter's value in this execution
 
     def results_name(self, name: str, runs: list[Run]) -> str:
         """`name` for the study's runs; custom/<name>-<hash of run ids> for runs with non-default parameters."""
@@ -115,7 +118,8 @@ def check_parameters(namespace: dict, notebook: str) -> NotebookParameters:
         check_notebook_value(name, value, default)
         if name not in PLACEMENT and _normal(value, default) != _normal(default, default):
             changed[name] = value
-    return NotebookParameters(notebook, defaults, changed, bool(namespace.get("REPLACE_STUDY", False)))
+    values = {name: namespace.get(name, default) for name, default in defaults.items()}
+    return NotebookParameters(notebook, defaults, changed, bool(namespace.get("REPLACE_STUDY", False)), values)
 
 
 def check_notebook_value(name: str, value: object, default: object) -> None:
@@ -126,10 +130,11 @@ def check_notebook_value(name: str, value: object, default: object) -> None:
             raise ValueError(f"{name}={value!r} is invalid: must be True or False")
         return
     key = CONFIG_KEYS.get(name, name.lower())
-    if key not in PARAMS:  # e.g. RUN_ROOT, STEP_BUDGET: checked where they are used
+    params = parameters()
+    if key not in params:  # e.g. RUN_ROOT, STEP_BUDGET: checked where they are used
         return
     try:
-        if isinstance(default, list) or (isinstance(value, str) and PARAMS[key].kind is not str):
+        if isinstance(default, list) or (isinstance(value, str) and params[key].kind is not str):
             values = as_list(value)  # papermill -p passes lists (and some numbers) as text
         else:
             values = list(value) if isinstance(value, (list, tuple)) else [value]

@@ -6,7 +6,7 @@ import ast
 import os
 from pathlib import Path
 
-from helpers.config.experiments import REPO
+from helpers.core.settings import REPO
 from helpers.ops.notebook import declared_parameters, undeclared
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 import pandas as pd
 
 from helpers.config.experiments import resolve_profile
-from helpers.ops.cost import estimate_plan, notebook_setup
+from helpers.core.settings import default_run_root
+from helpers.ops.cost import estimate_plan
 from helpers.ops.notebook import NOTEBOOKS
+from helpers.ops.plans import notebook_plan
 from helpers.ops.runners import runner
 from helpers.training.leases import LeaseLost, lease_state, worker_name
-from helpers.training.runs import CHECKPOINT, PREVIOUS, Run, default_run_root, describe, run_id
+from helpers.training.runs import CHECKPOINT, PREVIOUS, Run, describe, run_id
 
 STATES = ("done", "running", "stale", "interrupted", "new", "waiting")
 CLAIMABLE = ("stale", "interrupted", "new")  # what `work` may take: nobody's, or a dead session's
@@ -56,14 +58,21 @@ class PlannedRun:
         return run_id(self.config)
 
 
-def study_plan(profile: str, notebooks: list[str] | None = None) -> list[PlannedRun]:
-    """Every run of the selected notebooks' default plans, in order (a notebook's WAITING last runs flagged)."""
+def study_plan(
+    profile: str, notebooks: list[str] | None = None, run_root: str | Path | None = None
+) -> list[PlannedRun]:
+    """Every run of the selected notebooks' default plans, in order; a run whose config depends on results not on
+    `run_root` yet (helpers.ops.plans) is flagged waiting."""
     planned = []
     for name in pick_notebooks(notebooks):
-        scope = notebook_setup(name, profile)
-        plan, waiting = scope["PLAN"], scope.get("WAITING", 0)
-        planned += [PlannedRun(name, e, c, i >= len(plan) - waiting) for i, (e, c) in enumerate(plan)]
+        plan = notebook_plan(name, profile, run_root)
+        planned += [PlannedRun(name, plan.experiments[g], c, plan.is_waiting(g)) for g in plan.groups for c in plan[g]]
     return planned
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 run', '2 runs'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def run_status(experiment: str, config: dict, run_root: str | Path | None = None) -> dict:
@@ -95,7 +104,7 @@ def plan_status(plan: list[tuple[str, dict]], run_root: str | Path | None = None
 def study_status(profile: str | None, run_root: str | Path | None = None, notebooks: list[str] | None = None) -> dict:
     """Per notebook and in total (each distinct run once): counts by state, runs held by others, T4 hours left."""
     root, profile = Path(run_root) if run_root is not None else default_run_root(), resolve_profile(profile)
-    planned = study_plan(profile, notebooks)
+    planned = study_plan(profile, notebooks, root)
     states = {(p.experiment, p.id): run_status(p.experiment, p.config, root) for p in planned}
 
     def summary(runs: list[PlannedRun]) -> dict:
@@ -127,9 +136,8 @@ def format_status(status: dict) -> str:
         age = held["heartbeat_age_s"]
         lines.append(f"{held['state']}: {held['run']} by {held['holder']}, last heartbeat {age} s ago")
     if status["total"]["waiting"]:
-        lines.append("waiting: runs whose config comes from earlier results (01's best lr and scheduler): the notebook "
-                     "trains them once those are done; they are counted here until then, and after (their run ids are "
-                     "known only to the notebook)")  # fmt: skip
+        lines.append("waiting: runs whose config comes from earlier results (01's best lr and scheduler): planned "
+                     "exactly, and claimable by `work`, once those results are done")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -154,11 +162,14 @@ def work(
     if hours is not None and hours <= 0:
         raise ValueError(f"--hours {hours!r} is invalid: must be a number > 0 (hours of training for this session)")
     root, profile = Path(run_root) if run_root is not None else default_run_root(), resolve_profile(profile)
-    planned = study_plan(profile, notebooks)
+    planned = study_plan(profile, notebooks, root)
     deadline = time.monotonic() + hours * 3600 if hours is not None else None
-    print(f"work: {worker_name()} on {len(planned)} planned runs of profile {profile} in {root}", flush=True)
+    distinct = len({(p.experiment, p.id) for p in planned})  # a run two notebooks share is one run, as in status
+    print(f"work: {worker_name()} on {plural(distinct, 'planned run')} of profile {profile} in {root}", flush=True)
     finished, tried = [], set()
     while deadline is None or time.monotonic() < deadline:
+        if finished:  # a finished run may have decided waiting ones (01's best lr): plan again
+            planned = study_plan(profile, notebooks, root)
         todo = [p for p in planned if not p.waiting and (p.experiment, p.id) not in tried]
         nxt = next((p for p in todo if run_status(p.experiment, p.config, root)["state"] in CLAIMABLE), None)
         if nxt is None:
@@ -177,7 +188,8 @@ def work(
     else:
         print(f"work: {hours:g} h are up; no new run starts", flush=True)
     status = study_status(profile, root, notebooks)["total"]
-    print(f"work: this session finished {len(finished)} runs; the study has {status['done']} of {status['runs']} "
-          f"done, {status['running']} running elsewhere, {status['stale'] + status['interrupted'] + status['new']} "
-          f"not started or interrupted, {status['waiting']} waiting for earlier results", flush=True)  # fmt: skip
+    left = status["stale"] + status["interrupted"] + status["new"]
+    print(f"work: this session finished {plural(len(finished), 'run')}; the study has {status['done']} of "
+          f"{status['runs']} done, {status['running']} running elsewhere, {left} not started or interrupted, "
+          f"{status['waiting']} waiting for earlier results", flush=True)  # fmt: skip
     return finished

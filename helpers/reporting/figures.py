@@ -16,8 +16,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from helpers.algorithms.registry import ALGORITHMS
+from helpers.core.params import STEP_COLUMNS
+from helpers.reporting.labels import STEP0_LABEL, algorithm_order, rules_with_controls, sparse_rows, with_algorithm
 from helpers.reporting.plots import HALF_WIDTH_IN, TEXT_WIDTH_IN, integer_ticks, paper_style, plot_heatmap
+from helpers.reporting.results import last_rows
 from helpers.reporting.summaries import (
     MissingResults,
     check_one_profile,
@@ -27,7 +29,6 @@ from helpers.reporting.summaries import (
     setting_order,
     with_method_and_setting,
 )
-from helpers.training.runs import STEP_COLUMNS, last_rows
 
 FULL, HALF = TEXT_WIDTH_IN, HALF_WIDTH_IN
 HEIGHT = 2.0  # inches: one row of panels with its legend
@@ -247,8 +248,6 @@ def fig_drift(df: pd.DataFrame) -> Figure:
 
 def fig_sparse_grid(df: pd.DataFrame) -> Figure:
     """Centralized sparse fine-tuning: final test accuracy over sparsity x calibration rounds."""
-    from helpers.editing.views import sparse_rows
-
     part = last_rows(with_method_and_setting(select(df, "editing_centralized", ("test_acc",))))
     sparse = part[sparse_rows(part)]
     if sparse.empty or sparse["calibration_rounds"].isna().all():
@@ -259,8 +258,6 @@ def fig_sparse_grid(df: pd.DataFrame) -> Figure:
 
 def fig_editing_curves(df: pd.DataFrame) -> Figure:
     """Validation accuracy per epoch: each sparsity at the largest R, the dense runs; the step-0 model dashed."""
-    from helpers.editing.views import STEP0_LABEL, sparse_rows
-
     part = with_method_and_setting(select(df, "editing_centralized", ("epoch", "val_acc")))
     sparse = sparse_rows(part)
     top_r = part.loc[sparse, "calibration_rounds"].max()
@@ -315,9 +312,6 @@ def fig_communication(df: pd.DataFrame) -> Figure:
 def fig_remedies(df: pd.DataFrame) -> Figure:
     """Remedies against client drift, dense and sparse: validation accuracy against cumulative upload, one panel per
     (sharding, dense/sparse), one line per algorithm."""
-
-    from helpers.reporting.remedies import with_algorithm
-
     part = with_method_and_setting(select(df, "remedies", ("round", "upload_bytes", "val_acc")))
     part = with_algorithm(part.dropna(subset=["upload_bytes"])).sort_values(["run_id", "round"])
     part["upload_mb"] = _cumulative_upload(part)
@@ -325,7 +319,7 @@ def fig_remedies(df: pd.DataFrame) -> Figure:
     part = part.dropna(subset=["val_acc"])
     panels = [(s, k) for s in setting_order(part["setting"]) for k in ("dense", "sparse")]
     fig, axes = _figure(FULL, len(panels), sharey=True)
-    order = [a for a in ALGORITHMS if a in set(part["algorithm"])]  # the registry's order, FedAvg first
+    order = algorithm_order(part["algorithm"])  # the registry's order, FedAvg first
     for ax, (setting, kind) in zip(axes, panels):
         data = part[(part["setting"] == setting) & (part["kind"] == kind)]
         _accuracy_per_upload(ax, data, "algorithm", order, f"{setting.replace('=', ' = ')}, {kind}")
@@ -337,8 +331,6 @@ def fig_remedies(df: pd.DataFrame) -> Figure:
 def fig_mask_rules(df: pd.DataFrame) -> Figure:
     """Per mask rule and control: final test accuracy and mean client-update cosine, one bar per sharding."""
     import seaborn as sns
-
-    from helpers.editing.views import rules_with_controls
 
     part = rules_with_controls(with_method_and_setting(select(df, "mask_strategies", ("mask_rule", "test_acc"))))
     part["mask_rule"] = part["mask_rule"].str.replace("_", " ")

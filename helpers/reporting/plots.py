@@ -6,12 +6,14 @@ many are made in a loop, it works headless (MPLBACKEND=Agg), and a notebook stil
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 
-from helpers.data.sharding import as_labels, shard_class_counts
+from helpers.reporting.results import tidy_results
 
 # The report's article class (10pt, a4paper, 2.2 cm margins) has \textwidth = 472.31595 pt (72.27 pt per inch):
 # report figures are drawn at these printed widths and included unscaled, so a 7 pt font prints at 7 pt.
@@ -53,11 +55,18 @@ def integer_ticks(ax, axis: str = "x") -> None:
     (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(nbins="auto", integer=True, min_n_ticks=1))
 
 
+def _labels(labels) -> np.ndarray:
+    """Class ids as a numpy array (a torch tensor is moved to the CPU first, without importing torch)."""
+    if hasattr(labels, "detach") and hasattr(labels, "cpu"):
+        labels = labels.detach().cpu().numpy()
+    return np.asarray(labels).astype(np.int64, copy=False)
+
+
 def plot_shard_stats(labels, shards, num_classes: int | None = None, title: str | None = None) -> Figure:
     """Client x class count heatmap (clients on y) beside each client's shard size (bars on the same y)."""
-    y = as_labels(labels)
+    y = _labels(labels)
     num_classes = int(y.max()) + 1 if num_classes is None else num_classes
-    counts = shard_class_counts(y, shards, num_classes)
+    counts = np.stack([np.bincount(y[np.asarray(s)], minlength=num_classes) for s in shards])
     sizes = counts.sum(axis=1)
     k = len(shards)
 
@@ -89,7 +98,7 @@ def plot_shard_stats(labels, shards, num_classes: int | None = None, title: str 
 
 def plot_class_histogram(labels, num_classes: int = 100, title: str = "training samples per class") -> Figure:
     """Bar chart of samples per class (checks the split is stratified and balanced)."""
-    counts = np.bincount(as_labels(labels), minlength=num_classes)
+    counts = np.bincount(_labels(labels), minlength=num_classes)
     fig = Figure(figsize=(10, 2.8), layout="constrained")
     ax = fig.subplots()
     ax.bar(np.arange(num_classes), counts, width=1.0, color="tab:blue", linewidth=0)
@@ -103,7 +112,7 @@ def plot_image_grid(images, labels, rows: int = 4, cols: int = 8, class_names=No
     """The first rows*cols uint8 images (N, 3, H, W) with their labels."""
     n = min(rows * cols, len(images))
     pictures = np.asarray(images[:n].cpu()).transpose(0, 2, 3, 1)
-    names = [class_names[int(i)] if class_names else str(int(i)) for i in as_labels(labels)[:n]]
+    names = [class_names[int(i)] if class_names else str(int(i)) for i in _labels(labels)[:n]]
     fig = Figure(figsize=(cols * 1.2, rows * 1.35), layout="constrained")
     for i, ax in enumerate(fig.subplots(rows, cols).flat):
         ax.axis("off")
@@ -162,13 +171,9 @@ def plot_curves(
 
 def _rounds_frame(df_or_runs):
     """A tidy DataFrame from a DataFrame, one Run or a list of Runs (metrics joined with config columns)."""
-    import pandas as pd
-
-    from helpers.training.runs import Run, tidy_results
-
     if isinstance(df_or_runs, pd.DataFrame):
         return df_or_runs
-    return tidy_results([df_or_runs] if isinstance(df_or_runs, Run) else list(df_or_runs))
+    return tidy_results([df_or_runs] if hasattr(df_or_runs, "metrics") else list(df_or_runs))
 
 
 def plot_rounds(
@@ -278,4 +283,32 @@ def plot_facets(
         sns.move_legend(axes[with_data[-1]], "upper left", bbox_to_anchor=(1.02, 1), title=hue)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def plot_vs_sparsity(
+    table: pd.DataFrame,
+    metrics: list[str],
+    hue: str = "calibration_rounds",
+    references: Mapping | None = None,
+) -> Figure:
+    """Final `metrics` against sparsity (one line per `hue`), with dashed lines for `references`
+    ({label: {metric: value}}, e.g. dense fine-tuning and the linear probe)."""
+    import seaborn as sns
+
+    fig = Figure(figsize=(5 * len(metrics), 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(metrics)))
+    styles = iter([("grey", "--"), ("black", ":"), ("tab:red", "-.")] * 3)
+    refs = {label: (values, next(styles)) for label, values in (references or {}).items()}
+    for ax, metric in zip(axes, metrics, strict=True):
+        data = table.dropna(subset=[metric]) if metric in table else table.iloc[:0]
+        if not data.empty:
+            sns.lineplot(data=data, x="sparsity", y=metric, hue=hue, marker="o", errorbar="sd", ax=ax,
+                         palette="colorblind")  # fmt: skip
+        for label, (values, (color, style)) in refs.items():
+            if metric in values and pd.notna(values[metric]):
+                ax.axhline(values[metric], color=color, ls=style, lw=1.2, label=label)
+        ax.set_xlabel("sparsity (fraction of backbone entries frozen)")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.legend(title=hue.replace("_", " "), fontsize=8)
     return fig

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from helpers.core.params import STEP_COLUMNS
+from helpers.core.settings import PROFILES
 from helpers.reporting.figures import (  # noqa: F401  (re-exported: the notebook and tests use helpers.reporting.report)
     FIGURES,
     LABELS,
@@ -44,7 +46,6 @@ from helpers.reporting.tables import (  # noqa: F401
     write_profile_macro,
     write_tables,
 )
-from helpers.training.runs import STEP_COLUMNS
 
 
 def write_report_inputs(
@@ -108,8 +109,6 @@ def explorer(df: pd.DataFrame):
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m helpers.report --profile smoke`: write the report's figures and tables (exit 2 on bad input)."""
-    from helpers.config.experiments import PROFILES
-
     parser = argparse.ArgumentParser(prog="python -m helpers.report", description=main.__doc__)
     parser.add_argument("--profile", choices=PROFILES, required=True, help="whose results/<profile>/ to show")
     parser.add_argument("--results-root", default=None, help="default: $FLME_RESULTS_ROOT, else results/")

@@ -1,7 +1,7 @@
 """The report's data layer: load every tidy results CSV of a profile, select, summarise over seeds, label.
 
-Results schema (every CSV under ``results/<profile>/``, written by ``helpers.training.runs.write_results``): one row per
-(run, epoch | round), tidy, so any column can be a grouping key.
+Results schema (every CSV under ``results/<profile>/``, written by ``reporting.results.write_results``): one row
+per (run, epoch | round), tidy, so any column can be a grouping key.
 
 - identity: ``run_id`` (hash of the config), ``experiment`` (centralized, fedavg, sparse_centralized, ...)
 - config: every parameter of the run, one column each (``profile``, ``seed``, ``lr``, ``scheduler``,
@@ -21,7 +21,6 @@ tables are made for one profile at a time: ``check_one_profile`` refuses a frame
 from __future__ import annotations
 
 import math
-import os
 import re
 import warnings
 from pathlib import Path
@@ -29,11 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from helpers.config.experiments import REPO
-from helpers.training.runs import default_results_root, last_rows, read_results, with_integer_columns
-
-FIGURES_ROOT_ENV = "FLME_FIGURES_ROOT"
-TABLES_ROOT_ENV = "FLME_TABLES_ROOT"
+from helpers.core.settings import default_figures_root, default_results_root, default_tables_root
+from helpers.reporting.labels import method_labels, sharding_label
+from helpers.reporting.results import last_rows, read_results, with_integer_columns
 
 
 class MissingResults(LookupError):
@@ -92,10 +89,8 @@ def summarize(df: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataF
 
 
 def with_method_and_setting(df: pd.DataFrame) -> pd.DataFrame:
-    """Add `method` (helpers.editing.views.method_label: dense, head only, sparse s=.. R=.., the two controls) and
+    """Add `method` (helpers.reporting.labels.method_label: dense, head only, sparse s=.. R=.., the two controls) and
     `setting` (IID or Nc=k) columns where they apply."""
-    from helpers.editing.views import method_labels, sharding_label
-
     df = df.copy()
     df["method"] = method_labels(df)
     if "sharding" in df:
@@ -121,7 +116,7 @@ def setting_order(values) -> list[str]:
 
 def figures_dir(profile: str, root: str | Path | None = None) -> Path:
     """<root>/<profile>/, created; root is `root`, else $FLME_FIGURES_ROOT, else figures/ beside helpers/."""
-    base = root if root is not None else os.environ.get(FIGURES_ROOT_ENV) or REPO / "figures"
+    base = root if root is not None else default_figures_root()
     folder = Path(base) / profile
     folder.mkdir(parents=True, exist_ok=True)
     return folder
@@ -129,7 +124,7 @@ def figures_dir(profile: str, root: str | Path | None = None) -> Path:
 
 def tables_dir(profile: str, root: str | Path | None = None) -> Path:
     """<root>/<profile>/, created; root is `root`, else $FLME_TABLES_ROOT, else report/generated/."""
-    base = root if root is not None else os.environ.get(TABLES_ROOT_ENV) or REPO / "report" / "generated"
+    base = root if root is not None else default_tables_root()
     folder = Path(base) / profile
     folder.mkdir(parents=True, exist_ok=True)
     return folder

@@ -53,7 +53,6 @@ class MaskRule:
         return self.scores is not None
 
 
-DEFAULT_MASK_RULE = "least_sensitive"
 MASK_RULES: dict[str, MaskRule] = {
     "least_sensitive": MaskRule(True, None, "TaLoS: the entries with the lowest summed sensitivity (diagonal Fisher)"),
     "most_sensitive": MaskRule(False, None, "the entries with the highest sensitivity"),

@@ -19,8 +19,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from helpers.core.models import backbone_parameters
+from helpers.core.params import DEFAULT_MASK_RULE
 from helpers.core.seeding import torch_generator
-from helpers.sparse.masks import DEFAULT_MASK_RULE, MASK_RULES, TensorMasks, mask_rule
+from helpers.sparse.masks import MASK_RULES, TensorMasks, mask_rule
 
 SCORE_METHODS = ("talos", "empirical", "batch")
 DAMPING = 0.1  # factor on frozen weights while scoring later rounds (TaLoS' mask value for frozen entries)

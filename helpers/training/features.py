@@ -22,8 +22,9 @@ from helpers.config.experiments import setting
 from helpers.core import caches
 from helpers.core.models import backbone_parameters
 from helpers.core.precision import amp_dtype, autocast
+from helpers.core.settings import default_run_root
 from helpers.data.datasets import Data, Withheld, eval_batch
-from helpers.training.runs import atomic_write, default_run_root
+from helpers.training.runs import atomic_write
 
 SPLITS = ("train", "val", "test")
 _DATA_KEYS = ("dataset", "synthetic_train_size", "synthetic_test_size", "val_fraction", "data_seed")

@@ -20,16 +20,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from helpers.core.settings import DRIVE_ROOT, env_value
 from helpers.core.storage import OPS, StorageError, atomic_write, read_bytes, retried
-from helpers.training.runs import DRIVE_ROOT, Run, describe
+from helpers.training.runs import Run, describe
 
 LEASE_FILE = "lease.json"
-STALE_ENV, LEASE_STALE_S = "FLME_LEASE_STALE_S", 1800.0  # longer than any one step of the full study on a T4
-SETTLE_ENV = "FLME_LEASE_SETTLE_S"  # wait between writing a lease and reading it back
+LEASE_STALE_S = 1800.0  # longer than any one step of the full study on a T4 ($FLME_LEASE_STALE_S overrides it)
 SETTLE_DRIVE_S, SETTLE_LOCAL_S = 5.0, 0.2  # Drive shows another machine's write late; a local disk at once
 HEARTBEAT_EVERY = 30  # heartbeats per stale period (at most one a minute)
-WORKER_ENV = "FLME_WORKER"  # a name for this session in leases and status (e.g. a student's); default user@host
-HOST_ENV = "FLME_HOST"  # this machine's name in leases (default its hostname); tests pose as another machine
 
 
 class LeaseLost(RuntimeError):
@@ -38,23 +36,24 @@ class LeaseLost(RuntimeError):
 
 def stale_seconds() -> float:
     """$FLME_LEASE_STALE_S, else LEASE_STALE_S: a lease without a heartbeat for this long is taken over."""
-    return float(os.environ.get(STALE_ENV, LEASE_STALE_S))
+    return float(env_value("FLME_LEASE_STALE_S") or LEASE_STALE_S)
 
 
 def settle_seconds(folder: Path) -> float:
     """$FLME_LEASE_SETTLE_S, else longer on Drive (another machine's lease shows late) than on a local disk."""
-    if os.environ.get(SETTLE_ENV):
-        return float(os.environ[SETTLE_ENV])
+    if env_value("FLME_LEASE_SETTLE_S"):
+        return float(env_value("FLME_LEASE_SETTLE_S"))
     return SETTLE_DRIVE_S if DRIVE_ROOT.parent in Path(folder).absolute().parents else SETTLE_LOCAL_S
 
 
 def this_host() -> str:
-    return os.environ.get(HOST_ENV) or socket.gethostname()
+    """This machine's name in leases: $FLME_HOST (tests pose as another machine), else its hostname."""
+    return env_value("FLME_HOST") or socket.gethostname()
 
 
 def worker_name() -> str:
     """Who this session is, as leases and `status` show it."""
-    return os.environ.get(WORKER_ENV) or f"{os.environ.get('USER', 'user')}@{this_host()}"
+    return env_value("FLME_WORKER") or f"{os.environ.get('USER', 'user')}@{this_host()}"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Run directories keyed by a config hash: atomic checkpoints with fallback, metrics, done-marker, results CSVs."""
+"""Run folders keyed by a config hash: atomic checkpoints with fallback, metrics, done marker, finding runs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -16,28 +15,12 @@ from typing import Protocol
 import pandas as pd
 import torch
 
-from helpers.config.experiments import PARAMS, REPO, hashed_items, omitted_defaults
+from helpers.config.experiments import hashed_items
+from helpers.core.params import PARAMS, omitted_defaults
+from helpers.core.settings import default_run_root
 from helpers.core.storage import OPS, atomic_write, fsync_dir, read_bytes, retried
 
-DRIVE_ROOT = Path("/content/drive/MyDrive/fl-model-editing")
-RUN_ROOT_ENV = "FLME_RUN_ROOT"
-RESULTS_ROOT_ENV = "FLME_RESULTS_ROOT"
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
-
-
-def default_run_root() -> Path:
-    """$FLME_RUN_ROOT if set; Google Drive when mounted in Colab; else ./runs."""
-    if os.environ.get(RUN_ROOT_ENV):
-        return Path(os.environ[RUN_ROOT_ENV])
-    if DRIVE_ROOT.parent.is_dir():
-        return DRIVE_ROOT / "runs"
-    if "google.colab" in sys.modules:
-        warnings.warn(
-            "Google Drive is not mounted: runs go to ./runs and are lost when the Colab runtime ends. "
-            "Run the notebook's first cell (it mounts Drive) to keep them.",
-            stacklevel=2,
-        )
-    return Path("runs")
 
 
 def run_id(config: dict) -> str:
@@ -103,7 +86,7 @@ def open_run(experiment: str, config: dict, run_root: str | Path | None = None) 
     except OSError as exc:
         raise OSError(
             f"run folder {folder} is not writable ({exc.strerror}). In Colab, mount Drive first; "
-            f"elsewhere set {RUN_ROOT_ENV} or run_root to a writable folder."
+            f"elsewhere set FLME_RUN_ROOT or run_root to a writable folder."
         ) from None
     path = folder / "config.json"
     if path.exists():
@@ -246,135 +229,6 @@ class CheckpointClock:
             self.last = time.monotonic()
             return True
         return False
-
-
-STEP_COLUMNS = ("epoch", "round")  # a metrics row's step: epochs of centralized runs, rounds of federated ones
-INTEGER_COLUMNS = (*(n for n, p in PARAMS.items() if p.kind is int), *STEP_COLUMNS)
-
-
-def with_integer_columns(table: pd.DataFrame) -> pd.DataFrame:
-    """Integer parameters and steps as nullable integers (J=4, not 4.0), also where some rows lack them (NaN)."""
-    for column in INTEGER_COLUMNS:
-        if column in table and pd.api.types.is_numeric_dtype(table[column]):
-            values = table[column].dropna()
-            if (values == values.round()).all():
-                table[column] = table[column].astype("Int64")
-    return table
-
-
-def tidy_results(runs: list[Run]) -> pd.DataFrame:
-    """One row per (run, epoch|round) of the finished runs: metrics joined with every config column, run id and
-    experiment."""
-    frames = []
-    for run in runs:
-        m = run.metrics()
-        if m.empty or not run.done:  # rows of a run another session still trains come when it is done
-            continue
-        clash = sorted(set(run.config) & set(m.columns))
-        if clash:  # a metric named like a parameter would hide the parameter's value
-            raise ValueError(f"{run.dir}/metrics.csv has columns named like parameters: {clash}")
-        for key, value in run.config.items():
-            m[key] = value
-        m.insert(0, "run_id", run.id)
-        m.insert(1, "experiment", run.experiment)
-        frames.append(m)
-    if not frames:
-        return pd.DataFrame()
-    table = pd.concat(frames, ignore_index=True)
-    for name, default in omitted_defaults().items():  # e.g. algorithm: FedAvg configs leave it out
-        if name in table:
-            table[name] = table[name].fillna(default)
-    return with_integer_columns(table)
-
-
-def results_dir(profile: str, root: str | Path = "results") -> Path:
-    """results/<profile>/, created."""
-    folder = Path(root) / profile
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def write_results(
-    runs: list[Run], name: str, root: str | Path | None = None, table: pd.DataFrame | None = None
-) -> Path:
-    """Write results/<profile>/<name>.csv (profile taken from the runs): `table`, by default the runs' tidy rows."""
-    profiles = {run.config["profile"] for run in runs}
-    if len(profiles) != 1:
-        raise ValueError(f"runs mix profiles {sorted(profiles)}: write one results file per profile")
-    path = results_dir(profiles.pop(), root if root is not None else default_results_root()) / f"{name}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)  # names such as custom/<name>-<hash> (helpers.ops.notebook)
-    table = tidy_results(runs) if table is None else table
-    unfinished = [run.id for run in runs if not run.done]
-    if unfinished:
-        print(f"{path.name}: {len(unfinished)} runs left out, not finished (another session trains them: "
-              f"{', '.join(unfinished)}); run this notebook again when they are done")  # fmt: skip
-    atomic_write(path, table.to_csv(index=False).encode())
-    return path
-
-
-def default_results_root() -> Path:
-    """$FLME_RESULTS_ROOT if set (tests point it elsewhere); Drive when mounted in Colab, so results outlive the
-    runtime's clone; else results/ beside the helpers package."""
-    if os.environ.get(RESULTS_ROOT_ENV):
-        return Path(os.environ[RESULTS_ROOT_ENV])
-    if DRIVE_ROOT.parent.is_dir():
-        return DRIVE_ROOT / "results"
-    return REPO / "results"
-
-
-def last_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """The final row of every run of a tidy table: its greatest step (round, else epoch), one per (source, run_id)
-    where a `source` column tells results files apart. Rows keep their order in `table`."""
-    if table.empty:
-        return table
-    keys = [k for k in ("source", "run_id") if k in table]
-    step = pd.Series(0.0, index=table.index)
-    for column in STEP_COLUMNS:
-        if column in table:
-            step = table[column].where(table[column].notna(), step)
-    table = table.reset_index(drop=True)
-    last = table.assign(_step=step.to_numpy()).groupby(keys, sort=False)["_step"].idxmax()
-    return table.loc[sorted(last)].reset_index(drop=True)
-
-
-def final_rows(runs: list[Run], keys: list[str]) -> pd.DataFrame:
-    """One row per run with metrics: run id, the config `keys` and the run's final metrics (for grid tables)."""
-    table = last_rows(tidy_results(runs))
-    if table.empty:
-        return table
-    metrics = [c for c in table if c not in ("run_id", "experiment") and all(c not in r.config for r in runs)]
-    return table[["run_id", *keys, *metrics]]
-
-
-def seed_summary(runs: list[Run], keys: list[str], metrics: list[str]) -> pd.DataFrame:
-    """Mean, std and count over seeds of each run's final `metrics`, grouped by config `keys`."""
-    table = final_rows(runs, keys + ["seed"])
-    grouped = table.groupby(keys, dropna=False)[metrics] if keys else table[metrics]
-    return grouped.agg(["mean", "std", "count"]) if keys else grouped.agg(["mean", "std", "count"]).T
-
-
-def read_results(name: str, profile: str, root: str | Path | None = None) -> pd.DataFrame | None:
-    """results/<profile>/<name>.csv as written by write_results (same root logic); None if absent or empty."""
-    path = Path(root if root is not None else default_results_root()) / profile / f"{name}.csv"
-    try:
-        return with_integer_columns(pd.read_csv(path, dtype={"clients": str}))
-    except FileNotFoundError:
-        return None
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError):  # empty, cut short, unreadable
-        return None
-
-
-def final_means(df: pd.DataFrame | None, metrics: list[str]) -> dict[str, float]:
-    """Mean over runs of each run's final value (last_rows) of every metric in `metrics` that the table has.
-
-    For reference lines (e.g. the centralized result from `read_results`): metrics missing from the table
-    or NaN in every run are left out, so an absent or partial results file gives a smaller (or empty) dict.
-    """
-    if df is None or df.empty or "run_id" not in df or not set(STEP_COLUMNS) & set(df):
-        return {}
-    last = last_rows(df)
-    means = {m: float(last[m].mean()) for m in metrics if m in last and last[m].notna().any()}
-    return means
 
 
 def find_runs(experiment: str, run_root: str | Path | None = None, *, done: bool = True, **match) -> list[Run]:

@@ -1,0 +1,345 @@
+"""Each notebook's plan: the runs it trains, from its parameters (`PLANS`). The notebook's setup cell calls its
+function; `cost`, `status` and `work` call the same one with the defaults the notebook declares (read from its
+parameters cell as literals, never run). Runs whose configs depend on earlier results (01's scheduler and final
+runs take the grid's best hyperparameters) are planned exactly once those results are on the run root, and are
+`waiting` until then (placeholders of the same cost)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from itertools import product
+from pathlib import Path
+
+from helpers.algorithms.registry import ALGORITHMS
+from helpers.config.experiments import (
+    experiment_parameters,
+    make_config,
+    remedy_parameters,
+    resolve_profile,
+    train_split_size,
+)
+from helpers.config.parsing import as_list
+from helpers.core.settings import default_run_root
+from helpers.federated.clients import clients_per_round
+from helpers.federated.rounds import rounds_for_budget
+from helpers.ops.notebook import declared_parameters
+from helpers.reporting.results import final_rows
+from helpers.sparse.masks import MASK_RULES, one_shot
+from helpers.training.runs import Run, run_id
+
+SMOKE_ALGORITHMS = ("fedavg", "scaffold", "fedadam")  # the smoke pipeline's share: a client side, a server optimizer
+ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")  # server optimizers whose step is ~ server_lr per entry
+BASELINE_J = 4  # 03's step budget is the profile's default rounds at the course's J = 4
+
+
+@dataclass
+class Plan:
+    """A notebook's runs in groups (in the order it trains them), what its setup cell prints, and the values its
+    later cells use (`info`). Groups named in `waiting` hold placeholders: their configs need results not there."""
+
+    notebook: str
+    profile: str
+    experiments: dict[str, str] = field(default_factory=dict)  # group -> experiment
+    groups: dict[str, list[dict]] = field(default_factory=dict)  # group -> configs
+    waiting: tuple[str, ...] = ()
+    lines: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    def add(self, group: str, experiment: str, configs: list[dict]) -> None:
+        self.experiments[group], self.groups[group] = experiment, configs
+
+    def __getitem__(self, group: str) -> list[dict]:
+        return self.groups[group]
+
+    @property
+    def runs(self) -> list[tuple[str, dict]]:
+        """(experiment, config) of every planned run, in order (duplicates kept: a notebook may train one twice)."""
+        return [(self.experiments[g], c) for g, configs in self.groups.items() for c in configs]
+
+    def runs_of(self, *groups: str) -> list[tuple[str, dict]]:
+        """(experiment, config) of the runs of `groups`, in order."""
+        return [(self.experiments[g], c) for g in groups for c in self.groups[g]]
+
+    def is_waiting(self, group: str) -> bool:
+        return group in self.waiting
+
+    def describe(self) -> str:
+        return "\n".join(self.lines)
+
+
+def finished_runs(experiment: str, configs: list[dict], run_root: str | Path | None) -> list[Run] | None:
+    """The runs of `configs` if every one is done on the run root (read only: nothing is created), else None."""
+    root = Path(run_root) if run_root is not None else default_run_root()
+    runs = [Run(experiment, c, run_id(c), root / experiment / run_id(c)) for c in configs]
+    return runs if runs and all(r.done for r in runs) else None
+
+
+# ----------------------------------------------------------------------------- 01: centralized
+
+GRID_KEYS = ["lr", "momentum", "weight_decay"]
+
+
+def best_hyperparameters(grid: list[Run]) -> dict:
+    """The grid run with the best final validation accuracy: its lr, momentum and weight decay."""
+    table = final_rows(grid, GRID_KEYS).sort_values("val_acc", ascending=False)
+    return {k: table.iloc[0][k].item() for k in GRID_KEYS}
+
+
+def best_scheduler(runs: list[Run]) -> str:
+    """The scheduler of the run with the best final validation accuracy."""
+    return final_rows(runs, ["scheduler"]).sort_values("val_acc").iloc[-1]["scheduler"]
+
+
+def scheduler_extra(p: Mapping, epochs: int) -> dict[str, dict]:
+    """Each scheduler's own settings: step drops at a third of the epochs, warmup_cosine warms up WARMUP_EPOCHS."""
+    return {"step": {"step_size": max(1, epochs // 3)}, "warmup_cosine": {"warmup_epochs": p["WARMUP_EPOCHS"]}}
+
+
+def scheduler_configs(p: Mapping, best: Mapping) -> list[dict]:
+    """01's scheduler comparison: the grid's best hyperparameters with each scheduler, on validation."""
+    profile, epochs = resolve_profile(p["PROFILE"]), p["EPOCHS"]
+    extra = scheduler_extra(p, make_config("centralized", profile, epochs=epochs)["epochs"])
+    return [make_config("centralized", profile, **best, scheduler=s, epochs=epochs, eval_test=False, **extra.get(s, {}))
+            for s in as_list(p["SCHEDULERS"])]  # fmt: skip
+
+
+def final_configs(p: Mapping, best: Mapping, scheduler: str) -> list[dict]:
+    """01's final runs: the best hyperparameters and scheduler, one run per seed, test curves on."""
+    profile, epochs = resolve_profile(p["PROFILE"]), p["EPOCHS"]
+    extra = scheduler_extra(p, make_config("centralized", profile, epochs=epochs)["epochs"]).get(scheduler, {})
+    return [make_config("centralized", profile, **best, scheduler=scheduler, seed=seed, epochs=epochs, eval_test=True,
+                        **extra) for seed in as_list(p["SEEDS"])]  # fmt: skip
+
+
+def centralized_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:
+    """01: linear probe, the lr x momentum x weight-decay grid, then the schedulers and the seeds of the best."""
+    profile = resolve_profile(p["PROFILE"])
+    plan = Plan("01_centralized", profile)
+
+    def config(**overrides):  # None values fall back to the profile's defaults
+        return make_config("centralized", profile, **overrides)
+
+    base, epochs = config(epochs=p["EPOCHS"]), p["EPOCHS"]
+    plan.lines.append(f"profile={profile}: {base['model']} on {base['dataset']} at {base['img_size']} px, "
+                      f"{base['epochs']} epochs")  # fmt: skip
+    plan.add("probe", "centralized", [config(train_mode="head", lr=p["PROBE_LR"], epochs=epochs, eval_test=False)])
+    grid = [
+        config(lr=lr, momentum=mom, weight_decay=wd, epochs=p["GRID_EPOCHS"] or epochs, eval_test=False)
+        for lr, mom, wd in product(*(as_list(p[n]) for n in ("GRID_LR", "GRID_MOMENTUM", "GRID_WEIGHT_DECAY")))
+    ]
+    plan.add("grid", "centralized", grid)
+    grid_runs = finished_runs("centralized", grid, run_root)
+    best = best_hyperparameters(grid_runs) if grid_runs else None
+    schedulers = scheduler_configs(p, best) if best else [config(scheduler=s, epochs=epochs)
+                                                          for s in as_list(p["SCHEDULERS"])]  # fmt: skip
+    plan.add("schedulers", "centralized", schedulers)
+    scheduler_runs = finished_runs("centralized", schedulers, run_root) if best else None
+    chosen = best_scheduler(scheduler_runs) if scheduler_runs else None
+    finals = final_configs(p, best, chosen) if chosen else [config(seed=s, epochs=epochs, eval_test=True)
+                                                            for s in as_list(p["SEEDS"])]  # fmt: skip
+    plan.add("final", "centralized", finals)
+    plan.waiting = ("schedulers",) * (best is None) + ("final",) * (chosen is None)
+    plan.info.update(base=base, best=best, best_scheduler=chosen)
+    return plan
+
+
+# ----------------------------------------------------------------------------- 02, 03: FedAvg
+
+
+def fedavg_iid_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:
+    """02: FedAvg on IID shards, one run per seed."""
+    profile = resolve_profile(p["PROFILE"])
+    plan = Plan("02_fedavg_iid", profile)
+    fixed = dict(sharding="iid", num_clients=p["NUM_CLIENTS"], participation=p["PARTICIPATION"],
+                 local_steps=p["LOCAL_STEPS"], rounds=p["ROUNDS"], lr=p["LR"], eval_every=p["EVAL_EVERY"])  # fmt: skip
+    configs = [make_config("fedavg", profile, **fixed, seed=seed) for seed in as_list(p["SEEDS"])]
+    plan.add("runs", "fedavg", configs)
+    base = configs[0]
+    m = clients_per_round(base["num_clients"], base["participation"])
+    samples = base["rounds"] * m * base["local_steps"] * base["batch_size"]
+    plan.lines += [
+        f"profile={profile}: {base['model']} on {base['dataset']}, K={base['num_clients']}, C={base['participation']} "
+        f"(m={m} clients per round), J={base['local_steps']}, {base['rounds']} rounds, client lr={base['lr']}",
+        f"compute: {base['rounds']} rounds x {m} clients x {base['local_steps']} steps x batch {base['batch_size']} = "
+        f"{samples:,} training samples = {samples / train_split_size(base):.1f} passes over the train split",
+    ]
+    plan.info.update(base=base)
+    return plan
+
+
+def fedavg_noniid_config(p: Mapping, sharding: str, nc: int | None, j: int, seed: int) -> dict:
+    """One cell of 03's grid: the sharding, J local steps, the rounds that keep the step budget, the seed."""
+    profile = resolve_profile(p["PROFILE"])
+    budget = p["STEP_BUDGET"] or make_config("fedavg", profile)["rounds"] * BASELINE_J
+    return make_config("fedavg", profile, sharding=sharding, classes_per_client=nc, num_clients=p["NUM_CLIENTS"],
+                       participation=p["PARTICIPATION"], local_steps=j, rounds=rounds_for_budget(budget, j),
+                       lr=p["LR"], eval_every=p["EVAL_EVERY"], seed=seed, algorithm=p["ALGORITHM"],
+                       stragglers=p["STRAGGLERS"])  # fmt: skip
+
+
+def fedavg_noniid_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:
+    """03: FedAvg over Nc x J (and IID), at one step budget per client (rounds follow from J)."""
+    profile = resolve_profile(p["PROFILE"])
+    plan = Plan("03_fedavg_noniid", profile)
+    nc_list, j_list, seeds = as_list(p["NC_LIST"]), as_list(p["J_LIST"]), as_list(p["SEEDS"])
+    budget = p["STEP_BUDGET"] or make_config("fedavg", profile)["rounds"] * BASELINE_J
+    settings = [("noniid", nc) for nc in nc_list] + ([("iid", None)] if p["INCLUDE_IID"] else [])
+    grid = [fedavg_noniid_config(p, s, nc, j, seed) for s, nc in settings for j in j_list for seed in seeds]
+    if not grid:
+        raise ValueError(
+            "the grid is empty: give NC_LIST (or INCLUDE_IID=True), J_LIST and SEEDS at least one value each"
+        )
+    plan.add("grid", "fedavg", grid)
+    base = grid[0]
+    plan.lines += [
+        f"profile={profile}: {base['model']} on {base['dataset']}, K={base['num_clients']}, "
+        f"C={base['participation']}, step budget {budget} local steps per client",
+        f"rounds per J: { ({j: rounds_for_budget(budget, j) for j in j_list}) } -> {len(grid)} runs",
+    ]
+    plan.info.update(base=base, budget=budget, settings=settings)
+    return plan
+
+
+# ----------------------------------------------------------------------------- 04-06: model editing
+
+
+def editing_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:
+    """04: centralized sparse fine-tuning over sparsity x R, the dense control, the probe and dense fine-tuning."""
+    profile = resolve_profile(p["PROFILE"])
+    plan = Plan("04_model_editing", profile)
+    rule, rounds_r = p["MASK_RULE"], [1] if one_shot(p["MASK_RULE"]) else as_list(p["CALIBRATION_ROUNDS"])
+
+    def sparse(sparsity, rounds):  # None values fall back to the profile's defaults
+        return make_config("sparse_centralized", profile, sparsity=sparsity, calibration_rounds=rounds,
+                           mask_rule=rule, score_method=p["SCORE_METHOD"], calibration_samples=p["CALIBRATION_SAMPLES"],
+                           embeddings=p["EMBEDDINGS"], step0=p["STEP0"], epochs=p["EPOCHS"], lr=p["LR"],
+                           seed=p["SEED"])  # fmt: skip
+
+    grid = [sparse(s, r) for s, r in product(as_list(p["SPARSITIES"]), rounds_r)]
+    plan.add("grid", "sparse_centralized", grid)
+    plan.add("control", "sparse_centralized", [sparse(0.0, 1)])  # the step-0 head frozen: an all-ones mask
+    centralized = dict(epochs=p["EPOCHS"], eval_test=False, seed=p["SEED"])
+    plan.add("probe", "centralized", [make_config("centralized", profile, train_mode="head", lr=p["PROBE_LR"],
+                                                  **centralized)])  # fmt: skip
+    plan.add("dense", "centralized", [make_config("centralized", profile, lr=p["LR"], **centralized)])
+    base = grid[0]
+    if rounds_r != as_list(p["CALIBRATION_ROUNDS"]):
+        plan.lines.append(f"{rule} is a one-shot rule: calibration rounds do not apply, using R = 1")
+    plan.lines.append(
+        f"profile={profile}: {base['model']} on {base['dataset']}, {base['epochs']} epochs at lr={base['lr']}, "
+        f"{len(grid)} sparse runs ({rule}, {p['SCORE_METHOD']} scores on {base['calibration_samples']:,} images per "
+        f"round, embeddings {p['EMBEDDINGS']}, step 0 = {p['STEP0']}) and the dense control"
+    )
+    plan.info.update(base=base, rounds_r=rounds_r, sparse=sparse)
+    return plan
+
+
+def federated_editing_config(p: Mapping, sharding: str, nc: int | None, sparsity: float, rounds: int) -> dict:
+    """One sparse FedAvg run of 05: its sharding, sparsity and calibration rounds, the notebook's other settings."""
+    return make_config("sparse_fedavg", resolve_profile(p["PROFILE"]), sharding=sharding, classes_per_client=nc,
+                       sparsity=sparsity, calibration_rounds=rounds, mask_rule=p["MASK_RULE"],
+                       mask_scope=p["MASK_SCOPE"], step0=p["STEP0"], local_steps=p["LOCAL_STEPS"],
+                       num_clients=p["NUM_CLIENTS"], participation=p["PARTICIPATION"], rounds=p["ROUNDS"], lr=p["LR"],
+                       calibration_samples=p["CALIBRATION_SAMPLES"], embeddings=p["EMBEDDINGS"],
+                       seed=p["SEED"])  # fmt: skip
+
+
+def remedy_algorithms(profile: str, chosen: list | None) -> list[str]:
+    """The algorithms to compare: `chosen`, or every one (full) / SMOKE_ALGORITHMS (smoke) when None."""
+    if chosen is None:
+        return list(ALGORITHMS) if profile == "full" else list(SMOKE_ALGORITHMS)
+    return list(chosen)
+
+
+def remedy_plan(
+    base: dict, algorithms: list[str], classes: list[int], local_steps: int, adaptive_lr: float
+) -> list[dict]:
+    """sparse_fedavg configs: per algorithm and Nc in `classes`, the dense control (sparsity 0, step-0 head) and
+    `base`'s sparse run, with `local_steps` and the rounds that keep base's step budget (J x rounds); the adaptive
+    server optimizers take server_lr=`adaptive_lr` (their step does not shrink with the pseudo-gradient)."""
+    remedies = set(remedy_parameters()) - {"server_lr"}
+    shared = {k: v for k, v in base.items() if k in experiment_parameters("sparse_fedavg") and k not in remedies}
+    rounds = rounds_for_budget(base["rounds"] * base["local_steps"], local_steps)
+    plan = []
+    for algorithm in algorithms:
+        lr = {"server_lr": adaptive_lr} if algorithm in ADAPTIVE else {}
+        for nc in classes:
+            for sparsity in (0.0, base["sparsity"]):
+                cell = dict(algorithm=algorithm, sharding="noniid", classes_per_client=nc, local_steps=local_steps,
+                            rounds=rounds, sparsity=sparsity)  # fmt: skip
+                plan.append(make_config("sparse_fedavg", **{**shared, **lr, **cell}))
+    return plan
+
+
+def federated_editing_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:
+    """05: sparse FedAvg over shardings x sparsity x R, a dense control per sharding, and the remedies compared."""
+    profile = resolve_profile(p["PROFILE"])
+    plan = Plan("05_federated_editing", profile)
+    rounds_r = [1] if one_shot(p["MASK_RULE"]) else as_list(p["CALIBRATION_ROUNDS"])
+    settings = [("noniid", nc) for nc in as_list(p["NC_LIST"])] + ([("iid", None)] if p["INCLUDE_IID"] else [])
+    grid = [federated_editing_config(p, sh, nc, s, r)
+            for (sh, nc), s, r in product(settings, as_list(p["SPARSITIES"]), rounds_r)]  # fmt: skip
+    plan.add("grid", "sparse_fedavg", grid)
+    plan.add("controls", "sparse_fedavg", [federated_editing_config(p, sh, nc, 0.0, 1) for sh, nc in settings])
+    base = grid[0]
+    plan.lines.append(
+        f"profile={profile}: {base['model']} on {base['dataset']}, K={base['num_clients']}, "
+        f"C={base['participation']}, J={base['local_steps']}, {base['rounds']} rounds, lr={base['lr']}; {len(grid)} "
+        f"sparse runs ({p['MASK_RULE']}, {p['MASK_SCOPE']} mask, {base['calibration_samples']} images per client and "
+        f"round, step 0 = {p['STEP0']}) and {len(plan['controls'])} dense controls"
+    )
+    chosen = remedy_algorithms(profile, None if p["REMEDIES"] is None else as_list(p["REMEDIES"]))
+    remedies = remedy_plan(base, chosen, as_list(p["REMEDY_NC"]), p["REMEDY_J"], p["REMEDY_SERVER_LR"])
+    plan.add("remedies", "sparse_fedavg", remedies)
+    plan.lines.append(f"remedies comparison: {', '.join(chosen) or 'none'} at Nc={p['REMEDY_NC']}, "
+                      f"J={p['REMEDY_J']}: {len(remedies)} runs")  # fmt: skip
+    plan.info.update(base=base, settings=settings, rounds_r=rounds_r, remedy_algorithms=chosen)
+    return plan
+
+
+def mask_strategies_config(p: Mapping, rule: str, sharding: str, nc: int | None, sparsity: float | None = None) -> dict:
+    """One run of 06: a mask rule (R = 1 for the one-shot rules) on a sharding, the notebook's other settings."""
+    return make_config("sparse_fedavg", resolve_profile(p["PROFILE"]), mask_rule=rule,
+                       calibration_rounds=1 if one_shot(rule) else p["CALIBRATION_ROUNDS"],
+                       sparsity=p["SPARSITY"] if sparsity is None else sparsity, sharding=sharding,
+                       classes_per_client=nc, step0=p["STEP0"], embeddings=p["EMBEDDINGS"],
+                       local_steps=p["LOCAL_STEPS"], num_clients=p["NUM_CLIENTS"], participation=p["PARTICIPATION"],
+                       rounds=p["ROUNDS"], lr=p["LR"], calibration_samples=p["CALIBRATION_SAMPLES"],
+                       seed=p["SEED"])  # fmt: skip
+
+
+def mask_strategies_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:
+    """06: every mask rule at one sparsity, IID and non-IID, with the dense controls of 05."""
+    profile = resolve_profile(p["PROFILE"])
+    plan = Plan("06_mask_strategies", profile)
+    rules = as_list(p["RULES"] or list(MASK_RULES))
+    settings = ([("iid", None)] if p["INCLUDE_IID"] else []) + [("noniid", nc) for nc in as_list(p["NC_LIST"])]
+    grid = [mask_strategies_config(p, rule, sh, nc) for sh, nc in settings for rule in rules]
+    plan.add("grid", "sparse_fedavg", grid)
+    plan.add("controls", "sparse_fedavg", [mask_strategies_config(p, rules[0], sh, nc, 0.0) for sh, nc in settings])
+    base = grid[0]
+    plan.lines.append(
+        f"profile={profile}: K={base['num_clients']}, C={base['participation']}, J={base['local_steps']}, "
+        f"{base['rounds']} rounds, lr={base['lr']}, sparsity {p['SPARSITY']} (density {1 - p['SPARSITY']:g}); "
+        f"{len(grid)} runs and {len(plan['controls'])} dense controls"
+    )
+    plan.info.update(base=base, settings=settings, rules=rules)
+    return plan
+
+
+PLANS: dict[str, Callable[[Mapping, str | Path | None], Plan]] = {
+    "01_centralized": centralized_plan,
+    "02_fedavg_iid": fedavg_iid_plan,
+    "03_fedavg_noniid": fedavg_noniid_plan,
+    "04_model_editing": editing_plan,
+    "05_federated_editing": federated_editing_plan,
+    "06_mask_strategies": mask_strategies_plan,
+}
+
+
+def notebook_plan(notebook: str, profile: str = "full", run_root: str | Path | None = None, **parameters) -> Plan:
+    """The plan of `notebook` at the parameters it declares (its parameters cell), `profile` and `parameters`."""
+    if notebook not in PLANS:
+        raise ValueError(f"notebook={notebook!r} has no plan; allowed: {', '.join(PLANS)}")
+    return PLANS[notebook]({**declared_parameters(notebook), **parameters, "PROFILE": profile}, run_root)
