@@ -9,18 +9,23 @@ import subprocess
 from itertools import combinations
 from pathlib import Path
 
+import numpy as np
 import pytest
+from colour_vision import closest_pair
 from full_results import MARK, write_full_results
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.text import Text
 from test_report import write_fixture
 
 from helpers.reporting import report
-from helpers.reporting.plots import MIN_FONT_PT, TEXT_WIDTH_IN
+from helpers.reporting.plots import MIN_FONT_PT, PALETTE, TEXT_WIDTH_IN, readable_log_ticks
 
 REPO = Path(__file__).resolve().parent.parent
 STEP_LABELS = {"epoch", "round", "local steps J", "calibration rounds R"}
+MIN_COLOUR_DIFFERENCE = 12  # CIEDE2000 for normal, protanope and deuteranope readers (10: clearly different)
 # table -> the figure that plots the same final metric of the same runs
 SAME_NUMBERS = {"fedavg_grid": "fedavg_heatmap", "sparse_editing": "sparse_grid", "mask_rules": "mask_rules",
                 "hparam_search": "hparam_search"}  # fmt: skip
@@ -67,6 +72,67 @@ def assert_legible(name: str, fig: Figure) -> None:
                 assert labels and all(re.fullmatch(r"−?\d+", s) for s in labels), (name, labels)
 
 
+def assert_distinct_lines_and_log_ticks(name: str, fig: Figure) -> None:
+    """Legend entries differ in colour for colour-blind readers, lines also in marker and dash pattern (print in
+    grey); every log x axis labels at least three ticks."""
+    for legend in [*fig.legends, *(ax.get_legend() for ax in fig.axes)]:
+        handles = legend.legend_handles if legend else []
+        colours = [h.get_color() if isinstance(h, Line2D) else h.get_facecolor() for h in handles]
+        if len(colours) > 1:
+            gap, pair = closest_pair(colours)
+            assert gap >= MIN_COLOUR_DIFFERENCE, (name, pair, gap)
+        lines = [h for h in handles if isinstance(h, Line2D) and h.get_color() in PALETTE]
+        assert len({(h.get_marker(), h.get_linestyle()) for h in lines}) == len(lines), (name, "alike lines")
+    fig.canvas.draw()
+    for ax in fig.axes:
+        if ax.get_xscale() == "log":
+            lo, hi = sorted(ax.get_xlim())
+            labels = [t.get_text() for t, v in zip(ax.get_xticklabels(), ax.get_xticks()) if lo <= v <= hi]
+            assert len([t for t in labels if t]) >= 3, (name, ax.get_title(), labels)
+
+
+def test_the_palette_differs_for_colour_blind_readers():
+    gap, pair = closest_pair(PALETTE)
+    assert gap >= MIN_COLOUR_DIFFERENCE, pair
+    import seaborn as sns
+
+    # the check can fail: seaborn's "colorblind" has an orange and a vermillion a deuteranope hardly tells apart
+    assert closest_pair(sns.color_palette("colorblind", 4).as_hex())[0] < MIN_COLOUR_DIFFERENCE
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(0.0035, 0.0125), (3.1, 12.5), (32.6, 33.6), (3.0, 40.0), (2.5, 70000.0),
+                                        (0.9, 1.1), (1e-3, 1e3)])  # fmt: skip
+def test_log_ticks_are_round_inside_and_at_least_three(lo: float, hi: float):
+    ticks = readable_log_ticks(lo, hi)
+    assert 3 <= len(ticks) <= 8 and all(lo <= t <= hi for t in ticks), ticks
+    assert all(len(re.sub(r"\D", "", f"{t:f}").strip("0")) <= 3 for t in ticks), ticks  # <= 3 significant digits
+    gaps = np.diff(np.log10(ticks)) / np.log10(hi / lo)
+    assert gaps.min() >= 0.15, (ticks, gaps)  # labels spread over the axis, none crowded at one end
+
+
+def test_lines_that_coincide_stay_visible():
+    """Every algorithm of the remedies figure given the same numbers: each one's colour still shows in every panel."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        df = report.load_results("smoke", write_fixture(Path(tmp) / "results"))
+    rows = df["source"] == "remedies"
+    same = df[rows].groupby(["round", "sparsity", "classes_per_client"])[["val_acc", "upload_bytes"]].transform("first")
+    df.loc[rows, ["val_acc", "upload_bytes"]] = same
+    fig = report.make_figure(df, "remedies", strict=True)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    image = np.asarray(canvas.buffer_rgba())[..., :3] / 255
+    handles = fig.legends[0].legend_handles
+    assert len(handles) == 4
+    for ax in fig.axes:
+        x0, y0, x1, y1 = ax.bbox.extents.astype(int)
+        panel = image[image.shape[0] - y1 : image.shape[0] - y0, x0:x1]
+        for handle in handles:  # pixels of about this colour (drawn under the others, only a rim of it shows)
+            seen = (np.abs(panel - to_rgb(handle.get_color())).max(axis=-1) < 0.08).sum()
+            assert seen >= 8, (ax.get_title(), handle.get_label(), seen)
+
+
 def test_the_legibility_check_catches_small_crowded_and_clipped_text():
     fig = Figure(figsize=(TEXT_WIDTH_IN + 1, 2))
     with pytest.raises(AssertionError):
@@ -92,14 +158,18 @@ def test_the_legibility_check_catches_small_crowded_and_clipped_text():
 def test_figures_are_legible_at_print_size_on_the_fixture(tmp_path: Path):
     df = report.load_results("smoke", write_fixture(tmp_path / "results"))
     for name in report.FIGURES:
-        assert_legible(name, report.make_figure(df, name, strict=True))
+        fig = report.make_figure(df, name, strict=True)
+        assert_legible(name, fig)
+        assert_distinct_lines_and_log_ticks(name, fig)
 
 
 def test_figures_are_legible_at_print_size_on_the_full_study(full_root: Path):
     df = report.load_results("full", full_root)
     assert set(df["data_root"]) == {MARK}  # every row says it is synthetic
     for name in report.FIGURES:
-        assert_legible(name, report.make_figure(df, name, strict=True))
+        fig = report.make_figure(df, name, strict=True)
+        assert_legible(name, fig)
+        assert_distinct_lines_and_log_ticks(name, fig)
 
 
 def test_a_result_shown_in_a_figure_is_not_also_a_table_in_the_body():
