@@ -193,9 +193,32 @@ def _build(results_root: Path, profile: str, tmp_path: Path) -> Path:
     return copy / "report"
 
 
+def float_headings(tex: str) -> dict[str, str]:
+    """Each float's label -> the title of the section or subsection main.tex defines it in."""
+    heading, found = "", {}
+    pattern = r"\\(?:sub)?section\{([^}]*)\}|\\label\{((?:fig|tab):[^}]+)\}|\\reporttable\{(\w+)\}"
+    for m in re.finditer(pattern, re.sub(r"(?m)%.*$", "", tex)):
+        if m.group(1):
+            heading = m.group(1)
+        else:
+            found[m.group(2) or f"tab:{m.group(3)}"] = heading
+    return found
+
+
+def assert_floats_after_their_headings(folder: Path, text: str) -> None:
+    """In reading order, every figure's and table's caption comes after the heading of the section defining it."""
+    numbers = dict(re.findall(r"\\newlabel\{((?:fig|tab):[^}]+)\}\{\{(\d+)\}", (folder / "main.aux").read_text()))
+    for label, heading in float_headings((folder / "main.tex").read_text()).items():
+        title = re.search(r"\n\f?[\d.]+\s+" + re.escape(heading) + r"\n", text)
+        kind = "Figure" if label.startswith("fig:") else "Table"
+        caption = re.search(rf"(?m)^{kind} {numbers[label]}:", text)
+        assert title and caption and caption.start() > title.start(), (label, heading)
+
+
 def assert_paper_layout(folder: Path) -> None:
     """At most 8 pages up to the end of the Conclusion; every body figure and table on a page no later than the
-    Conclusion's, and before its heading in reading order; no figure placeholder; nothing overfull."""
+    Conclusion's, before its heading in reading order and after its own section's heading; no figure placeholder;
+    nothing overfull."""
     pages = dict(re.findall(r"\\newlabel\{([^}]+)\}\{\{[^}]*\}\{(\d+)\}", (folder / "main.aux").read_text()))
     assert int(pages["body-end"]) <= 8, pages
     floats = {k: int(v) for k, v in pages.items() if k.startswith(("fig:", "tab:"))}
@@ -205,7 +228,8 @@ def assert_paper_layout(folder: Path) -> None:
     assert conclusion, "no Conclusion heading"
     captions = [m.start() for m in re.finditer(r"(?m)^(?:Figure|Table) \d+:", text)]
     assert captions and max(captions) < conclusion.start(), "a caption comes after the Conclusion heading"
-    assert "not generated" not in text and "not run yet" not in text
+    assert "not generated" not in text and "not run yet" not in text and "NO RESULTS" not in text
+    assert_floats_after_their_headings(folder, text)
     assert "Overfull \\hbox" not in (folder / "main.log").read_text()
 
 
@@ -220,3 +244,94 @@ def test_full_study_report_fits_eight_pages_with_floats_before_the_conclusion(fu
 @needs_latex
 def test_fixture_report_fits_eight_pages_with_floats_before_the_conclusion(tmp_path: Path):
     assert_paper_layout(_build(write_fixture(tmp_path / "results"), "smoke", tmp_path))
+
+
+@needs_latex
+@pytest.mark.parametrize("flafter", [False, True])
+def test_a_float_above_its_own_heading_is_caught_and_flafter_prevents_it(flafter: bool, tmp_path: Path):
+    """A [t] float defined under a mid-page heading goes to the top of that page, above the heading, unless
+    flafter is loaded (as main.tex does)."""
+    (tmp_path / "main.tex").write_text("\n".join([
+        r"\documentclass{article}", r"\usepackage{flafter}" if flafter else "", r"\begin{document}",
+        r"\section{First}", "Some text.", r"\section{Second}", "More text.",
+        r"\begin{figure}[t]\centering\fbox{x}\caption{A float.}\label{fig:x}\end{figure}", r"\end{document}",
+    ]))  # fmt: skip
+    subprocess.run(["latexmk", "-pdf", "-interaction=nonstopmode", "main.tex"], cwd=tmp_path, capture_output=True,
+                   timeout=120, check=True)  # fmt: skip
+    text = subprocess.run(["pdftotext", "main.pdf", "-"], cwd=tmp_path, capture_output=True, text=True).stdout
+    if flafter:
+        assert_floats_after_their_headings(tmp_path, text)
+    else:
+        with pytest.raises(AssertionError):
+            assert_floats_after_their_headings(tmp_path, text)
+    assert "flafter" in (REPO / "report" / "main.tex").read_text()
+
+
+@pytest.mark.parametrize("study", ["fixture", "full"])
+def test_table_headers_name_each_column_once(study: str, full_root: Path, tmp_path: Path):
+    """No "setting = Nc=1": a sharding heads its column as $N_c = 1$ (or IID), and no header repeats a name."""
+    root = full_root if study == "full" else write_fixture(tmp_path / "results")
+    profile = "full" if study == "full" else "smoke"
+    for path in report.write_tables(report.load_results(profile, root), profile, tmp_path / "gen"):
+        lines = path.read_text().splitlines()
+        if r"\toprule" not in lines:
+            continue
+        header = lines[lines.index(r"\toprule") + 1]
+        cells = [c.strip() for c in header.removesuffix(r"\\").split("&")]
+        for cell in cells:
+            assert "setting" not in cell and "Nc=" not in cell and cell.count("=") <= 1, (path.name, cell)
+        assert len(set(cells)) == len(cells), (path.name, cells)
+
+
+@needs_latex
+def test_escaped_text_prints_as_written(tmp_path: Path):
+    """latex_escape'd text reads the same in the PDF: results/<profile>/ is not "results/¡profile¿/"."""
+    text = r"results/<profile>/a.csv & 50% $5 #1 {a} ~ ^ | \ x"
+    body = report.latex_escape(text)
+    (tmp_path / "main.tex").write_text("\n".join([r"\documentclass{article}", r"\begin{document}", body,
+                                                  r"\end{document}"]))  # fmt: skip
+    subprocess.run(["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", "main.tex"], cwd=tmp_path,
+                   capture_output=True, timeout=120, check=True)  # fmt: skip
+    printed = subprocess.run(["pdftotext", "main.pdf", "-"], cwd=tmp_path, capture_output=True, text=True).stdout
+    assert text in printed.replace("\u02dc", "~").replace("\u02c6", "^"), printed  # the accents pdftotext reads
+
+
+@needs_latex
+def test_a_profile_without_results_says_so_on_page_one(tmp_path: Path):
+    folder = _build(tmp_path / "no-results", "full", tmp_path)
+    first = subprocess.run(["pdftotext", "-l", "1", "main.pdf", "-"], cwd=folder, capture_output=True,
+                           text=True).stdout  # fmt: skip
+    assert "NO RESULTS" in first and "holds no results" in " ".join(first.split()), first[:1500]
+    whole = subprocess.run(["pdftotext", "main.pdf", "-"], cwd=folder, capture_output=True, text=True).stdout
+    assert "results/<profile>/" in whole and "¡" not in whole and "¿" not in whole
+
+
+def test_the_no_results_banner_follows_the_results_found(tmp_path: Path):
+    empty = report.write_tables(report.load_results("full", tmp_path / "none"), "full", tmp_path / "a")
+    fixture = report.load_results("smoke", write_fixture(tmp_path / "results"))
+    filled = report.write_tables(fixture, "smoke", tmp_path / "b")
+    assert r"\newcommand{\resultsfiles}{0}" in empty[-1].read_text()
+    assert rf"\newcommand{{\resultsfiles}}{{{fixture['source'].nunique()}}}" in filled[-1].read_text()
+    assert r"\ifnum\resultsfiles=0" in (REPO / "report" / "main.tex").read_text()
+
+
+def test_generated_report_files_of_every_profile_are_ignored_by_git():
+    """What 07 and `make report` write for any profile (its placeholders too) can never be committed by mistake."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    generated = [
+        "figures/full/remedies.png",
+        "figures/any-profile/remedies.pdf",
+        "report/generated/profile.tex",
+        "report/generated/full/remedies.tex",
+        "report/generated/any-profile/remedies.tex",
+        "report/main-full.pdf",
+        "report/main-any-profile.pdf",
+        "report/main-full.log",
+        "results/smoke/a.csv",
+    ]
+    kept = ["report/main.tex", "report/references.bib", "figures/.gitkeep", "docs/img/smoke_fedavg_heatmap.png",
+            "results/full/remedies.csv"]  # fmt: skip
+    for path, ignored in [*((p, True) for p in generated), *((p, False) for p in kept)]:
+        done = subprocess.run(["git", "check-ignore", "--no-index", "-q", path], cwd=REPO)
+        assert (done.returncode == 0) == ignored, path
