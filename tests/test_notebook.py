@@ -1,6 +1,5 @@
 """The first hour: notebook parameters checked by name and value, non-study results kept apart, resume lines."""
 
-import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from helpers.config.experiments import EXPERIMENTS, PARAMS, make_config, profile_defaults
 from helpers.federated.rounds import run_fedavg
 from helpers.ops.notebook import assigned_names, check_parameters, declared_parameters, plan_progress
-from helpers.ops.pipeline import check_pipeline_parameters, notebook_paths, run_pipeline
+from helpers.ops.pipeline import check_pipeline_parameters, notebook_paths
 from helpers.training.runs import write_results
 
 REPO = Path(__file__).resolve().parent.parent
@@ -134,17 +133,6 @@ def test_papermill_stops_at_a_misspelt_parameter(tmp_path):
             str(REPO / "notebooks" / "02_fedavg_iid.ipynb"), str(tmp_path / "out.ipynb"),
             parameters={"ROUND": 3}, cwd=str(REPO / "notebooks"), progress_bar=False,
         )  # fmt: skip
-
-
-def test_pipeline_executes_without_the_kernel_transport_warning(tmp_path, capfd, monkeypatch):
-    # 07 on empty results: seconds. The kernel writes its start-up warnings straight to this process's stderr.
-    monkeypatch.setenv("FLME_RESULTS_ROOT", str(tmp_path / "results"))
-    monkeypatch.setenv("FLME_FIGURES_ROOT", str(tmp_path / "figures"))
-    monkeypatch.setenv("FLME_TABLES_ROOT", str(tmp_path / "tables"))
-    run_pipeline("smoke", ["07"], tmp_path / "out")
-    err = capfd.readouterr().err
-    assert "without encryption" not in err and "WARNING" not in err, err
-    assert os.name != "posix" or not list(Path.cwd().glob("kernel-*ipc*"))  # socket files live in Jupyter's runtime
 
 
 def test_every_schema_parameter_is_in_the_help_of_its_commands(capsys):
