@@ -1,5 +1,7 @@
 """The first hour: notebook parameters checked by name and value, non-study results kept apart, resume lines."""
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -186,3 +188,19 @@ def test_cli_results_says_when_it_replaces_a_file(tmp_path, capsys, monkeypatch)
     assert "replaced" not in capsys.readouterr().err
     assert main([*argv, "--set", "lr=0.2"]) == 0
     assert "demo.csv (replaced: it now holds this run's rows only)" in capsys.readouterr().err
+
+
+def test_cli_run_shows_a_line_per_epoch_off_a_terminal_and_nothing_with_quiet(tmp_path, capsys):
+    from helpers.ops.cli import main
+
+    argv = ["run", "centralized", "--run-root", str(tmp_path / "runs"), "--set", "synthetic_train_size=400",
+            "--set", "epochs=2", "--set", "device=cpu"]  # fmt: skip
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    epochs = re.findall(r"(?m)^\[epoch (\d)/2\] centralized \w+: train_loss=\S+ val_acc=\S+ .*\(\d+\.\d s\)$", err)
+    assert epochs == ["1", "2"], err  # stderr is no terminal here: lines, not a bar
+    assert out.startswith("[start] centralized ") and json.loads(out.splitlines()[-1])["epoch"] == 2
+    for extra in ([], ["--set", "lr=0.2"]):  # done (skipped), then a new run: the JSON line alone either way
+        assert main([*argv, *extra, "--quiet"]) == 0
+        out, err = capsys.readouterr()
+        assert len(out.splitlines()) == 1 and json.loads(out)["epoch"] == 2 and "[epoch" not in err, (out, err)
