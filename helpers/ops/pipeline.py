@@ -85,7 +85,7 @@ def run_pipeline(
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     # The kernel warns at start that TCP is unencrypted: talk to it over a local socket file instead (POSIX only).
     ipc = {"config": _ipc_config()} if os.name == "posix" else {}
-    print(f"[pipeline] profile={profile}: {len(paths)} notebook{'s' * (len(paths) != 1)} -> {shown(out)}/", flush=True)
+    print(f"[pipeline] profile={profile}: {len(paths)} notebook{'s' * (len(paths) != 1)} -> {_shown(out)}/", flush=True)
     start, done, counts = time.perf_counter(), [], RunCount()
     width = max(len(p.stem) for p in paths)
     for path in paths:
@@ -178,9 +178,10 @@ def closing_summary(profile: str, executed: list[Path], counts: RunCount, second
     for what, folder, pattern in rows:
         if folder is not None and folder.is_dir():
             count = f" ({len(list(folder.glob(pattern)))} files)" if pattern else ""
-            lines.append(f"  {what:<20}{shown(folder)}/{count}")
+            lines.append(f"  {what:<20}{_shown(folder)}/{count}")
     if readme_refreshed is not None:
-        lines.append(f"  {'README figure':<20}{shown(README_IMAGE)} ({'updated' if readme_refreshed else 'unchanged'})")
+        state = "updated" if readme_refreshed else "unchanged"
+        lines.append(f"  {'README figure':<20}{_shown(README_IMAGE)} ({state})")
     command = "make report" + ("" if profile == "smoke" else f" PROFILE={profile}")
     lines.append(f"next: {command}   (the PDF report/main-{profile}.pdf from these results)")
     return "\n".join(lines)
@@ -228,7 +229,7 @@ def duration(seconds: float) -> str:
     return f"{minutes} min {secs:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-def shown(path: Path) -> str:
+def _shown(path: Path) -> str:
     """`path` relative to the working folder where it lies inside it, else as it is."""
     try:
         return str(Path(path).resolve().relative_to(Path.cwd()))
