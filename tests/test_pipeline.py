@@ -49,7 +49,7 @@ def test_the_closing_summary_says_where_and_what_next(tmp_path: Path, monkeypatc
     lines = text.splitlines()
     assert lines[0] == "[pipeline] done in 3 min 12 s: 4 runs: 1 new, 1 resumed, 1 skipped (done before), 1 held by " \
         "another session"  # fmt: skip
-    assert any(re.fullmatch(r"  results \(tidy CSV\) +.*results/full/ \(1 files\)", line) for line in lines), text
+    assert any(re.fullmatch(r"  results \(tidy CSV\) +.*results/full/ \(1 file\)", line) for line in lines), text
     assert lines[-1].startswith("next: make report PROFILE=full")
     assert closing_summary("smoke", [], RunCount(), 1, {}, True).splitlines()[-1].startswith("next: make report ")
 

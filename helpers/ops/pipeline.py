@@ -102,8 +102,8 @@ def run_pipeline(
                 kernel_manager_class=_quiet_shutdown_kernel_manager(),
                 **ipc,
             )
-        except BaseException:
-            print("failed", flush=True)
+        except BaseException as exc:
+            print("stopped" if isinstance(exc, KeyboardInterrupt) else "failed", flush=True)
             raise
         runs = RunCount.from_notebook(target)
         counts.add(runs)
@@ -177,7 +177,8 @@ def closing_summary(profile: str, executed: list[Path], counts: RunCount, second
     lines = [f"[pipeline] done in {duration(seconds)}: {counts.describe()}"]
     for what, folder, pattern in rows:
         if folder is not None and folder.is_dir():
-            count = f" ({len(list(folder.glob(pattern)))} files)" if pattern else ""
+            files = len(list(folder.glob(pattern))) if pattern else None
+            count = "" if files is None else f" ({files} file{'s' * (files != 1)})"
             lines.append(f"  {what:<20}{_shown(folder)}/{count}")
     if readme_refreshed is not None:
         state = "updated" if readme_refreshed else "unchanged"
