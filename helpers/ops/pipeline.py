@@ -107,7 +107,7 @@ def run_pipeline(
             raise
         runs = RunCount.from_notebook(target)
         counts.add(runs)
-        print(f"{duration(time.perf_counter() - began):>9}  {runs.describe()}", flush=True)
+        print(f"{duration(time.perf_counter() - began):>10}  {runs.describe()}", flush=True)
         done.append(target)
     refreshed = _refresh_readme_figure(profile, [p.stem for p in paths])
     print(closing_summary(profile, done, counts, time.perf_counter() - start, parameters or {}, refreshed), flush=True)
