@@ -42,8 +42,8 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check helpers tests conftest.py
 
 # The report from whatever is in results/<PROFILE>/: its figures and tables (helpers.reporting.report), then
-# report/main-<PROFILE>.pdf with latexmk (needs a LaTeX installation: see docs/report.md).
+# report/main-<PROFILE>.pdf with latexmk (needs a LaTeX installation: see docs/report.md). latexmk's output goes to
+# report/main-<PROFILE>.latexmk.log; a failed build prints the LaTeX errors.
 PROFILE ?= smoke
 report: $(VENV)/.installed
-	$(PY) -m helpers.report --profile $(PROFILE)
-	cd report && latexmk -pdf -interaction=nonstopmode -halt-on-error -jobname=main-$(PROFILE) main.tex
+	@$(PY) -m helpers.report --profile $(PROFILE) --pdf

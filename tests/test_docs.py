@@ -1,7 +1,13 @@
-"""README: a first screen (what it is, the two commands, one figure, where to go next); details live in docs/."""
+"""README: a first screen (what it is, the three commands, one figure the pipeline draws, where to go next); details
+live in docs/."""
 
 import re
+import shutil
 from pathlib import Path
+
+import numpy as np
+
+from helpers.ops.pipeline import README_DATA, README_FIGURE, README_IMAGE, refresh_readme_figure
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -13,9 +19,12 @@ def links(path: Path) -> list[str]:
 
 def test_readme_first_screen_has_the_commands_a_figure_and_the_way_on():
     assert len(README.splitlines()) <= 60 and len(README) < 4000
-    assert "make smoke" in README and "make test" in README
+    first_screen = README[: README.index("## On a Colab T4")]
+    for command in ("make smoke", "make report", "make test"):  # each with what it gives, in the code block
+        assert re.search(rf"(?m)^{command} +# \S", first_screen), command
+    assert "remedies" in first_screen.lower() and "docs/remedies.md" in first_screen
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README)
-    assert len(images) == 1 and (REPO / images[0]).is_file() and "smoke" in images[0]
+    assert len(images) == 1 and (REPO / images[0]) == README_IMAGE and README_IMAGE.is_file()
     assert "constraints.txt" in README and "Versions" in README
     assert "flwr" not in README  # Flower has its own page now
 
@@ -40,3 +49,38 @@ def test_the_former_readme_sections_live_in_docs():
     headings = set(re.findall(r"(?m)^#+ (.+)$", docs))
     for name in former:
         assert any(h.startswith(name) for h in headings), name
+
+
+def test_the_readme_figure_is_what_the_pipeline_draws_from_the_rows_beside_it(tmp_path: Path):
+    """Redrawn by the report's own function from docs/img/<figure>.csv (the rows the smoke pipeline copied with it),
+    the README's image comes out the same: it is the current style, not an old picture."""
+    from matplotlib.image import imread
+
+    from helpers.reporting import report
+
+    source, _ = README_DATA
+    (tmp_path / "results" / "smoke").mkdir(parents=True)
+    shutil.copyfile(README_IMAGE.with_suffix(".csv"), tmp_path / "results" / "smoke" / f"{source}.csv")
+    df = report.load_results("smoke", tmp_path / "results")
+    drawn = report.save_figure(report.make_figure(df, README_FIGURE, strict=True), "x", "smoke", tmp_path / "fig")[0]
+    ours, theirs = imread(drawn), imread(README_IMAGE)
+    assert ours.shape == theirs.shape
+    differing = (np.abs(ours - theirs).max(axis=-1) > 0.1).mean()  # text may shift by a pixel under another FreeType
+    assert differing < 0.01, f"{differing:.1%} of the pixels differ: make smoke redraws {README_IMAGE.name}"
+
+
+def test_a_smoke_pipeline_copies_the_readme_figure_and_its_rows(tmp_path: Path):
+    figures, results, image = tmp_path / "figures", tmp_path / "results", tmp_path / "img" / "fig.png"
+    image.parent.mkdir()
+    assert not refresh_readme_figure(figures, results, image)  # 07 has not drawn it: nothing to copy
+    (figures / "smoke").mkdir(parents=True)
+    (figures / "smoke" / f"{README_FIGURE}.png").write_bytes(b"png")
+    (results / "smoke").mkdir(parents=True)
+    source, columns = README_DATA
+    (results / "smoke" / f"{source}.csv").write_text(",".join([*columns, "elapsed_s"]) + "\n" + "1," * len(columns)
+                                                     + "2.5\n" + "1," * (len(columns) - 1) + ",3\n")  # fmt: skip
+    assert refresh_readme_figure(figures, results, image)
+    assert image.read_bytes() == b"png"
+    rows = image.with_suffix(".csv").read_text().splitlines()
+    assert rows == [",".join(columns), ",".join(["1"] * len(columns))]  # final rows only, no timings
+    assert not refresh_readme_figure(figures, results, image)  # unchanged: the files are not rewritten

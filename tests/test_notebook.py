@@ -1,6 +1,7 @@
 """The first hour: notebook parameters checked by name and value, non-study results kept apart, resume lines."""
 
-import os
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from helpers.config.experiments import (
 )
 from helpers.federated.rounds import run_fedavg
 from helpers.ops.notebook import assigned_names, check_parameters, declared_parameters, plan_progress
-from helpers.ops.pipeline import check_pipeline_parameters, notebook_paths, run_pipeline
+from helpers.ops.pipeline import check_pipeline_parameters, notebook_paths
 from helpers.reporting.results import write_results
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,17 +144,6 @@ def test_papermill_stops_at_a_misspelt_parameter(tmp_path):
         )  # fmt: skip
 
 
-def test_pipeline_executes_without_the_kernel_transport_warning(tmp_path, capfd, monkeypatch):
-    # 07 on empty results: seconds. The kernel writes its start-up warnings straight to this process's stderr.
-    monkeypatch.setenv("FLME_RESULTS_ROOT", str(tmp_path / "results"))
-    monkeypatch.setenv("FLME_FIGURES_ROOT", str(tmp_path / "figures"))
-    monkeypatch.setenv("FLME_TABLES_ROOT", str(tmp_path / "tables"))
-    run_pipeline("smoke", ["07"], tmp_path / "out")
-    err = capfd.readouterr().err
-    assert "without encryption" not in err and "WARNING" not in err, err
-    assert os.name != "posix" or not list(Path.cwd().glob("kernel-*ipc*"))  # socket files live in Jupyter's runtime
-
-
 def test_every_schema_parameter_is_in_the_help_of_its_commands(capsys):
     """`run --help` and `flower --help` explain every parameter from the schema: its meaning, type, defaults (each
     algorithm's own, for an algorithm's parameter) and allowed values; and end with examples."""
@@ -213,3 +203,19 @@ def test_cli_results_says_when_it_replaces_a_file(tmp_path, capsys, monkeypatch)
     assert "replaced" not in capsys.readouterr().err
     assert main([*argv, "--set", "lr=0.2"]) == 0
     assert "demo.csv (replaced: it now holds this run's rows only)" in capsys.readouterr().err
+
+
+def test_cli_run_shows_a_line_per_epoch_off_a_terminal_and_nothing_with_quiet(tmp_path, capsys):
+    from helpers.ops.cli import main
+
+    argv = ["run", "centralized", "--run-root", str(tmp_path / "runs"), "--set", "synthetic_train_size=400",
+            "--set", "epochs=2", "--set", "device=cpu"]  # fmt: skip
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    epochs = re.findall(r"(?m)^\[epoch (\d)/2\] centralized \w+: train_loss=\S+ val_acc=\S+ .*\(\d+\.\d s\)$", err)
+    assert epochs == ["1", "2"], err  # stderr is no terminal here: lines, not a bar
+    assert out.startswith("[start] centralized ") and json.loads(out.splitlines()[-1])["epoch"] == 2
+    for extra in ([], ["--set", "lr=0.2"]):  # done (skipped), then a new run: the JSON line alone either way
+        assert main([*argv, *extra, "--quiet"]) == 0
+        out, err = capsys.readouterr()
+        assert len(out.splitlines()) == 1 and json.loads(out)["epoch"] == 2 and "[epoch" not in err, (out, err)

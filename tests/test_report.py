@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from itertools import product
@@ -214,3 +215,33 @@ def test_explorer_redraws_its_image_when_a_choice_changes(results_root: Path):
     assert first[:8] == b"\x89PNG\r\n\x1a\n"  # a PNG: no Output widget for a batch client to wait on
     metric.value = next(m for m in metric.options if m != metric.value)
     assert image.value[:8] == first[:8] and image.value != first
+
+
+@pytest.mark.skipif(shutil.which("latexmk") is None, reason="latexmk not installed: the LaTeX build is not checked")
+def test_a_failed_pdf_build_shows_the_latex_error_not_the_chatter(tmp_path: Path):
+    from helpers.reporting.pdf import LatexError, build_pdf
+
+    (tmp_path / "main.tex").write_text(
+        "\\documentclass{article}\n\\begin{document}\n\\undefinedmacro\n\\end{document}\n"
+    )
+    with pytest.raises(LatexError, match=r"(?s)! Undefined control sequence.*l\.3 \\undefinedmacro") as failed:
+        build_pdf("demo", tmp_path)
+    assert str(tmp_path / "main-demo.log") in str(failed.value) and len(str(failed.value).splitlines()) < 12
+    assert "Latexmk" in (tmp_path / "main-demo.latexmk.log").read_text()  # the chatter is kept, not shown
+
+
+@pytest.mark.skipif(shutil.which("latexmk") is None, reason="latexmk not installed: the LaTeX build is not checked")
+def test_make_report_says_what_it_wrote_and_ends_with_the_pdf(results_root: Path, tmp_path: Path, capfd, monkeypatch):
+    from helpers.reporting import pdf
+
+    shutil.copytree(REPO / "report", tmp_path / "report", ignore=shutil.ignore_patterns("generated", "main-*"))
+    monkeypatch.setattr(pdf, "REPORT_DIR", tmp_path / "report")
+    monkeypatch.setenv("FLME_FIGURES_ROOT", str(tmp_path / "figures"))
+    monkeypatch.setenv("FLME_TABLES_ROOT", str(tmp_path / "report" / "generated"))
+    assert report.main(["--profile", PROFILE, "--results-root", str(results_root), "--pdf"]) == 0
+    out = capfd.readouterr()
+    first, last = out.out.strip().splitlines()
+    assert first.startswith(f"profile={PROFILE}: 10 results files") and "12 figures in" in first, first
+    assert re.fullmatch(rf"report: .*main-{PROFILE}\.pdf \(\d pages\)", last), last
+    assert "Latexmk" not in out.out + out.err and "Output written" not in out.out + out.err
+    assert "helpers.report --profile $(PROFILE) --pdf" in (REPO / "Makefile").read_text()  # what `make report` runs

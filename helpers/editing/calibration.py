@@ -23,6 +23,7 @@ from helpers.federated.clients import BYTES_PER_ENTRY
 from helpers.federated.remote import RemoteClients
 from helpers.sparse.masks import Masks, TensorMasks
 from helpers.sparse.sensitivity import calibrate_masks, compute_scores
+from helpers.training.resumable import interactive
 from helpers.training.runs import Run, load_artifact
 
 EDITING_FILE = "editing.pt"  # step-0 head, packed masks and calibration cost, in the run folder
@@ -87,7 +88,7 @@ class Scorer:
             results = (score_pool(model, self.data, pool, key, self.calls, self.config)
                        for pool, key in zip(self.pools, self.keys, strict=True))  # fmt: skip
         bar = tqdm(results, total=len(self.keys), desc=f"scoring (round {self.calls})", leave=False,
-                   disable=not self.progress or len(self.keys) < 2)  # fmt: skip
+                   disable=not (self.progress and interactive()) or len(self.keys) < 2)  # fmt: skip
         total = None
         for scores, samples in bar:
             self.samples += samples
@@ -157,7 +158,7 @@ def calibrate_federated(
         masks = Masks(shared=calibrate(model, scorers[0], config))
     else:
         scorers = [Scorer(data, [shard], [key], config, remote=remote) for shard, key in zip(shards, keys, strict=True)]
-        bar = tqdm(scorers, desc="local masks", leave=False, disable=not progress)
+        bar = tqdm(scorers, desc="local masks", leave=False, disable=not (progress and interactive()))
         own = [calibrate(model, sc, config, seed=derive_seed(config["seed"], *sc.keys[0])) for sc in bar]
         masks = Masks.per_client(own)
     entries = sum(p.numel() for p in backbone_parameters(model).values())

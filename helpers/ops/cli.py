@@ -5,6 +5,8 @@ Exit codes: 0 done, 2 bad input (or environment), 3 the run is held by another s
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import shlex
 import sys
@@ -107,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a parameter")
         p.add_argument("--run-root", default=None, help="default: $FLME_RUN_ROOT, Drive in Colab, else ./runs")
         p.add_argument("--results", default=None, metavar="NAME", help="also write results/<profile>/NAME.csv")
+        p.add_argument("-q", "--quiet", action="store_true", help="print only the final JSON line (and errors): no "
+                       "[start]/[skip] line, no progress per epoch or round (by default a bar on a terminal, else a "
+                       "line per epoch or round on stderr)")  # fmt: skip
     pipe = sub.add_parser("pipeline", help="execute the notebooks with papermill",
                           formatter_class=argparse.RawDescriptionHelpFormatter,
                           epilog="notebook parameters (-p NAME VALUE) and their defaults; PROFILE comes from "
@@ -153,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(secure_script(args, command, config["num_clients"]))
                 return 0
             run_fn = runner(args.experiment, config.get("engine", "sequential"))
-            result = run_fn(config, run_root=args.run_root, progress=sys.stderr.isatty())
+            # --quiet: the runner's [start]/[skip] lines go nowhere; the final JSON and errors still print
+            with contextlib.redirect_stdout(io.StringIO()) if args.quiet else contextlib.nullcontext():
+                result = run_fn(config, run_root=args.run_root, progress=not args.quiet)
             if not result.done:  # another session holds it (the runner said by whom)
                 print(json.dumps({"run_dir": str(result.dir), "done": False}))
                 return HELD

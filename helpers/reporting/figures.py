@@ -14,11 +14,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
 
 from helpers.core.params import STEP_COLUMNS
 from helpers.reporting.labels import STEP0_LABEL, algorithm_order, rules_with_controls, sparse_rows, with_algorithm
-from helpers.reporting.plots import HALF_WIDTH_IN, TEXT_WIDTH_IN, integer_ticks, paper_style, plot_heatmap
+from helpers.reporting.plots import (
+    HALF_WIDTH_IN,
+    MARKERS,
+    REFERENCE_COLOUR,
+    TEXT_WIDTH_IN,
+    integer_ticks,
+    line_styles,
+    log_ticks,
+    palette_for,
+    paper_style,
+    plot_heatmap,
+    stack_markers,
+)
 from helpers.reporting.results import last_rows
 from helpers.reporting.summaries import (
     MissingResults,
@@ -33,7 +44,6 @@ from helpers.reporting.summaries import (
 FULL, HALF = TEXT_WIDTH_IN, HALF_WIDTH_IN
 HEIGHT = 2.0  # inches: one row of panels with its legend
 MAX_LEGEND = 8
-PALETTE = "colorblind"
 LABELS = {  # axis labels, short enough for a panel a quarter of the text wide
     "epoch": "epoch",
     "round": "round",
@@ -120,10 +130,12 @@ def _curves(
     order = _order(part, hue)
     for ax, metric in zip(axes, metrics):
         data = part.dropna(subset=[metric])
-        sns.lineplot(data=data, x=x, y=metric, hue=hue, hue_order=order, errorbar="sd", marker="o", markersize=3,
-                     markeredgewidth=0, palette=PALETTE if hue else None, ax=ax)  # fmt: skip
+        styles = line_styles(hue, order) if hue else {"marker": "o"}
+        sns.lineplot(data=data, x=x, y=metric, errorbar="sd", markersize=3, markeredgewidth=0, ax=ax, **styles)
+        if hue:
+            stack_markers(ax, order)
         if reference and metric in reference:
-            ax.axhline(reference[metric], ls="--", color="grey", lw=1, label=reference_label)
+            ax.axhline(reference[metric], ls="--", color=REFERENCE_COLOUR, lw=1, label=reference_label)
         integer_ticks(ax)
         ax.set_xlabel(LABELS.get(x, x))
         ax.set_ylabel(LABELS.get(metric, metric))
@@ -216,8 +228,9 @@ def fig_fedavg_curves(df: pd.DataFrame) -> Figure:
     order = setting_order(part["setting"])
     # markers: a run of one round (large J at a small budget) is a single point, invisible as a line
     for ax, j in zip(axes, steps):
-        sns.lineplot(data=part[part["local_steps"] == j], x="round", y="val_acc", hue="setting", hue_order=order,
-                     errorbar="sd", palette=PALETTE, marker="o", markersize=4, markeredgewidth=0, ax=ax)  # fmt: skip
+        sns.lineplot(data=part[part["local_steps"] == j], x="round", y="val_acc", errorbar="sd", markersize=4,
+                     markeredgewidth=0, ax=ax, **line_styles("setting", order))  # fmt: skip
+        stack_markers(ax, order)
         ax.set_title(f"J = {int(j)}")
         integer_ticks(ax)
         ax.set_xlabel(LABELS["round"])
@@ -238,8 +251,8 @@ def fig_drift(df: pd.DataFrame) -> Figure:
     fig, axes = _figure(FULL, 2)
     for ax, metric in zip(axes, ["drift_norm", "drift_cos"]):
         sns.pointplot(data=per_run, x="setting", y=metric, hue="J", order=order, hue_order=j_order, errorbar="sd",
-            palette=PALETTE,
-                      dodge=0.3, markersize=3, linewidth=1, ax=ax)  # fmt: skip
+                      palette=palette_for(j_order), markers=list(MARKERS[: len(j_order)]), dodge=0.3, markersize=3,
+                      linewidth=1, ax=ax)  # fmt: skip
         ax.set_xlabel(LABELS["setting"])
         ax.set_ylabel(LABELS[metric])
     _legend_on_top(fig, axes, None)
@@ -282,10 +295,11 @@ def _accuracy_per_upload(ax, data: pd.DataFrame, hue: str, order: list[str], tit
     """One panel: validation accuracy against cumulative upload (MB, log scale), one line per `hue` value."""
     import seaborn as sns
 
-    sns.lineplot(data=data, x="upload_mb", y="val_acc", hue=hue, hue_order=order, errorbar="sd", palette=PALETTE,
-                 marker="o", markersize=2.5, markeredgewidth=0, ax=ax)  # fmt: skip
+    sns.lineplot(data=data, x="upload_mb", y="val_acc", errorbar="sd", markeredgewidth=0, ax=ax,
+                 **line_styles(hue, order))  # fmt: skip
+    stack_markers(ax, order)
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks of a short log range overlap
+    log_ticks(ax)
     ax.set_title(title)
     ax.set_xlabel("")
     ax.set_ylabel(LABELS["val_acc"])
@@ -343,7 +357,7 @@ def fig_mask_rules(df: pd.DataFrame) -> Figure:
     for ax, metric in zip(axes, ["test_acc", "drift_cos"]):
         if metric in final and final[metric].notna().any():
             sns.barplot(data=final, y="mask_rule", x=metric, hue="setting", order=order, hue_order=hue_order,
-                        errorbar="sd", palette=PALETTE, orient="h", ax=ax)  # fmt: skip
+                        errorbar="sd", palette=palette_for(hue_order), orient="h", ax=ax)  # fmt: skip
         ax.set_xlabel(LABELS[metric] + (" (mean over rounds)" if metric == "drift_cos" else ""))
         ax.set_ylabel("")
     _legend_on_top(fig, axes, "sharding (classes per client)")

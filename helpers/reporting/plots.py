@@ -35,6 +35,12 @@ PAPER_RC = {
     "grid.linewidth": 0.4,
     "pdf.fonttype": 42,  # TrueType in the PDF: text stays text (searchable, sharp at any zoom)
 }
+# Paul Tol's "bright" scheme, then black and grey: distinct for colour-blind readers (seaborn's "colorblind" has two
+# near-identical oranges). Print in grey loses hue: line_styles adds a marker and a dash pattern per line.
+PALETTE = ("#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#000000", "#BBBBBB")
+REFERENCE_COLOUR = "#444444"  # dashed reference lines: a dark grey, unlike every colour of PALETTE
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+DASHES = ("", (4, 1.5), (1, 1), (4, 1, 1, 1), (2, 2), (6, 2), (3, 1, 1, 1, 1, 1), (1, 2))
 
 
 @contextmanager
@@ -60,6 +66,77 @@ def _labels(labels) -> np.ndarray:
     if hasattr(labels, "detach") and hasattr(labels, "cpu"):
         labels = labels.detach().cpu().numpy()
     return np.asarray(labels).astype(np.int64, copy=False)
+
+
+def palette_for(levels: list) -> dict:
+    """Each level its colour of PALETTE, in order (cycling past its length)."""
+    return {level: PALETTE[i % len(PALETTE)] for i, level in enumerate(levels)}
+
+
+def line_styles(hue: str, levels: list) -> dict:
+    """seaborn lineplot keywords giving each `hue` level its own colour, marker, dash pattern and line width.
+
+    Widths fall along `levels`, the order seaborn draws them in: a line hidden under a later one that coincides with
+    it still shows around it (stack_markers does the same for the markers); dashes and markers tell lines apart in
+    print.
+    """
+    return {
+        "hue": hue, "hue_order": levels, "palette": palette_for(levels),
+        "style": hue, "style_order": levels, "size": hue, "size_order": levels,
+        "markers": {lv: MARKERS[i % len(MARKERS)] for i, lv in enumerate(levels)},
+        "dashes": {lv: DASHES[i % len(DASHES)] for i, lv in enumerate(levels)},
+        "sizes": dict(zip(levels, _falling(len(levels), 2.6, 1.0))),
+    }  # fmt: skip
+
+
+def stack_markers(ax, levels: list) -> None:
+    """Marker sizes falling along `levels` (known by their colour) on the lines of panel `ax` and its legend: markers
+    of lines that coincide sit inside one another, every one visible."""
+    from matplotlib.colors import to_hex
+
+    sizes = dict(zip((to_hex(c) for c in palette_for(levels).values()), _falling(len(levels), 6.0, 3.0)))
+    legend = ax.get_legend()
+    for artist in [*ax.lines, *(legend.legend_handles if legend else [])]:
+        size = sizes.get(to_hex(artist.get_color())) if hasattr(artist, "get_marker") else None
+        if size is not None and artist.get_marker() not in (None, "None", ""):
+            artist.set_markersize(size)
+
+
+def _falling(n: int, first: float, last: float) -> list[float]:
+    return [float(v) for v in np.linspace(first, last, n)] if n > 1 else [(first + last) / 2]
+
+
+def log_ticks(ax, least: int = 3) -> None:
+    """At least `least` labelled ticks on the log x axis of `ax`, as plain numbers (10, 30, 100 or 4, 6, 9).
+
+    Matplotlib labels only powers of ten: a panel spanning less than a decade would show one label, or none.
+    """
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    ax.xaxis.set_major_locator(FixedLocator(readable_log_ticks(*sorted(ax.get_xlim()), least)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_plain_number))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # matplotlib labels minor ticks of short ranges: they would overlap
+
+
+def readable_log_ticks(lo: float, hi: float, least: int = 3) -> list[float]:
+    """`least` or a few more round values in [lo, hi], spread evenly on a log scale (so their labels never crowd)."""
+    if hi / lo >= 10:  # whole decades: 1, 10, 100; or 1, 3, 10, 30; or 1, 2, 5, 10
+        decades = range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+        for steps in ((1,), (1, 3), (1, 2, 5)):
+            ticks = [m * 10.0**e for e in decades for m in steps if lo <= m * 10.0**e <= hi]
+            if len(ticks) >= least:
+                return ticks
+    spread = lo * (hi / lo) ** np.linspace(0.1, 0.9, least)  # inside the limits, evenly on the log scale
+    for digits in range(1, 7):  # as round as they can be while distinct and inside
+        ticks = sorted({float(f"{v:.{digits}g}") for v in spread})
+        if len(ticks) == least and lo <= ticks[0] and ticks[-1] <= hi:
+            return ticks
+    return [float(v) for v in spread]
+
+
+def _plain_number(value: float, _pos=None) -> str:
+    """4.5 -> '4.5', 20 -> '20', 20000 -> '20k' (short enough for a panel a quarter of the text wide)."""
+    return f"{value / 1e3:g}k" if value >= 1e4 else f"{value:g}"
 
 
 def plot_shard_stats(labels, shards, num_classes: int | None = None, title: str | None = None) -> Figure:
@@ -147,16 +224,17 @@ def plot_curves(
     width, height = panel_size
     fig = Figure(figsize=(width * len(metrics) + (1.4 if hue else 0), height), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(metrics), squeeze=False)[0])
+    palette = palette_for(hue_order or list(pd.unique(df[hue].dropna()))) if hue in df else None  # same in every panel
     for i, (ax, metric) in enumerate(zip(axes, metrics)):
         data = df.dropna(subset=[metric]) if metric in df else df.iloc[:0]
         if data.empty:
             ax.text(0.5, 0.5, f"{metric}: not run yet", ha="center", va="center", transform=ax.transAxes)
         else:
             sns.lineplot(data=data, x=x, y=metric, hue=hue, hue_order=hue_order, errorbar="sd", marker="o",
-                         markersize=3, ax=ax, palette="colorblind" if hue else None,
+                         markersize=3, ax=ax, palette=palette if hue else None,
                          legend=bool(hue) and i == len(metrics) - 1)  # fmt: skip
         if reference and metric in reference:
-            ax.axhline(reference[metric], ls="--", color="grey", label=reference_label)
+            ax.axhline(reference[metric], ls="--", color=REFERENCE_COLOUR, label=reference_label)
         if x in df and pd.api.types.is_integer_dtype(df[x]):  # epochs, rounds: no fractional ticks
             integer_ticks(ax)
         ax.set_xlabel(labels.get(x, x))
@@ -252,7 +330,7 @@ def plot_facets(
     fig = Figure(figsize=(4.2 * max(1, len(panels)) + 1.2, 3.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, max(1, len(panels)), sharey=True, squeeze=False)[0])
     hue_order = list(pd.unique(data[hue])) if hue and not data.empty else None
-    palette = dict(zip(hue_order, sns.color_palette("colorblind", len(hue_order)))) if hue_order else None
+    palette = palette_for(hue_order) if hue_order else None
     parts = [data[data[col] == value] for value in panels] if panels else [data]
     with_data = [i for i, part in enumerate(parts) if not part.empty]
     for i, (ax, part) in enumerate(zip(axes, parts)):
@@ -273,7 +351,7 @@ def plot_facets(
                 legend=bool(hue) and i == with_data[-1],
             )
         if reference is not None:
-            ax.axhline(reference, ls="--", color="grey", label="reference")
+            ax.axhline(reference, ls="--", color=REFERENCE_COLOUR, label="reference")
         ax.set_title(f"{col} = {panels[i]}" if panels else metric)
         if x in df and pd.api.types.is_integer_dtype(df[x]):  # rounds, steps: no fractional ticks
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))

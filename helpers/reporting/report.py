@@ -16,6 +16,7 @@ import pandas as pd
 
 from helpers.core.params import STEP_COLUMNS
 from helpers.core.settings import PROFILES
+from helpers.reporting import pdf as latex
 from helpers.reporting.figures import (  # noqa: F401  (re-exported: the notebook and tests use helpers.reporting.report)
     FIGURES,
     LABELS,
@@ -108,17 +109,43 @@ def explorer(df: pd.DataFrame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m helpers.report --profile smoke`: write the report's figures and tables (exit 2 on bad input)."""
+    """`python -m helpers.report --profile smoke [--pdf]`: the report's figures and tables from results/<profile>/,
+    then with --pdf the PDF (exit 1 when LaTeX fails, with its errors; 2 on bad input)."""
     parser = argparse.ArgumentParser(prog="python -m helpers.report", description=main.__doc__)
     parser.add_argument("--profile", choices=PROFILES, required=True, help="whose results/<profile>/ to show")
     parser.add_argument("--results-root", default=None, help="default: $FLME_RESULTS_ROOT, else results/")
+    parser.add_argument("--pdf", action="store_true", help="then build report/main-<profile>.pdf with latexmk "
+                        "(its output goes to report/main-<profile>.latexmk.log, shown only when it fails)")  # fmt: skip
     args = parser.parse_args(argv)
     df = load_results(args.profile, args.results_root)
-    runs = df.groupby("source")["run_id"].nunique().to_dict() if not df.empty else {}
-    print(f"profile={args.profile}: runs per results file {runs or '(none: every figure is a placeholder)'}")
-    for path in write_report_inputs(args.profile, args.results_root):
-        print(path)
+    print(inputs_summary(df, args.profile, write_report_inputs(args.profile, args.results_root)), flush=True)
+    if args.pdf:
+        try:
+            pdf = latex.build_pdf(args.profile)
+        except latex.LatexError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        pages = latex.page_count(pdf)
+        print(f"report: {shown(pdf)}" + (f" ({pages} pages)" if pages else ""))
     return 0
+
+
+def inputs_summary(df: pd.DataFrame, profile: str, paths: list[Path]) -> str:
+    """One line: which results the report's inputs come from and where they went."""
+    tables = [p for p in paths if p.suffix == ".tex" and p.name != "profile.tex"]
+    written = f"{len(tables)} tables in {shown(tables[0].parent)}/, {len(FIGURES)} figures in {shown(paths[-1])}/"
+    if df.empty:
+        return f"profile={profile}: no results found, every figure and table is a placeholder; {written}"
+    files, runs = df["source"].nunique(), df["run_id"].nunique()  # a run in two files (step 0) counts once
+    return f"profile={profile}: {files} results files ({runs} runs) -> {written}"
+
+
+def shown(path: Path) -> str:
+    """`path` relative to the working folder where it lies inside it (shorter to read), else as it is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@ A runner supplies only what differs: its step function (one epoch, one round) an
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from collections.abc import Callable, Mapping
+from numbers import Real
 from pathlib import Path
 from typing import Protocol
 
@@ -103,8 +106,9 @@ def resumable_loop(
 
     Checkpoints hold model, `extra` states (by their keys), `unit` (steps done), metrics, elapsed, scaler and the
     precision trained in; metrics.csv is rewritten after every step; done.json gets the last row and the precision.
-    `show`: row keys on the progress bar. The run's lease is released at the end, or when the loop stops early
-    (another session may resume it at once).
+    `progress`: a tqdm bar where it can redraw (a notebook, a terminal), else one line per step on stderr (a log, a
+    pipe) naming the `show` row keys. The run's lease is released at the end, or when the loop stops early (another
+    session may resume it at once).
     """
     try:
         return _loop(run, model, step_fn, unit=unit, extra=extra or {}, scaler=scaler, show=show, progress=progress)
@@ -130,7 +134,8 @@ def _loop(run, model, step_fn, *, unit, extra, scaler, show, progress) -> Run:
     announce_start(run, state)
     write_metrics(run, rows)  # drops rows written after the checkpoint we resume from
     clock = CheckpointClock(run.config["checkpoint_every"], run.config["checkpoint_minutes"])
-    bar = tqdm(range(start, total), desc=f"{run.experiment} {run.id}", disable=not progress, leave=False)
+    drawn = progress and interactive()
+    bar = tqdm(range(start, total), desc=f"{run.experiment} {run.id}", disable=not drawn, leave=False)
     for step in bar:
         t0 = time.perf_counter()
         try:
@@ -141,6 +146,8 @@ def _loop(run, model, step_fn, *, unit, extra, scaler, show, progress) -> Run:
         row["elapsed_s"] = round(elapsed, 3)
         rows.append(row)
         bar.set_postfix({k: round(row[k], 4) for k in show if k in row})
+        if progress and not drawn:
+            print(step_line(run, unit, step + 1, total, row, show), file=sys.stderr, flush=True)
         if clock.due(step + 1, final=step + 1 == total):
             state = {"model": model.state_dict(), **{k: obj.state_dict() for k, obj in extra.items()}}
             state.update({unit: step + 1, "metrics": rows, "elapsed": elapsed})
@@ -148,6 +155,20 @@ def _loop(run, model, step_fn, *, unit, extra, scaler, show, progress) -> Run:
         write_metrics(run, rows)
     mark_done(run, {**rows[-1], "run_id": run.id, "precision": precision})
     return run
+
+
+def interactive() -> bool:
+    """Whether a progress bar can redraw in place: in a notebook's kernel (tqdm.auto draws a widget, as in Colab) or
+    on a terminal. Elsewhere (a log file, a pipe) a bar would leave a line of carriage returns."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return (shell is not None and "IPKernelApp" in shell.config) or sys.stderr.isatty()
+
+
+def step_line(run: Run, unit: str, done: int, total: int, row: dict, show: tuple[str, ...]) -> str:
+    """E.g. '[round 3/10] fedavg 3f2a1b2c3d4e: train_loss=2.31 val_acc=0.0425 (8.4 s)'."""
+    values = [f"{k}={row[k]:.4g}" for k in show if isinstance(row.get(k), Real) and math.isfinite(row[k])]
+    return f"[{unit} {done}/{total}] {run.experiment} {run.id}: {' '.join(values)} ({row['elapsed_s']:.1f} s)"
 
 
 def check_precision(run: Run, state: dict, precision: str, unit: str) -> None:
