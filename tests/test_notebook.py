@@ -1,7 +1,6 @@
 """The first hour: notebook parameters checked by name and value, non-study results kept apart, resume lines."""
 
 import os
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +11,7 @@ from helpers.config.experiments import EXPERIMENTS, PARAMS, make_config, profile
 from helpers.federated.rounds import run_fedavg
 from helpers.ops.notebook import assigned_names, check_parameters, declared_parameters, plan_progress
 from helpers.ops.pipeline import check_pipeline_parameters, notebook_paths, run_pipeline
-from helpers.training.runs import write_results
+from helpers.training.runs import checkpoint_files, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = [p.stem for p in notebook_paths()]
@@ -111,7 +110,7 @@ def test_resume_and_skip_lines_and_the_notebook_count(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"[skip] fedavg {run.id} (K=10 C=0.1 J=4 iid, lr=0.05, seed 0): done"
     # interrupted after round 1: the previous checkpoint is the newest, no done marker
     (run.dir / "done.json").unlink()
-    shutil.move(run.dir / "checkpoint.prev.pt", run.dir / "checkpoint.pt")
+    checkpoint_files(run.dir)[0].unlink()
     assert "1 resumes from a checkpoint" in plan_progress(plan, root)
     run_fedavg(done, run_root=root, progress=False)
     assert (

@@ -3,7 +3,7 @@ choice, the engines, the cost estimate and the report read it. A new algorithm: 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from helpers.algorithms.fedavg import DEFAULT_ALGORITHM, FedAvg
@@ -38,10 +38,13 @@ def keep_own_parameters(config: dict, given: Mapping) -> None:
         del config[name]
 
 
-def make_algorithm(config: Mapping, folder: str | Path | None = None) -> FedAvg:
-    """The config's algorithm; `folder` (a run folder) keeps per-client state on disk (SCAFFOLD's c_i)."""
+def make_algorithm(
+    config: Mapping, folder: str | Path | None = None, guard: Callable[[], None] | None = None
+) -> FedAvg:
+    """The config's algorithm; `folder` (a run folder) keeps per-client state on disk (SCAFFOLD's c_i), written after
+    `guard()` (the run's lease check) like the folder's other files."""
     cls = ALGORITHMS[algorithm_name(config)]
     if cls is Scaffold:
-        store = ControlVariates(Path(folder) / "control_variates" if folder is not None else None)
+        store = ControlVariates(Path(folder) / "control_variates" if folder is not None else None, guard)
         return Scaffold(config, store)
     return cls(config)

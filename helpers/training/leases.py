@@ -20,8 +20,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from helpers.core.storage import OPS, StorageError, atomic_write, read_bytes, retried
-from helpers.training.runs import DRIVE_ROOT, Run, describe
+from helpers.core.storage import StorageError, atomic_write, exists, read_bytes, remove_file
+from helpers.training.runs import DONE, DRIVE_ROOT, Run, describe
 
 LEASE_FILE = "lease.json"
 STALE_ENV, LEASE_STALE_S = "FLME_LEASE_STALE_S", 1800.0  # longer than any one step of the full study on a T4
@@ -98,7 +98,7 @@ def pid_alive(pid: int) -> bool:
 def read_lease(folder: Path) -> LeaseInfo | None:
     """The lease in a run folder; None if there is none (or it is unreadable: a lease is never half written)."""
     path = Path(folder) / LEASE_FILE
-    if not path.exists():
+    if not exists(path):
         return None
     try:
         return LeaseInfo(**json.loads(read_bytes(path)))
@@ -111,6 +111,10 @@ class Lease:
 
     def __init__(self, folder: Path, info: LeaseInfo):
         self.folder, self.info, self.beat_at = Path(folder), info, time.monotonic()
+
+    @property
+    def token(self) -> str:
+        return self.info.token
 
     @classmethod
     def acquire(cls, folder: Path) -> tuple[Lease | None, LeaseInfo | None]:
@@ -130,7 +134,7 @@ class Lease:
     def check(self) -> None:
         """Raise LeaseLost unless the folder's lease still carries this session's token and no done.json
         appeared; refresh the heartbeat when due. Called before every write into the run folder."""
-        if (self.folder / "done.json").exists():
+        if exists(self.folder / DONE):
             raise LeaseLost(f"{self.folder} was finished by another session; this session stops and writes nothing")
         try:
             stored = LeaseInfo(**json.loads(read_bytes(self.folder / LEASE_FILE)))
@@ -152,7 +156,7 @@ class Lease:
         """Delete the lease if it is still this session's (another session may take the run at once)."""
         current = read_lease(self.folder)
         if current is not None and current.token == self.info.token:
-            retried(f"removing {self.folder / LEASE_FILE}", lambda: OPS.remove(self.folder / LEASE_FILE))
+            remove_file(self.folder / LEASE_FILE)
 
 
 def claim(run: Run) -> bool:

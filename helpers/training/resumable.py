@@ -102,7 +102,8 @@ def resumable_loop(
     """Run step_fn(0-based step) -> metrics row for the config's `{unit}s` steps, resuming from the checkpoint.
 
     Checkpoints hold model, `extra` states (by their keys), `unit` (steps done), metrics, elapsed, scaler and the
-    precision trained in; metrics.csv is rewritten after every step; done.json gets the last row and the precision.
+    precision trained in; the metrics file is rewritten after every step; done.json gets the last row and the precision
+    (and names those files: helpers.training.runs).
     `show`: row keys on the progress bar. The run's lease is released at the end, or when the loop stops early
     (another session may resume it at once).
     """
