@@ -1,6 +1,7 @@
 """Fencing on an eventually consistent store: a session that lost its run but still sees an old view of the folder
-(its own lease, no done.json) writes late and changes nothing; SCAFFOLD's c_i files go through the lease check and
-the retries; runs from before files were named by their session still resume and read."""
+(its own lease, no done.json) writes late and changes nothing; its heartbeat never replaces the lease of the session
+that took over; SCAFFOLD's c_i files go through the lease check and the retries; runs from before files were named
+by their session still resume and read."""
 
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ import helpers.core.storage as storage
 from helpers.config.experiments import make_config
 from helpers.federated import rounds as fedavg
 from helpers.federated.rounds import sample_clients
-from helpers.training.leases import LEASE_FILE, LeaseInfo, LeaseLost
+from helpers.training.leases import LEASE_FILE, LeaseInfo, LeaseLost, claim, lease_state, read_lease
 from helpers.training.runs import (
     DONE,
     Run,
     checkpoint_files,
     load_checkpoint,
     metrics_file,
+    open_run,
     run_id,
     tidy_results,
 )
@@ -126,6 +128,40 @@ def test_a_lost_sessions_late_writes_change_nothing(lost_session, tmp_path, refe
     assert state["round"] == 4 and all(torch.equal(state["model"][n], t) for n, t in want["model"].items())
     table = tidy_results([run])
     pd.testing.assert_frame_equal(table.drop(columns="elapsed_s"), tidy_results([reference]).drop(columns="elapsed_s"))
+
+
+def test_a_heartbeat_never_replaces_the_lease_of_the_session_that_took_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "OPS", storage.FileOps())
+    lost = open_run("fedavg", config(), tmp_path)
+    assert claim(lost)
+    view = StaleView(lost.dir)
+    with AnotherMachine():
+        rightful = open_run("fedavg", config(), tmp_path)
+        assert claim(rightful)
+    storage.OPS = view
+    lost.claim.beat_at = -1e9  # a heartbeat is due
+    lost.claim.check()  # its stale view shows its own token: it goes on, and beats
+    storage.OPS = storage.FileOps()
+    assert (lost.dir / f"heartbeat-{lost.claim.token}.json").exists()
+    assert read_lease(lost.dir).token == rightful.claim.token
+    rightful.claim.check()  # still the holder
+    with pytest.raises(LeaseLost, match="colab-b"):  # the lost session stops once its view catches up
+        lost.claim.check()
+
+
+def test_a_lease_is_stale_after_this_machine_saw_it_unchanged_whatever_the_holders_clock(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLME_LEASE_STALE_S", "0.5")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    ahead = time.time() + 3600  # the holder's clock is an hour fast: by its heartbeat, fresh for an hour
+    (folder / LEASE_FILE).write_text(json.dumps(LeaseInfo("alice", "colab-a", 7, "tok", ahead, ahead).__dict__))
+    assert lease_state(folder)[0] == "running"
+    time.sleep(0.6)
+    assert lease_state(folder)[0] == "stale"
+    (folder / "heartbeat-tok.json").write_text(json.dumps({"heartbeat": ahead, "beats": 1, "released": False}))
+    assert lease_state(folder)[0] == "running"  # it beat: seen changing
+    (folder / "heartbeat-tok.json").write_text(json.dumps({"heartbeat": ahead, "beats": 2, "released": True}))
+    assert lease_state(folder) == ("free", None)  # released: another session may take it at once
 
 
 def test_control_variates_are_written_under_the_lease(tmp_path, monkeypatch):

@@ -265,18 +265,29 @@ def test_status_and_work_on_the_smoke_profile(tmp_path, capsys):
     assert table[["state", "holder"]].values.tolist() == [["done", ""]]
 
 
-def test_status_names_the_holder_of_a_running_and_a_stale_run(tmp_path):
+def test_status_names_the_holder_of_a_running_and_a_stale_run(tmp_path, monkeypatch):
+    """Stale is judged by this machine's clock: a lease whose heartbeat claims to be hours old (the holder's clock
+    is off) runs until this machine has seen it unchanged for the stale time, and a heartbeat resets that."""
+    monkeypatch.setenv("FLME_LEASE_STALE_S", "1")
     planned = study_plan("smoke", ["02"])[0]
     folder = tmp_path / planned.experiment / planned.id
     folder.mkdir(parents=True)
-    now = time.time()
-    for age, state in ((5.0, "running"), (10_000.0, "stale")):
-        info = LeaseInfo("alice@colab-a", "colab-a", 7, "tok", now - age, now - age)
-        (folder / LEASE_FILE).write_text(json.dumps(info.__dict__))
+    hours_ago = time.time() - 10_000
+    info = LeaseInfo("alice@colab-a", "colab-a", 7, "tok", hours_ago, hours_ago)
+    (folder / LEASE_FILE).write_text(json.dumps(info.__dict__))
+
+    def state() -> str:
         status = run_status(planned.experiment, planned.config, tmp_path)
-        assert status["state"] == state and "alice@colab-a" in status["holder"]
+        assert "alice@colab-a" in status["holder"]
         held = study_status("smoke", tmp_path, ["02"])["total"]["held"]
-        assert [h["state"] for h in held] == [state]
+        assert [h["state"] for h in held] == [status["state"]]
+        return status["state"]
+
+    assert state() == "running"  # first seen now, whatever its heartbeat says
+    time.sleep(1.1)
+    assert state() == "stale"
+    (folder / "heartbeat-tok.json").write_text(json.dumps({"heartbeat": hours_ago, "beats": 1}))  # it beat
+    assert state() == "running"
 
 
 @pytest.mark.parametrize(
