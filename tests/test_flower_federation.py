@@ -191,9 +191,10 @@ def test_sparse_fedavg_on_a_secure_federation_whose_server_holds_no_training_dat
 def test_a_node_that_trusts_another_ca_or_skips_tls_cannot_connect(federation, tmp_path):
     """Node 0's registered key, but the wrong trust: the TLS handshake fails (another CA) or the SuperLink, which
     speaks only TLS, drops the connection (no TLS); either node gives up and exits without joining."""
-    other = make_credentials(tmp_path / "other", ["localhost", "127.0.0.1"], nodes=1)[0].parent
+    other = tmp_path / "other"
+    make_credentials(other, ["localhost", "127.0.0.1"], nodes=1)
     wrong_ca = supernode_command(other, 0, 2, federation.address)
-    wrong_ca[wrong_ca.index("--auth-supernode-private-key") + 1] = str(federation.creds / "node-0.key")
+    wrong_ca[wrong_ca.index("--auth-supernode-private-key") + 1] = str(federation.creds / "nodes" / "node-0.key")
     procs = {"other-ca": federation.start_intruder("other-ca", wrong_ca),
              "no-tls": federation.start_intruder("no-tls", supernode_command(other, 0, 2, federation.address,
                                                                               insecure=True))}  # fmt: skip
