@@ -197,3 +197,39 @@ def test_cli_results_says_when_it_replaces_a_file(tmp_path, capsys, monkeypatch)
     assert "replaced" not in capsys.readouterr().err
     assert main([*argv, "--set", "lr=0.2"]) == 0
     assert "demo.csv (replaced: it now holds this run's rows only)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        ("/tmp/elsewhere", "must name a file under results/smoke/"),
+        ("../../x", "without an absolute path or '..'"),
+        ("custom/../../x", "'..'"),
+        ("", "must name a file"),
+        ("linked/x", "outside"),
+        ("dangling", "outside"),
+    ],
+)
+def test_cli_results_names_a_file_under_results_of_the_profile_only(name, says, tmp_path, capsys, monkeypatch):
+    from helpers.ops.cli import main
+
+    results = tmp_path / "results" / "smoke"
+    (results / "custom").mkdir(parents=True)
+    (results / "linked").symlink_to(tmp_path, target_is_directory=True)  # a folder link leading out
+    (results / "dangling.csv").symlink_to(tmp_path / "outside.csv")  # a file link to a file not there yet
+    monkeypatch.setenv("FLME_RESULTS_ROOT", str(tmp_path / "results"))
+    argv = ["run", "centralized", "--run-root", str(tmp_path / "runs"), "--set", "epochs=1", "--results", name]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --results {name!r} is invalid") and says in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "outside.csv").exists()  # before any run folder
+
+
+def test_cli_results_may_name_a_subfolder(tmp_path, capsys, monkeypatch):
+    from helpers.ops.cli import main
+
+    monkeypatch.setenv("FLME_RESULTS_ROOT", str(tmp_path / "results"))
+    argv = ["run", "centralized", "--run-root", str(tmp_path / "runs"), "--results", "mine/demo",
+            "--set", "synthetic_train_size=400", "--set", "epochs=1", "--set", "device=cpu"]  # fmt: skip
+    assert main(argv) == 0
+    assert len(pd.read_csv(tmp_path / "results" / "smoke" / "mine" / "demo.csv")) == 1

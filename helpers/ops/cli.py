@@ -1,6 +1,7 @@
 """Command line: `python -m helpers run EXPERIMENT --profile smoke --set lr=0.01`, `python -m helpers flower`,
 `python -m helpers pipeline`, and for a team of sessions on one run root `python -m helpers status` and `work`.
-Exit codes: 0 done, 2 bad input (or environment), 3 the run is held by another session (try later)."""
+Exit codes: 0 done, 1 a file could not be read or written, 2 bad input (or environment), 3 the run is held by another
+session (try later)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,24 @@ def _hours(text: str) -> float:
     if not hours > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be a number of hours > 0, e.g. 3 or 0.5")
     return hours
+
+
+def check_results(name: str | None, profile: str) -> None:
+    """--results NAME names results/<profile>/NAME.csv (subfolders allowed), nothing outside: not absolute, no '..',
+    no symbolic link leading out; else ValueError naming --results (before any run folder is made)."""
+    if name is None:
+        return
+    from helpers.training.runs import default_results_root
+
+    parts = Path(name).parts
+    if not name.strip() or "\0" in name or Path(name).is_absolute() or any(p in ("..", ".") for p in parts):
+        raise ValueError(f"--results {name!r} is invalid: must name a file under results/{profile}/ (e.g. mine or "
+                         "custom/mine), without an absolute path or '..'")  # fmt: skip
+    folder = (default_results_root() / profile).resolve()
+    target = (folder / f"{name}.csv").resolve()  # follows links, dangling ones too
+    if folder not in target.parents:
+        raise ValueError(f"--results {name!r} is invalid: results/{profile}/{name}.csv leads to {target}, outside "
+                         f"{folder} (a symbolic link)")  # fmt: skip
 
 
 def secure_script(args: argparse.Namespace, command: list[str], num_nodes: int) -> str:
@@ -90,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--profile", choices=PROFILES, default=None, help="default: $FLME_PROFILE or smoke")
         p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a parameter")
         p.add_argument("--run-root", default=None, help="default: $FLME_RUN_ROOT, Drive in Colab, else ./runs")
-        p.add_argument("--results", default=None, metavar="NAME", help="also write results/<profile>/NAME.csv")
+        p.add_argument("--results", default=None, metavar="NAME",
+                       help="also write results/<profile>/NAME.csv (subfolders allowed, nothing outside)")  # fmt: skip
     pipe = sub.add_parser("pipeline", help="execute the notebooks with papermill",
                           formatter_class=argparse.RawDescriptionHelpFormatter,
                           epilog="notebook parameters (-p NAME VALUE) and their defaults; PROFILE comes from "
@@ -128,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "flower":
                 sets["engine"] = "flower"
             config = make_config(args.experiment, args.profile, **sets)
+            check_results(args.results, config["profile"])
             if args.command == "flower" and args.print_flwr_run:
                 from helpers.flower.app import flwr_run_command
                 from helpers.training.runs import default_run_root
@@ -155,8 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     except LeaseLost as exc:  # another session took the run over: it goes on there
         print(f"stopped: {exc}", file=sys.stderr)
         return HELD
+    except OSError as exc:  # a file (a Drive folder, a results CSV) could not be read or written, retries included
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     # the user's input or environment (ImportError: Flower not installed): one line, no traceback
-    except (ValueError, OSError, RuntimeError, ImportError) as exc:
+    except (ValueError, RuntimeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
