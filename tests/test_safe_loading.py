@@ -152,6 +152,7 @@ def test_a_planted_control_variate_is_an_error_naming_it(tmp_path, monkeypatch):
 def test_a_planted_feature_cache_is_recomputed(tmp_path):
     config = make_config("centralized", "smoke", **SMALL)
     data, model = load_data(config, CPU), build_seeded_model(config, CPU)
+    caches.FEATURES.clear()  # another test of this process may hold these features in memory: no file then
     good = features.split_features(model, data, "test", config, tmp_path)
     (path,) = (tmp_path / "features").glob("test-*.pt")
     marker = tmp_path / "marker"
