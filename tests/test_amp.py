@@ -21,11 +21,12 @@ import helpers.federated.clients as fed_clients
 from helpers.config.experiments import make_config
 from helpers.core.models import build_model
 from helpers.core.precision import amp_dtype, make_scaler, resolve_amp, use_deterministic
+from helpers.core.torchfiles import load_torch
 from helpers.data.datasets import make_synthetic, step_batches
 from helpers.ops.runners import runner
 from helpers.sparse.sgdm import SparseSGDM
 from helpers.training.loop import train_steps
-from helpers.training.runs import load_checkpoint, run_id
+from helpers.training.runs import checkpoint_files, load_checkpoint, metrics_file, run_id
 
 REPO = Path(__file__).resolve().parent.parent
 FEDERATED = dict(num_clients=10, participation=0.3, local_steps=2, rounds=4)
@@ -66,8 +67,8 @@ def cli(job: str, root: Path, kill: bool) -> subprocess.CompletedProcess:
 def finished(root: Path, job: str) -> tuple[pd.DataFrame, dict, dict]:
     """(metrics without wall-clock, final checkpoint, done.json) of the one run under root."""
     folder = next((root / job).iterdir())
-    metrics = pd.read_csv(folder / "metrics.csv", dtype={"clients": str}).drop(columns="elapsed_s")
-    state = torch.load(folder / "checkpoint.pt", weights_only=False)
+    metrics = pd.read_csv(metrics_file(folder), dtype={"clients": str}).drop(columns="elapsed_s")
+    state = load_torch(checkpoint_files(folder)[0])
     return metrics, state, json.loads((folder / "done.json").read_text())
 
 
@@ -216,17 +217,21 @@ def test_amp_auto_keeps_run_ids_and_explicit_fp32_equals_it_on_cpu(tmp_path):
 
 def test_resume_under_another_precision_is_refused(tmp_path):
     """A checkpoint trained in fp16 (amp=auto on a T4) cannot be resumed where auto gives fp32: the error names amp
-    and both precisions. A checkpoint from before precision was recorded resumes."""
+    and both precisions. A checkpoint from before precision was recorded resumes (as checkpoint.pt: a run from before
+    checkpoints were named by their session)."""
     config = make_config("fedavg", "smoke", **SMALL, **{**FEDERATED, "rounds": 2}, checkpoint_every=1)
     run = runner("fedavg")(config, run_root=tmp_path, progress=False)
     state = load_checkpoint(run)
     (run.dir / "done.json").unlink()
+    for path in checkpoint_files(run.dir):
+        path.unlink()
     torch.save({**state, "round": 1, "precision": "fp16"}, run.dir / "checkpoint.pt")
     with pytest.raises(RuntimeError, match=r"trained in fp16 up to round 1, but amp='auto' gives fp32") as err:
         runner("fedavg")(config, run_root=tmp_path, progress=False)
     assert str(run.dir) in str(err.value)
     del state["precision"]
     torch.save({**state, "round": 1}, run.dir / "checkpoint.pt")
+    assert checkpoint_files(run.dir) == [run.dir / "checkpoint.pt"]  # the refused run wrote no checkpoint
     assert runner("fedavg")(config, run_root=tmp_path, progress=False).summary()["precision"] == "fp32"
 
 

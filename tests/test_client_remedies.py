@@ -13,13 +13,14 @@ from smallrun import CPU, SMALL, fresh_model, small_config
 from helpers.algorithms import scaffold
 from helpers.algorithms.registry import make_algorithm
 from helpers.config.experiments import make_config
+from helpers.core.torchfiles import load_torch
 from helpers.data.datasets import augment_batch, augment_generator, load_data, step_batches
 from helpers.editing.sparse_runs import run_sparse_fedavg
 from helpers.federated import clients as fed_clients
 from helpers.federated import rounds
 from helpers.federated.stragglers import local_steps
 from helpers.sparse.masks import Masks
-from helpers.training.runs import load_checkpoint
+from helpers.training.runs import checkpoint_files, load_checkpoint
 
 
 def client_batches(config, shard, rnd, client):
@@ -203,7 +204,7 @@ def test_sparse_scaffold_killed_mid_round_resumes_to_identical_metrics(tmp_path,
         run_sparse_fedavg(config, run_root=tmp_path / "killed", progress=False)
     monkeypatch.undo()
     (run_dir,) = (tmp_path / "killed").glob("sparse_fedavg/*")
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["round"] == 2  # resumes two rounds back
+    assert load_torch(checkpoint_files(run_dir)[0])["round"] == 2  # resumes two rounds back
     assert len(list(run_dir.glob("control_variates/*.pt"))) >= 3  # the killed run's c_i versions, on disk
     resumed = run_sparse_fedavg(config, run_root=tmp_path / "killed", progress=False)
     frames = [r.metrics().drop(columns="elapsed_s") for r in (resumed, clean)]

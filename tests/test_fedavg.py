@@ -26,7 +26,7 @@ from helpers.federated import rounds
 from helpers.sparse.masks import Masks
 from helpers.training import resumable
 from helpers.training.loop import NonFiniteLossError, train_steps
-from helpers.training.runs import Run, load_checkpoint
+from helpers.training.runs import Run, load_checkpoint, metrics_file
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -292,9 +292,9 @@ def test_killed_cli_run_resumes_bit_identically(tmp_path):
     proc = cli(*args, root=killed)
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        metrics = list(killed.glob("fedavg/*/metrics.csv"))
+        metrics = list(killed.glob("fedavg/*/metrics-*.csv"))
         rounds = len(metrics[0].read_text().splitlines()) - 1 if metrics else 0
-        if rounds >= 2 and list(killed.glob("fedavg/*/checkpoint.pt")):
+        if rounds >= 2 and list(killed.glob("fedavg/*/checkpoint-*.pt")):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.005)
@@ -309,14 +309,14 @@ def test_killed_cli_run_resumes_bit_identically(tmp_path):
         assert proc.returncode == 0, err
     (clean_dir,) = clean.glob("fedavg/*")
     assert clean_dir.name == run_dir.name
-    final, want = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (run_dir, clean_dir))
+    final, want = (load_checkpoint(Run("fedavg", {}, d.name, d)) for d in (run_dir, clean_dir))
     assert final["round"] == want["round"] == 20
     for name, tensor in want["model"].items():
         assert torch.equal(final["model"][name], tensor), name
-    got, ref = (pd.read_csv(d / "metrics.csv").drop(columns="elapsed_s") for d in (run_dir, clean_dir))
+    got, ref = (pd.read_csv(metrics_file(d)).drop(columns="elapsed_s") for d in (run_dir, clean_dir))
     pd.testing.assert_frame_equal(got, ref, check_exact=True)
     # The rows before the kill come from the checkpoint (their timings kept): it resumed, not restarted.
-    resumed = pd.read_csv(run_dir / "metrics.csv")["elapsed_s"].tolist()
+    resumed = pd.read_csv(metrics_file(run_dir))["elapsed_s"].tolist()
     assert resumed[: saved["round"]] == [row["elapsed_s"] for row in saved["metrics"]]
 
 

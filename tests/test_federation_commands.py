@@ -38,15 +38,18 @@ def test_the_printed_federation_is_secure_end_to_end(capsys, tmp_path):
         ("--ssl-certfile", "superlink.crt"),
         ("--ssl-keyfile", "superlink.key"),
     ]:
-        assert link[link.index(flag) + 1] == str(creds / name)
+        assert link[link.index(flag) + 1] == str(creds / "superlink" / name)  # its own folder: no CA key in it
     node = command(lines, "flower-supernode")
-    assert node[node.index("--root-certificates") + 1] == str(creds / "ca.crt")
-    assert node[node.index("--auth-supernode-private-key") + 1] == str(creds / "node-0.key")
+    assert node[node.index("--root-certificates") + 1] == str(creds / "nodes" / "ca.crt")
+    assert node[node.index("--auth-supernode-private-key") + 1] == str(creds / "nodes" / "node-0.key")
     assert node[node.index("--superlink") + 1] == "server.lab:9000"
     assert node[node.index("--node-config") + 1] == "partition-id=0 num-partitions=3"
     (register,) = [x for x in lines if "flwr supernode register" in x]
-    assert register == f"for k in $(seq 0 2); do flwr supernode register {creds}/node-$k.pub fed; done"
-    assert f'#   root-certificates = "{creds / "ca.crt"}"' in lines and '#   address = "server.lab:9000"' in lines
+    assert register == f"for k in $(seq 0 2); do flwr supernode register {creds}/nodes/node-$k.pub fed; done"
+    assert (
+        f'#   root-certificates = "{creds / "ca" / "ca.crt"}"' in lines and '#   address = "server.lab:9000"' in lines
+    )
+    assert any("--node-key DIR" in x for x in lines if x.startswith("#"))  # a node may make its own key pair
     run = command(lines, "flwr")
     assert run[:4] == ["flwr", "run", run[2], "fed"] and Path(run[2], "pyproject.toml").is_file()
     order = [i for i, x in enumerate(lines) if not x.startswith("#")]  # credentials, link, register, node, run

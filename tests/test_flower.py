@@ -27,6 +27,7 @@ pytest.importorskip("ray")
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict  # noqa: E402
 
 from helpers.config.experiments import make_config  # noqa: E402
+from helpers.core.torchfiles import load_torch  # noqa: E402
 from helpers.data.datasets import NO_TRAIN_DATA_ENV  # noqa: E402
 from helpers.editing.calibration import load_masks  # noqa: E402
 from helpers.editing.sparse_runs import run_sparse_fedavg  # noqa: E402
@@ -39,7 +40,7 @@ from helpers.flower.replies import FAULT_ENV  # noqa: E402
 from helpers.flower.server import reply_content  # noqa: E402
 from helpers.ops.cli import main  # noqa: E402
 from helpers.training.loop import NonFiniteLossError  # noqa: E402
-from helpers.training.runs import Run, load_checkpoint, open_run, run_id  # noqa: E402
+from helpers.training.runs import Run, checkpoint_files, load_checkpoint, metrics_file, open_run, run_id  # noqa: E402
 
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", rounds=3, server_lr=0.7)
 IID = dict(num_clients=10, participation=0.3, sharding="iid")
@@ -73,10 +74,11 @@ def max_weight_diff(a: Run, b: Run) -> float:
 
 
 def layout(root: Path, run: Run) -> set[str]:
-    """Every file of the root's run folders, the run's own id replaced (a step-0 head run keeps its id).
-    The feature cache is left out: a process keeps features in memory and writes them once."""
+    """Every file of the root's run folders, the run's own id and the writing sessions' lease tokens replaced (a
+    step-0 head run keeps its id). The feature cache is left out: a process keeps features in memory and writes them
+    once."""
     files = [p for folder in ("fedavg", "sparse_fedavg") for p in (root / folder).rglob("*") if p.is_file()]
-    return {str(p.relative_to(root)).replace(run.id, "RUN") for p in files}
+    return {re.sub(r"-[0-9a-f]{16}\b", "-TOKEN", str(p.relative_to(root)).replace(run.id, "RUN")) for p in files}
 
 
 def summary(run: Run) -> dict:
@@ -180,8 +182,8 @@ def test_a_failing_client_is_named_and_the_cli_rerun_resumes(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match=rf"^round 2, client {victim}: RuntimeError: fault injected by {FAULT_ENV}"):
         run_flower(config, run_root=tmp_path / "flower", progress=False)
     (run_dir,) = (tmp_path / "flower" / "fedavg").iterdir()
-    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    assert saved["round"] == 1 and len(pd.read_csv(run_dir / "metrics.csv")) == 1  # round 1 is kept
+    saved = load_torch(checkpoint_files(run_dir)[0])
+    assert saved["round"] == 1 and len(pd.read_csv(metrics_file(run_dir))) == 1  # round 1 is kept
     assert not (run_dir / "done.json").exists()
 
     monkeypatch.delenv(FAULT_ENV)

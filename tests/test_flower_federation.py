@@ -33,13 +33,19 @@ from helpers.flower import app as flower  # noqa: E402
 from helpers.flower.credentials import make_credentials  # noqa: E402
 from helpers.flower.federation import connection_toml, register_command, superlink_command, supernode_command  # noqa: E402
 from helpers.training.resumable import build_seeded_model  # noqa: E402
-from helpers.training.runs import load_checkpoint, open_run  # noqa: E402
+from helpers.training.runs import load_checkpoint, metrics_file, open_run  # noqa: E402
 
 # K=2 non-IID: each client holds 50 of the 100 classes (Nc * K >= 100, every class has a client)
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", server_lr=0.7)
 NONIID = dict(num_clients=2, participation=1.0, sharding="noniid", classes_per_client=50)
 SPARSE = dict(sparsity=0.9, calibration_rounds=2, calibration_samples=16, step0="ridge")
 BIN = Path(sys.executable).parent
+
+
+def run_rows(folder: Path) -> list[str]:
+    """The lines of a run's metrics file so far (none before its first)."""
+    path = metrics_file(folder)
+    return path.read_text().splitlines() if path is not None else []
 
 
 def free_port() -> int:
@@ -185,9 +191,10 @@ def test_sparse_fedavg_on_a_secure_federation_whose_server_holds_no_training_dat
 def test_a_node_that_trusts_another_ca_or_skips_tls_cannot_connect(federation, tmp_path):
     """Node 0's registered key, but the wrong trust: the TLS handshake fails (another CA) or the SuperLink, which
     speaks only TLS, drops the connection (no TLS); either node gives up and exits without joining."""
-    other = make_credentials(tmp_path / "other", ["localhost", "127.0.0.1"], nodes=1)[0].parent
+    other = tmp_path / "other"
+    make_credentials(other, ["localhost", "127.0.0.1"], nodes=1)
     wrong_ca = supernode_command(other, 0, 2, federation.address)
-    wrong_ca[wrong_ca.index("--auth-supernode-private-key") + 1] = str(federation.creds / "node-0.key")
+    wrong_ca[wrong_ca.index("--auth-supernode-private-key") + 1] = str(federation.creds / "nodes" / "node-0.key")
     procs = {"other-ca": federation.start_intruder("other-ca", wrong_ca),
              "no-tls": federation.start_intruder("no-tls", supernode_command(other, 0, 2, federation.address,
                                                                               insecure=True))}  # fmt: skip
@@ -204,9 +211,9 @@ def test_a_node_killed_mid_round_is_dropped_and_the_run_finishes(federation, tmp
     config = make_config("fedavg", "smoke", rounds=4, node_failure="drop", **SMALL, **NONIID)
     root = tmp_path / "flower"
     server = federation.run(config, root)
-    metrics = open_run("fedavg", flower.flower_config(config), root).dir / "metrics.csv"
+    folder = open_run("fedavg", flower.flower_config(config), root).dir
     deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):  # round 1 is done
+    while len(run_rows(folder)) < 2:  # round 1 is done
         assert time.monotonic() < deadline and server.poll() is None, federation.log()[-3000:]
         time.sleep(0.2)
     federation.kill_node(1)

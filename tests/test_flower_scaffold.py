@@ -16,6 +16,7 @@ from test_flower import SMALL, assert_same_run, run_flower_without_train_data  #
 from helpers.algorithms.fedavg import aligned_masks  # noqa: E402
 from helpers.algorithms.registry import make_algorithm  # noqa: E402
 from helpers.config.experiments import make_config  # noqa: E402
+from helpers.core.torchfiles import load_torch  # noqa: E402
 from helpers.editing.sparse_runs import run_sparse_fedavg  # noqa: E402
 from helpers.federated.clients import sample_clients  # noqa: E402
 from helpers.federated.rounds import train_in_turn
@@ -24,7 +25,7 @@ from helpers.flower import node as flower_node
 from helpers.flower import server as flower_ops  # noqa: E402
 from helpers.flower.replies import FAULT_ENV  # noqa: E402
 from helpers.sparse.masks import Masks  # noqa: E402
-from helpers.training.runs import load_checkpoint, run_id  # noqa: E402
+from helpers.training.runs import checkpoint_files, load_checkpoint, run_id  # noqa: E402
 
 # Non-IID with K=10 (10 classes each) so that C=0.3 samples clients again and their c_i are read back.
 NONIID_LOCAL = dict(num_clients=10, participation=0.3, sharding="noniid", classes_per_client=10, sparsity=0.9,
@@ -68,7 +69,7 @@ def test_scaffold_on_flower_resumes_after_a_node_fault_to_the_sequential_run(tmp
     with pytest.raises(RuntimeError, match=rf"^round 4, client {victim}: RuntimeError: fault injected"):
         run_flower_without_train_data(config, tmp_path / "flower", monkeypatch)
     (run_dir,) = (tmp_path / "flower" / "sparse_fedavg").iterdir()
-    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    saved = load_torch(checkpoint_files(run_dir)[0])
     assert saved["round"] == 3 and saved["algorithm"]["done"] == 3
     held, want = node_versions(state, flower.flower_config(config)), needed_versions(config, 4, (3, victim))
     assert held == want

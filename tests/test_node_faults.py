@@ -19,6 +19,7 @@ from flwr.common.constant import ErrorCode  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from helpers.config.experiments import make_config  # noqa: E402
+from helpers.core.torchfiles import load_torch  # noqa: E402
 from helpers.data.datasets import load_data  # noqa: E402
 from helpers.editing.sparse_runs import run_sparse_fedavg  # noqa: E402
 from helpers.federated.clients import client_shards, client_update, sample_clients  # noqa: E402
@@ -28,7 +29,7 @@ from helpers.flower.node import node_query, node_train  # noqa: E402
 from helpers.flower.replies import FAULT_ENV, corrupt, sort_replies, weights_problem  # noqa: E402
 from helpers.training import resumable  # noqa: E402
 from helpers.training.resumable import build_seeded_model  # noqa: E402
-from helpers.training.runs import load_checkpoint, run_id  # noqa: E402
+from helpers.training.runs import checkpoint_files, load_checkpoint, run_id  # noqa: E402
 
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", rounds=2, server_lr=0.7)
 IID = dict(num_clients=10, participation=0.3, sharding="iid")
@@ -215,7 +216,8 @@ def test_with_stop_a_bad_reply_stops_the_run_naming_round_and_client(fault, mess
     monkeypatch.setenv(FAULT_ENV, f"2:{victim}:{fault}")
     with pytest.raises(RuntimeError, match=rf"^round 2, client {victim}: {message}"):
         flower_run(config, tmp_path)
-    saved = torch.load(next((tmp_path / "fedavg").iterdir()) / "checkpoint.pt", weights_only=False)
+    (folder,) = (tmp_path / "fedavg").iterdir()
+    saved = load_torch(checkpoint_files(folder)[0])
     assert saved["round"] == 1  # the global model is round 1's: the bad reply never touched it
 
 

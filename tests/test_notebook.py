@@ -2,7 +2,6 @@
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +20,7 @@ from helpers.federated.rounds import run_fedavg
 from helpers.ops.notebook import assigned_names, check_parameters, declared_parameters, plan_progress
 from helpers.ops.pipeline import check_pipeline_parameters, notebook_paths
 from helpers.reporting.results import write_results
+from helpers.training.runs import checkpoint_files
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = [p.stem for p in notebook_paths()]
@@ -119,7 +119,7 @@ def test_resume_and_skip_lines_and_the_notebook_count(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"[skip] fedavg {run.id} (K=10 C=0.1 J=4 iid, lr=0.05, seed 0): done"
     # interrupted after round 1: the previous checkpoint is the newest, no done marker
     (run.dir / "done.json").unlink()
-    shutil.move(run.dir / "checkpoint.prev.pt", run.dir / "checkpoint.pt")
+    checkpoint_files(run.dir)[0].unlink()
     assert "1 resumes from a checkpoint" in plan_progress(plan, root)
     run_fedavg(done, run_root=root, progress=False)
     assert (
@@ -219,3 +219,39 @@ def test_cli_run_shows_a_line_per_epoch_off_a_terminal_and_nothing_with_quiet(tm
         assert main([*argv, *extra, "--quiet"]) == 0
         out, err = capsys.readouterr()
         assert len(out.splitlines()) == 1 and json.loads(out)["epoch"] == 2 and "[epoch" not in err, (out, err)
+
+
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        ("/tmp/elsewhere", "must name a file under results/smoke/"),
+        ("../../x", "without an absolute path or '..'"),
+        ("custom/../../x", "'..'"),
+        ("", "must name a file"),
+        ("linked/x", "outside"),
+        ("dangling", "outside"),
+    ],
+)
+def test_cli_results_names_a_file_under_results_of_the_profile_only(name, says, tmp_path, capsys, monkeypatch):
+    from helpers.ops.cli import main
+
+    results = tmp_path / "results" / "smoke"
+    (results / "custom").mkdir(parents=True)
+    (results / "linked").symlink_to(tmp_path, target_is_directory=True)  # a folder link leading out
+    (results / "dangling.csv").symlink_to(tmp_path / "outside.csv")  # a file link to a file not there yet
+    monkeypatch.setenv("FLME_RESULTS_ROOT", str(tmp_path / "results"))
+    argv = ["run", "centralized", "--run-root", str(tmp_path / "runs"), "--set", "epochs=1", "--results", name]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --results {name!r} is invalid") and says in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "outside.csv").exists()  # before any run folder
+
+
+def test_cli_results_may_name_a_subfolder(tmp_path, capsys, monkeypatch):
+    from helpers.ops.cli import main
+
+    monkeypatch.setenv("FLME_RESULTS_ROOT", str(tmp_path / "results"))
+    argv = ["run", "centralized", "--run-root", str(tmp_path / "runs"), "--results", "mine/demo",
+            "--set", "synthetic_train_size=400", "--set", "epochs=1", "--set", "device=cpu"]  # fmt: skip
+    assert main(argv) == 0
+    assert len(pd.read_csv(tmp_path / "results" / "smoke" / "mine" / "demo.csv")) == 1

@@ -17,9 +17,10 @@ import helpers.data.datasets
 import helpers.training.runs as runs
 from helpers.config.experiments import EXPERIMENTS, experiment_parameters, parameters
 from helpers.core.params import Param
+from helpers.core.torchfiles import load_torch
 from helpers.ops.cli import main
 from helpers.ops.runners import RUNNERS, runner
-from helpers.training.runs import load_checkpoint, open_run, save_checkpoint
+from helpers.training.runs import checkpoint_files, load_checkpoint, metrics_file, open_run, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,14 +50,14 @@ KILL = "os.kill(os.getpid(), signal.SIGKILL)"
 FAULTS = {
     "during training": ("{module}", "train_steps", 3, KILL),
     "during evaluation": ("{eval_module}", "evaluate", 2, KILL),
-    # a checkpoint half written to its temporary file, then death
+    # a checkpoint half written, then death (worse than a real crash: atomic_write never leaves a torn file)
     "during a checkpoint write": (
-        "helpers.training.runs",
+        "helpers.core.torchfiles",
         "atomic_write",
         None,
         "Path(args[0]).write_bytes(args[1][: len(args[1]) // 2]); " + KILL,
     ),
-    # a torn metrics.csv line, as a non-atomic append would leave, then death
+    # a torn metrics line, as a non-atomic append would leave, then death
     "during a CSV write": (
         "helpers.training.runs",
         "atomic_write",
@@ -98,8 +99,8 @@ def run_cli(args: list[str], root: Path, driver: str | None = None) -> subproces
 def final_state(root: Path) -> tuple[pd.DataFrame, dict]:
     folder = next(p for p in root.glob("*/*") if p.is_dir())
     assert (folder / "done.json").exists()
-    metrics = pd.read_csv(folder / "metrics.csv", dtype={"clients": str}).drop(columns="elapsed_s")
-    return metrics, torch.load(folder / "checkpoint.pt", weights_only=False)["model"]
+    metrics = pd.read_csv(metrics_file(folder), dtype={"clients": str}).drop(columns="elapsed_s")
+    return metrics, load_torch(checkpoint_files(folder)[0])["model"]
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +119,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(job, fault, references, 
     module, func, n, action = FAULTS[fault]
     module = module.format(module=MODULE[job], eval_module=EVAL_MODULE[job])
     if func == "atomic_write":
-        name = ".checkpoint.pt.new" if "checkpoint" in fault else "metrics.csv"
-        match, n = f"Path(args[0]).name == {name!r}", 3
+        prefix = "checkpoint-" if "checkpoint" in fault else "metrics-"
+        match, n = f"Path(args[0]).name.startswith({prefix!r})", 3
     else:
         match = "True"
     driver = textwrap.dedent(DRIVER).format(module=module, func=func, match=match, n=n, action=action)
@@ -153,7 +154,7 @@ def test_full_disk_during_checkpoint_keeps_the_previous_one(tmp_path, monkeypatc
         save_checkpoint(run, {"epoch": 2})
     monkeypatch.undo()
     assert load_checkpoint(run)["epoch"] == 1
-    assert sorted(p.name for p in run.dir.iterdir()) == ["checkpoint.pt", "config.json"]  # no stray temp files
+    assert sorted(p.name for p in run.dir.iterdir()) == ["checkpoint-local-1.pt", "config.json"]  # no stray temp files
 
 
 def bad_values(spec: Param) -> list:

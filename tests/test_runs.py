@@ -10,7 +10,7 @@ import torch
 import helpers.training.centralized as centralized
 from helpers.config.experiments import make_config
 from helpers.reporting.results import last_rows, write_results
-from helpers.training.runs import load_checkpoint, open_run, run_id, save_checkpoint
+from helpers.training.runs import checkpoint_files, load_checkpoint, open_run, run_id, save_checkpoint
 
 
 def small(**kw):
@@ -38,19 +38,20 @@ def test_unwritable_run_root_is_a_clear_error(tmp_path):
         open_run("centralized", small(), blocker / "runs")
 
 
-def test_checkpoint_fallback_to_previous(tmp_path):
+def test_checkpoint_fallback_to_previous_then_start_over(tmp_path):
     run = open_run("centralized", small(), tmp_path)
     assert load_checkpoint(run) is None
-    save_checkpoint(run, {"epoch": 1})
-    save_checkpoint(run, {"epoch": 2})
-    assert load_checkpoint(run)["epoch"] == 2
-    data = (run.dir / "checkpoint.pt").read_bytes()
-    (run.dir / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # truncated by a crash
-    with pytest.warns(UserWarning, match="resuming from checkpoint.prev.pt"):
-        assert load_checkpoint(run)["epoch"] == 1
-    (run.dir / "checkpoint.prev.pt").write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match="no readable checkpoint.*checkpoint.pt.*Delete"):
-        load_checkpoint(run)
+    for epoch in (1, 2, 3):
+        save_checkpoint(run, {"epoch": epoch})
+    newest, previous = checkpoint_files(run.dir)  # the two newest are kept
+    assert load_checkpoint(run)["epoch"] == 3 and previous.name == "checkpoint-local-2.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # truncated by a crash
+    with pytest.warns(UserWarning, match=f"{newest.name} is unreadable .*resuming from {previous.name}"):
+        assert load_checkpoint(run)["epoch"] == 2
+    previous.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match=f"no readable checkpoint .*{previous.name} is unreadable.*starts over"):
+        assert load_checkpoint(run) is None
 
 
 def test_done_run_is_skipped(tmp_path, monkeypatch):

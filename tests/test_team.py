@@ -24,7 +24,7 @@ from helpers.ops.plans import best_hyperparameters, best_scheduler, final_config
 from helpers.ops.study import plan_status, run_status, study_plan, study_status
 from helpers.training.centralized import run_centralized
 from helpers.training.leases import LEASE_FILE, LeaseInfo, LeaseLost, claim, lease_state, read_lease
-from helpers.training.runs import load_checkpoint, open_run, run_id, save_checkpoint, write_metrics
+from helpers.training.runs import load_checkpoint, metrics_file, open_run, run_id, save_checkpoint, write_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 SETS = {"synthetic_train_size": 600, "synthetic_test_size": 100, "batch_size": 16, "device": "cpu",
@@ -68,7 +68,7 @@ def worker(root: Path, log: Path, **env: str) -> subprocess.Popen:
 def final_metrics(root: Path) -> pd.DataFrame:
     folder = root / "fedavg" / run_id(make_config("fedavg", "smoke", **SETS))
     assert (folder / "done.json").exists() and not (folder / LEASE_FILE).exists()
-    return pd.read_csv(folder / "metrics.csv", dtype={"clients": str}).drop(columns="elapsed_s")
+    return pd.read_csv(metrics_file(folder), dtype={"clients": str}).drop(columns="elapsed_s")
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_training_stops_when_another_session_takes_the_run(tmp_path, monkeypatch
     with pytest.raises(LeaseLost):
         fedavg.run_fedavg(make_config("fedavg", "smoke", **SETS), run_root=tmp_path, progress=False)
     assert not (folder / "done.json").exists()
-    assert len(pd.read_csv(folder / "metrics.csv")) == 2  # rows of rounds 1-2 only: round 3's was never written
+    assert len(pd.read_csv(metrics_file(folder))) == 2  # rows of rounds 1-2 only: round 3's was never written
     assert read_lease(folder).token == "their-token"
 
 
@@ -222,7 +222,7 @@ def test_drive_faults_during_checkpoint_and_metrics_writes_leave_the_result_unch
     assert main([*ARGS, "--run-root", str(tmp_path)]) == 0
     monkeypatch.setattr(storage, "OPS", storage.FileOps())
     hit = {name for _, name, _ in faults.hits}
-    for target in ("checkpoint.pt", "metrics.csv", "lease.json"):  # each written through faults, and retried
+    for target in ("checkpoint-", "metrics-", "lease.json"):  # each written through faults, and retried
         assert any(target in name for name in hit), (target, hit)
     assert any(after for _, _, after in faults.hits)  # a rename that happened but reported a timeout
     pd.testing.assert_frame_equal(final_metrics(tmp_path), reference)
@@ -231,13 +231,13 @@ def test_drive_faults_during_checkpoint_and_metrics_writes_leave_the_result_unch
 def test_a_write_that_keeps_failing_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, reference, monkeypatch):
     class DriveGone(storage.FileOps):
         def replace(self, src, dst):
-            if Path(dst).name == "metrics.csv" and (Path(dst).parent / "checkpoint.prev.pt").exists():
+            if Path(dst).name.startswith("metrics-") and len(list(Path(dst).parent.glob("checkpoint-*.pt"))) == 2:
                 raise OSError(errno.EIO, "Transport endpoint is not connected")
             super().replace(src, dst)
 
     monkeypatch.setattr(storage, "OPS", DriveGone())
     config = make_config("fedavg", "smoke", **SETS)
-    with pytest.raises(storage.StorageError, match="metrics.csv failed 6 times"):
+    with pytest.raises(storage.StorageError, match=r"metrics-\w+\.csv failed 6 times"):
         fedavg.run_fedavg(config, run_root=tmp_path, progress=False)
     monkeypatch.setattr(storage, "OPS", storage.FileOps())
     run = open_run("fedavg", config, tmp_path)
@@ -268,18 +268,29 @@ def test_status_and_work_on_the_smoke_profile(tmp_path, capsys):
     assert table[["state", "holder"]].values.tolist() == [["done", ""]]
 
 
-def test_status_names_the_holder_of_a_running_and_a_stale_run(tmp_path):
+def test_status_names_the_holder_of_a_running_and_a_stale_run(tmp_path, monkeypatch):
+    """Stale is judged by this machine's clock: a lease whose heartbeat claims to be hours old (the holder's clock
+    is off) runs until this machine has seen it unchanged for the stale time, and a heartbeat resets that."""
+    monkeypatch.setenv("FLME_LEASE_STALE_S", "1")
     planned = study_plan("smoke", ["02"])[0]
     folder = tmp_path / planned.experiment / planned.id
     folder.mkdir(parents=True)
-    now = time.time()
-    for age, state in ((5.0, "running"), (10_000.0, "stale")):
-        info = LeaseInfo("alice@colab-a", "colab-a", 7, "tok", now - age, now - age)
-        (folder / LEASE_FILE).write_text(json.dumps(info.__dict__))
+    hours_ago = time.time() - 10_000
+    info = LeaseInfo("alice@colab-a", "colab-a", 7, "tok", hours_ago, hours_ago)
+    (folder / LEASE_FILE).write_text(json.dumps(info.__dict__))
+
+    def state() -> str:
         status = run_status(planned.experiment, planned.config, tmp_path)
-        assert status["state"] == state and "alice@colab-a" in status["holder"]
+        assert "alice@colab-a" in status["holder"]
         held = study_status("smoke", tmp_path, ["02"])["total"]["held"]
-        assert [h["state"] for h in held] == [state]
+        assert [h["state"] for h in held] == [status["state"]]
+        return status["state"]
+
+    assert state() == "running"  # first seen now, whatever its heartbeat says
+    time.sleep(1.1)
+    assert state() == "stale"
+    (folder / "heartbeat-tok.json").write_text(json.dumps({"heartbeat": hours_ago, "beats": 1}))  # it beat
+    assert state() == "running"
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from helpers.core.models import build_model, set_trainable
 from helpers.data.datasets import eval_batch, make_synthetic
 from helpers.training.centralized import run_centralized
 from helpers.training.loop import NonFiniteLossError, evaluate, lr_at
-from helpers.training.runs import load_checkpoint
+from helpers.training.runs import checkpoint_files, load_checkpoint
 
 
 def test_schedules():
@@ -64,7 +64,7 @@ def test_non_finite_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"epoch 1: training loss became (nan|inf)"):
         run_centralized(config, run_root=tmp_path, progress=False)
     folder = next((tmp_path / "centralized").iterdir())
-    assert not (folder / "checkpoint.pt").exists() and not (folder / "done.json").exists()
+    assert not checkpoint_files(folder) and not (folder / "done.json").exists()
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")

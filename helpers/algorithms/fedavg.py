@@ -7,7 +7,7 @@ client order), then server_step once; the resumable loop checkpoints state_dict 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -53,8 +53,11 @@ class FedAvg:
         self.server_lr = config["server_lr"]
 
     @classmethod
-    def from_config(cls, config: Mapping, folder: Path | None = None) -> FedAvg:
-        """The algorithm of a run; `folder` (its run folder) is where a stateful one may keep per-client state."""
+    def from_config(
+        cls, config: Mapping, folder: Path | None = None, guard: Callable[[], None] | None = None
+    ) -> FedAvg:
+        """The algorithm of a run; `folder` (its run folder) is where a stateful one may keep per-client state,
+        writing after `guard()` (the run's lease check)."""
         return cls(config)
 
     def client_side(

@@ -7,7 +7,7 @@ the cost estimate load the classes by name (`algorithm_class`)."""
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,6 +43,8 @@ def algorithm_class(name: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-def make_algorithm(config: Mapping, folder: str | Path | None = None):
-    """The config's algorithm; `folder` (a run folder) keeps per-client state on disk (SCAFFOLD's c_i)."""
-    return algorithm_class(algorithm_name(config)).from_config(config, Path(folder) if folder is not None else None)
+def make_algorithm(config: Mapping, folder: str | Path | None = None, guard: Callable[[], None] | None = None):
+    """The config's algorithm; `folder` (a run folder) keeps per-client state on disk (SCAFFOLD's c_i), written after
+    `guard()` (the run's lease check) like the folder's other files."""
+    folder = Path(folder) if folder is not None else None
+    return algorithm_class(algorithm_name(config)).from_config(config, folder, guard)

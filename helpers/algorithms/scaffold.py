@@ -19,8 +19,8 @@ On Flower (engine="flower") c stays on the ServerApp and each c_i on its client'
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +29,10 @@ from torch import Tensor
 
 from helpers.algorithms.fedavg import SERVER_LR, ClientSide, FedAvg
 from helpers.core.params import choice
+from helpers.core.storage import remove_file
+from helpers.core.torchfiles import UnreadableFile, load_torch, save_torch
+
+VERSION_FILE = re.compile(r"(\d+)_(\d+)\.pt")  # <client>_<rounds done>.pt
 
 
 def pack_entries(tensors: list[Tensor], masks: Sequence[Tensor | None]) -> list[Tensor]:
@@ -49,18 +53,24 @@ def unpack_entries(values: list[Tensor], masks: Sequence[Tensor | None], like: l
 
 class ControlVariates:
     """Every client's c_i (packed), versioned by the rounds done when it was written, so a run resumed from an
-    earlier checkpoint reads the versions of that round. In memory, or one file per version under `folder`."""
+    earlier checkpoint reads the versions of that round. In memory, or one file per version under `folder`, written
+    and removed like every run-folder file: after `guard()` (the run's lease check), atomically, with retries; and
+    loaded without executing code. A version's content is a pure function of (client, round), so a late write by a
+    session that lost the run rewrites the same numbers; a version it removed that a checkpoint needs is an error
+    naming the file, never a silent c_i = 0."""
 
-    def __init__(self, folder: str | Path | None = None) -> None:
+    def __init__(self, folder: str | Path | None = None, guard: Callable[[], None] | None = None) -> None:
         self.folder = Path(folder) if folder is not None else None
+        self.guard = guard or (lambda: None)
         self.versions: dict[int, dict[int, list[Tensor] | None]] | None = None  # client -> {rounds done: values}
+        self.expected: dict[int, int] = {}  # client -> the version the resumed checkpoint needs
 
     def index(self) -> dict[int, dict[int, list[Tensor] | None]]:
         if self.versions is None:  # files are read when needed (None); the folder is listed once per run
             self.versions = {}
             for path in self.folder.glob("*.pt") if self.folder is not None else ():
-                client, done = map(int, path.stem.split("_"))
-                self.versions.setdefault(client, {})[done] = None
+                if match := VERSION_FILE.fullmatch(path.name):
+                    self.versions.setdefault(int(match[1]), {})[int(match[2])] = None
         return self.versions
 
     def path(self, client: int, done: int) -> Path:
@@ -69,10 +79,27 @@ class ControlVariates:
     def load(self, client: int, upto: int) -> list[Tensor] | None:
         """Client's latest c_i written after at most `upto` rounds (None: never written, c_i = 0)."""
         done = max((d for d in self.index().get(client, {}) if d <= upto), default=None)
+        want = self.expected.get(client)
+        if want is not None and want <= upto and (done is None or done < want):
+            raise RuntimeError(
+                f"{self.path(client, want)} is missing, and the checkpoint this run resumed from needs it (removed "
+                f"by a session that lost the run?): run it again later to resume from the newest checkpoint, or "
+                f"delete {self.folder.parent} to restart it"
+            )
         if done is None:
             return None
         values = self.versions[client][done]
-        return values if values is not None else torch.load(self.path(client, done), weights_only=True)
+        return values if values is not None else self.read(self.path(client, done))
+
+    def read(self, path: Path) -> list[Tensor]:
+        """A stored version: a list of tensors, else an error naming the file (never unpickled as code)."""
+        try:
+            values = load_torch(path)
+        except UnreadableFile as exc:
+            raise RuntimeError(f"SCAFFOLD's control variate: {exc}; delete {self.folder.parent} to restart") from None
+        if not isinstance(values, list) or not all(isinstance(v, Tensor) for v in values):
+            raise RuntimeError(f"{path} is not a control variate (a list of tensors); delete {self.folder.parent}")
+        return values
 
     def save(self, client: int, done: int, values: list[Tensor], keep: int) -> None:
         """Store c_i after `done` rounds; drop the versions older than the latest one at most `keep` rounds old
@@ -81,24 +108,35 @@ class ControlVariates:
         if self.folder is None:
             versions[done] = values
         else:
+            self.guard()
             self.folder.mkdir(parents=True, exist_ok=True)
-            path, tmp = self.path(client, done), self.folder / f".{client}_{done}.tmp{os.getpid()}"
-            torch.save(values, tmp)
-            os.replace(tmp, path)  # a kill leaves the old version or the new one, never half a file
+            save_torch(self.path(client, done), values)  # a kill leaves the old version or the new one
             versions[done] = None
         oldest_needed = max((d for d in versions if d <= keep), default=None)
         for d in [d for d in versions if oldest_needed is not None and d < oldest_needed]:
             del versions[d]
-            if self.folder is not None:
-                self.path(client, d).unlink(missing_ok=True)
+            self.remove(client, d)
+
+    def remove(self, client: int, done: int) -> None:
+        if self.folder is not None:
+            self.guard()
+            remove_file(self.path(client, done))
 
     def clear(self) -> None:
         """Forget every version (a done run never resumes): frees the run folder's share of the disk."""
         for client, versions in self.index().items():
             for done in list(versions):
-                if self.folder is not None:
-                    self.path(client, done).unlink(missing_ok=True)
+                self.remove(client, done)
         self.versions = {}
+
+    def latest(self, upto: int) -> dict[int, int]:
+        """client -> its newest version written after at most `upto` rounds (what a checkpoint then needs)."""
+        found = {c: max((d for d in v if d <= upto), default=None) for c, v in self.index().items()}
+        return {c: d for c, d in found.items() if d is not None}
+
+    def expect(self, versions: Mapping[int, int]) -> None:
+        """The versions a resumed checkpoint needs (latest): their absence is an error, not c_i = 0."""
+        self.expected = {int(c): int(d) for c, d in versions.items()}
 
     def nbytes(self) -> int:
         """Bytes the current versions take (one per client)."""
@@ -187,9 +225,11 @@ class Scaffold(FedAvg):
         self.keep: int | None = None  # a Flower node's copy: the server's kept_round for this round
 
     @classmethod
-    def from_config(cls, config: Mapping, folder: Path | None = None) -> Scaffold:
-        """c_i live in the run folder (one file per client and version), or in memory without one."""
-        return cls(config, ControlVariates(Path(folder) / "control_variates" if folder is not None else None))
+    def from_config(
+        cls, config: Mapping, folder: Path | None = None, guard: Callable[[], None] | None = None
+    ) -> Scaffold:
+        """c_i live in the run folder (one file per client and version, written after `guard()`), or in memory."""
+        return cls(config, ControlVariates(Path(folder) / "control_variates" if folder is not None else None, guard))
 
     def client_side(
         self, rnd: int, client: int, start: list[Tensor], masks: Sequence[Tensor | None], lr: float, steps: int
@@ -235,7 +275,8 @@ class Scaffold(FedAvg):
 
     def state_dict(self) -> dict:
         self.checkpoints = [*self.checkpoints, self.done][-2:]
-        return {"c": self.c, "done": self.done}
+        return {"c": self.c, "done": self.done, "versions": self.store.latest(self.done)}
 
     def load_state_dict(self, state: dict) -> None:
         self.c, self.done, self.checkpoints = state["c"], state["done"], []
+        self.store.expect(state.get("versions", {}))  # checkpoints from before versions were recorded: none

@@ -8,6 +8,7 @@ seam where tests inject faults (`storage.OPS = SomeFaultyOps()`).
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import sys
 import threading
@@ -47,6 +48,9 @@ class FileOps:
 
     def remove(self, path: Path) -> None:
         Path(path).unlink(missing_ok=True)
+
+    def exists(self, path: Path) -> bool:
+        return Path(path).exists()
 
 
 OPS = FileOps()
@@ -97,9 +101,27 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def read_bytes(path: Path) -> bytes:
-    """A file's bytes, retried (a file another machine just wrote may be briefly missing)."""
-    return retried(f"reading {path}", lambda: OPS.read(Path(path)))
+def read_bytes(path: Path, sha256: str | None = None) -> bytes:
+    """A file's bytes, retried (a file another machine just wrote may be briefly missing). With `sha256`, content
+    that differs (a copy still syncing, or replaced) is retried too, then a StorageError naming the file."""
+
+    def attempt() -> bytes:
+        data = OPS.read(Path(path))
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise OSError(errno.ESTALE, f"its content is not the one expected (sha256 {sha256[:12]}...)", str(path))
+        return data
+
+    return retried(f"reading {path}", attempt)
+
+
+def exists(path: Path) -> bool:
+    """Whether a file is there, as this machine sees the folder now (through OPS: tests serve stale views)."""
+    return OPS.exists(Path(path))
+
+
+def remove_file(path: Path) -> None:
+    """Remove a file if it is there, retried."""
+    retried(f"removing {path}", lambda: OPS.remove(Path(path)))
 
 
 def fsync_dir(folder: Path) -> None:

@@ -174,8 +174,11 @@ def calibrate_federated(
 def load_masks(run: Run, device: str | torch.device = "cpu") -> Masks:
     """The masks a sparse run trained with."""
     saved = load_artifact(run, EDITING_FILE)
-    if saved is None:
-        raise ValueError(f"run {run.dir} has no {EDITING_FILE}: it is not a sparse run or it has not calibrated yet")
+    if not isinstance(saved, dict) or "masks" not in saved:
+        raise ValueError(
+            f"run {run.dir} has no readable {EDITING_FILE}: it is not a sparse run, it has not calibrated yet, or "
+            "the file is damaged (then starting the run again calibrates anew)"
+        )
     return Masks.unpack(saved["masks"], device)
 
 

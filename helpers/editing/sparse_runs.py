@@ -40,7 +40,7 @@ def _edit_state(
     Leaves the model with the step-0 head, frozen, and the backbone trainable. Returns (packed masks, info).
     """
     saved = load_artifact(run, EDITING_FILE)
-    if saved is None:
+    if not isinstance(saved, dict) or not {"head", "masks", "info"} <= saved.keys():  # absent, refused or foreign
         info = step0()
         head = {k: v.detach().cpu().clone() for k, v in model.head.state_dict().items()}
         for split in ("val", "test"):
@@ -64,8 +64,10 @@ def _finish(run: Run, info: dict | None = None) -> Run:
         return run
     summary = run.summary()
     if "calibration_s" not in summary:
-        info = info if info is not None else load_artifact(run, EDITING_FILE)["info"]
-        mark_done(run, {**summary, **info})
+        saved = load_artifact(run, EDITING_FILE) if info is None else None
+        info = info if info is not None else saved.get("info") if isinstance(saved, dict) else None
+        if info is not None:  # an unreadable editing.pt (warned) leaves the summary as it is
+            mark_done(run, {**summary, **info})
     return run
 
 

@@ -28,7 +28,7 @@ from helpers.federated.remote import remote_clients, withheld_shards
 from helpers.federated.stragglers import local_steps
 from helpers.sparse.masks import Masks
 from helpers.training.resumable import begin_run, loop_inputs, resumable_loop
-from helpers.training.runs import Run
+from helpers.training.runs import Run, check_holder
 
 # ----------------------------------------------------------------------------- config-only checks
 
@@ -320,7 +320,8 @@ def federated_training(
     """
     config = run.config
     net, inputs, scaler = loop_inputs(run, model, data)
-    algorithm = make_algorithm(config, run.dir)  # its state (server optimizer, c) goes into the checkpoint
+    # its state (server optimizer, c) goes into the checkpoint; SCAFFOLD's c_i files are written under the lease
+    algorithm = make_algorithm(config, run.dir, guard=lambda: check_holder(run))
     opts = dict(masks=masks, scaler=scaler, train_clients=train_clients, algorithm=algorithm)
 
     def one_round(rnd: int) -> dict:

@@ -12,6 +12,8 @@ from helpers.data.datasets import NO_TRAIN_DATA_ENV
 
 DEFAULT_ADDRESS = "SERVER:8000"  # flwr 1.41's SuperLink serves every API on one port (--port, default 8000)
 DEFAULT_CREDENTIALS = Path.home() / ".flme" / "credentials"  # outside the repository: keys never sit beside code
+# the credentials folder, one folder per destination (helpers.flower.credentials writes them)
+CA_DIR, LINK_DIR, NODES_DIR = "ca", "superlink", "nodes"
 TRY_OUT = (
     "local try-out only: no TLS and no node authentication, anyone who reaches the port can join and read every update"
 )
@@ -26,15 +28,16 @@ def check_address(address: str) -> str:
 
 def superlink_command(credentials: Path, *, insecure: bool = False) -> list[str]:
     """flower-superlink with TLS (the private CA's certificate for its host names) accepting registered nodes only."""
+    link = credentials / LINK_DIR
     security = ["--insecure"] if insecure else [
-        "--ssl-ca-certfile", str(credentials / "ca.crt"), "--ssl-certfile", str(credentials / "superlink.crt"),
-        "--ssl-keyfile", str(credentials / "superlink.key"), "--enable-supernode-auth"]  # fmt: skip
+        "--ssl-ca-certfile", str(link / "ca.crt"), "--ssl-certfile", str(link / "superlink.crt"),
+        "--ssl-keyfile", str(link / "superlink.key"), "--enable-supernode-auth"]  # fmt: skip
     return ["flower-superlink", *security, "--disable-runtime-dependency-installation"]
 
 
 def register_command(credentials: Path, node: int | str, connection: str) -> list[str]:
     """`flwr supernode register`: the SuperLink accepts the node holding node-<k>.key from now on."""
-    return ["flwr", "supernode", "register", str(credentials / f"node-{node}.pub"), connection]
+    return ["flwr", "supernode", "register", str(credentials / NODES_DIR / f"node-{node}.pub"), connection]
 
 
 def supernode_command(
@@ -42,15 +45,15 @@ def supernode_command(
 ) -> list[str]:
     """flower-supernode for client `node`: trusts only the federation's CA, signs in with its own private key."""
     security = ["--insecure"] if insecure else [
-        "--root-certificates", str(credentials / "ca.crt"),
-        "--auth-supernode-private-key", str(credentials / f"node-{node}.key")]  # fmt: skip
+        "--root-certificates", str(credentials / NODES_DIR / "ca.crt"),
+        "--auth-supernode-private-key", str(credentials / NODES_DIR / f"node-{node}.key")]  # fmt: skip
     config = f"partition-id={node} num-partitions={num_nodes}"
     return ["flower-supernode", *security, "--superlink", address, "--node-config", config]
 
 
 def connection_toml(name: str, address: str, credentials: Path, *, insecure: bool = False) -> str:
     """The `flwr` CLI's connection in $FLWR_HOME/config.toml: TLS verified against the federation's CA."""
-    trust = "insecure = true" if insecure else f'root-certificates = "{credentials / "ca.crt"}"'
+    trust = "insecure = true" if insecure else f'root-certificates = "{credentials / CA_DIR / "ca.crt"}"'
     return f'[superlink]\ndefault = "{name}"\n[superlink.{name}]\naddress = "{address}"\n{trust}\n'
 
 
@@ -62,10 +65,12 @@ def federation_script(
     name, host, last, join = run_command[3], address.rsplit(":", 1)[0].strip("[]"), num_nodes - 1, shlex.join
     step = iter(range(1, 7))
     lines = [f"# {TRY_OUT}"] if insecure else [
-        f"# {next(step)}. coordinator, once: the credentials (keep ca.key offline)",
+        f"# {next(step)}. coordinator, once: the credentials (ca/ stays here, offline; here the node keys are made "
+        "centrally: alternatively each node runs `python -m helpers.credentials --node-key DIR` and sends only "
+        "DIR/node.pub)",
         join(["python", "-m", "helpers.flower.credentials", "--out", str(credentials), "--host", host,
               "--nodes", str(num_nodes)])]  # fmt: skip
-    files = "" if insecure else "ca.crt, superlink.crt, superlink.key; "
+    files = "" if insecure else f"its folder {LINK_DIR}/: ca.crt, superlink.crt, superlink.key; "
     lines += [
         f"# {next(step)}. server machine ({files}its ServerApp cannot read the train split)",
         f"{NO_TRAIN_DATA_ENV}=1 {join(superlink_command(credentials, insecure=insecure))}",
@@ -73,12 +78,12 @@ def federation_script(
         *(f"#   {line}" for line in connection_toml(name, address, credentials, insecure=insecure).splitlines()),
     ]
     if not insecure:
-        pub = f"{shlex.quote(str(credentials))}/node-$k.pub"
+        pub = f"{shlex.quote(str(credentials / NODES_DIR))}/node-$k.pub"
         lines += [
             f"# {next(step)}. register every node's public key (the SuperLink refuses a node not registered)",
             f"for k in $(seq 0 {last}); do flwr supernode register {pub} {shlex.quote(name)}; done",
         ]
-    files = "" if insecure else "ca.crt and its own node-k.key; "
+    files = "" if insecure else f"{NODES_DIR}/ca.crt and its own {NODES_DIR}/node-k.key; "
     lines += [
         f"# {next(step)}. node machine k = 0..{last} ({files}shown for k=0; distinct --port for several on a host)",
         join(supernode_command(credentials, 0, num_nodes, address, insecure=insecure)),

@@ -32,7 +32,7 @@ from helpers.sparse.sensitivity import compute_scores
 from helpers.training.features import backbone_features
 from helpers.training.loop import evaluate, train_steps
 from helpers.training.resumable import build_seeded_model
-from helpers.training.runs import Run, load_checkpoint, save_checkpoint
+from helpers.training.runs import Run, checkpoint_files, load_checkpoint, save_checkpoint
 
 
 def fake_images(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +218,7 @@ def bench_checkpoint(config: dict, device: torch.device) -> dict:
         state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
         save_s = timed(lambda: save_checkpoint(run, state), device)
         load_s = timed(lambda: load_checkpoint(run, map_location=device), device)
-        size = (Path(tmp) / "checkpoint.pt").stat().st_size
+        size = checkpoint_files(Path(tmp))[0].stat().st_size
     return {"checkpoint_save_s": save_s, "checkpoint_load_s": load_s, "checkpoint_mb": size / 2**20}
 
 

@@ -1,6 +1,7 @@
 """Command line: `python -m helpers run EXPERIMENT --profile smoke --set lr=0.01`, `python -m helpers flower`,
 `python -m helpers pipeline`, and for a team of sessions on one run root `python -m helpers status` and `work`.
-Exit codes: 0 done, 2 bad input (or environment), 3 the run is held by another session (try later)."""
+Exit codes: 0 done, 1 a file could not be read or written, 2 bad input (or environment), 3 the run is held by another
+session (try later)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from helpers.config.experiments import EXPERIMENTS, make_config
 from helpers.config.parsing import describe_parameters, parse_sets
-from helpers.core.settings import PROFILES, default_run_root
+from helpers.core.settings import PROFILES, default_results_root, default_run_root
 from helpers.flower.federation import DEFAULT_ADDRESS, DEFAULT_CREDENTIALS, check_address, federation_script
 from helpers.ops.pipeline import describe_notebooks, parse_parameters, run_pipeline
 from helpers.ops.runners import RUNNERS, runner
@@ -58,6 +59,22 @@ def _hours(text: str) -> float:
     if not hours > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is invalid: must be a number of hours > 0, e.g. 3 or 0.5")
     return hours
+
+
+def check_results(name: str | None, profile: str) -> None:
+    """--results NAME names results/<profile>/NAME.csv (subfolders allowed), nothing outside: not absolute, no '..',
+    no symbolic link leading out; else ValueError naming --results (before any run folder is made)."""
+    if name is None:
+        return
+    parts = Path(name).parts
+    if not name.strip() or "\0" in name or Path(name).is_absolute() or any(p in ("..", ".") for p in parts):
+        raise ValueError(f"--results {name!r} is invalid: must name a file under results/{profile}/ (e.g. mine or "
+                         "custom/mine), without an absolute path or '..'")  # fmt: skip
+    folder = (default_results_root() / profile).resolve()
+    target = (folder / f"{name}.csv").resolve()  # follows links, dangling ones too
+    if folder not in target.parents:
+        raise ValueError(f"--results {name!r} is invalid: results/{profile}/{name}.csv leads to {target}, outside "
+                         f"{folder} (a symbolic link)")  # fmt: skip
 
 
 def secure_script(args: argparse.Namespace, command: list[str], num_nodes: int) -> str:
@@ -108,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--profile", choices=PROFILES, default=None, help="default: $FLME_PROFILE or smoke")
         p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a parameter")
         p.add_argument("--run-root", default=None, help="default: $FLME_RUN_ROOT, Drive in Colab, else ./runs")
-        p.add_argument("--results", default=None, metavar="NAME", help="also write results/<profile>/NAME.csv")
+        p.add_argument("--results", default=None, metavar="NAME",
+                       help="also write results/<profile>/NAME.csv (subfolders allowed, nothing outside)")  # fmt: skip
         p.add_argument("-q", "--quiet", action="store_true", help="print only the final JSON line (and errors): no "
                        "[start]/[skip] line, no progress per epoch or round (by default a bar on a terminal, else a "
                        "line per epoch or round on stderr)")  # fmt: skip
@@ -150,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "flower":
                 sets["engine"] = "flower"
             config = make_config(args.experiment, args.profile, **sets)
+            check_results(args.results, config["profile"])
             if args.command == "flower" and args.print_flwr_run:
                 from helpers.flower.app import flwr_run_command  # lazy: Flower is optional
 
@@ -176,8 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     except LeaseLost as exc:  # another session took the run over: it goes on there
         print(f"stopped: {exc}", file=sys.stderr)
         return HELD
+    except OSError as exc:  # a file (a Drive folder, a results CSV) could not be read or written, retries included
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     # the user's input or environment (ImportError: Flower not installed): one line, no traceback
-    except (ValueError, OSError, RuntimeError, ImportError) as exc:
+    except (ValueError, RuntimeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

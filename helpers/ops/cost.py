@@ -26,7 +26,7 @@ from helpers.federated.stragglers import expected_local_steps
 from helpers.ops.memory import estimate_phases, memory_table
 from helpers.ops.plans import PLANS, notebook_plan
 from helpers.sparse.masks import one_shot
-from helpers.training.runs import run_id
+from helpers.training.runs import metrics_file, run_id
 
 T4_PEAK_FLOPS = 65e12  # dense fp16 tensor-core peak of a T4 (datasheet)
 T4_FP32_PEAK_FLOPS = 8.1e12  # its fp32 peak: per-sample scoring runs without autocast, so it runs at this rate
@@ -124,12 +124,12 @@ def run_seconds(experiment: str, config: dict) -> tuple[float, dict[str, float]]
 
 
 def _progress(experiment: str, config: dict, run_root: Path) -> float:
-    """Fraction of a run already on disk: 1 when done, rows of metrics.csv / epochs|rounds when interrupted."""
+    """Fraction of a run already on disk: 1 when done, metrics rows / epochs|rounds when interrupted."""
     folder = run_root / experiment / run_id(config)
     if (folder / "done.json").exists():
         return 1.0
-    metrics = folder / "metrics.csv"
-    if not metrics.exists():
+    metrics = metrics_file(folder)
+    if metrics is None:
         return 0.0
     rows = max(0, len(metrics.read_text().strip().splitlines()) - 1)
     return min(1.0, rows / config.get("rounds", config.get("epochs", 1)))

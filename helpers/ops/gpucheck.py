@@ -44,6 +44,7 @@ from helpers.sparse.sgdm import SparseSGDM, masks_by_parameter
 from helpers.training.features import backbone_features
 from helpers.training.loop import train_steps
 from helpers.training.resumable import build_seeded_model
+from helpers.training.runs import metrics_file
 
 # |w_device - w_cpu| / |w_cpu - w_start| after one round, against the CPU in fp32. fp32 on a GPU differs only by
 # kernel summation order; bf16 keeps 8 mantissa bits, fp16 11 (tests/test_amp.py holds the CPU to the same bounds).
@@ -167,7 +168,7 @@ def check_kill_resume(profile: str, device: torch.device) -> dict:
         if whole.returncode or resumed.returncode or killed.returncode != -9:
             codes = f"exit codes {whole.returncode}, {killed.returncode} (killed), {resumed.returncode}"
             return {"check": "kill and resume", "passed": False, "detail": f"{codes}: {resumed.stderr[-300:]}"}
-        metrics = [pd.read_csv(next(Path(tmp, run).glob("fedavg/*/metrics.csv"))) for run in ("whole", "cut")]
+        metrics = [pd.read_csv(metrics_file(next(Path(tmp, run).glob("fedavg/*")))) for run in ("whole", "cut")]
     a, b = (m.drop(columns=[c for c in m if c.endswith("_s")]) for m in metrics)
     same = a.equals(b)
     return {"check": "kill and resume (deterministic)", "passed": same,

@@ -19,7 +19,7 @@ from helpers.ops.notebook import NOTEBOOKS
 from helpers.ops.plans import notebook_plan
 from helpers.ops.runners import runner
 from helpers.training.leases import LeaseLost, lease_state, worker_name
-from helpers.training.runs import CHECKPOINT, PREVIOUS, Run, describe, run_id
+from helpers.training.runs import Run, checkpoint_files, describe, run_id
 
 STATES = ("done", "running", "stale", "interrupted", "new", "waiting")
 CLAIMABLE = ("stale", "interrupted", "new")  # what `work` may take: nobody's, or a dead session's
@@ -82,7 +82,7 @@ def run_status(experiment: str, config: dict, run_root: str | Path | None = None
     if (folder / "done.json").exists():
         state = "done"
     elif state == "free":
-        state = "interrupted" if (folder / CHECKPOINT).exists() or (folder / PREVIOUS).exists() else "new"
+        state = "interrupted" if checkpoint_files(folder) else "new"
     status = {"state": state, "holder": None, "heartbeat_age_s": None}
     if info is not None and state in ("running", "stale"):
         status.update(holder=f"{info.holder} (pid {info.pid} on {info.host})", heartbeat_age_s=round(info.age()))

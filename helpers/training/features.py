@@ -10,7 +10,6 @@ the cache avoids. `head_features="backbone"` keeps the per-step backbone path, w
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import warnings
 from pathlib import Path
@@ -23,8 +22,8 @@ from helpers.core import caches
 from helpers.core.models import backbone_parameters
 from helpers.core.precision import amp_dtype, autocast
 from helpers.core.settings import default_run_root
+from helpers.core.torchfiles import UnreadableFile, load_torch, save_torch
 from helpers.data.datasets import Data, Withheld, eval_batch
-from helpers.training.runs import atomic_write
 
 SPLITS = ("train", "val", "test")
 _DATA_KEYS = ("dataset", "synthetic_train_size", "synthetic_test_size", "val_fraction", "data_seed")
@@ -91,22 +90,23 @@ def _read_or_compute(model: nn.Module, images: Tensor, config: dict, name: str, 
         features = backbone_features(model, images, img_size=config["img_size"], batch_size=config["eval_batch_size"],
                                      amp=setting(config, "amp"))  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(features.cpu(), buffer)
-        atomic_write(path, buffer.getvalue())
+        save_torch(path, features.cpu())
     return features
 
 
 def _read(path: Path, device: torch.device, rows: int) -> Tensor | None:
-    """A cached feature file, or None if absent or unreadable (it is then recomputed and replaced)."""
+    """A cached feature file, or None if absent, unreadable, refused (never unpickled as code) or not a float32
+    (rows, dim) tensor: it is then recomputed and replaced."""
     if not path.exists():
         return None
     try:
-        features = torch.load(path, map_location=device, weights_only=True)
-        if features.shape[0] == rows:
-            return features
-    except Exception as exc:  # a torn or foreign file is only a cache miss
-        warnings.warn(f"feature cache {path} is unreadable ({type(exc).__name__}); recomputing it", stacklevel=3)
+        features = load_torch(path, map_location=device)
+    except UnreadableFile as exc:  # a torn or foreign file is only a cache miss
+        warnings.warn(f"feature cache: {exc}; recomputing it", stacklevel=3)
+        return None
+    if isinstance(features, Tensor) and features.dtype == torch.float32 and features.shape[:1] == (rows,):
+        return features
+    warnings.warn(f"feature cache {path} does not hold {rows} rows of float32 features; recomputing it", stacklevel=3)
     return None
 
 

@@ -105,10 +105,10 @@ def resumable_loop(
     """Run step_fn(0-based step) -> metrics row for the config's `{unit}s` steps, resuming from the checkpoint.
 
     Checkpoints hold model, `extra` states (by their keys), `unit` (steps done), metrics, elapsed, scaler and the
-    precision trained in; metrics.csv is rewritten after every step; done.json gets the last row and the precision.
-    `progress`: a tqdm bar where it can redraw (a notebook, a terminal), else one line per step on stderr (a log, a
-    pipe) naming the `show` row keys. The run's lease is released at the end, or when the loop stops early (another
-    session may resume it at once).
+    precision trained in; the metrics file is rewritten after every step; done.json gets the last row and the precision
+    (and names those files: helpers.training.runs). `progress`: a tqdm bar where it can redraw (a notebook, a
+    terminal), else one line per step on stderr (a log, a pipe) naming the `show` row keys. The run's lease is
+    released at the end, or when the loop stops early (another session may resume it at once).
     """
     try:
         return _loop(run, model, step_fn, unit=unit, extra=extra or {}, scaler=scaler, show=show, progress=progress)
