@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from helpers.algorithms.fedavg import FedAvg, aligned_masks
+from helpers.algorithms.merging import MERGE_RULES, STREAMED
 from helpers.algorithms.registry import make_algorithm
 from helpers.config.experiments import make_config, setting
 from helpers.core.models import set_trainable
@@ -59,14 +60,19 @@ class RoundSum:
     `apply` moves the global weights by the algorithm's server step from avg = sum_k n_k/n w_k (FedAvg:
     w <- w + server_lr (avg - w)) and returns the round's metrics.
 
+    Another `merge` rule (helpers.algorithms.merging, e.g. ties) gives `avg` instead: it needs every client's
+    update, so the round's trained weights are kept (m x trainable entries, fp32; only for such a rule).
     Both engines feed it the clients' trained weights in the order of their client ids, so their sums are
     the same floating-point operations.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, merge: str = STREAMED, density: float = 1.0):
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.start = _clone([p for p in model.parameters() if p.requires_grad])  # the global weights w
         self.avg = [torch.zeros_like(w) for w in self.start]  # sum_k n_k/n w_k
+        self.merge, self.density = merge, density
+        self.kept: list[list[Tensor]] = []  # each client's w_k, for a merge rule that is not streamed
+        self.shares: list[float] = []
         self.unit_sum = [torch.zeros_like(w) for w in self.start]  # sum_k delta_k / |delta_k|, for the cosine
         self.norms: list[Tensor] = []
         self.losses: list[float] = []
@@ -87,6 +93,9 @@ class RoundSum:
         """Add one client: its trained weights w_k (used as scratch space: overwritten), n_k/n, its loss,
         upload bytes, masks and final GradScaler state."""
         first = not self.norms
+        if self.merge != STREAMED:
+            self.kept.append(_clone(weights))
+            self.shares.append(share)
         self.norms.append(_accumulate(weights, self.start, self.avg, self.unit_sum, share))
         self.losses.append(loss)
         self.uploaded += upload
@@ -101,6 +110,9 @@ class RoundSum:
 
         `server_step(w, avg)` moves w in place (helpers.algorithms.fedavg.FedAvg.server_step); entries no client
         trained stay where they were, whatever state a server optimizer keeps."""
+        if self.merge != STREAMED:
+            self.avg = MERGE_RULES[self.merge](self.start, self.kept, self.shares, self.density)
+            self.kept = []
         before = _clone(self.start) if self.trained is not None else None
         if self.trained is not None:
             _keep_frozen(self.names, self.start, self.avg, self.trained)
@@ -157,7 +169,7 @@ def fedavg_round(
     """
     check_no_buffers(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    server = RoundSum(model)
+    server = RoundSum(model, setting(config, "merge"), config.get("merge_density", 1.0))
     clients = sample_clients(config["seed"], rnd, len(shards), config["participation"])
     total = sum(len(shards[k]) for k in clients)
     shared = upload_bytes(model, masks.shared) if masks is not None and not masks.local else None
