@@ -25,6 +25,7 @@ from helpers.core.models import set_trainable
 from helpers.data.datasets import Data
 from helpers.federated.clients import client_lr, client_shards, client_update, sample_clients, upload_bytes
 from helpers.federated.evaluation import remote_evaluation, round_evaluation
+from helpers.federated.interference import probe_predictions, remote_interference, round_interference
 from helpers.federated.remote import remote_clients, withheld_shards
 from helpers.federated.stragglers import local_steps
 from helpers.sparse.masks import Masks
@@ -142,6 +143,7 @@ class ClientResult(NamedTuple):
     scaler_state: dict | None  # its final GradScaler state
     extra: object | None = None  # what it sends beyond its weights (helpers.algorithms.fedavg.ClientSide.finish)
     share: float | None = None  # n_k / n over the clients that replied, when an engine drops some (node_failure)
+    probe: Tensor | None = None  # its trained model's predictions on its probe (`interference`; Flower keeps them)
 
 
 # The engine seam, train_in_turn's signature:
@@ -175,10 +177,12 @@ def fedavg_round(
     shared = upload_bytes(model, masks.shared) if masks is not None and not masks.local else None
     train_clients, algorithm = train_clients or train_in_turn, algorithm or make_algorithm(config)
     opts = dict(masks=masks, start=server.start, scaler=scaler, algorithm=algorithm)
-    replied = []
+    replied, probes = [], {}
     for r in train_clients(model, data, shards, rnd, clients, config, **opts):
         upload = algorithm.upload_factor * (shared if shared is not None else upload_bytes(model, r.masks))
         share = len(shards[r.client]) / total if r.share is None else r.share
+        if r.probe is not None:
+            probes[r.client] = r.probe
         server.add(r.weights, share, loss=r.loss, upload=upload, masks=r.masks, scaler_state=r.scaler_state)
         algorithm.receive(r.client, r.extra)
         replied.append(r.client)
@@ -187,7 +191,11 @@ def fedavg_round(
     row = {"round": rnd + 1, "clients": " ".join(map(str, clients)), "client_lr": client_lr(config, rnd)}
     if setting(config, "node_failure") == "drop":  # the column only where clients may be dropped
         row["dropped"] = " ".join(str(k) for k in clients if k not in replied)
-    return {**row, **server.apply(params, algorithm.server_step)}
+    row.update(server.apply(params, algorithm.server_step))
+    if setting(config, "interference"):  # the column only when the diagnostic is on
+        remote = remote_interference(train_clients)
+        row["interference"] = round_interference(model, data, shards, replied, probes, config, remote)
+    return row
 
 
 def train_in_turn(
@@ -217,7 +225,9 @@ def train_in_turn(
         side = algorithm.client_side(rnd, k, start, aligned_masks(names, own), lr, steps)
         loss = client_update(model, data, shards[k], rnd, k, config, masks=own, scaler=scaler, side=side)
         extra = side.finish(params) if side is not None else None
-        yield ClientResult(k, params, loss, own, scaler.state_dict() if scaler is not None else None, extra)
+        probe = probe_predictions(model, data, shards[k], k, config) if setting(config, "interference") else None
+        state = scaler.state_dict() if scaler is not None else None
+        yield ClientResult(k, params, loss, own, state, extra, probe=probe)
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from helpers.editing.calibration import score_pool
 from helpers.editing.step0 import head_fedavg_config, ridge_statistics
 from helpers.federated.clients import client_lr, client_shards, client_update
 from helpers.federated.evaluation import eval_parts, split_tensors
+from helpers.federated.interference import probe_predictions
 from helpers.federated.stragglers import local_steps
 from helpers.flower.replies import FAULT_ENV, corrupt, injected_fault
 from helpers.flower.server import MISSING  # imported first: says what to install when flwr is missing
@@ -179,6 +180,9 @@ def node_train(content: RecordDict, context: Context, config: dict) -> RecordDic
     reply = RecordDict({"weights": ArrayRecord(trained), "result": ConfigRecord({"client": client, "loss": loss})})
     if scaler is not None:
         reply["scaler"] = ConfigRecord(scaler.state_dict())
+    if setting(config, "interference"):  # kept here until the round's interference message
+        probe = probe_predictions(model, data, shard, client, config)
+        context.state[f"probe@{run}"] = ArrayRecord({"predictions": probe})
     extra = side.finish(list(params)) if side is not None else None
     if extra is not None:  # only its trainable entries travel (the others are 0)
         reply["extra"] = ArrayRecord(dict(zip(names, pack_entries(extra, aligned), strict=True)))
@@ -236,9 +240,23 @@ def node_evaluate(content: RecordDict, context: Context, config: dict, client: i
     return RecordDict({"result": ConfigRecord({"loss": loss, "correct": correct, "samples": n})})
 
 
+def node_interference(content: RecordDict, context: Context, config: dict, client: int) -> RecordDict:
+    """How many of its probe images this client's trained model (its predictions kept since its train message) and
+    the new global model disagree on (helpers.federated.interference); the kept predictions are dropped."""
+    key = f"probe@{run_id(config)}"
+    if key not in context.state:
+        raise RuntimeError("this node kept no probe predictions for the run (was it restarted?): set interference=0")
+    own = context.state[key].to_torch_state_dict()["predictions"]
+    del context.state[key]
+    model, data, shard = client_inputs(config, client)
+    load_weights(model, content["model"].to_torch_state_dict(), {})
+    disagree = int((probe_predictions(model, data, shard, client, config).to(own.device) != own).sum())
+    return RecordDict({"result": ConfigRecord({"disagree": disagree, "samples": len(own)})})
+
+
 NODE_OPS = {
     "size": node_size, "setup": node_setup, "score": node_score, "ridge": node_ridge, "evaluate": node_evaluate,
-    "close": node_close,
+    "close": node_close, "interference": node_interference,
 }  # fmt: skip
 
 

@@ -173,6 +173,15 @@ class NodeEngine:
             usable(f"evaluate on client {k}", None if ok else f"loss {loss}, {correct} correct of {n}")
             yield loss, correct, n
 
+    def client_interference(self, model: nn.Module, config: dict, clients: list[int]) -> list[float]:
+        """Each client's share of its probe on which its trained model (kept on its node) and `model` disagree."""
+        shares = []
+        for k, c in zip(clients, self.ask("interference", config, clients, {"model": model_record(model)})):
+            disagree, n = int(c["result"]["disagree"]), int(c["result"]["samples"])
+            usable(f"interference on client {k}", None if 0 <= disagree <= n else f"{disagree} of {n} disagree")
+            shares.append(disagree / n if n else 0.0)
+        return shares
+
     def setup(self, model: nn.Module, masks: Masks | None, config: dict) -> None:
         """Once per run and node: the frozen parameters (the step-0 head of sparse runs) and the client's mask."""
         frozen = ArrayRecord({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
