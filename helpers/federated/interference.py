@@ -23,6 +23,8 @@ from helpers.core.seeding import torch_generator
 from helpers.data.datasets import Data
 from helpers.training.loop import predictions
 
+PROBE_IMAGES = 64  # the study's probe per client (the benchmark measures its cost)
+
 
 @runtime_checkable
 class RemoteInterference(Protocol):
