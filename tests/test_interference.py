@@ -75,3 +75,13 @@ def test_interference_is_off_by_default_outside_the_run_id_and_changes_no_result
     pd.testing.assert_frame_equal(a, b.drop(columns="interference"), check_exact=True)
     got = load_checkpoint(probed)["model"]
     assert all(torch.equal(got[n], t) for n, t in load_checkpoint(plain)["model"].items())
+
+
+def test_the_cost_estimate_counts_two_forwards_of_every_probe():
+    from helpers.config.experiments import make_config
+    from helpers.ops.cost import run_work
+
+    off = make_config("sparse_fedavg", "full")
+    on = make_config("sparse_fedavg", "full", interference=64)
+    extra = run_work("sparse_fedavg", on).forward - run_work("sparse_fedavg", off).forward
+    assert extra == off["rounds"] * 2 * 10 * 64  # m = 10 clients a round, their model's and the new global's

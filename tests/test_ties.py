@@ -197,3 +197,14 @@ def test_bad_merge_settings_stop_the_cli_in_one_line(capsys, sets, message):
     assert main(["run", "sparse_fedavg", *(a for s in sets for a in ("--set", s))]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and "\n" not in err
+
+
+def test_the_memory_estimate_counts_the_weights_ties_keeps():
+    from helpers.core.models import build_model
+    from helpers.ops.memory import estimate_phases
+
+    plain, ties = (make_config("fedavg", "smoke", pretrained=False, **merge) for merge in ({}, {"merge": "ties"}))
+    params = sum(p.numel() for p in build_model(plain["model"], pretrained=False, img_size=32).parameters())
+    for a, b in zip(estimate_phases(plain), estimate_phases(ties)):
+        kept = 10 * 4 * params if "round" in a.name else 0  # m = 10 fp32 copies, in the rounds only
+        assert b.state - a.state == kept, a.name

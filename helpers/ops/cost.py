@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers.config.experiments import make_config, split_sizes
+from helpers.config.experiments import make_config, setting, split_sizes
 from helpers.core.models import forward_flops
 from helpers.core.settings import REPO, default_run_root
 from helpers.editing.step0 import head_fedavg_config
@@ -72,6 +72,9 @@ def run_work(experiment: str, config: dict) -> Work:
         val, _ = _evaluations(steps, config["eval_every"], False)
         test = steps if config["eval_test"] else 1
     evaluation = val * n_val + test * n_test
+    if federated:  # the interference diagnostic: each client's probe through its own model and the new global one
+        m = clients_per_round(config["num_clients"], config["participation"])
+        evaluation += steps * 2 * m * setting(config, "interference")
     if config.get("train_mode") == "head":
         if config["head_features"] == "cached":  # one pass over every split; the head's epochs are negligible
             work.shared[_features_key(config)] = n_train + n_val + n_test
