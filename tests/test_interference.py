@@ -28,7 +28,7 @@ def argmax(model: torch.nn.Module, images: torch.Tensor, img_size: int) -> torch
 def test_interference_matches_a_hand_computation(merge):
     """The probe larger than every shard is the whole shard, so the hand computation needs no probe draw: per client,
     argmax of its trained weights against argmax of the round's new global weights on its shard, then the mean."""
-    config = small_config(num_clients=6, participation=0.5, local_steps=3, lr=0.2, interference=1000, **merge)
+    config = small_config(num_clients=6, participation=0.5, local_steps=3, lr=0.2, interference_probe=1000, **merge)
     data = load_data(config, CPU)
     shards = client_shards(config, data)
     model, copy = fresh_model(config), fresh_model(config)
@@ -55,7 +55,7 @@ def test_interference_matches_a_hand_computation(merge):
 
 
 def test_the_probe_is_a_fixed_seeded_part_of_the_clients_own_shard():
-    config = small_config(interference=8)
+    config = small_config(interference_probe=8)
     first = [probe_positions(config, 90, k) for k in range(3)]
     assert all(len(p) == 8 and len(set(p.tolist())) == 8 and int(p.max()) < 90 for p in first)
     assert all(torch.equal(p, probe_positions(config, 90, k)) for k, p in enumerate(first))  # the same every round
@@ -66,8 +66,8 @@ def test_the_probe_is_a_fixed_seeded_part_of_the_clients_own_shard():
 def test_interference_is_off_by_default_outside_the_run_id_and_changes_no_result(tmp_path):
     common = dict(num_clients=6, participation=0.5, local_steps=2, rounds=2)
     off = small_config(**common)
-    on = small_config(**common, interference=16)
-    assert "interference" not in off and run_id(on) == run_id(off)
+    on = small_config(**common, interference_probe=16)
+    assert "interference_probe" not in off and run_id(on) == run_id(off)
     plain = rounds.run_fedavg(off, run_root=tmp_path / "off", progress=False)
     probed = rounds.run_fedavg(on, run_root=tmp_path / "on", progress=False)
     a, b = plain.metrics().drop(columns="elapsed_s"), probed.metrics().drop(columns="elapsed_s")
@@ -82,6 +82,6 @@ def test_the_cost_estimate_counts_two_forwards_of_every_probe():
     from helpers.ops.cost import run_work
 
     off = make_config("sparse_fedavg", "full")
-    on = make_config("sparse_fedavg", "full", interference=64)
+    on = make_config("sparse_fedavg", "full", interference_probe=64)
     extra = run_work("sparse_fedavg", on).forward - run_work("sparse_fedavg", off).forward
     assert extra == off["rounds"] * 2 * 10 * 64  # m = 10 clients a round, their model's and the new global's

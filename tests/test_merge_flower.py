@@ -19,7 +19,9 @@ from helpers.federated.rounds import run_fedavg  # noqa: E402
 def test_ties_and_interference_on_flower_equal_the_sequential_engine(experiment, tmp_path):
     runner = {"fedavg": run_fedavg, "sparse_fedavg": run_sparse_fedavg}[experiment]
     extra = SPARSE if experiment == "sparse_fedavg" else {}
-    config = make_config(experiment, "smoke", **SMALL, **IID, **extra, merge="ties", merge_density=0.3, interference=8)
+    config = make_config(
+        experiment, "smoke", **SMALL, **IID, **extra, merge="ties", merge_density=0.3, interference_probe=8
+    )
     sequential = runner(config, run_root=tmp_path / "sequential", progress=False)
     flw = flower_run(config, tmp_path / "flower")
     assert_same_metrics(flw, sequential, rel=1e-6)
@@ -35,7 +37,7 @@ def test_a_node_without_kept_predictions_names_the_parameter(tmp_path):
 
     from helpers.flower.node import node_interference
 
-    config = make_config("fedavg", "smoke", **SMALL, **IID, interference=8)
+    config = make_config("fedavg", "smoke", **SMALL, **IID, interference_probe=8)
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
-    with pytest.raises(RuntimeError, match="interference=0"):
+    with pytest.raises(RuntimeError, match="interference_probe=0"):
         node_interference(RecordDict(), context, config, 0)

@@ -176,7 +176,7 @@ def test_ties_at_density_1_with_one_masked_client_is_fedavg_bit_for_bit():
 
 def test_merge_parameters_leave_old_configs_and_run_ids_alone():
     plain = make_config("sparse_fedavg", "smoke")
-    assert not {"merge", "merge_density", "interference"} & set(plain)  # run ids of the study unchanged
+    assert not {"merge", "merge_density", "interference_probe"} & set(plain)  # run ids of the study unchanged
     ties = make_config("sparse_fedavg", "smoke", merge="ties")
     assert ties["merge"] == "ties" and ties["merge_density"] == 0.2  # the authors' topk20
     assert MERGE_TUNING[0] == "merge_density" and len(MERGE_TUNING[1]) >= 3 and 0.2 in MERGE_TUNING[1]
@@ -190,7 +190,7 @@ def test_merge_parameters_leave_old_configs_and_run_ids_alone():
         (["merge=ties", "merge_density=0"], "error: merge_density=0.0 is invalid: must be a number in (0, 1]"),
         (["merge=ties", "merge_density=1.5"], "error: merge_density=1.5 is invalid: must be a number in (0, 1]"),
         (["merge=median"], "error: merge='median' is invalid: must be one of mean, ties"),
-        (["interference=-1"], "error: interference=-1 is invalid: must be an integer >= 0"),
+        (["interference_probe=-1"], "error: interference_probe=-1 is invalid: must be an integer >= 0"),
     ],
 )
 def test_bad_merge_settings_stop_the_cli_in_one_line(capsys, sets, message):

@@ -172,7 +172,7 @@ PARAMS: dict[str, Param] = {
         high=1,
         low_open=True,
     ),  # fmt: skip
-    "interference": Param(
+    "interference_probe": Param(
         int,
         "images of each sampled client's own data on which its model and the new global one are compared each "
         "round (0: off; a diagnostic, not in the run id)",

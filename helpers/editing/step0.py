@@ -117,7 +117,7 @@ def head_fedavg_config(config: dict) -> dict:
         overrides["server_lr"] = None
     overrides["warmup_rounds"] = None  # the warmup is the fine-tuning's (TaLoS), not the head's
     # FedAvg's mean and no diagnostic: runs of either merge rule share one step 0 (the same control)
-    overrides.update(merge=None, merge_density=None, interference=None)
+    overrides.update(merge=None, merge_density=None, interference_probe=None)
     return make_config("fedavg", **{**shared, **overrides})
 
 

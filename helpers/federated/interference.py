@@ -1,4 +1,4 @@
-"""Interference, measured where it happens (`interference`: probe images per client, 0 = off; not in the run id).
+"""Interference, measured where it happens (`interference_probe`: probe images per client, 0 = off; not in the run id).
 
 After each round, for each client that trained in it: the share of its probe images on which its own trained model
 w_k and the new global model disagree (argmax predictions): the weight-disentanglement error of Ortiz-Jimenez et al.
@@ -43,7 +43,7 @@ def remote_interference(train_clients: object) -> RemoteInterference | None:
 def probe_positions(config: dict, shard_size: int, client: int) -> Tensor:
     """The client's probe: `interference` positions in its shard (all of it if smaller), seeded, fixed over rounds."""
     order = torch.randperm(shard_size, generator=torch_generator(config["seed"], "probe", client))
-    return order[: setting(config, "interference")]
+    return order[: setting(config, "interference_probe")]
 
 
 def probe_predictions(model: nn.Module, data: Data, shard: Tensor, client: int, config: dict) -> Tensor:

@@ -143,7 +143,9 @@ class ClientResult(NamedTuple):
     scaler_state: dict | None  # its final GradScaler state
     extra: object | None = None  # what it sends beyond its weights (helpers.algorithms.fedavg.ClientSide.finish)
     share: float | None = None  # n_k / n over the clients that replied, when an engine drops some (node_failure)
-    probe: Tensor | None = None  # its trained model's predictions on its probe (`interference`; Flower keeps them)
+    probe: Tensor | None = (
+        None  # its trained model's predictions on its probe (`interference_probe`; Flower keeps them)
+    )
 
 
 # The engine seam, train_in_turn's signature:
@@ -192,7 +194,7 @@ def fedavg_round(
     if setting(config, "node_failure") == "drop":  # the column only where clients may be dropped
         row["dropped"] = " ".join(str(k) for k in clients if k not in replied)
     row.update(server.apply(params, algorithm.server_step))
-    if setting(config, "interference"):  # the column only when the diagnostic is on
+    if setting(config, "interference_probe"):  # the column only when the diagnostic is on
         remote = remote_interference(train_clients)
         row["interference"] = round_interference(model, data, shards, replied, probes, config, remote)
     return row
@@ -225,7 +227,7 @@ def train_in_turn(
         side = algorithm.client_side(rnd, k, start, aligned_masks(names, own), lr, steps)
         loss = client_update(model, data, shards[k], rnd, k, config, masks=own, scaler=scaler, side=side)
         extra = side.finish(params) if side is not None else None
-        probe = probe_predictions(model, data, shards[k], k, config) if setting(config, "interference") else None
+        probe = probe_predictions(model, data, shards[k], k, config) if setting(config, "interference_probe") else None
         state = scaler.state_dict() if scaler is not None else None
         yield ClientResult(k, params, loss, own, state, extra, probe=probe)
 

@@ -180,7 +180,7 @@ def node_train(content: RecordDict, context: Context, config: dict) -> RecordDic
     reply = RecordDict({"weights": ArrayRecord(trained), "result": ConfigRecord({"client": client, "loss": loss})})
     if scaler is not None:
         reply["scaler"] = ConfigRecord(scaler.state_dict())
-    if setting(config, "interference"):  # kept here until the round's interference message
+    if setting(config, "interference_probe"):  # kept here until the round's interference message
         probe = probe_predictions(model, data, shard, client, config)
         context.state[f"probe@{run}"] = ArrayRecord({"predictions": probe})
     extra = side.finish(list(params)) if side is not None else None
@@ -245,7 +245,9 @@ def node_interference(content: RecordDict, context: Context, config: dict, clien
     the new global model disagree on (helpers.federated.interference); the kept predictions are dropped."""
     key = f"probe@{run_id(config)}"
     if key not in context.state:
-        raise RuntimeError("this node kept no probe predictions for the run (was it restarted?): set interference=0")
+        raise RuntimeError(
+            "this node kept no probe predictions for the run (was it restarted?): set interference_probe=0"
+        )
     own = context.state[key].to_torch_state_dict()["predictions"]
     del context.state[key]
     model, data, shard = client_inputs(config, client)

@@ -94,7 +94,7 @@ def bench_merging(config: dict, repeats: int = 3) -> dict:
     device = pick_device(config["device"])
     data = load_data(config, device)
     shards, scaler = client_shards(config, data), make_scaler(device, setting(config, "amp"))
-    variants = {"mean": {}, "ties": {"merge": "ties"}, "interference": {"interference": PROBE_IMAGES}}
+    variants = {"mean": {}, "ties": {"merge": "ties"}, "interference": {"interference_probe": PROBE_IMAGES}}
     runs = {}
     for name, extra in variants.items():
         variant = make_config("fedavg", **{**config, **extra})

@@ -74,7 +74,7 @@ def run_work(experiment: str, config: dict) -> Work:
     evaluation = val * n_val + test * n_test
     if federated:  # the interference diagnostic: each client's probe through its own model and the new global one
         m = clients_per_round(config["num_clients"], config["participation"])
-        evaluation += steps * 2 * m * setting(config, "interference")
+        evaluation += steps * 2 * m * setting(config, "interference_probe")
     if config.get("train_mode") == "head":
         if config["head_features"] == "cached":  # one pass over every split; the head's epochs are negligible
             work.shared[_features_key(config)] = n_train + n_val + n_test
