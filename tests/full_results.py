@@ -175,11 +175,35 @@ def _remedies(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
     return {"remedies": frame.assign(algorithm=frame["algorithm"].fillna("fedavg"))}
 
 
+def _extension(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
+    """05's extension: FedAvg's mean and TIES over its density grid, dense and sparse, at Nc 1 and J 8."""
+    from helpers.ops.plans import extension_configs, remedy_plan
+
+    base = next(c for c in remedy_plan(make_config("sparse_fedavg", PROFILE, calibration_rounds=2), ["fedavg"], [1], 8,
+                                       0.01) if c["sparsity"] > 0)  # fmt: skip
+    rows = []
+    for config in [c for group in extension_configs(base).values() for c in group]:
+        ties, sparse = config.get("merge") == "ties", config["sparsity"] > 0
+        final = (
+            0.56 + (0.02 if sparse else 0) + (0.015 - 0.02 * abs(config.get("merge_density", 0) - 0.2) if ties else 0)
+        )
+        frame = _rows("sparse_fedavg", config, final, rng, density=1 - config["sparsity"])
+        start = 0.35 - (0.08 if sparse else 0) - (0.05 if ties else 0)
+        rows.append(frame.assign(interference=start * np.exp(-frame["round"] / 200) + rng.normal(0, 0.005, len(frame))))
+    return {"extension": pd.concat(rows)}
+
+
 def write_full_results(root: Path, seed: int = 0) -> Path:
     """Write results/full/<name>.csv for every results file of the full study under `root`; returns `root`."""
     rng = np.random.default_rng(seed)
     folder = root / PROFILE
     folder.mkdir(parents=True, exist_ok=True)
-    for name, frame in {**_centralized(rng), **_fedavg(rng), **_editing(rng), **_remedies(rng)}.items():
+    for name, frame in {
+        **_centralized(rng),
+        **_fedavg(rng),
+        **_editing(rng),
+        **_remedies(rng),
+        **_extension(rng),
+    }.items():
         frame.to_csv(folder / f"{name}.csv", index=False)
     return root

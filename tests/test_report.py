@@ -106,10 +106,21 @@ def write_fixture(root: Path) -> Path:
              "local_steps": 8, "seed": 0}
             for a in ["fedavg", "fedprox", "scaffold", "fedadam"] for sp in [0.0, 0.9] for nc in [1, 5]
         ], fed=True),
+        "extension": _extension_runs(),
     }  # fmt: skip
     for name, frame in files.items():
         frame.to_csv(folder / f"{name}.csv", index=False)
     return root
+
+
+def _extension_runs() -> pd.DataFrame:
+    """FedAvg's mean and TIES (two densities: the tuning) dense and sparse, interference per round."""
+    cell = {"sharding": "noniid", "classes_per_client": 1, "local_steps": 8, "calibration_rounds": 2, "seed": 0}
+    grid = [{**cell, "sparsity": sp, **merge} for merge in [{}, *({"merge": "ties", "merge_density": d}
+            for d in (0.1, 0.2))] for sp in (0.0, 0.9)]  # fmt: skip
+    frame = _runs("sparse_fedavg", "round", 3, grid, fed=True)
+    index = frame["run_id"].str[-3:].astype(int)
+    return frame.assign(interference=0.6 - 0.05 * frame["round"] - 0.03 * index)
 
 
 @pytest.fixture()
@@ -241,7 +252,7 @@ def test_make_report_says_what_it_wrote_and_ends_with_the_pdf(results_root: Path
     assert report.main(["--profile", PROFILE, "--results-root", str(results_root), "--pdf"]) == 0
     out = capfd.readouterr()
     first, last = out.out.strip().splitlines()
-    assert first.startswith(f"profile={PROFILE}: 10 results files") and "12 figures in" in first, first
+    assert first.startswith(f"profile={PROFILE}: 11 results files") and "13 figures in" in first, first
     assert re.fullmatch(rf"report: .*main-{PROFILE}\.pdf \(\d pages\)", last), last
     assert "Latexmk" not in out.out + out.err and "Output written" not in out.out + out.err
     assert "helpers.report --profile $(PROFILE) --pdf" in (REPO / "Makefile").read_text()  # what `make report` runs

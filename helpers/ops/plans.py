@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
+from helpers.algorithms.merging import MERGE_TUNING
 from helpers.algorithms.registry import ALGORITHMS
 from helpers.config.experiments import (
     experiment_parameters,
@@ -22,6 +23,7 @@ from helpers.config.experiments import (
 from helpers.config.parsing import as_list
 from helpers.core.settings import default_run_root
 from helpers.federated.clients import clients_per_round
+from helpers.federated.interference import PROBE_IMAGES
 from helpers.federated.rounds import rounds_for_budget
 from helpers.ops.notebook import declared_parameters
 from helpers.reporting.results import final_rows
@@ -270,6 +272,27 @@ def remedy_plan(
                             rounds=rounds, sparsity=sparsity)  # fmt: skip
                 plan.append(make_config("sparse_fedavg", **{**shared, **lr, **cell}))
     return plan
+
+
+def extension_configs(base: dict, densities: tuple[float, ...] = MERGE_TUNING[1]) -> dict[str, list[dict]]:
+    """The extension's sparse_fedavg configs from the remedies comparison's `base` cell (its hardest Nc and J, step
+    budget, best sparse mask): FedAvg's mean and TIES at every merge_density of `densities` (its tuning grid, chosen
+    on validation per dense/sparse: helpers.reporting.extension.chosen_densities), each dense (sparsity 0, the step-0
+    head) and with base's mask; plain FedAvg's server step (no remedy), interference on (PROBE_IMAGES per client).
+    Groups: "mean" (dense, sparse) and "ties" (per density: dense, sparse); results file: extension.csv."""
+    dropped = {*remedy_parameters(), "merge", "merge_density", "interference_probe"}
+    shared = {k: v for k, v in base.items() if k in experiment_parameters("sparse_fedavg") and k not in dropped}
+
+    def config(sparsity: float, **merge) -> dict:
+        return make_config(
+            "sparse_fedavg", **{**shared, "sparsity": sparsity, "interference_probe": PROBE_IMAGES, **merge}
+        )
+
+    sparsities = list(dict.fromkeys((0.0, base["sparsity"])))
+    return {
+        "mean": [config(s) for s in sparsities],
+        "ties": [config(s, merge="ties", merge_density=d) for d in densities for s in sparsities],
+    }
 
 
 def federated_editing_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:

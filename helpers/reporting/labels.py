@@ -82,3 +82,12 @@ def algorithm_order(names: Iterable[str]) -> list[str]:
 def algorithm_title(name: str) -> str:
     """How tables and figures name an algorithm (FedAdam, SCAFFOLD; an unknown name as it is)."""
     return ALGORITHMS[name].title if name in ALGORITHMS else name
+
+
+def merge_label(merge: object, density: object = None) -> str:
+    """How tables and figures name a merge rule: 'FedAvg mean' (also for runs from before `merge`), 'TIES d=0.2'."""
+    if merge is None or pd.isna(merge) or merge == "mean":
+        return "FedAvg mean"
+    if merge != "ties":
+        return str(merge)
+    return "TIES" + (f" d={density:g}" if density is not None and pd.notna(density) else "")
