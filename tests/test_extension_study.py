@@ -36,8 +36,8 @@ def test_extension_configs_hold_the_remedies_cell_and_vary_only_the_merge_and_th
 def rows(run: str, sparsity: float, merge: str | None, density: float | None, val: float) -> list[dict]:
     base = {"run_id": run, "experiment": "sparse_fedavg", "sparsity": sparsity, "merge": merge,
             "merge_density": density}  # fmt: skip
-    return [{**base, "round": 1, "val_acc": val - 0.1, "interference": 0.4},
-            {**base, "round": 2, "val_acc": val, "interference": 0.2}]  # fmt: skip
+    return [{**base, "round": 1, "val_acc": val - 0.1, "val_loss": 3.0, "interference": 0.4},
+            {**base, "round": 2, "val_acc": val, "val_loss": 2.0 - val, "interference": 0.2}]  # fmt: skip
 
 
 def test_ties_enters_at_the_density_best_on_validation_per_dense_and_sparse():
@@ -46,7 +46,10 @@ def test_ties_enters_at_the_density_best_on_validation_per_dense_and_sparse():
         *rows("a0", 0.0, "ties", 0.1, 0.7), *rows("b0", 0.0, "ties", 0.2, 0.6),
         *rows("a9", 0.9, "ties", 0.1, 0.6), *rows("b9", 0.9, "ties", 0.2, 0.8),
     ])  # fmt: skip
-    assert chosen_densities(table[table["round"] == 2]) == {0.0: 0.1, 0.9: 0.2}
+    final = table[table["round"] == 2]
+    assert chosen_densities(final) == {0.0: 0.1, 0.9: 0.2}
+    tied = final.assign(val_acc=0.5, val_loss=final["run_id"].map({"a0": 1.0, "b0": 0.9}).fillna(1.0))
+    assert chosen_densities(tied) == {0.0: 0.2, 0.9: 0.1}  # equal accuracy: the lower loss, then the lower density
     part = extension_rows(table)
     assert set(part["run_id"]) == {"m0", "m9", "a0", "b9"}
     assert set(part["variant"]) == {"dense, FedAvg mean", "sparse, FedAvg mean", "dense, TIES d=0.1",

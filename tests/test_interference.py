@@ -13,6 +13,7 @@ from helpers.data.datasets import eval_batch, load_data
 from helpers.federated import rounds
 from helpers.federated.clients import client_shards
 from helpers.federated.interference import probe_positions
+from helpers.reporting.results import tidy_results
 from helpers.training.runs import load_checkpoint, run_id
 
 
@@ -75,6 +76,8 @@ def test_interference_is_off_by_default_outside_the_run_id_and_changes_no_result
     pd.testing.assert_frame_equal(a, b.drop(columns="interference"), check_exact=True)
     got = load_checkpoint(probed)["model"]
     assert all(torch.equal(got[n], t) for n, t in load_checkpoint(plain)["model"].items())
+    tidy = tidy_results([probed])  # the parameter (probe size) and the metric (the round's mean) side by side
+    assert (tidy["interference_probe"] == 16).all() and tidy["interference"].equals(b["interference"])
 
 
 def test_the_cost_estimate_counts_two_forwards_of_every_probe():

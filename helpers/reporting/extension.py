@@ -20,10 +20,12 @@ MARKS = 25  # markers per line at most: a marker every round of a long run would
 
 
 def chosen_densities(final: pd.DataFrame) -> dict[float, float]:
-    """sparsity -> merge_density of the TIES runs with the best final validation accuracy (mean over seeds) at it."""
+    """sparsity -> merge_density of the TIES runs with the best final validation accuracy (mean over seeds) at it;
+    a tie goes to the lower validation loss, then to the lower density."""
     ties = final[final["merge"] == "ties"] if "merge" in final else final.iloc[:0]
-    means = ties.groupby(["sparsity", "merge_density"])["val_acc"].mean()
-    return {s: means.loc[s].idxmax() for s in means.index.get_level_values(0).unique()}
+    means = ties.groupby(["sparsity", "merge_density"])[["val_acc", "val_loss"]].mean().reset_index()
+    ranked = means.sort_values(["val_acc", "val_loss", "merge_density"], ascending=[False, True, True])
+    return dict(ranked.drop_duplicates("sparsity")[["sparsity", "merge_density"]].itertuples(index=False))
 
 
 def extension_rows(part: pd.DataFrame) -> pd.DataFrame:
