@@ -41,3 +41,18 @@ def test_a_node_without_kept_predictions_names_the_parameter(tmp_path):
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     with pytest.raises(RuntimeError, match="interference_probe=0"):
         node_interference(RecordDict(), context, config, 0)
+
+
+def test_an_interference_reply_the_server_cannot_check_stops_the_run(tmp_path):
+    """A node claiming more probe images than its shard's probe holds (the server knows n_k): the run stops, naming
+    the client; nothing unchecked reaches the row."""
+
+    def inflate(message, reply):
+        task = message.content["task"] if "task" in message.content else None
+        if task is not None and task["op"] == "interference" and not reply.has_error():
+            reply.content["result"]["samples"] = 10**6
+        return [reply]
+
+    config = make_config("fedavg", "smoke", **SMALL, **IID, interference_probe=8)
+    with pytest.raises(RuntimeError, match=r"interference on client \d+: invalid reply: .*\(expected 8\)"):
+        flower_run(config, tmp_path, tamper=inflate)

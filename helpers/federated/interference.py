@@ -30,8 +30,9 @@ PROBE_IMAGES = 64  # the study's probe per client (the benchmark measures its co
 class RemoteInterference(Protocol):
     """Interference asked of the clients where their data is (a Flower federation)."""
 
-    def client_interference(self, model: nn.Module, config: dict, clients: list[int]) -> list[float]:
-        """Each client's share of its probe on which its trained model (kept on its side) and `model` disagree."""
+    def client_interference(self, model: nn.Module, config: dict, clients: list[int], sizes: list[int]) -> list[float]:
+        """Each client's share of its probe (`sizes`: its images) on which its trained model (kept on its side) and
+        `model` disagree."""
         ...
 
 
@@ -40,10 +41,15 @@ def remote_interference(train_clients: object) -> RemoteInterference | None:
     return train_clients if isinstance(train_clients, RemoteInterference) else None
 
 
+def probe_size(config: dict, shard_size: int) -> int:
+    """How many images a client's probe holds: `interference_probe`, or its whole shard if smaller."""
+    return min(setting(config, "interference_probe"), shard_size)
+
+
 def probe_positions(config: dict, shard_size: int, client: int) -> Tensor:
     """The client's probe: `interference` positions in its shard (all of it if smaller), seeded, fixed over rounds."""
     order = torch.randperm(shard_size, generator=torch_generator(config["seed"], "probe", client))
-    return order[: setting(config, "interference_probe")]
+    return order[: probe_size(config, shard_size)]
 
 
 def probe_predictions(model: nn.Module, data: Data, shard: Tensor, client: int, config: dict) -> Tensor:
@@ -72,6 +78,7 @@ def round_interference(
     if not clients:
         return float("nan")
     if remote is not None:
-        return statistics.fmean(remote.client_interference(model, config, clients))
+        sizes = [probe_size(config, len(shards[k])) for k in clients]
+        return statistics.fmean(remote.client_interference(model, config, clients, sizes))
     new = {k: probe_predictions(model, data, shards[k], k, config) for k in clients}
     return statistics.fmean(disagreement(kept[k], new[k]) for k in clients)

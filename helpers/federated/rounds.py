@@ -143,9 +143,7 @@ class ClientResult(NamedTuple):
     scaler_state: dict | None  # its final GradScaler state
     extra: object | None = None  # what it sends beyond its weights (helpers.algorithms.fedavg.ClientSide.finish)
     share: float | None = None  # n_k / n over the clients that replied, when an engine drops some (node_failure)
-    probe: Tensor | None = (
-        None  # its trained model's predictions on its probe (`interference_probe`; Flower keeps them)
-    )
+    probe: Tensor | None = None  # its trained model's predictions on its probe (interference_probe; Flower: None)
 
 
 # The engine seam, train_in_turn's signature:

@@ -173,12 +173,15 @@ class NodeEngine:
             usable(f"evaluate on client {k}", None if ok else f"loss {loss}, {correct} correct of {n}")
             yield loss, correct, n
 
-    def client_interference(self, model: nn.Module, config: dict, clients: list[int]) -> list[float]:
-        """Each client's share of its probe on which its trained model (kept on its node) and `model` disagree."""
+    def client_interference(self, model: nn.Module, config: dict, clients: list[int], sizes: list[int]) -> list[float]:
+        """Each client's share of its probe (`sizes`: the images it must compare, known here from n_k) on which its
+        trained model (kept on its node) and `model` disagree."""
         shares = []
-        for k, c in zip(clients, self.ask("interference", config, clients, {"model": model_record(model)})):
+        replies = self.ask("interference", config, clients, {"model": model_record(model)})
+        for k, size, c in zip(clients, sizes, replies, strict=True):
             disagree, n = int(c["result"]["disagree"]), int(c["result"]["samples"])
-            usable(f"interference on client {k}", None if 0 <= disagree <= n else f"{disagree} of {n} disagree")
+            ok = n == size and 0 <= disagree <= n
+            usable(f"interference on client {k}", None if ok else f"{disagree} of {n} probe images (expected {size})")
             shares.append(disagree / n if n else 0.0)
         return shares
 
