@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from helpers.algorithms.registry import ALGORITHMS
+from helpers.algorithms.registry import ALGORITHMS, algorithm_class
 from helpers.config.experiments import make_config
 from helpers.federated.rounds import rounds_for_budget
 from helpers.sparse.masks import MASK_RULES
@@ -24,6 +24,7 @@ SETTINGS_05 = [("noniid", 1), ("noniid", 10), ("iid", None)]  # 05's defaults
 SETTINGS_06 = [("iid", None), ("noniid", 10)]  # 06's defaults
 BACKBONE_ENTRIES = 21_700_000  # ViT-S/16, about
 RULES = list(MASK_RULES)
+ALGORITHMS_TUNING = {name: algorithm_class(name).tuning for name in ALGORITHMS}
 
 
 def _curve(steps: int, final: float, rng: np.random.Generator) -> np.ndarray:
@@ -158,29 +159,41 @@ def _editing(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
 
 
 def _remedies(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
-    """05's remedies comparison: every algorithm dense and sparse at Nc 1 and 5, J 8 (its defaults)."""
-    from helpers.ops.plans import remedy_plan
+    """05's remedies: each algorithm's tuning (its grid, dense, Nc 1, half the rounds; the middle value best), then
+    the comparison dense and sparse at Nc 1 and 5, J 8, at the values chosen (its defaults)."""
+    from helpers.ops.plans import remedy_plan, tuning_configs
+    from helpers.ops.tuning import with_tuning
 
     base = make_config("sparse_fedavg", PROFILE, calibration_rounds=2)
     gains = {"fedavg": 0.0, "fedavgm": 0.01, "fedprox": 0.005, "scaffold": 0.02, "fedadam": 0.015, "fedyogi": 0.012,
              "fedadagrad": 0.008}  # fmt: skip
+    tuning, chosen = [], {}
+    for i, config in enumerate(tuning_configs(base, list(ALGORITHMS), 1, 8, 0.5)):
+        algorithm = config.get("algorithm", "fedavg")
+        name, _ = ALGORITHMS_TUNING[algorithm]
+        if i % 3 == 1:
+            chosen[algorithm] = (name, config[name])
+        tuning.append(_rows("sparse_fedavg", config, 0.5 + gains[algorithm] - 0.02 * abs(i % 3 - 1), rng))
     rows = []
-    for config in remedy_plan(base, list(ALGORITHMS), [1, 5], 8, 0.01):
+    for config in remedy_plan(base, list(ALGORITHMS), [1, 5], 8, chosen):
         algorithm, sparse = config.get("algorithm", "fedavg"), config["sparsity"] > 0
         final = 0.86 - 0.3 / config["classes_per_client"] + gains[algorithm] + (0.02 if sparse else 0)
         density = (1 - config["sparsity"]) * (2 if algorithm == "scaffold" else 1)  # SCAFFOLD also sends c_i
         rows.append(_rows("sparse_fedavg", config, final, rng, density=density, mask_density=1 - config["sparsity"],
                           calibration_upload_bytes=4 * BACKBONE_ENTRIES * 100 * 2 if sparse else 0.0))  # fmt: skip
-    frame = pd.concat(rows)
-    return {"remedies": frame.assign(algorithm=frame["algorithm"].fillna("fedavg"))}
+    frames = {"remedies": pd.concat(rows), "remedies_tuning": pd.concat(tuning)}
+    frames = {k: f.assign(algorithm=f["algorithm"].fillna("fedavg")) for k, f in frames.items()}
+    frames = {k: with_tuning(f, chosen) for k, f in frames.items()}
+    frames["remedies_tuning"]["diverged"] = False
+    return frames
 
 
 def _extension(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
     """05's extension: FedAvg's mean and TIES over its density grid, dense and sparse, at Nc 1 and J 8."""
     from helpers.ops.plans import extension_configs, remedy_plan
 
-    base = next(c for c in remedy_plan(make_config("sparse_fedavg", PROFILE, calibration_rounds=2), ["fedavg"], [1], 8,
-                                       0.01) if c["sparsity"] > 0)  # fmt: skip
+    base = next(c for c in remedy_plan(make_config("sparse_fedavg", PROFILE, calibration_rounds=2), ["fedavg"], [1], 8)
+                if c["sparsity"] > 0)  # fmt: skip
     rows = []
     for config in [c for group in extension_configs(base).values() for c in group]:
         ties, sparse = config.get("merge") == "ties", config["sparsity"] > 0

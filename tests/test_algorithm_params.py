@@ -13,7 +13,7 @@ from helpers.federated import rounds
 from helpers.ops.cli import main
 from helpers.reporting.results import tidy_results
 from helpers.training import resumable
-from helpers.training.runs import find_runs, run_id
+from helpers.training.runs import find_runs, metrics_file, run_id
 
 
 @pytest.mark.parametrize("experiment", ["fedavg", "sparse_fedavg"])
@@ -154,5 +154,5 @@ def test_a_new_algorithm_is_one_file_and_one_registry_line(tmp_path, monkeypatch
     assert main(["run", "fedavg", *common, "--set", "server_lr=0.25", "--run-root", str(tmp_path / "fedavg")]) == 0
     new, reference = (next((tmp_path / d / "fedavg").glob("*")) for d in ("new", "fedavg"))
     assert '"half_weight": 0.25' in (new / "config.json").read_text()
-    new_rows, reference_rows = (pd.read_csv(d / "metrics.csv").drop(columns="elapsed_s") for d in (new, reference))
+    new_rows, reference_rows = (pd.read_csv(metrics_file(d)).drop(columns="elapsed_s") for d in (new, reference))
     pd.testing.assert_frame_equal(new_rows, reference_rows)  # the same rounds, losses, accuracies, drift

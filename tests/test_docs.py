@@ -11,6 +11,7 @@ from helpers.ops.pipeline import README_DATA, README_FIGURE, README_IMAGE, refre
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
+DOCS = REPO / "docs"
 
 
 def links(path: Path) -> list[str]:
@@ -84,3 +85,16 @@ def test_a_smoke_pipeline_copies_the_readme_figure_and_its_rows(tmp_path: Path):
     rows = image.with_suffix(".csv").read_text().splitlines()
     assert rows == [",".join(columns), ",".join(["1"] * len(columns))]  # final rows only, no timings
     assert not refresh_readme_figure(figures, results, image)  # unchanged: the files are not rewritten
+
+
+def test_the_cost_table_of_the_docs_is_what_the_estimator_prints(monkeypatch):
+    """docs/reproduce.md holds the T4 estimate per notebook as `python -m helpers.cost --markdown` prints it."""
+    from helpers.ops.cost import MARKDOWN_BEGIN, MARKDOWN_END, cost_markdown
+
+    monkeypatch.delenv("FLME_PROFILE", raising=False)  # it would turn the full profile into smoke
+    text = (DOCS / "reproduce.md").read_text()
+    block = text[text.index(MARKDOWN_BEGIN) : text.index(MARKDOWN_END) + len(MARKDOWN_END)]
+    assert block == cost_markdown("full"), "run `python -m helpers.cost --markdown` and paste it into reproduce.md"
+    for page in DOCS.glob("*.md"):  # nowhere else a number of T4 hours that could go stale
+        outside = page.read_text().replace(block, "")
+        assert not re.search(r"\d+(\.\d+)? (T4|GPU)[- ]hours", outside), page.name

@@ -17,7 +17,7 @@ from helpers.training.runs import run_id
 
 def test_extension_configs_hold_the_remedies_cell_and_vary_only_the_merge_and_the_mask():
     base = make_config("sparse_fedavg", "full", calibration_rounds=2)
-    cells = remedy_plan(base, ["fedavg", "fedadam"], [1], 8, 0.01)
+    cells = remedy_plan(base, ["fedavg", "fedadam"], [1], 8)
     cell = next(c for c in cells if c.get("algorithm") == "fedadam" and c["sparsity"] > 0)  # a remedy's cell
     groups = extension_configs(cell)
     configs = [c for group in groups.values() for c in group]

@@ -129,7 +129,9 @@ def test_resume_and_skip_lines_and_the_notebook_count(tmp_path, capsys):
 
 def test_pipeline_refuses_a_parameter_a_selected_notebook_does_not_declare():
     paths = notebook_paths(["02", "03"])
-    check_pipeline_parameters({"NUM_CLIENTS": 50}, paths)  # both declare it
+    check_pipeline_parameters({"NUM_CLIENTS": 100}, paths)  # both declare it (and their plans hold with it)
+    with pytest.raises(ValueError, match="classes_per_client=1 with num_clients=50 is invalid"):
+        check_pipeline_parameters({"NUM_CLIENTS": 50}, paths)  # 03's Nc=1 needs 100 clients: refused before 02 runs
     with pytest.raises(
         ValueError, match="ROUNDS is not declared by notebook 03_fedavg_noniid: its parameters are PROFILE"
     ):

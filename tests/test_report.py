@@ -44,6 +44,9 @@ def _runs(experiment: str, step: str, steps: int, grid: list[dict], fed: bool = 
     return pd.DataFrame(rows)
 
 
+TUNED = {"fedavg": "server_lr", "fedprox": "prox_mu", "scaffold": "server_lr", "fedadam": "server_lr"}
+
+
 def write_fixture(root: Path) -> Path:
     """A results root with one small CSV per results file the report uses."""
     folder = root / PROFILE
@@ -105,7 +108,11 @@ def write_fixture(root: Path) -> Path:
             {"algorithm": a, "sparsity": sp, "calibration_rounds": 2, "sharding": "noniid", "classes_per_client": nc,
              "local_steps": 8, "seed": 0}
             for a in ["fedavg", "fedprox", "scaffold", "fedadam"] for sp in [0.0, 0.9] for nc in [1, 5]
-        ], fed=True),
+        ], fed=True).assign(tuned_param=lambda d: d["algorithm"].map(TUNED), tuned_value=0.1),
+        "remedies_tuning": _runs("sparse_fedavg", "round", 2, [
+            {"algorithm": a, "sparsity": 0.0, "sharding": "noniid", "classes_per_client": 1, "local_steps": 8,
+             "seed": 0, TUNED[a]: v} for a in ["fedavg", "fedprox", "scaffold", "fedadam"] for v in [0.01, 0.1, 1.0]
+        ], fed=True).assign(tuned_param=lambda d: d["algorithm"].map(TUNED), tuned_value=0.1, diverged=False),
         "extension": _extension_runs(),
     }  # fmt: skip
     for name, frame in files.items():
@@ -252,7 +259,7 @@ def test_make_report_says_what_it_wrote_and_ends_with_the_pdf(results_root: Path
     assert report.main(["--profile", PROFILE, "--results-root", str(results_root), "--pdf"]) == 0
     out = capfd.readouterr()
     first, last = out.out.strip().splitlines()
-    assert first.startswith(f"profile={PROFILE}: 11 results files") and "13 figures in" in first, first
+    assert first.startswith(f"profile={PROFILE}: 12 results files") and "13 figures in" in first, first
     assert re.fullmatch(rf"report: .*main-{PROFILE}\.pdf \(\d pages\)", last), last
     assert "Latexmk" not in out.out + out.err and "Output written" not in out.out + out.err
     assert "helpers.report --profile $(PROFILE) --pdf" in (REPO / "Makefile").read_text()  # what `make report` runs

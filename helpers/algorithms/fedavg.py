@@ -44,6 +44,8 @@ class FedAvg:
     name = "fedavg"
     # its own parameters, with their defaults and sources: in a config of this algorithm only (helpers.config)
     params: dict[str, Param] = {"server_lr": SERVER_LR}
+    # the parameter the remedies comparison tunes on validation, and its grid (docs/remedies.md says why each)
+    tuning: tuple[str, tuple] = ("server_lr", (0.5, 1.0, 2.0))  # the step around the clients' average
     upload_factor = 1  # model-sized tensors a client uploads per round (SCAFFOLD: weights and control variates)
     memory_copies = 0  # model-sized fp32 tensors it keeps in memory beside FedAvg's (helpers.ops.memory)
     stateful = False  # server state that the checkpoint must hold (exact resume)

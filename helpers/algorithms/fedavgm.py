@@ -29,6 +29,7 @@ class FedAvgM(FedAvg):
         "server_lr": replace(SERVER_LR, default=1.0, source=_REDDI),
         "server_momentum": Param(float, "FedAvgM's server momentum", **PROBABILITY, default=0.9, source=_REDDI),
     }
+    tuning = ("server_lr", (0.1, 0.3, 1.0))  # effective rates server_lr / (1 - 0.9): 1, 3 and 10 times FedAvg's
     stateful = True
     memory_copies = 1  # the velocity
 

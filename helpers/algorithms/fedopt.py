@@ -53,6 +53,7 @@ class FedAdam(FedAvg):
 
     name = "fedadam"
     params = server_params(lr=1.0, tau=0.1, beta1=0.9, beta2=0.999)
+    tuning = ("server_lr", (0.1, 0.3, 1.0))  # at |Delta| << tau a step is ~ server_lr Delta / tau: 1, 3, 10x FedAvg's
     stateful = True
     memory_copies = 2  # the first and second moments
 
@@ -102,6 +103,7 @@ class FedAdagrad(FedAdam):
 
     name = "fedadagrad"
     params = server_params(lr=0.1, tau=0.01, beta1=0.0, beta2=None)
+    tuning = ("server_lr", (0.01, 0.03, 0.1))  # at tau 0.01: 1, 3 and 10 times FedAvg's step while v is small
 
     def second_moment(self, v: list[Tensor], delta2: list[Tensor]) -> None:
         torch._foreach_add_(v, delta2)

@@ -42,6 +42,7 @@ class FedProx(FedAvg):
             "as the authors' code (litian96/FedProx) plots them",
         ),
     }
+    tuning = ("prox_mu", (0.01, 0.1, 1.0))  # from about FedAvg (0.01) to the paper's best on its image tasks (1)
 
     def __init__(self, config: Mapping) -> None:
         super().__init__(config)

@@ -208,6 +208,7 @@ class Scaffold(FedAvg):
             source="Karimireddy et al. 2020, Algorithm 1: option II, the cheaper",
         ),
     }
+    tuning = ("server_lr", (0.5, 1.0, 2.0))  # the global step size eta_g around the paper's 1
     upload_factor = 2  # y_i and Delta c_i
     stateful = True
     node_state = True  # c_i: on Flower, in the node's state-dir (helpers.flower.node.node_state_dir)

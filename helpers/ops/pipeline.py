@@ -19,7 +19,8 @@ from helpers.core.settings import (
     default_run_root,
     default_tables_root,
 )
-from helpers.ops.notebook import declared_parameters, undeclared
+from helpers.ops.notebook import check_notebook_value, declared_parameters, undeclared
+from helpers.ops.plans import PLANS
 
 # The README's figure: what 07 draws from the smoke results, copied by every smoke pipeline (with the rows it shows,
 # so that tests/test_docs.py can redraw it with the same function and compare).
@@ -52,13 +53,19 @@ def parse_parameters(pairs: list[list[str]]) -> dict:
     return out
 
 
-def check_pipeline_parameters(parameters: dict, paths: list[Path]) -> None:
-    """Every parameter must be declared by every selected notebook: papermill would pass it to all of them."""
+def check_pipeline_parameters(parameters: dict, paths: list[Path], profile: str = "smoke") -> None:
+    """Every parameter must be declared by every selected notebook (papermill would pass it to all of them) and
+    valid there: each value, then the notebook's whole plan (helpers.ops.plans), so a bad value is one line before
+    the first kernel starts, never a traceback from inside a notebook."""
     for path in paths:
         declared = declared_parameters(path.stem)
         for name in parameters:
             if name not in declared:
                 raise ValueError(undeclared(name, path.stem, list(declared)) + " (choose notebooks with --notebooks)")
+        for name, value in parameters.items():
+            check_notebook_value(name, value, declared[name])
+        if path.stem in PLANS:
+            PLANS[path.stem]({**declared, **parameters, "PROFILE": profile}, None)
 
 
 def describe_notebooks() -> str:
@@ -83,7 +90,7 @@ def run_pipeline(
     import papermill
 
     paths = notebook_paths(notebooks)
-    check_pipeline_parameters(parameters or {}, paths)  # before the first kernel starts
+    check_pipeline_parameters(parameters or {}, paths, profile)  # before the first kernel starts
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MPLBACKEND", "Agg")

@@ -26,12 +26,12 @@ from helpers.federated.clients import clients_per_round
 from helpers.federated.interference import PROBE_IMAGES
 from helpers.federated.rounds import rounds_for_budget
 from helpers.ops.notebook import declared_parameters
+from helpers.ops.tuning import check_tuning, chosen_values, tuning_grid, tuning_rounds
 from helpers.reporting.results import final_rows
 from helpers.sparse.masks import MASK_RULES, one_shot
 from helpers.training.runs import Run, run_id
 
 SMOKE_ALGORITHMS = ("fedavg", "scaffold", "fedadam")  # the smoke pipeline's share: a client side, a server optimizer
-ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")  # server optimizers whose step is ~ server_lr per entry
 BASELINE_J = 4  # 03's step budget is the profile's default rounds at the course's J = 4
 
 
@@ -254,23 +254,47 @@ def remedy_algorithms(profile: str, chosen: list | None) -> list[str]:
     return list(chosen)
 
 
+def remedy_base(base: dict, algorithm: str, local_steps: int, rounds: int) -> dict:
+    """`base` (a sparse run of 05) as a remedy's run: every value but the other algorithms' own parameters (the
+    algorithm's own take its defaults unless set), `local_steps` and `rounds`."""
+    others = set(remedy_parameters())
+    shared = {k: v for k, v in base.items() if k in experiment_parameters("sparse_fedavg") and k not in others}
+    return {**shared, "algorithm": algorithm, "sharding": "noniid", "local_steps": local_steps, "rounds": rounds}
+
+
+def remedy_rounds(base: dict, local_steps: int) -> int:
+    """The comparison's rounds: base's step budget (J x rounds) at `local_steps`."""
+    return rounds_for_budget(base["rounds"] * base["local_steps"], local_steps)
+
+
+def tuning_configs(
+    base: dict, algorithms: list[str], nc: int, local_steps: int, budget: float, grids: Mapping | None = None
+) -> list[dict]:
+    """Per algorithm, one dense run (sparsity 0, the step-0 head) per value of its grid at Nc = `nc` (the hardest
+    setting), each with `budget` of the comparison's rounds: the same count and budget for every method."""
+    rounds = tuning_rounds(remedy_rounds(base, local_steps), budget)
+    configs = []
+    for algorithm in algorithms:
+        name, values = tuning_grid(algorithm, grids)
+        cell = remedy_base(base, algorithm, local_steps, rounds)
+        configs += [make_config("sparse_fedavg", **{**cell, "classes_per_client": nc, "sparsity": 0.0, name: v})
+                    for v in values]  # fmt: skip
+    return configs
+
+
 def remedy_plan(
-    base: dict, algorithms: list[str], classes: list[int], local_steps: int, adaptive_lr: float
+    base: dict, algorithms: list[str], classes: list[int], local_steps: int, chosen: Mapping | None = None
 ) -> list[dict]:
     """sparse_fedavg configs: per algorithm and Nc in `classes`, the dense control (sparsity 0, step-0 head) and
-    `base`'s sparse run, with `local_steps` and the rounds that keep base's step budget (J x rounds); the adaptive
-    server optimizers take server_lr=`adaptive_lr` (their step does not shrink with the pseudo-gradient)."""
-    remedies = set(remedy_parameters()) - {"server_lr"}
-    shared = {k: v for k, v in base.items() if k in experiment_parameters("sparse_fedavg") and k not in remedies}
-    rounds = rounds_for_budget(base["rounds"] * base["local_steps"], local_steps)
-    plan = []
+    `base`'s sparse run, with `local_steps` and the rounds that keep base's step budget (J x rounds), each algorithm
+    at its `chosen` (parameter, value) (None: at its defaults, a placeholder until the tuning is done)."""
+    rounds, plan = remedy_rounds(base, local_steps), []
     for algorithm in algorithms:
-        lr = {"server_lr": adaptive_lr} if algorithm in ADAPTIVE else {}
+        tuned = dict([chosen[algorithm]]) if chosen and algorithm in chosen else {}
         for nc in classes:
             for sparsity in (0.0, base["sparsity"]):
-                cell = dict(algorithm=algorithm, sharding="noniid", classes_per_client=nc, local_steps=local_steps,
-                            rounds=rounds, sparsity=sparsity)  # fmt: skip
-                plan.append(make_config("sparse_fedavg", **{**shared, **lr, **cell}))
+                cell = {**remedy_base(base, algorithm, local_steps, rounds), "classes_per_client": nc}
+                plan.append(make_config("sparse_fedavg", **{**cell, "sparsity": sparsity, **tuned}))
     return plan
 
 
@@ -295,12 +319,35 @@ def extension_configs(base: dict, densities: tuple[float, ...] = MERGE_TUNING[1]
     }
 
 
+def remedy_configs(p: Mapping, chosen: Mapping) -> list[dict]:
+    """05's remedies comparison at the tuned values `chosen` ({algorithm: (parameter, value)})."""
+    algorithms = remedy_algorithms(
+        resolve_profile(p["PROFILE"]), None if p["REMEDIES"] is None else as_list(p["REMEDIES"])
+    )
+    return remedy_plan(editing_base(p), algorithms, as_list(p["REMEDY_NC"]), p["REMEDY_J"], chosen)
+
+
+def editing_settings(p: Mapping) -> list[tuple[str, int | None]]:
+    """05's shardings: the non-IID ones of NC_LIST, then IID if INCLUDE_IID."""
+    return [("noniid", nc) for nc in as_list(p["NC_LIST"])] + ([("iid", None)] if p["INCLUDE_IID"] else [])
+
+
+def editing_rounds(p: Mapping) -> list[int]:
+    """05's calibration rounds R (one-shot rules: [1])."""
+    return [1] if one_shot(p["MASK_RULE"]) else as_list(p["CALIBRATION_ROUNDS"])
+
+
+def editing_base(p: Mapping) -> dict:
+    """05's first sparse run: the settings every remedy's run shares."""
+    (sharding, nc), sparsity = editing_settings(p)[0], as_list(p["SPARSITIES"])[0]
+    return federated_editing_config(p, sharding, nc, sparsity, editing_rounds(p)[0])
+
+
 def federated_editing_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:
     """05: sparse FedAvg over shardings x sparsity x R, a dense control per sharding, and the remedies compared."""
     profile = resolve_profile(p["PROFILE"])
     plan = Plan("05_federated_editing", profile)
-    rounds_r = [1] if one_shot(p["MASK_RULE"]) else as_list(p["CALIBRATION_ROUNDS"])
-    settings = [("noniid", nc) for nc in as_list(p["NC_LIST"])] + ([("iid", None)] if p["INCLUDE_IID"] else [])
+    rounds_r, settings = editing_rounds(p), editing_settings(p)
     grid = [federated_editing_config(p, sh, nc, s, r)
             for (sh, nc), s, r in product(settings, as_list(p["SPARSITIES"]), rounds_r)]  # fmt: skip
     plan.add("grid", "sparse_fedavg", grid)
@@ -312,12 +359,24 @@ def federated_editing_plan(p: Mapping, run_root: str | Path | None = None) -> Pl
         f"sparse runs ({p['MASK_RULE']}, {p['MASK_SCOPE']} mask, {base['calibration_samples']} images per client and "
         f"round, step 0 = {p['STEP0']}) and {len(plan['controls'])} dense controls"
     )
-    chosen = remedy_algorithms(profile, None if p["REMEDIES"] is None else as_list(p["REMEDIES"]))
-    remedies = remedy_plan(base, chosen, as_list(p["REMEDY_NC"]), p["REMEDY_J"], p["REMEDY_SERVER_LR"])
-    plan.add("remedies", "sparse_fedavg", remedies)
-    plan.lines.append(f"remedies comparison: {', '.join(chosen) or 'none'} at Nc={p['REMEDY_NC']}, "
-                      f"J={p['REMEDY_J']}: {len(remedies)} runs")  # fmt: skip
-    plan.info.update(base=base, settings=settings, rounds_r=rounds_r, remedy_algorithms=chosen)
+    algorithms = remedy_algorithms(profile, None if p["REMEDIES"] is None else as_list(p["REMEDIES"]))
+    check_tuning(p["TUNING_SPLIT"], p["TUNING_BUDGET"], p["TUNING_GRIDS"], algorithms)
+    classes = as_list(p["REMEDY_NC"])
+    if algorithms and not classes:
+        raise ValueError("REMEDY_NC=[] is invalid with remedies to compare: give at least one Nc (or REMEDIES=[])")
+    hardest = min(classes) if classes else None
+    tuning = tuning_configs(base, algorithms, hardest, p["REMEDY_J"], p["TUNING_BUDGET"], p["TUNING_GRIDS"])
+    plan.add("tuning", "sparse_fedavg", tuning)
+    tuned = finished_runs("sparse_fedavg", tuning, run_root) if tuning else None
+    chosen = chosen_values(tuned) if tuned else None
+    plan.add("remedies", "sparse_fedavg", remedy_plan(base, algorithms, classes, p["REMEDY_J"], chosen))
+    plan.waiting = ("remedies",) if tuning and chosen is None else ()
+    plan.lines.append(
+        f"remedies comparison: {', '.join(algorithms) or 'none'} at Nc={classes}, J={p['REMEDY_J']}: "
+        f"{len(plan['remedies'])} runs, each method at the value of its own hyperparameter chosen on validation "
+        f"from {len(tuning)} tuning runs (dense, Nc={hardest}, {p['TUNING_BUDGET']:g} of the rounds each)"
+    )
+    plan.info.update(base=base, settings=settings, rounds_r=rounds_r, remedy_algorithms=algorithms, chosen=chosen)
     return plan
 
 

@@ -91,3 +91,15 @@ def merge_label(merge: object, density: object = None) -> str:
     if merge != "ties":
         return str(merge)
     return "TIES" + (f" d={density:g}" if density is not None and pd.notna(density) else "")
+
+
+def tuned_labels(part: pd.DataFrame) -> pd.Series:
+    """'prox_mu = 0.1' for each row of a remedies table: the hyperparameter its method tuned and the value chosen
+    (rows written before the tuning: '--')."""
+    if "tuned_param" not in part:
+        return pd.Series("--", index=part.index, dtype=object)
+    values = part["tuned_value"] if "tuned_value" in part else pd.Series(float("nan"), index=part.index)
+    labels = [
+        f"{p} = {v:g}" if isinstance(p, str) and pd.notna(v) else "--" for p, v in zip(part["tuned_param"], values)
+    ]
+    return pd.Series(labels, index=part.index, dtype=object)

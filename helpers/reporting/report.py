@@ -47,6 +47,7 @@ from helpers.reporting.tables import (  # noqa: F401
     write_profile_macro,
     write_tables,
 )
+from helpers.reporting.tuning import tuning_latex
 
 
 def write_report_inputs(
@@ -58,6 +59,8 @@ def write_report_inputs(
     """Every figure and table of the report (and generated/profile.tex) from results/<profile>/; returns the paths."""
     df = load_results(profile, results_root)
     paths = write_tables(df, profile, tables_root)
+    paths.append(tables_dir(profile, tables_root) / "remedies_tuning.tex")
+    paths[-1].write_text(tuning_latex(df))
     write_figures(df, profile, figures_root)
     return [*paths, figures_dir(profile, figures_root)]
 

@@ -146,17 +146,20 @@ def summary_table(runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_editing_results(runs: list[Run], name: str, extra: pd.DataFrame | None = None) -> Path:
-    """results/<profile>/<name>.csv: tidy rows per (run, epoch|round) plus step-0 and calibration cost columns,
-    and a row per step-0 model (step0_rows); `extra` tidy rows (e.g. the dense FedAvg reference read from 02/03)
-    are appended as they are."""
+def editing_table(runs: list[Run], extra: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Tidy rows per (run, epoch|round) plus step-0 and calibration cost columns, and a row per step-0 model
+    (step0_rows); `extra` tidy rows (e.g. the dense FedAvg reference read from 02/03) appended as they are."""
     table, info = tidy_results(runs), summary_table(runs)
     columns = ["run_id"] + [c for c in INFO_COLUMNS if c in info]
     if len(columns) > 1 and not table.empty:
         table = table.merge(info[columns], on="run_id", how="left")
     parts = [t for t in (table, step0_rows(runs), extra) if t is not None and not t.empty]
-    table = with_integer_columns(pd.concat(parts, ignore_index=True)) if parts else table
-    return write_results(runs, name, table=table)
+    return with_integer_columns(pd.concat(parts, ignore_index=True)) if parts else table
+
+
+def write_editing_results(runs: list[Run], name: str, extra: pd.DataFrame | None = None) -> Path:
+    """results/<profile>/<name>.csv: editing_table's rows."""
+    return write_results(runs, name, table=editing_table(runs, extra))
 
 
 def step0_rows(runs: list[Run]) -> pd.DataFrame:

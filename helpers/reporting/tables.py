@@ -10,7 +10,7 @@ import pandas as pd
 
 from helpers.core.settings import default_tables_root
 from helpers.reporting.extension import extension_rows
-from helpers.reporting.labels import rules_with_controls, sparse_rows, with_algorithm
+from helpers.reporting.labels import rules_with_controls, sparse_rows, tuned_labels, with_algorithm
 from helpers.reporting.summaries import (
     MissingResults,
     check_one_profile,
@@ -222,12 +222,11 @@ TABLES: dict[str, tuple] = {
     ),
     "remedies": (
         "remedies",
-        "algorithm",
+        ["algorithm", "tuned"],
         "test_acc",
         "variant",
-        "Remedies against client drift at the hardest settings, each dense (step-0 head) and with the sparse mask, at "
-        "the same step budget: final test accuracy per algorithm and sharding (Figure~\\ref{fig:remedies}: the "
-        "uploads).",
+        "Remedies at the hardest settings, dense (step-0 head) and sparse, same step budget, each at its value tuned "
+        "on validation: final test accuracy (Figure~\\ref{fig:remedies}: uploads). Only the algorithms that ran.",
         None,
     ),
     "mask_rules": (
@@ -285,7 +284,7 @@ def table_data(df: pd.DataFrame, name: str) -> pd.DataFrame:
     if name == "remedies":  # the step-0 model is every algorithm's: not a remedy's row
         part = with_algorithm(part[part["experiment"] != "step0"])
         kind = np.where(part["sparsity"].fillna(0) > 0, "sparse", "dense")
-        part = part.assign(variant=part["setting"] + ", " + kind)
+        part = part.assign(variant=part["setting"] + ", " + kind, tuned=tuned_labels(part))
     needed = [
         *([index] if isinstance(index, str) else index),
         *([columns] if columns else []),
