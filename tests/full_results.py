@@ -189,21 +189,27 @@ def _remedies(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
 
 
 def _extension(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
-    """05's extension: FedAvg's mean and TIES over its density grid, dense and sparse, at Nc 1 and J 8."""
-    from helpers.ops.plans import extension_configs, remedy_plan
+    """05's extension: TIES's density tuning (dense, Nc 1, half the rounds; 0.2 best), then FedAvg's mean and TIES at
+    0.2, dense and sparse, at Nc 1 and 5, J 8, interference per round."""
+    from helpers.ops.comparisons import extension_configs, extension_tuning_configs
+    from helpers.ops.tuning import with_tuning
 
-    base = next(c for c in remedy_plan(make_config("sparse_fedavg", PROFILE, calibration_rounds=2), ["fedavg"], [1], 8)
-                if c["sparsity"] > 0)  # fmt: skip
+    base = make_config("sparse_fedavg", PROFILE, calibration_rounds=2)
+    chosen = {"ties": ("merge_density", 0.2)}
+    tuning = [_rows("sparse_fedavg", c, 0.5 - 0.02 * abs(c["merge_density"] - 0.2), rng)
+              for c in extension_tuning_configs(base, 1, 8, 0.5)]  # fmt: skip
     rows = []
-    for config in [c for group in extension_configs(base).values() for c in group]:
+    for config in extension_configs(base, [1, 5], 8, chosen):
         ties, sparse = config.get("merge") == "ties", config["sparsity"] > 0
-        final = (
-            0.56 + (0.02 if sparse else 0) + (0.015 - 0.02 * abs(config.get("merge_density", 0) - 0.2) if ties else 0)
-        )
+        final = 0.86 - 0.3 / config["classes_per_client"] + (0.02 if sparse else 0) + (0.015 if ties else 0)
         frame = _rows("sparse_fedavg", config, final, rng, density=1 - config["sparsity"])
         start = 0.35 - (0.08 if sparse else 0) - (0.05 if ties else 0)
         rows.append(frame.assign(interference=start * np.exp(-frame["round"] / 200) + rng.normal(0, 0.005, len(frame))))
-    return {"extension": pd.concat(rows)}
+    extension = pd.concat(rows)
+    tuned = with_tuning(extension, chosen)
+    tuned.loc[extension["merge"].ne("ties").to_numpy() if "merge" in extension else True,
+              ["tuned_param", "tuning_grid", "tuned_value"]] = None  # fmt: skip
+    return {"extension": tuned, "extension_tuning": with_tuning(pd.concat(tuning), chosen).assign(diverged=False)}
 
 
 def write_full_results(root: Path, seed: int = 0) -> Path:

@@ -239,13 +239,13 @@ TABLES: dict[str, tuple] = {
     ),
     "extension": (
         "extension",
-        "variant",
+        ["setting", "variant"],
         ["val_acc", "test_acc", "mean_interference"],
         None,
-        "FedAvg's mean against TIES-merging inside the round (merge density d chosen on validation), dense (step-0 "
-        "head) and sparse, at the hardest heterogeneity setting and the same step budget: final accuracy and the "
-        "interference averaged over the rounds (the share of a client's probe images on which its trained model and "
-        "the new global model disagree; lower is better).",
+        "FedAvg's mean against TIES-merging inside the round (merge density d chosen on validation like the remedies' "
+        "parameters), dense (step-0 head) and sparse, at the remedies' settings and the same step budget: final "
+        "accuracy and the interference averaged over the rounds (the share of a client's probe images on which its "
+        "trained model and the new global model disagree; lower is better).",
         None,
     ),
 }
