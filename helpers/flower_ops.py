@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from helpers.algorithm import FedAvg, aligned_masks
 from helpers.config import setting
+from helpers.federation import poll_interval
 from helpers.flower_timing import mark
 from helpers.masks import Masks
 from helpers.replies import sort_replies, weights_problem
@@ -45,23 +46,9 @@ except ImportError as exc:  # Flower is optional (requirements-flower.txt): say 
 # The SuperLink's error replies for a node it lost (no heartbeat) or a message that expired: no reply from the node
 UNAVAILABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-POLL_ENV = "FLME_FLOWER_POLL_S"  # seconds between the server's pulls for replies (Flower's send_and_receive: 3 s)
-DEFAULT_POLL_S = 0.1
 
 
 # ----------------------------------------------------------------------------- transport
-
-
-def poll_interval() -> float:
-    """Seconds between the server's pulls for replies: $FLME_FLOWER_POLL_S, default 0.1 (not part of the run id)."""
-    raw = os.environ.get(POLL_ENV, str(DEFAULT_POLL_S))
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not 0.01 <= value <= 60:  # NaN fails too
-        raise ValueError(f"{POLL_ENV}={raw!r} is invalid: must be a number of seconds in [0.01, 60]")
-    return value
 
 
 def send_and_pull(grid: Grid, messages: list[Message], timeout: float | None = None, label: str = "") -> list[Message]:
@@ -74,11 +61,12 @@ def send_and_pull(grid: Grid, messages: list[Message], timeout: float | None = N
     mark("pushed", label=label, ids=sorted(ids))
     end, replies = time.time() + (timeout or 0.0), []
     while ids and (timeout is None or time.time() < end):
+        asked = time.time()
         got = list(grid.pull_messages(ids))
         replies += got
         ids -= {r.metadata.reply_to_message_id for r in got}
         if got:
-            mark("pulled", label=label, ids=[r.metadata.reply_to_message_id for r in got])
+            mark("pulled", label=label, ids=[r.metadata.reply_to_message_id for r in got], asked=asked)
         if ids:
             time.sleep(poll)
     return replies

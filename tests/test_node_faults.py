@@ -22,9 +22,9 @@ from helpers import flower_ops, resumable  # noqa: E402
 from helpers.config import make_config  # noqa: E402
 from helpers.data import load_data  # noqa: E402
 from helpers.fedavg import client_shards, client_update, run_fedavg, sample_clients  # noqa: E402
+from helpers.federation import POLL_ENV, poll_interval  # noqa: E402
 from helpers.flower import flower_config, run_flower, serve  # noqa: E402
 from helpers.flower_node import node_query, node_run_config, node_setup_tensors, node_train  # noqa: E402
-from helpers.flower_ops import POLL_ENV, poll_interval  # noqa: E402
 from helpers.replies import FAULT_ENV, corrupt, sort_replies, weights_problem  # noqa: E402
 from helpers.resumable import build_seeded_model  # noqa: E402
 from helpers.runs import load_checkpoint, run_id  # noqa: E402
