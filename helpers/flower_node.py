@@ -2,7 +2,8 @@
 
 A node holds one client's training data (its partition-id) and runs the project's own function on its shard:
 client_update, score_pool, ridge_statistics, the evaluation sums; a client's state between rounds (SCAFFOLD's c_i)
-stays in the node's state-dir.
+stays in the node's state-dir. flwr 1.41 runs each message in a new ClientApp process: the client's rows and the run's
+setup wait on the node's disk between messages (helpers.flower_cache), and each operation imports what it needs.
 """
 
 from __future__ import annotations
@@ -255,6 +256,7 @@ def node_train(content: RecordDict, context: Context, config: dict) -> RecordDic
     from helpers.fedavg import client_lr, client_update
     from helpers.stragglers import local_steps
 
+    mark("imports")  # what training needs (torch, timm, ...) is in: the benchmark splits imports from setup
     _, config, client = node_task(content, context, config)
     rnd = int(content["task"]["round"])
     fault = injected_fault(rnd, client)
