@@ -6,6 +6,7 @@ its training messages to its next push, is split along the node that answered la
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -91,7 +92,7 @@ def message_bounds(message_id: str, timing: list[dict], nodes: list[list]) -> li
 
 def round_parts(timing: list[dict], logs: list[str]) -> list[dict[str, float]]:
     """Per training round followed by another: its seconds, and those of each part (PARTS) along the node whose
-    reply came last (the parts add up to the round)."""
+    reply came last (the parts add up to the round; overlapping steps count once)."""
     pushes = [e for e in timing if e["event"] == "push" and e["label"].startswith("train")]
     pushed = {e["label"]: e for e in timing if e["event"] == "pushed"}
     pulled = {i: (e["asked"], e["t"]) for e in timing if e["event"] == "pulled" for i in e["ids"]}
@@ -101,6 +102,8 @@ def round_parts(timing: list[dict], logs: list[str]) -> list[dict[str, float]]:
         last = max(pushed[push["label"]]["ids"], key=lambda i: pulled[i][1])
         bounds = [push["t"], pushed[push["label"]]["t"], *message_bounds(last, timing, nodes)]
         bounds += [*pulled[last], following["t"]]
+        bounds = list(itertools.accumulate(bounds, max))  # steps that overlap (a node pulls while the server still
+        # pushes, the server pulls while the node logs) count in the earlier part: no part is negative
         parts = {name: b - a for (name, *_), a, b in zip(PARTS, bounds[:-1], bounds[1:], strict=True)}
         rounds.append({"round_s": following["t"] - push["t"], **parts})
     return rounds

@@ -49,6 +49,10 @@ def test_a_real_rounds_parts_come_from_the_timestamps_and_add_up_to_the_round():
             "server_step": 3}  # fmt: skip
     assert all(r == pytest.approx(want) for r in rounds)
     assert sum(v for k, v in rounds[0].items() if k != "round_s") == pytest.approx(rounds[0]["round_s"])
+    early = [{**e, "t": e["t"] - 1.5, "asked": e["asked"] - 1.5} if e["event"] == "pulled" and e["label"] == "train 0"
+             else e for e in timing]  # fmt: skip
+    overlapping = bench_federation.round_parts(early, logs)[0]  # pulled before the node logged "Sent"
+    assert overlapping["server_wait"] == 0 and overlapping["server_pull"] == 0 and overlapping["server_step"] == 4
     out = {f"federation_{m}_{k}_s": v for m in bench_federation.MODES for k, v in want.items()}
     out |= {f"federation_{m}_round_s": 20 for m in bench_federation.MODES}
     table = bench_federation.breakdown_table(out)
