@@ -355,8 +355,9 @@ def run_bench(
 
         fed = dict(num_clients=10, participation=0.3, rounds=3 if quick else 6)
         out.update(bench_flower(make_config("fedavg", profile, device=str(dev.type), pretrained=False, **fed)))
-        real = dict(num_clients=2, participation=1.0, rounds=4 if quick else 6)  # 2 SuperNodes on this machine
-        out.update(bench_federation(make_config("fedavg", "smoke", device="cpu", pretrained=False, **real)))
+        real = dict(num_clients=2, participation=1.0, rounds=4 if quick else 5)  # 2 SuperNodes on this machine
+        real_config = make_config("fedavg", "smoke", device="cpu", pretrained=False, **real)
+        out.update(bench_federation(real_config, repeats=1 if quick else 2))
     if dev.type == "cuda":  # the whole benchmark's peak (batch 256), before the default-batch measurement resets it
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     out.update(bench_gpu_memory(config, dev))

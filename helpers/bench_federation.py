@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
+import math
 import statistics
 import tempfile
 from pathlib import Path
@@ -105,7 +105,7 @@ def round_parts(timing: list[dict], logs: list[str]) -> list[dict[str, float]]:
         bounds = list(itertools.accumulate(bounds, max))  # steps that overlap (a node pulls while the server still
         # pushes, the server pulls while the node logs) count in the earlier part: no part is negative
         parts = {name: b - a for (name, *_), a, b in zip(PARTS, bounds[:-1], bounds[1:], strict=True)}
-        rounds.append({"round_s": following["t"] - push["t"], **parts})
+        rounds.append({"round_s": following["t"] - push["t"], "load": following.get("load", math.nan), **parts})
     return rounds
 
 
@@ -130,40 +130,49 @@ def run_on_federation(config: dict, mode: str, root: Path) -> list[dict[str, flo
 
 def summary(rounds: list[dict[str, float]], sequential_s: float, mode: str) -> dict[str, float]:
     """Mean seconds of a round and of each part, the round's ratio to the sequential engine's, and the machine's
-    load (1-minute average) when the run ended."""
+    mean load (1-minute average, other users included) at the end of the rounds."""
     mean = {name: statistics.fmean(r[name] for r in rounds) for name in rounds[0]}
-    out = {f"federation_{mode}_load": os.getloadavg()[0], f"federation_{mode}_round_s": mean.pop("round_s")}
+    out = {f"federation_{mode}_load": mean.pop("load"), f"federation_{mode}_round_s": mean.pop("round_s")}
     out[f"federation_{mode}_ratio"] = out[f"federation_{mode}_round_s"] / sequential_s
     return out | {f"federation_{mode}_{name}_s": value for name, value in mean.items()}
 
 
-def bench_federation(config: dict) -> dict:
-    """Seconds per round of `config` (FedAvg, >= 3 rounds) on a real local federation, before and after issue 37,
-    each part's mean seconds, and both against the sequential engine (one torch thread everywhere, as the nodes)."""
+def bench_federation(config: dict, repeats: int = 1) -> dict:
+    """Seconds per round of `config` (FedAvg, >= 3 rounds) on a real local federation in each mode (MODES), each
+    part's mean seconds, and all against the sequential engine (one torch thread everywhere, as on the nodes).
+    `repeats` > 1 runs the modes again in reverse order, and so on (a load that drifts favours no mode)."""
     from helpers.bench_flower import seconds_per_round
     from helpers.fedavg import run_fedavg
 
     if config["rounds"] < 3:
         raise ValueError(f"rounds={config['rounds']} is invalid for bench_federation: must be >= 3")
     threads = torch.get_num_threads()
+    rounds: dict[str, list] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="flme-federation-") as tmp:
         torch.set_num_threads(1)
         try:
             sequential = seconds_per_round(run_fedavg(config, run_root=Path(tmp) / "sequential", progress=False))
         finally:
             torch.set_num_threads(threads)
-        out = {"federation_sequential_round_s": sequential}
-        for mode in MODES:
-            out |= summary(run_on_federation(config, mode, Path(tmp) / mode), sequential, mode)
+        for repeat in range(repeats):
+            for mode in list(MODES)[:: 1 if repeat % 2 == 0 else -1]:
+                rounds[mode] += run_on_federation(config, mode, Path(tmp) / f"{mode}-{repeat}")
+    out = {"federation_sequential_round_s": sequential}
+    for mode, measured in rounds.items():
+        out |= summary(measured, sequential, mode)
     out["federation_speedup"] = out["federation_before_round_s"] / out["federation_after_round_s"]
     out["federation_speedup_in_memory"] = out["federation_before_in_memory_round_s"] / out["federation_after_round_s"]
     return out
 
 
 def breakdown_table(out: dict) -> str:
-    """The parts as a markdown table: seconds in each mode, whose, what."""
+    """The parts as a markdown table: seconds in each mode, whose, what; the round against the sequential engine."""
     lines = [f"| part | {' | '.join(f'{m} (s)' for m in MODES)} | whose | what |", "|---" * (len(MODES) + 3) + "|"]
-    for name, whose, what in [("round", "", "server push to next push"), *PARTS]:
+    for name, whose, what in [("round", "", "from the server's push to its next push"), *PARTS]:
         seconds = " | ".join(f"{out[f'federation_{m}_{name}_s']:.2f}" for m in MODES)
         lines.append(f"| {name} | {seconds} | {whose} | {what} |")
-    return "\n".join(lines)
+    sequential = out["federation_sequential_round_s"]
+    ratios = " | ".join(f"{out[f'federation_{m}_ratio']:.0f}x" for m in MODES)
+    lines.append(f"| round / sequential engine's ({sequential:.2f} s) | {ratios} | | |")
+    loads = " | ".join(f"{out[f'federation_{m}_load']:.1f}" for m in MODES)
+    return "\n".join([*lines, f"| machine load (1-minute average, 2 cores) | {loads} | | |"])

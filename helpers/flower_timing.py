@@ -18,12 +18,13 @@ def timing_on() -> bool:
 
 
 def mark(event: str, **fields) -> None:
-    """Append {"t", "pid", "event", **fields} to $FLME_FLOWER_TIMING (nothing without it). One short append per
-    line: lines of concurrent processes never interleave (O_APPEND)."""
+    """Append {"t", "pid", "event", "load" (the machine's 1-minute load average), **fields} to $FLME_FLOWER_TIMING
+    (nothing without it). One short append per line: lines of concurrent processes never interleave (O_APPEND)."""
     path = os.environ.get(TIMING_ENV)
     if not path:
         return
-    line = json.dumps({"t": time.time(), "pid": os.getpid(), "event": event, **fields}) + "\n"
+    stamp = {"t": time.time(), "pid": os.getpid(), "event": event, "load": os.getloadavg()[0]}
+    line = json.dumps({**stamp, **fields}) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, line.encode())
