@@ -225,7 +225,7 @@ def serve(grid: Grid, config: dict, run_root: str | Path | None = None, *, progr
     nodes = connect_nodes(grid, config)  # before step 0 and round 1: a missing node fails fast
     runner, engine = federated_runner(experiment_of(config)), NodeEngine(grid, nodes)
     run = runner(config, run_root=run_root, progress=progress, train_clients=engine)
-    if run.done:  # the nodes drop what only a resume needs (SCAFFOLD's c_i), as the runner did on the server
+    if run.done:  # the nodes drop their cache of the run and what only a resume needs (SCAFFOLD's c_i)
         engine.close(config)
     return run
 
