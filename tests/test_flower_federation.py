@@ -10,11 +10,7 @@ ClientApp process that imports torch): about 6 minutes on two cores.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,12 +22,12 @@ pytest.importorskip("flwr")
 from test_node_faults import dropped_ids, reference_round  # noqa: E402
 
 from helpers.config.experiments import make_config  # noqa: E402
-from helpers.data.datasets import NO_TRAIN_DATA_ENV  # noqa: E402
 from helpers.editing.calibration import load_masks  # noqa: E402
 from helpers.editing.sparse_runs import run_sparse_fedavg  # noqa: E402
 from helpers.flower import app as flower  # noqa: E402
 from helpers.flower.credentials import make_credentials  # noqa: E402
-from helpers.flower.federation import connection_toml, register_command, superlink_command, supernode_command  # noqa: E402
+from helpers.flower.federation import supernode_command  # noqa: E402
+from helpers.flower.local import LocalFederation, free_port  # noqa: E402
 from helpers.training.resumable import build_seeded_model  # noqa: E402
 from helpers.training.runs import load_checkpoint, metrics_file, open_run  # noqa: E402
 
@@ -39,7 +35,6 @@ from helpers.training.runs import load_checkpoint, metrics_file, open_run  # noq
 SMALL = dict(synthetic_train_size=600, synthetic_test_size=100, batch_size=16, device="cpu", server_lr=0.7)
 NONIID = dict(num_clients=2, participation=1.0, sharding="noniid", classes_per_client=50)
 SPARSE = dict(sparsity=0.9, calibration_rounds=2, calibration_samples=16, step0="ridge")
-BIN = Path(sys.executable).parent
 
 
 def run_rows(folder: Path) -> list[str]:
@@ -48,105 +43,14 @@ def run_rows(folder: Path) -> list[str]:
     return path.read_text().splitlines() if path is not None else []
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Federation:
-    """A secure federation on localhost, started with the commands --print-flwr-run prints (flower.federation): a
-    SuperLink with TLS and --enable-supernode-auth whose ServerApp runs without training data, and SuperNodes
-    registered with their own keys, each in its own session. One spare key pair (node-<num_nodes>) is never
-    registered."""
-
-    def __init__(self, root: Path, num_nodes: int):
-        self.root, self.port, self.nodes, self.others, self.link = root, free_port(), {}, [], None
-        self.creds = root / "creds"
-        make_credentials(self.creds, ["localhost", "127.0.0.1"], nodes=num_nodes + 1)
-        self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-                    "FLWR_HOME": str(root / "flwr-home")}  # fmt: skip
-        self.env.pop(NO_TRAIN_DATA_ENV, None)  # the nodes hold their data; only the server runs without
-        (root / "flwr-home").mkdir(parents=True)
-        (root / "flwr-home" / "config.toml").write_text(connection_toml("fed", self.address, self.creds))
-
-    def start_all(self, num_nodes: int) -> None:
-        command = [*superlink_command(self.creds), "--port", str(self.port), "--database", str(self.root / "link.db")]
-        self.link = self.start(command, "link", {NO_TRAIN_DATA_ENV: "1"})
-        deadline = time.monotonic() + 120
-        while not self.listening():  # flwr run fails at once if the SuperLink is not up yet
-            assert time.monotonic() < deadline and self.link.poll() is None, (self.root / "link.log").read_text()[
-                -2000:
-            ]
-            time.sleep(0.2)
-        registering = [subprocess.Popen(register_command(self.creds, k, "fed"), env=self.env, cwd=self.root,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                       for k in range(num_nodes)]  # fmt: skip
-        for register in registering:
-            assert register.wait(timeout=120) == 0, register.stdout.read()
-        for k in range(num_nodes):  # not awaited: they activate while the test computes its reference run
-            self.launch(k, num_nodes)
-
-    def listening(self) -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def start(self, command: list[str], name: str, env: dict | None = None) -> subprocess.Popen:
-        log = open(self.root / f"{name}.log", "a")  # noqa: SIM115 (the process keeps writing it)
-        env = {**self.env, **(env or {})}
-        return subprocess.Popen([str(BIN / command[0]), *command[1:]], env=env, cwd=self.root, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-
-    def start_node(self, k: int, num_nodes: int) -> None:
-        """Node k, started and activated: a node killed a moment ago stays "online" at the SuperLink until its
-        heartbeats lapse (about a minute), and its key is refused until then, so a refused start is retried."""
-        self.launch(k, num_nodes)
-        self.await_active(k, num_nodes)
-
-    def launch(self, k: int, num_nodes: int) -> None:
-        command = supernode_command(self.creds, k, num_nodes, self.address)
-        if (log := self.root / f"node{k}.log").exists():  # await_active reads this start's log only
-            log.replace(self.root / f"node{k}-before.log")
-        self.nodes[k] = self.start([*command, "--port", str(free_port())], f"node{k}")
-
-    def await_active(self, k: int, num_nodes: int) -> None:
-        deadline = time.monotonic() + 180
-        while "SuperNode ID:" not in self.log(f"node{k}"):
-            assert time.monotonic() < deadline, self.log(f"node{k}")[-2000:]
-            if self.nodes[k].poll() is not None:  # refused (still online after a kill) or failed: try again
-                time.sleep(2)
-                self.launch(k, num_nodes)
-            time.sleep(0.2)
+class Federation(LocalFederation):
+    """helpers.flower.local's secure federation, and SuperNodes that must not get in."""
 
     def start_intruder(self, name: str, command: list[str]) -> subprocess.Popen:
         """A SuperNode that must not get in: it gives up after one retry (stopped in close() if it does not)."""
         proc = self.start([*command, "--port", str(free_port()), "--max-retries", "1"], name)
         self.others.append(proc)
         return proc
-
-    def kill_node(self, k: int) -> None:
-        os.killpg(self.nodes[k].pid, signal.SIGKILL)  # the SuperNode and the ClientApp it runs, mid-message
-        self.nodes[k].wait()
-
-    def run(self, config: dict, run_root: Path) -> subprocess.Popen:
-        """`flwr run` of `config` on this federation, started (the caller waits)."""
-        command = flower.flwr_run_command(config, run_root, superlink="fed")
-        log = open(self.root / "runs.log", "a")  # noqa: SIM115
-        return subprocess.Popen(command, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
-
-    def log(self, name: str = "runs") -> str:
-        return (self.root / f"{name}.log").read_text()
-
-    def close(self) -> None:
-        for proc in [*self.others, *self.nodes.values(), self.link]:
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,15 @@ from flwr.common.constant import ErrorCode  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from helpers.config.experiments import make_config  # noqa: E402
-from helpers.core.torchfiles import load_torch  # noqa: E402
+from helpers.core.torchfiles import load_torch
 from helpers.data.datasets import load_data  # noqa: E402
 from helpers.editing.sparse_runs import run_sparse_fedavg  # noqa: E402
 from helpers.federated.clients import client_shards, client_update, sample_clients  # noqa: E402
 from helpers.federated.rounds import run_fedavg
+from helpers.flower import server as flower_ops
 from helpers.flower.app import flower_config, run_flower, serve  # noqa: E402
-from helpers.flower.node import node_query, node_train  # noqa: E402
+from helpers.flower.federation import POLL_ENV, poll_interval  # noqa: E402
+from helpers.flower.node import node_query, node_run_config, node_setup_tensors, node_train  # noqa: E402
 from helpers.flower.replies import FAULT_ENV, corrupt, sort_replies, weights_problem  # noqa: E402
 from helpers.training import resumable  # noqa: E402
 from helpers.training.resumable import build_seeded_model  # noqa: E402
@@ -37,11 +39,13 @@ SPARSE = dict(sparsity=0.9, calibration_rounds=2, calibration_samples=16, step0_
 
 
 class InProcessGrid:
-    """A Flower Grid whose nodes (partition-id k = client k) run the ClientApp's handlers in this process.
-    `tamper(message, reply)` returns the replies the server gets instead of `reply` (tests of untrusted replies)."""
+    """A Flower Grid whose nodes (partition-id k = client k) run the ClientApp's handlers in this process, through the
+    Grid's public push_messages and pull_messages (no send_and_receive: the server must not need it).
+    `tamper(message, reply)` returns the replies the server gets instead of `reply` (tests of untrusted replies);
+    a pull returns every reply waiting, asked for or not (as a faulty SuperLink could)."""
 
     def __init__(self, config: dict, tamper=None):
-        self.config, self.tamper = config, tamper
+        self.config, self.tamper, self.waiting = config, tamper, []
         self.contexts = {
             100 + k: Context(
                 run_id=1, node_id=100 + k, node_config={"partition-id": k}, state=RecordDict(), run_config={}
@@ -52,17 +56,24 @@ class InProcessGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages) -> list[str]:
+        ids = []
         for m in messages:
             m.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as the SuperLink does
-            handler = node_train if m.metadata.message_type == MessageType.TRAIN else node_query
-            try:
-                reply = Message(handler(m.content, self.contexts[m.metadata.dst_node_id], self.config), reply_to=m)
-            except Exception as exc:  # as helpers.flower.app's ClientApp replies
-                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}")
-                reply = Message(error, reply_to=m)
-            replies.extend(self.tamper(m, reply) if self.tamper else [reply])
+            self.waiting += self.tamper(m, self.answer(m)) if self.tamper else [self.answer(m)]
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def answer(self, m: Message) -> Message:
+        handler = node_train if m.metadata.message_type == MessageType.TRAIN else node_query
+        try:
+            return Message(handler(m.content, self.contexts[m.metadata.dst_node_id], self.config), reply_to=m)
+        except Exception as exc:  # as helpers.flower.app's ClientApp replies
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}")
+            return Message(error, reply_to=m)
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        replies, self.waiting = self.waiting, []
         return replies
 
 
@@ -262,26 +273,47 @@ def test_on_flower_simulation_the_nodes_evaluate_and_a_nan_update_is_dropped(tmp
     assert rows.drop(columns="elapsed_s").equals(local.metrics().drop(columns="elapsed_s"))
 
 
-def test_a_node_silent_past_node_timeout_s_is_dropped_and_the_timeout_reaches_flower(tmp_path):
-    """node_timeout_s bounds every wait for replies (Grid.send_and_receive's timeout; 0 = no limit; not part of the
-    run id): a client whose reply is not back by then has failed, here dropped from round 2."""
+class FakeClock:
+    """time.time and time.sleep for helpers.flower.server: waits pass at once, and are recorded."""
+
+    def __init__(self):
+        self.now, self.sleeps = 0.0, []
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_a_node_silent_past_node_timeout_s_is_dropped_and_the_server_polls_at_its_interval(tmp_path, monkeypatch):
+    """node_timeout_s bounds every wait for replies (0 = no limit; not part of the run id): a client whose reply is
+    not back by then has failed, here dropped from round 2. The server pulls every FLME_FLOWER_POLL_S seconds
+    (Grid.send_and_receive would sleep 3 s between pulls) until its replies are in or the timeout has passed."""
     config = make_config("fedavg", "smoke", **SMALL, **IID, node_failure="drop", node_timeout_s=30)
     slow = sample_clients(config["seed"], 1, config["num_clients"], config["participation"])[1]
-    waits = []
+    clock = FakeClock()
+    monkeypatch.setattr(flower_ops, "time", clock)
+    monkeypatch.setenv(POLL_ENV, "0.5")
 
     class SlowGrid(InProcessGrid):
-        """The slow client's round-2 reply is not back within the timeout: Flower's grid returns the others."""
+        """The slow client's round-2 reply never comes back: the server gets the others."""
 
-        def send_and_receive(self, messages, *, timeout=None):
-            messages = list(messages)
-            waits.append(timeout)
-            replies = super().send_and_receive(messages, timeout=timeout)
-            late = {m.metadata.message_id for m in messages if m.metadata.message_type == MessageType.TRAIN
-                    and m.content["task"]["round"] == 1 and m.content["task"]["client"] == slow}  # fmt: skip
-            return [r for r in replies if r.metadata.reply_to_message_id not in late]
+        def answer(self, m):
+            task = m.content["task"] if "task" in m.content else {"op": "hello"}
+            if task["op"] == "train" and task["round"] == 1 and task["client"] == slow:
+                self.late = m.metadata.message_id
+            return super().answer(m)
 
-    run = serve(SlowGrid(flower_config(config)), flower_config(config), tmp_path)
-    assert set(waits) == {30.0} and dropped_ids(run) == [[], [slow]]
+        def pull_messages(self, message_ids):
+            return [r for r in super().pull_messages(message_ids) if r.metadata.reply_to_message_id != self.late]
+
+    grid = SlowGrid(flower_config(config))
+    grid.late = None
+    run = serve(grid, flower_config(config), tmp_path)
+    assert dropped_ids(run) == [[], [slow]]
+    assert clock.sleeps == [0.5] * 60 and clock.now == 30  # pulls at 0, 0.5, ..., 29.5 s; none after the timeout
     w0 = {n: p.detach() for n, p in build_seeded_model(config, torch.device("cpu")).named_parameters()}
     first = sample_clients(config["seed"], 0, config["num_clients"], config["participation"])
     second = [k for k in sample_clients(config["seed"], 1, config["num_clients"], config["participation"]) if k != slow]
@@ -290,6 +322,10 @@ def test_a_node_silent_past_node_timeout_s_is_dropped_and_the_timeout_reaches_fl
     assert max((got[n] - want[n]).abs().max().item() for n in want) <= 1e-6
     plain = make_config("fedavg", "smoke", **SMALL, **IID, node_failure="drop")
     assert "node_timeout_s" not in plain and run_id(flower_config(plain)) == run.id
+    for bad in ("0", "nan", "x", "61"):
+        monkeypatch.setenv(POLL_ENV, bad)
+        with pytest.raises(ValueError, match=rf"^{POLL_ENV}='{bad}' is invalid: must be a number of seconds"):
+            poll_interval()
 
 
 def test_entries_outside_a_clients_own_mask_never_reach_the_average(tmp_path):
@@ -299,11 +335,13 @@ def test_entries_outside_a_clients_own_mask_never_reach_the_average(tmp_path):
     honest = serve(InProcessGrid(config), config, tmp_path / "honest")
 
     def outside(message, reply):
-        key = f"masks@{message.content['task']['run']}" if "task" in message.content else ""
-        state = grid.contexts[message.metadata.dst_node_id].state
-        if message.metadata.message_type != MessageType.TRAIN or key not in state:
+        if message.metadata.message_type != MessageType.TRAIN or reply.has_error():
             return [reply]
-        masks, sent = state[key].to_torch_state_dict(), reply.content["weights"].to_torch_state_dict()
+        context, task = grid.contexts[message.metadata.dst_node_id], message.content["task"]  # the mask its node keeps
+        masks = node_setup_tensors(context, node_run_config(str(task["run"]), config), int(task["client"]))[1]
+        if masks is None:  # the step-0 head run
+            return [reply]
+        sent = reply.content["weights"].to_torch_state_dict()
         reply.content["weights"] = ArrayRecord({n: torch.where(masks[n].bool(), w, w + 1000) if n in masks else w
                                                 for n, w in sent.items()})  # fmt: skip
         return [reply]

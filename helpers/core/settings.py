@@ -36,6 +36,11 @@ SETTINGS: dict[str, Setting] = {
     "FLME_WORKER": Setting("this session's name in leases and `status`", "user@host"),
     "FLME_HOST": Setting("this machine's name in leases (tests pose as another machine)", "the host name"),
     "FLME_IO_RETRY_WAIT_S": Setting("first wait before retrying a failed file operation (doubles each time)", "0.5"),
+    "FLME_FLOWER_POLL_S": Setting("seconds between a Flower server's pulls for its nodes' replies", "0.2"),
+    "FLME_NODE_CACHE": Setting("0: a Flower node rebuilds its client's data at every message (no disk cache)", "1"),
+    "FLME_FLOWER_TIMING": Setting(
+        "a file where Flower's server and nodes append the timestamps of a round's parts", "none (off)"
+    ),  # fmt: skip
 }
 
 

@@ -27,8 +27,9 @@ from pathlib import Path
 from helpers.config.experiments import make_config, setting
 from helpers.config.parsing import parse_sets
 from helpers.core.settings import REPO
-from helpers.editing.sparse_runs import run_sparse_fedavg
-from helpers.federated.rounds import run_fedavg, train_in_turn
+from helpers.flower import (
+    timing as flower_timing,  # first: its import time marks where a ClientApp process starts importing ours
+)
 from helpers.flower.node import node_query, node_train
 from helpers.flower.server import MISSING, NodeEngine, exchange, reply_content  # say what to install if flwr is missing
 from helpers.training.runs import Run, open_run, run_id
@@ -42,7 +43,6 @@ except ImportError as exc:
     raise ImportError(f"{MISSING} ({exc})") from None
 
 EXPERIMENTS_ON_FLOWER = ("fedavg", "sparse_fedavg")
-FEDERATED_RUNNERS = {"fedavg": run_fedavg, "sparse_fedavg": run_sparse_fedavg}
 NODE_WAIT_S = 300.0  # how long the server waits for num_clients nodes to connect
 # One CPU per simulated client: Ray then runs torch with one thread, like the test suite, for equal floats.
 BACKEND = {
@@ -71,6 +71,17 @@ def check_experiment(experiment: str) -> str:
     if experiment not in EXPERIMENTS_ON_FLOWER:
         raise ValueError(f"experiment={experiment!r} is invalid on Flower: must be one of fedavg, sparse_fedavg")
     return experiment
+
+
+def federated_runner(experiment: str) -> Callable[..., Run]:
+    """run_fedavg or run_sparse_fedavg: imported when a server needs one (a ClientApp process never does)."""
+    if check_experiment(experiment) == "fedavg":
+        from helpers.federated.rounds import run_fedavg  # lazy: ClientApps import this module
+
+        return run_fedavg
+    from helpers.editing.sparse_runs import run_sparse_fedavg  # lazy: ClientApps import this module
+
+    return run_sparse_fedavg
 
 
 def experiment_of(config: Mapping) -> str:
@@ -169,7 +180,10 @@ def run_flower(config: dict, *, run_root: str | Path | None = None, progress: bo
     config = flower_config(config)
     run = open_run(experiment_of(config), config, run_root)
     if run.done:  # no need to start Ray: the runner returns the finished run before any client trains
-        return FEDERATED_RUNNERS[run.experiment](config, run_root=run_root, progress=False, train_clients=train_in_turn)
+        from helpers.federated.rounds import train_in_turn  # lazy: ClientApps import this module
+
+        runner = federated_runner(run.experiment)
+        return runner(config, run_root=run_root, progress=False, train_clients=train_in_turn)
     outcome: dict = {}
     server, client = flower_apps(config, run_root, progress=progress, outcome=outcome)
     try:
@@ -213,9 +227,9 @@ def simulate(server: ServerApp, client: ClientApp, num_nodes: int) -> None:
 def serve(grid: Grid, config: dict, run_root: str | Path | None = None, *, progress: bool = False) -> Run:
     """The ServerApp's work: the project's runner, each round's clients trained on the Flower nodes."""
     nodes = connect_nodes(grid, config)  # before step 0 and round 1: a missing node fails fast
-    runner, engine = FEDERATED_RUNNERS[experiment_of(config)], NodeEngine(grid, nodes)
+    runner, engine = federated_runner(experiment_of(config)), NodeEngine(grid, nodes)
     run = runner(config, run_root=run_root, progress=progress, train_clients=engine)
-    if run.done:  # the nodes drop what only a resume needs (SCAFFOLD's c_i), as the runner did on the server
+    if run.done:  # the nodes drop their cache of the run and what only a resume needs (SCAFFOLD's c_i)
         engine.close(config)
     return run
 
@@ -245,8 +259,11 @@ def connect_nodes(grid: Grid, config: dict) -> dict[int, int]:
 
 def _reply(msg: Message, handler: Callable[..., RecordDict], *args) -> Message:
     """The handler's content as the reply, or its exception as an error reply naming its type."""
+    flower_timing.mark_handler(msg.metadata.message_id)
     try:
-        return Message(handler(*args), reply_to=msg)
+        reply = Message(handler(*args), reply_to=msg)
+        flower_timing.mark("replied", id=msg.metadata.message_id)
+        return reply
     except Exception as exc:
         log.exception("client failed")  # the node's log keeps the traceback
         reason = f"{type(exc).__name__}: {exc}"

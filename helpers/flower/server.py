@@ -13,21 +13,26 @@ import logging
 import math
 import os
 import re
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from helpers.algorithms.fedavg import FedAvg, aligned_masks
-from helpers.algorithms.registry import algorithm_class, algorithm_name
 from helpers.algorithms.scaffold import unpack_entries
 from helpers.config.experiments import setting
-from helpers.federated.rounds import ClientResult
+from helpers.flower.federation import poll_interval
 from helpers.flower.replies import sort_replies, weights_problem
+from helpers.flower.timing import mark
 from helpers.sparse.masks import Masks
 from helpers.training.loop import NonFiniteLossError
 from helpers.training.runs import run_id
+
+if TYPE_CHECKING:
+    from helpers.federated.rounds import ClientResult  # lazy: heavy (timm); nodes import this
 
 MISSING = "Flower is not installed: pip install -r requirements-flower.txt"
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # read when flwr is imported; this machine may be offline
@@ -46,9 +51,30 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # ----------------------------------------------------------------------------- transport
 
 
+def send_and_pull(grid: Grid, messages: list[Message], timeout: float | None = None, label: str = "") -> list[Message]:
+    """Grid.send_and_receive's loop (push, then pull until every message has a reply or `timeout` s have passed)
+    through the Grid's public push_messages/pull_messages, with poll_interval() between pulls instead of its 3 s
+    (flwr/superlink/grid/http_grid.py:412). Replies come back as pulled: pairing and checks are the caller's."""
+    poll = poll_interval()
+    mark("push", label=label, nodes=[m.metadata.dst_node_id for m in messages])
+    ids = {i for i in grid.push_messages(messages) if i}  # a message the SuperLink refused has no id: no reply comes
+    mark("pushed", label=label, ids=sorted(ids))
+    end, replies = time.time() + (timeout or 0.0), []
+    while ids and (timeout is None or time.time() < end):
+        asked = time.time()
+        got = list(grid.pull_messages(ids))
+        replies += got
+        ids -= {r.metadata.reply_to_message_id for r in got}
+        if got:
+            mark("pulled", label=label, ids=[r.metadata.reply_to_message_id for r in got], asked=asked)
+        if ids:
+            time.sleep(poll)
+    return replies
+
+
 def exchange(grid: Grid, messages: list[Message], timeout: float | None = None) -> dict[int, Message]:
     """Send, wait for every reply (at most `timeout` s); node id -> reply (replies come back in any order)."""
-    return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+    return {r.metadata.src_node_id: r for r in send_and_pull(grid, messages, timeout, "hello")}
 
 
 def reply_content(reply: Message | None, what: str) -> RecordDict:
@@ -80,11 +106,11 @@ def raise_failure(what: str, problem: str) -> None:
 
 
 def exchange_checked(
-    grid: Grid, messages: dict[int, Message], timeout: float | None = None
+    grid: Grid, messages: dict[int, Message], timeout: float | None = None, label: str = ""
 ) -> tuple[dict[int, RecordDict | str], list[str]]:
     """Send one message per client, wait for the replies (at most `timeout` s) and pair them with the messages sent
     (flower.replies): client -> its reply's content, or why there is none; and the replies to no message sent."""
-    replies = grid.send_and_receive(list(messages.values()), timeout=timeout)
+    replies = send_and_pull(grid, list(messages.values()), timeout, label)
     asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages.values()}
     keyed = ((r.metadata.reply_to_message_id, r.metadata.src_node_id, r) for r in replies)
     got, problems, unasked = sort_replies(asked, keyed, relay=SUPERLINK_NODE_ID)
@@ -134,7 +160,8 @@ class NodeEngine:
             body = RecordDict({"task": record, **((content(k) if callable(content) else content) or {})})
             kind = MessageType.TRAIN if op == "train" else MessageType.QUERY
             messages[k] = Message(body, dst_node_id=self.nodes[k], message_type=kind)
-        replies, unasked = exchange_checked(self.grid, messages, setting(config, "node_timeout_s") or None)
+        label = f"{op} {task.get('round', task.get('call', ''))}".strip()  # e.g. "train 3" in the timing log
+        replies, unasked = exchange_checked(self.grid, messages, setting(config, "node_timeout_s") or None, label)
         if unasked:  # no client to drop: such a reply is never used, and something is wrong in the federation
             raise RuntimeError(f"{op}: {unasked[0]}")
         return replies
@@ -203,6 +230,8 @@ class NodeEngine:
     def __call__(
         self, model, data, shards, rnd, clients, config, *, masks, start, scaler, algorithm
     ) -> Iterator[ClientResult]:
+        from helpers.federated.rounds import ClientResult  # lazy: heavy (timm); nodes import this
+
         if run_id(config) not in self.ready:
             self.setup(model, masks, config)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -234,10 +263,8 @@ class NodeEngine:
             yield ClientResult(k, weights, loss, own, state, extra, share=share)
 
     def close(self, config: dict) -> None:
-        """The run is done: every node drops what it kept only for resuming it (SCAFFOLD's c_i, as Scaffold.close
-        does with the sequential engine's files)."""
-        if not algorithm_class(algorithm_name(config)).node_state:
-            return
+        """The run is done: every node drops what it kept for its next messages (helpers.flower.cache) or only for
+        resuming it (SCAFFOLD's c_i, as Scaffold.close does with the sequential engine's files)."""
         try:
             self.ask("close", config, sorted(self.nodes))
         except RuntimeError as exc:  # the run is done all the same: say what is left behind

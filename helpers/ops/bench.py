@@ -312,10 +312,14 @@ def run_bench(
         out.update(bench_merging(remedies, repeats=1 if quick else 3))
         out.update({**measured_store_bytes(config), **scaffold_memory()})
     if flower:
+        from helpers.ops.bench_federation import bench_federation  # lazy: Flower is optional
         from helpers.ops.bench_flower import bench_flower  # lazy: Flower is optional (requirements-flower.txt)
 
         fed = dict(num_clients=10, participation=0.3, rounds=3 if quick else 6)
         out.update(bench_flower(make_config("fedavg", profile, device=str(dev.type), pretrained=False, **fed)))
+        real = dict(num_clients=2, participation=1.0, rounds=4 if quick else 5)  # 2 SuperNodes on this machine
+        real_config = make_config("fedavg", "smoke", device="cpu", pretrained=False, **real)
+        out.update(bench_federation(real_config, repeats=1 if quick else 2))
     if dev.type == "cuda":  # the whole benchmark's peak (batch 256), before the default-batch measurement resets it
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     out.update(bench_gpu_memory(config, dev))
@@ -332,13 +336,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a sanity run)")
     parser.add_argument("--compile", action="store_true", help="also measure training after torch.compile")
     parser.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="precision (the `amp` parameter)")
-    parser.add_argument("--flower", action="store_true", help="also Flower's per-round overhead (needs flwr)")
+    parser.add_argument("--flower", action="store_true", help="also Flower's per-round overhead: its simulation, and"
+                        " a real round's parts on a local federation before/after issue 37 (needs flwr)")  # fmt: skip
     parser.add_argument("--out", default="results/bench", help="folder for the JSON file")
     args = parser.parse_args(argv)
     result = run_bench(args.profile, args.device, args.quick, args.compile, args.amp, args.flower)
     width = max(map(len, result))
     for key, value in result.items():
         print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    if args.flower:  # a real round's parts (helpers.ops.bench_federation), as docs/flower.md shows them
+        from helpers.ops.bench_federation import breakdown_table  # lazy: Flower is optional
+
+        print(breakdown_table(result))
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if "cuda" in str(pick_device(args.device)) else "cpu"
