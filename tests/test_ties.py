@@ -189,7 +189,7 @@ def test_merge_parameters_leave_old_configs_and_run_ids_alone():
         (["merge_density=0.5"], "error: merge_density=0.5 is invalid with merge='mean'"),
         (["merge=ties", "merge_density=0"], "error: merge_density=0.0 is invalid: must be a number in (0, 1]"),
         (["merge=ties", "merge_density=1.5"], "error: merge_density=1.5 is invalid: must be a number in (0, 1]"),
-        (["merge=median"], "error: merge='median' is invalid: must be one of mean, ties"),
+        (["merge=trimmed"], "error: merge='trimmed' is invalid: must be one of mean, ties, median"),
         (["interference_probe=-1"], "error: interference_probe=-1 is invalid: must be an integer >= 0"),
     ],
 )

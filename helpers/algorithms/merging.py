@@ -6,6 +6,8 @@ function with MERGE_RULES' signature and one line in MERGE_RULES; `merge` takes 
   (helpers.federated.rounds.RoundSum adds each client as it comes: memory does not grow with m).
 - ties: TIES-merging (Yadav et al., NeurIPS 2023) of the round's updates tau_k = w_k - w: trim, elect, disjoint
   mean. The engine keeps the round's trained weights for it: m x trainable entries in fp32 beside FedAvg's state.
+- median: the coordinate-wise median of the w_k (Yin et al., ICML 2018; Flower's FedMedian), a robust aggregation:
+  fewer than half of a round's clients cannot move an entry outside the others' range. Unweighted (n_k ignored).
 """
 
 from __future__ import annotations
@@ -71,4 +73,17 @@ def ties_merge(start: list[Tensor], weights: list[list[Tensor]], shares: list[fl
     return avg
 
 
-MERGE_RULES: dict[str, MergeRule] = {"mean": weighted_mean, "ties": ties_merge}
+@torch.no_grad()
+def coordinate_median(
+    start: list[Tensor], weights: list[list[Tensor]], shares: list[float], density: float
+) -> list[Tensor]:
+    """Each entry's median over the clients' w_k, the mean of the two middle values for an even m (numpy's median,
+    as Flower's FedMedian takes it); shares and `density` do not apply."""
+    m, avg = len(weights), []
+    for i in range(len(start)):
+        ordered = torch.stack([w_k[i] for w_k in weights]).sort(dim=0).values
+        avg.append((ordered[(m - 1) // 2] + ordered[m // 2]) / 2)
+    return avg
+
+
+MERGE_RULES: dict[str, MergeRule] = {"mean": weighted_mean, "ties": ties_merge, "median": coordinate_median}

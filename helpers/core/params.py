@@ -161,8 +161,9 @@ PARAMS: dict[str, Param] = {
         omitted_at=DEFAULT_ALGORITHM,
     ),  # fmt: skip
     "merge": choice(
-        meaning="how the server combines the round's client updates: their size-weighted mean, or TIES-merging "
-        "(trim, elect signs, disjoint mean; Yadav et al. 2023), then the algorithm's server step",
+        meaning="how the server combines the round's client updates: their size-weighted mean, TIES-merging "
+        "(trim, elect signs, disjoint mean; Yadav et al. 2023) or the coordinate-wise median (robust to a minority "
+        "of hostile clients; Yin et al. 2018), then the algorithm's server step",
         omitted_at="mean",
     ),  # fmt: skip
     "merge_density": Param(

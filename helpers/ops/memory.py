@@ -138,10 +138,11 @@ def estimate_phases(config: dict) -> list[Phase]:
     evaluation = evaluation_activations(model, size, config["eval_batch_size"], amp)
     weights, cast = 4 * params, half * params  # fp32 weights; autocast's low-precision copies during evaluation
     # RoundSum (the round's start weights, the running average, the unit-update sum) and the algorithm's own state;
-    # merge=ties keeps the round's trained weights too (m copies)
+    # a merge rule other than the streamed mean (ties, median) keeps the round's trained weights too (m copies)
     algorithm = algorithm_class(algorithm_name(config))
-    ties = setting(config, "merge") == "ties"
-    kept = clients_per_round(config["num_clients"], config["participation"]) if ties else 0
+    kept = (
+        clients_per_round(config["num_clients"], config["participation"]) if setting(config, "merge") != "mean" else 0
+    )
     server = (3 + algorithm.memory_copies + kept) * 4 * params
     features = 4 * model.num_features * n_train  # the cached pre-logit features (fp32)
     return [

@@ -89,7 +89,7 @@ def merge_label(merge: object, density: object = None) -> str:
     if merge is None or pd.isna(merge) or merge == "mean":
         return "FedAvg mean"
     if merge != "ties":
-        return str(merge)
+        return {"median": "coordinate median"}.get(str(merge), str(merge))
     return "TIES" + (f" d={density:g}" if density is not None and pd.notna(density) else "")
 
 
