@@ -27,6 +27,7 @@ from helpers.federated.evaluation import remote_evaluation, round_evaluation
 from helpers.federated.remote import remote_clients, withheld_shards
 from helpers.federated.stragglers import local_steps
 from helpers.sparse.masks import Masks
+from helpers.training.loop import NonFiniteLossError
 from helpers.training.resumable import begin_run, loop_inputs, resumable_loop
 from helpers.training.runs import Run, check_holder
 
@@ -175,7 +176,11 @@ def fedavg_round(
     row = {"round": rnd + 1, "clients": " ".join(map(str, clients)), "client_lr": client_lr(config, rnd)}
     if setting(config, "node_failure") == "drop":  # the column only where clients may be dropped
         row["dropped"] = " ".join(str(k) for k in clients if k not in replied)
-    return {**row, **server.apply(params, algorithm.server_step)}
+    metrics = server.apply(params, algorithm.server_step)
+    if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # checked before any checkpoint
+        raise NonFiniteLossError(f"round {rnd + 1}: the server step gave non-finite global weights (its step size is "
+                                 "usually too large); the round is not kept")  # fmt: skip
+    return {**row, **metrics}
 
 
 def train_in_turn(
