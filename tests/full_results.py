@@ -188,11 +188,41 @@ def _remedies(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
     return frames
 
 
+def _extension(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
+    """05's extension: TIES's density tuning (dense, Nc 1, half the rounds; 0.2 best), then FedAvg's mean and TIES at
+    0.2, dense and sparse, at Nc 1 and 5, J 8, interference per round."""
+    from helpers.ops.comparisons import extension_configs, extension_tuning_configs
+    from helpers.ops.tuning import with_tuning
+
+    base = make_config("sparse_fedavg", PROFILE, calibration_rounds=2)
+    chosen = {"ties": ("merge_density", 0.2)}
+    tuning = [_rows("sparse_fedavg", c, 0.5 - 0.02 * abs(c["merge_density"] - 0.2), rng)
+              for c in extension_tuning_configs(base, 1, 8, 0.5)]  # fmt: skip
+    rows = []
+    for config in extension_configs(base, [1, 5], 8, chosen):
+        ties, sparse = config.get("merge") == "ties", config["sparsity"] > 0
+        final = 0.86 - 0.3 / config["classes_per_client"] + (0.02 if sparse else 0) + (0.015 if ties else 0)
+        frame = _rows("sparse_fedavg", config, final, rng, density=1 - config["sparsity"])
+        start = 0.35 - (0.08 if sparse else 0) - (0.05 if ties else 0)
+        rows.append(frame.assign(interference=start * np.exp(-frame["round"] / 200) + rng.normal(0, 0.005, len(frame))))
+    extension = pd.concat(rows)
+    tuned = with_tuning(extension, chosen)
+    tuned.loc[extension["merge"].ne("ties").to_numpy() if "merge" in extension else True,
+              ["tuned_param", "tuning_grid", "tuned_value"]] = None  # fmt: skip
+    return {"extension": tuned, "extension_tuning": with_tuning(pd.concat(tuning), chosen).assign(diverged=False)}
+
+
 def write_full_results(root: Path, seed: int = 0) -> Path:
     """Write results/full/<name>.csv for every results file of the full study under `root`; returns `root`."""
     rng = np.random.default_rng(seed)
     folder = root / PROFILE
     folder.mkdir(parents=True, exist_ok=True)
-    for name, frame in {**_centralized(rng), **_fedavg(rng), **_editing(rng), **_remedies(rng)}.items():
+    for name, frame in {
+        **_centralized(rng),
+        **_fedavg(rng),
+        **_editing(rng),
+        **_remedies(rng),
+        **_extension(rng),
+    }.items():
         frame.to_csv(folder / f"{name}.csv", index=False)
     return root

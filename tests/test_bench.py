@@ -27,9 +27,14 @@ def test_quick_bench_writes_every_measurement(tmp_path, capsys):
         "feature_extraction_images_per_s",
         "calibration_centralized_round_s",
         "calibration_federated_round_s",
+        "round_vs_mean_ties",
+        "round_vs_mean_interference",
+        "ties_kept_mb_full",
     ):
         assert key in result, key
     assert result["train_images_per_s"] > 0 and 0 < result["fedavg_overhead_ratio"] < 10
+    assert 0 < result["round_vs_mean_ties"] < 10 and 0 < result["round_vs_mean_interference"] < 10
+    assert 800 < result["ties_kept_mb_full"] < 900  # 10 clients x 22 M fp32 weights of ViT-S/16
     assert "fedavg_overhead_ratio" in capsys.readouterr().out
     # one round at the profile's default counts: 256 images centrally, 3 per client over 100 clients
     assert result["calibration_centralized_samples"] == 256 and result["calibration_federated_samples"] == 300

@@ -118,6 +118,6 @@ def test_cli_prints_every_notebook_a_total_and_the_source(capsys):
     source = lines.index(cost.t4_throughput("vit_tiny_smoke", 32)[-1])
     names = [line.split()[0] for line in lines[:source]]
     stems = [p.stem for p in sorted(NOTEBOOKS.glob("0[1-6]_*.ipynb"))]
-    assert names == [*stems[:5], "05", *stems[5:], "total"]  # "05 tuning": the remedies' tuning apart
+    assert names == [*stems[:5], "05", "05", *stems[5:], "total"]  # "05 tuning", "05 extension": apart
     assert "T4" in lines[source] and LABEL in lines[source + 1]  # then the memory estimate, one line per phase
     assert len(lines) == source + 2 + 5 and all("vs a T4's 15 GiB" in line for line in lines[source + 2 :])

@@ -113,10 +113,22 @@ def write_fixture(root: Path) -> Path:
             {"algorithm": a, "sparsity": 0.0, "sharding": "noniid", "classes_per_client": 1, "local_steps": 8,
              "seed": 0, TUNED[a]: v} for a in ["fedavg", "fedprox", "scaffold", "fedadam"] for v in [0.01, 0.1, 1.0]
         ], fed=True).assign(tuned_param=lambda d: d["algorithm"].map(TUNED), tuned_value=0.1, diverged=False),
+        "extension": _extension_runs(),
     }  # fmt: skip
     for name, frame in files.items():
         frame.to_csv(folder / f"{name}.csv", index=False)
     return root
+
+
+def _extension_runs() -> pd.DataFrame:
+    """FedAvg's mean and TIES (at the density its tuning chose) dense and sparse at Nc 1 and 5, interference per
+    round."""
+    cell = {"sharding": "noniid", "local_steps": 8, "calibration_rounds": 2, "seed": 0}
+    grid = [{**cell, "classes_per_client": nc, "sparsity": sp, **merge} for nc in (1, 5)
+            for merge in [{}, {"merge": "ties", "merge_density": 0.2}] for sp in (0.0, 0.9)]  # fmt: skip
+    frame = _runs("sparse_fedavg", "round", 3, grid, fed=True)
+    index = frame["run_id"].str[-3:].astype(int)
+    return frame.assign(interference=0.6 - 0.05 * frame["round"] - 0.03 * index)
 
 
 @pytest.fixture()
@@ -154,6 +166,10 @@ def test_latex_tables_follow_the_csvs(results_root: Path, tmp_path: Path):
         assert ("sparse s=" in texts[name]) == (name == "federated_editing"), name  # centralized: Figure sparse_grid
     assert "s=0.9 R=2" in texts["federated_editing"]  # sparse configurations are not averaged together
     assert "step-0" not in texts["sparse_editing"] and "0.99" in texts["sparse_editing"]
+    rows = [line for line in texts["extension"].splitlines() if line.startswith("$N_c")]  # per Nc: 4 variants
+    assert len(rows) == 8 and "mean interference" in texts["extension"]
+    assert rows[0].startswith("$N_c = 1$ & dense, FedAvg mean")
+    assert rows[-1].startswith("$N_c = 5$ & sparse, TIES d=0.2")
 
     path = results_root / PROFILE / "mask_strategies.csv"
     frame = pd.read_csv(path)
@@ -248,7 +264,7 @@ def test_make_report_says_what_it_wrote_and_ends_with_the_pdf(results_root: Path
     assert report.main(["--profile", PROFILE, "--results-root", str(results_root), "--pdf"]) == 0
     out = capfd.readouterr()
     first, last = out.out.strip().splitlines()
-    assert first.startswith(f"profile={PROFILE}: 11 results files") and "12 figures in" in first, first
+    assert first.startswith(f"profile={PROFILE}: 12 results files") and "13 figures in" in first, first
     assert re.fullmatch(rf"report: .*main-{PROFILE}\.pdf \(\d pages\)", last), last
     assert "Latexmk" not in out.out + out.err and "Output written" not in out.out + out.err
     assert "helpers.report --profile $(PROFILE) --pdf" in (REPO / "Makefile").read_text()  # what `make report` runs

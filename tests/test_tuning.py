@@ -34,7 +34,9 @@ class FakeRun:
 
 
 def test_every_method_gets_its_grid_with_the_same_count_and_budget():
-    plan = notebook_plan("05_federated_editing", "smoke", "/nonexistent", REMEDIES=THREE, REMEDY_NC=[5, 1])
+    plan = notebook_plan(
+        "05_federated_editing", "smoke", "/nonexistent", REMEDIES=THREE, REMEDY_NC=[5, 1], EXTENSION=False
+    )  # its own tuning: tests/test_extension_study.py
     tuned = plan["tuning"]
     assert plan.waiting == ("remedies",)  # the comparison's values are not known before the tuning
     for algorithm in THREE:
@@ -103,11 +105,11 @@ def test_a_diverging_candidate_is_recorded_and_never_chosen(tmp_path, monkeypatc
 
 
 def test_once_the_tuning_is_done_the_comparison_runs_each_method_at_its_chosen_value(monkeypatch):
-    plan = notebook_plan("05_federated_editing", "smoke", "/nonexistent", REMEDIES=THREE)
+    plan = notebook_plan("05_federated_editing", "smoke", "/nonexistent", REMEDIES=THREE, EXTENSION=False)
     scores = {0: 0.1, 1: 0.5, 2: 0.3}  # the middle value of every grid wins on validation
     fake = {run_id(c): FakeRun(c, scores[i % 3], 0.0) for i, c in enumerate(plan["tuning"])}
     monkeypatch.setattr(plans, "finished_runs", lambda e, configs, root: [fake[run_id(c)] for c in configs])
-    done = notebook_plan("05_federated_editing", "smoke", "/nonexistent", REMEDIES=THREE)
+    done = notebook_plan("05_federated_editing", "smoke", "/nonexistent", REMEDIES=THREE, EXTENSION=False)
     chosen = {a: (algorithm_class(a).tuning[0], algorithm_class(a).tuning[1][1]) for a in THREE}
     assert done.waiting == () and done.info["chosen"] == chosen
     assert done["remedies"] == remedy_plan(done.info["base"], THREE, [1, 5], 8, chosen)

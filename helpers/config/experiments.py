@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from helpers.algorithms.merging import DEFAULT_MERGE_DENSITY, MERGE_RULES
 from helpers.algorithms.registry import ALGORITHMS, algorithm_class
 from helpers.core.params import DEFAULT_ALGORITHM, DEFAULT_MASK_RULE, MASK_ONLY, PARAMS, Param
 from helpers.core.settings import PROFILES, profile_override
@@ -27,7 +28,7 @@ COMMON_DEFAULTS = {
     "dirichlet_alpha": 0.5, "client_lr_schedule": "constant", "engine": "sequential",
     "algorithm": DEFAULT_ALGORITHM, "stragglers": 0.0, "warmup_rounds": 0,
     "score_transform": "eval", "evaluation": "server", "node_failure": "stop", "node_timeout_s": 0.0,
-    "update_bound": 10.0,
+    "update_bound": 10.0, "merge": "mean", "merge_density": DEFAULT_MERGE_DENSITY, "interference_probe": 0,
     "sparsity": 0.9, "calibration_rounds": 4, "mask_rule": DEFAULT_MASK_RULE, "score_method": "talos",
     "step0": "sgd", "step0_lr": 0.1, "ridge_lambda": 1.0, "mask_scope": "global", "embeddings": "masked",
 }
@@ -58,7 +59,8 @@ _CENTRALIZED = _DATA + _OPTIM + _BOOK + ("epochs", "scheduler", "warmup_epochs",
 _FEDERATED = _DATA + _OPTIM + _BOOK + (
     "num_clients", "participation", "local_steps", "rounds", "sharding", "classes_per_client", "dirichlet_alpha",
     "server_lr", "client_lr_schedule", "engine", "eval_test", "algorithm", _ALGORITHMS, "stragglers",
-    "warmup_rounds", "evaluation", "node_failure", "node_timeout_s", "update_bound")
+    "warmup_rounds", "evaluation", "node_failure", "node_timeout_s", "update_bound", "merge", "merge_density",
+    "interference_probe")
 _EDIT = ("sparsity", "calibration_rounds", "mask_rule", "score_method", "calibration_samples", "embeddings",
          "step0", "step0_epochs", "step0_lr", "ridge_lambda", "score_transform")
 # Sparse fine-tuning trains the masked backbone with the step-0 head frozen: train_mode does not apply.
@@ -85,6 +87,7 @@ def parameters() -> dict[str, Param]:
         **PARAMS,
         "algorithm": replace(PARAMS["algorithm"], choices=tuple(ALGORITHMS)),
         "mask_rule": replace(PARAMS["mask_rule"], choices=tuple(MASK_RULES)),
+        "merge": replace(PARAMS["merge"], choices=tuple(MERGE_RULES)),
     }
     for own in algorithm_params().values():
         for name, spec in own.items():
@@ -162,6 +165,8 @@ def make_config(experiment: str, profile: str | None = None, **overrides: object
         merged["augment"] = "none"
     if algorithm is not None:
         keep_own_parameters(merged, given, algorithm)
+    if "merge" in names:
+        keep_merge_density(merged, given)
     config = {name: check_value(name, merged[name]) for name in names if name in merged}
     if "sparsity" in names:
         _derive_editing(config, given, {**COMMON_DEFAULTS, **PROFILE_DEFAULTS[profile]})
@@ -182,6 +187,19 @@ def keep_own_parameters(merged: dict, given: dict, algorithm: str) -> None:
                 f"algorithm {' or '.join(repr(u) for u in users)} (algorithm: one of {', '.join(ALGORITHMS)})"
             )
         merged.pop(name, None)
+
+
+def keep_merge_density(merged: dict, given: dict) -> None:
+    """In a config being made: merge_density belongs to merge=ties only (mean configs leave it out: their run ids
+    stay); given with another rule, it is refused."""
+    if merged["merge"] == "ties":
+        return
+    if "merge_density" in given:
+        raise ValueError(
+            f"merge_density={given['merge_density']!r} is invalid with merge={merged['merge']!r}: merge_density is "
+            "a parameter of merge='ties' (set merge=ties, or leave merge_density out)"
+        )
+    merged.pop("merge_density", None)
 
 
 def _omitted(name: str, value: object) -> bool:

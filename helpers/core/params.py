@@ -167,6 +167,26 @@ PARAMS: dict[str, Param] = {
         meaning="the federated algorithm (a remedy against client drift); its own parameters join the config",
         omitted_at=DEFAULT_ALGORITHM,
     ),  # fmt: skip
+    "merge": choice(
+        meaning="how the server combines the round's client updates: their size-weighted mean, or TIES-merging "
+        "(trim, elect signs, disjoint mean; Yadav et al. 2023), then the algorithm's server step",
+        omitted_at="mean",
+    ),  # fmt: skip
+    "merge_density": Param(
+        float,
+        "merge=ties: share of each client's moved entries it keeps (largest magnitude over its whole update)",
+        low=0,
+        high=1,
+        low_open=True,
+    ),  # fmt: skip
+    "interference_probe": Param(
+        int,
+        "images of each sampled client's own data on which its model and the new global one are compared each "
+        "round (0: off; a diagnostic, not in the run id)",
+        low=0,
+        hashed=False,
+        omitted_at=0,
+    ),  # fmt: skip
     "stragglers": Param(
         float,
         "share of sampled clients that stop after a uniform 1..J steps (systems heterogeneity)",

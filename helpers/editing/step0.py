@@ -116,6 +116,8 @@ def head_fedavg_config(config: dict) -> dict:
     if "algorithm" in config:  # a remedy's server_lr means its own step (FedAdam's): step 0 keeps FedAvg's default
         overrides["server_lr"] = None
     overrides["warmup_rounds"] = None  # the warmup is the fine-tuning's (TaLoS), not the head's
+    # FedAvg's mean and no diagnostic: runs of either merge rule share one step 0 (the same control)
+    overrides.update(merge=None, merge_density=None, interference_probe=None)
     return make_config("fedavg", **{**shared, **overrides})
 
 

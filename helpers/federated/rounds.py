@@ -18,12 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from helpers.algorithms.fedavg import FedAvg, aligned_masks
+from helpers.algorithms.merging import MERGE_RULES, STREAMED
 from helpers.algorithms.registry import make_algorithm
 from helpers.config.experiments import make_config, setting
 from helpers.core.models import set_trainable
 from helpers.data.datasets import Data
 from helpers.federated.clients import client_lr, client_shards, client_update, sample_clients, upload_bytes
 from helpers.federated.evaluation import remote_evaluation, round_evaluation
+from helpers.federated.interference import probe_predictions, remote_interference, round_interference
 from helpers.federated.remote import remote_clients, withheld_shards
 from helpers.federated.stragglers import local_steps
 from helpers.sparse.masks import Masks
@@ -60,14 +62,19 @@ class RoundSum:
     `apply` moves the global weights by the algorithm's server step from avg = sum_k n_k/n w_k (FedAvg:
     w <- w + server_lr (avg - w)) and returns the round's metrics.
 
+    Another `merge` rule (helpers.algorithms.merging, e.g. ties) gives `avg` instead: it needs every client's
+    update, so the round's trained weights are kept (m x trainable entries, fp32; only for such a rule).
     Both engines feed it the clients' trained weights in the order of their client ids, so their sums are
     the same floating-point operations.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, merge: str = STREAMED, density: float = 1.0):
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.start = _clone([p for p in model.parameters() if p.requires_grad])  # the global weights w
         self.avg = [torch.zeros_like(w) for w in self.start]  # sum_k n_k/n w_k
+        self.merge, self.density = merge, density
+        self.kept: list[list[Tensor]] = []  # each client's w_k, for a merge rule that is not streamed
+        self.shares: list[float] = []
         self.unit_sum = [torch.zeros_like(w) for w in self.start]  # sum_k delta_k / |delta_k|, for the cosine
         self.norms: list[Tensor] = []
         self.losses: list[float] = []
@@ -88,6 +95,9 @@ class RoundSum:
         """Add one client: its trained weights w_k (used as scratch space: overwritten), n_k/n, its loss,
         upload bytes, masks and final GradScaler state."""
         first = not self.norms
+        if self.merge != STREAMED:
+            self.kept.append(_clone(weights))
+            self.shares.append(share)
         self.norms.append(_accumulate(weights, self.start, self.avg, self.unit_sum, share))
         self.losses.append(loss)
         self.uploaded += upload
@@ -102,6 +112,9 @@ class RoundSum:
 
         `server_step(w, avg)` moves w in place (helpers.algorithms.fedavg.FedAvg.server_step); entries no client
         trained stay where they were, whatever state a server optimizer keeps."""
+        if self.merge != STREAMED:
+            self.avg = MERGE_RULES[self.merge](self.start, self.kept, self.shares, self.density)
+            self.kept = []
         before = _clone(self.start) if self.trained is not None else None
         if self.trained is not None:
             _keep_frozen(self.names, self.start, self.avg, self.trained)
@@ -131,6 +144,7 @@ class ClientResult(NamedTuple):
     scaler_state: dict | None  # its final GradScaler state
     extra: object | None = None  # what it sends beyond its weights (helpers.algorithms.fedavg.ClientSide.finish)
     share: float | None = None  # n_k / n over the clients that replied, when an engine drops some (node_failure)
+    probe: Tensor | None = None  # its trained model's predictions on its probe (interference_probe; Flower: None)
 
 
 # The engine seam, train_in_turn's signature:
@@ -158,16 +172,18 @@ def fedavg_round(
     """
     check_no_buffers(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    server = RoundSum(model)
+    server = RoundSum(model, setting(config, "merge"), config.get("merge_density", 1.0))
     clients = sample_clients(config["seed"], rnd, len(shards), config["participation"])
     total = sum(len(shards[k]) for k in clients)
     shared = upload_bytes(model, masks.shared) if masks is not None and not masks.local else None
     train_clients, algorithm = train_clients or train_in_turn, algorithm or make_algorithm(config)
     opts = dict(masks=masks, start=server.start, scaler=scaler, algorithm=algorithm)
-    replied = []
+    replied, probes = [], {}
     for r in train_clients(model, data, shards, rnd, clients, config, **opts):
         upload = algorithm.upload_factor * (shared if shared is not None else upload_bytes(model, r.masks))
         share = len(shards[r.client]) / total if r.share is None else r.share
+        if r.probe is not None:
+            probes[r.client] = r.probe
         server.add(r.weights, share, loss=r.loss, upload=upload, masks=r.masks, scaler_state=r.scaler_state)
         algorithm.receive(r.client, r.extra)
         replied.append(r.client)
@@ -176,11 +192,14 @@ def fedavg_round(
     row = {"round": rnd + 1, "clients": " ".join(map(str, clients)), "client_lr": client_lr(config, rnd)}
     if setting(config, "node_failure") == "drop":  # the column only where clients may be dropped
         row["dropped"] = " ".join(str(k) for k in clients if k not in replied)
-    metrics = server.apply(params, algorithm.server_step)
+    row.update(server.apply(params, algorithm.server_step))
     if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # checked before any checkpoint
         raise NonFiniteLossError(f"round {rnd + 1}: the server step gave non-finite global weights (its step size is "
                                  "usually too large); the round is not kept")  # fmt: skip
-    return {**row, **metrics}
+    if setting(config, "interference_probe"):  # the column only when the diagnostic is on
+        remote = remote_interference(train_clients)
+        row["interference"] = round_interference(model, data, shards, replied, probes, config, remote)
+    return row
 
 
 def train_in_turn(
@@ -210,7 +229,9 @@ def train_in_turn(
         side = algorithm.client_side(rnd, k, start, aligned_masks(names, own), lr, steps)
         loss = client_update(model, data, shards[k], rnd, k, config, masks=own, scaler=scaler, side=side)
         extra = side.finish(params) if side is not None else None
-        yield ClientResult(k, params, loss, own, scaler.state_dict() if scaler is not None else None, extra)
+        probe = probe_predictions(model, data, shards[k], k, config) if setting(config, "interference_probe") else None
+        state = scaler.state_dict() if scaler is not None else None
+        yield ClientResult(k, params, loss, own, state, extra, probe=probe)
 
 
 @torch.no_grad()

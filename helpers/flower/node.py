@@ -283,6 +283,11 @@ def node_train(content: RecordDict, context: Context, config: dict) -> RecordDic
     reply = RecordDict({"weights": ArrayRecord(trained), "result": ConfigRecord({"client": client, "loss": loss})})
     if scaler is not None:
         reply["scaler"] = ConfigRecord(scaler.state_dict())
+    if setting(config, "interference_probe"):  # kept here until the round's interference message
+        from helpers.federated.interference import probe_predictions  # lazy: one message per process
+
+        probe = probe_predictions(model, data, shard, client, config)
+        context.state[f"probe@{run_id(config)}"] = ArrayRecord({"predictions": probe})
     extra = side.finish(list(params)) if side is not None else None
     if extra is not None:  # only its trainable entries travel (the others are 0)
         reply["extra"] = ArrayRecord(dict(zip(names, pack_entries(extra, aligned), strict=True)))
@@ -368,9 +373,29 @@ def node_evaluate(content: RecordDict, context: Context, config: dict, client: i
     return RecordDict({"result": ConfigRecord({"loss": loss, "correct": correct, "samples": n})})
 
 
+def node_interference(content: RecordDict, context: Context, config: dict, client: int) -> RecordDict:
+    """How many of its probe images this client's trained model (its predictions kept since its train message) and
+    the new global model disagree on (helpers.federated.interference); the kept predictions are dropped."""
+    from helpers.federated.interference import probe_predictions  # lazy: one message per process
+
+    key = f"probe@{run_id(config)}"
+    if key not in context.state:
+        raise RuntimeError(
+            "this node kept no probe predictions for the run (was it restarted?): set interference_probe=0"
+        )
+    own = context.state[key].to_torch_state_dict()["predictions"]
+    del context.state[key]
+    model, data, shard = client_inputs(config, client_data(config, context, client))
+    load_weights(model, content["model"].to_torch_state_dict(), {})
+    mark("inputs")
+    disagree = int((probe_predictions(model, data, shard, client, config).to(own.device) != own).sum())
+    mark("computed")
+    return RecordDict({"result": ConfigRecord({"disagree": disagree, "samples": len(own)})})
+
+
 NODE_OPS = {
     "size": node_size, "setup": node_setup, "score": node_score, "ridge": node_ridge, "evaluate": node_evaluate,
-    "close": node_close,
+    "close": node_close, "interference": node_interference,
 }  # fmt: skip
 
 

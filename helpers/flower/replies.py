@@ -66,10 +66,10 @@ def scores_problem(expected: Mapping[str, Tensor], got: Mapping[str, Tensor]) ->
     """Why sensitivity scores cannot be summed in: `expected`'s names, shapes and dtypes (weights_problem), finite and
     never negative (sums of squared gradients)."""
     problem = weights_problem(expected, got)
-    negative = [n for n, s in got.items() if problem is None and bool((s < 0).any())]
-    return (
-        problem.replace("weights", "scores") if problem else f"{negative[0]} has negative scores" if negative else None
-    )
+    if problem is not None:
+        return problem.replace("invalid weights: ", "")
+    negative = [n for n, s in got.items() if bool((s < 0).any())]
+    return f"{negative[0]} has negative scores" if negative else None
 
 
 def ridge_problem(xtx: Tensor, xty: Tensor, dim: int, classes: int, samples: int) -> str | None:

@@ -222,6 +222,18 @@ class NodeEngine:
             )
             yield loss, correct, n
 
+    def client_interference(self, model: nn.Module, config: dict, clients: list[int], sizes: list[int]) -> list[float]:
+        """Each client's share of its probe (`sizes`: the images it must compare, known here from n_k) on which its
+        trained model (kept on its node) and `model` disagree."""
+        shares = []
+        replies = self.ask("interference", config, clients, {"model": model_record(model)})
+        for k, size, c in zip(clients, sizes, replies, strict=True):
+            disagree, n = int(c["result"]["disagree"]), int(c["result"]["samples"])
+            ok = n == size and 0 <= disagree <= n
+            usable(f"interference on client {k}", None if ok else f"{disagree} of {n} probe images (expected {size})")
+            shares.append(disagree / n if n else 0.0)
+        return shares
+
     def setup(self, model: nn.Module, masks: Masks | None, config: dict) -> None:
         """Once per run and node: the frozen parameters (the step-0 head of sparse runs) and the client's mask."""
         frozen = ArrayRecord({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})

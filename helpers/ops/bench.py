@@ -25,7 +25,7 @@ from helpers.data.datasets import Data, augment_batch, eval_batch, load_data, pi
 from helpers.editing.calibration import Scorer
 from helpers.federated.clients import client_optimizer, client_shards, local_train, sample_clients
 from helpers.federated.rounds import fedavg_round
-from helpers.ops.bench_remedies import bench_algorithms, measured_store_bytes, scaffold_memory
+from helpers.ops.bench_remedies import bench_algorithms, bench_merging, measured_store_bytes, scaffold_memory
 from helpers.ops.memory import LABEL, GiB, estimate_phases
 from helpers.ops.timing import clock, peak_flops, timed
 from helpers.sparse.sensitivity import compute_scores
@@ -309,6 +309,7 @@ def run_bench(
 
         remedies = make_config("fedavg", profile, device=str(dev.type), pretrained=False)
         out.update(bench_algorithms(remedies, repeats=1 if quick else 3))
+        out.update(bench_merging(remedies, repeats=1 if quick else 3))
         out.update({**measured_store_bytes(config), **scaffold_memory()})
     if flower:
         from helpers.ops.bench_federation import bench_federation  # lazy: Flower is optional

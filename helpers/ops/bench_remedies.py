@@ -1,5 +1,6 @@
-"""The remedies' costs in the benchmark: each algorithm's round time relative to FedAvg's, and SCAFFOLD's memory
-at full size (control variates: the server's c in RAM, one file per client in the run folder)."""
+"""The remedies' costs in the benchmark: each algorithm's round time relative to FedAvg's, SCAFFOLD's memory
+at full size (control variates: the server's c in RAM, one file per client in the run folder), and the round time
+with merge=ties and with the interference diagnostic on, with what TIES keeps in memory."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from helpers.config.experiments import make_config, setting
 from helpers.core.models import DINO_VIT_S16, build_model, set_trainable
 from helpers.core.precision import make_scaler
 from helpers.data.datasets import load_data, pick_device
-from helpers.federated.clients import client_shards
+from helpers.federated.clients import client_shards, clients_per_round
+from helpers.federated.interference import PROBE_IMAGES
 from helpers.federated.rounds import fedavg_round
 from helpers.ops.timing import clock
 from helpers.sparse.masks import Masks
@@ -83,3 +85,36 @@ def measured_store_bytes(config: dict, density: float = 0.1) -> dict:
     dense = sum(p.numel() for n, p in model.named_parameters() if n not in mask)
     per_client = BYTES * (dense + sum(int(m.sum()) for m in mask.values()))
     return {"scaffold_store_bytes": written, "scaffold_store_formula_bytes": per_client * len(row["clients"].split())}
+
+
+def bench_merging(config: dict, repeats: int = 3) -> dict:
+    """Seconds per round with merge=ties and with interference on (PROBE_IMAGES per client), and their ratio to the
+    plain FedAvg round (same clients and batches, interleaved); the round's trained weights TIES keeps (fp32), here
+    and at full size (m = 10 clients of DINO ViT-S/16)."""
+    device = pick_device(config["device"])
+    data = load_data(config, device)
+    shards, scaler = client_shards(config, data), make_scaler(device, setting(config, "amp"))
+    variants = {"mean": {}, "ties": {"merge": "ties"}, "interference": {"interference_probe": PROBE_IMAGES}}
+    runs = {}
+    for name, extra in variants.items():
+        variant = make_config("fedavg", **{**config, **extra})
+        model = build_seeded_model(variant, device)
+        runs[name] = (model, variant, set_trainable(model, variant["train_mode"]))
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for rnd in range(repeats + 1):  # round 0 warms up
+        for name, (model, variant, _) in runs.items():
+            step = lambda m=model, r=rnd, c=variant: fedavg_round(m, data, shards, r, c, scaler=scaler)
+            times[name].append(clock(step, device))
+    best = {name: min(t[1:]) for name, t in times.items()}
+    m = clients_per_round(config["num_clients"], config["participation"])
+    with torch.device("meta"):  # shapes only
+        full = sum(p.numel() for p in build_model(DINO_VIT_S16, pretrained=False).parameters())
+    trainable = sum(p.numel() for p in runs["mean"][2])
+    return {
+        "round_s_merge_mean": best["mean"],
+        "round_vs_mean_ties": best["ties"] / best["mean"],
+        "round_vs_mean_interference": best["interference"] / best["mean"],
+        "interference_probe_images": PROBE_IMAGES,
+        "ties_kept_mb": m * BYTES * trainable / 2**20,
+        "ties_kept_mb_full": 10 * BYTES * full / 2**20,
+    }

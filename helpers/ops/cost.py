@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers.config.experiments import make_config, split_sizes
+from helpers.config.experiments import make_config, setting, split_sizes
 from helpers.core.models import forward_flops
 from helpers.core.settings import REPO, default_run_root
 from helpers.editing.step0 import head_fedavg_config
@@ -72,6 +72,9 @@ def run_work(experiment: str, config: dict) -> Work:
         val, _ = _evaluations(steps, config["eval_every"], False)
         test = steps if config["eval_test"] else 1
     evaluation = val * n_val + test * n_test
+    if federated:  # the interference diagnostic: each client's probe through its own model and the new global one
+        m = clients_per_round(config["num_clients"], config["participation"])
+        evaluation += steps * 2 * m * setting(config, "interference_probe")
     if config.get("train_mode") == "head":
         if config["head_features"] == "cached":  # one pass over every split; the head's epochs are negligible
             work.shared[_features_key(config)] = n_train + n_val + n_test
@@ -186,19 +189,24 @@ def _duration(seconds: float) -> str:
 # ----------------------------------------------------------------------------- notebooks' default grids
 
 
+APART = {"tuning": "{} tuning", "extension_tuning": "{} extension", "extension": "{} extension"}  # group -> row
+
+
 def notebook_table(profile: str = "full") -> list[dict]:
     """One row per notebook: runs in its default grid and their T4 hours (nothing counted as done)."""
     rows = []
     nowhere = Path("/nonexistent-run-root")
     for name in PLANS:
         plan = notebook_plan(name, profile, run_root=nowhere)
-        parts = {
-            name: [g for g in plan.groups if g != "tuning"],
-            f"{name[:2]} tuning": ["tuning"] * ("tuning" in plan.groups),
-        }
-        for label, groups in parts.items():
-            if groups:  # the remedies' tuning apart: its cost is the price of a fair comparison
-                estimate = estimate_plan(plan.runs_of(*groups), run_root=nowhere)
+        parts: dict[str, list[str]] = {}
+        for group in plan.groups:  # the remedies' tuning apart (the price of a fair comparison), the extension apart
+            parts.setdefault(APART.get(group, "").format(name[:2]) or name, []).append(group)
+        counted: set[str] = set()
+        for label, groups in parts.items():  # a run two parts share (FedAvg's in the extension) counts in the first
+            runs = [(e, c) for e, c in plan.runs_of(*groups) if run_id(c) not in counted]
+            counted |= {run_id(c) for _, c in runs}
+            if runs:
+                estimate = estimate_plan(runs, run_root=nowhere)
                 rows.append({"notebook": label, "runs": estimate.runs, "t4_hours": estimate.total_s / 3600})
     return rows
 

@@ -22,6 +22,7 @@ from helpers.config.experiments import setting, split_sizes
 from helpers.core.models import backbone_parameters, build_model
 from helpers.core.precision import DTYPES
 from helpers.data.datasets import NUM_CLASSES
+from helpers.federated.clients import clients_per_round
 from helpers.sparse.sensitivity import default_chunk_size
 
 GiB = 2**30
@@ -136,9 +137,12 @@ def estimate_phases(config: dict) -> list[Phase]:
     scoring = scoring_activations(model, size, chunk)
     evaluation = evaluation_activations(model, size, config["eval_batch_size"], amp)
     weights, cast = 4 * params, half * params  # fp32 weights; autocast's low-precision copies during evaluation
-    # RoundSum (the round's start weights, the running average, the unit-update sum) and the algorithm's own state
+    # RoundSum (the round's start weights, the running average, the unit-update sum) and the algorithm's own state;
+    # merge=ties keeps the round's trained weights too (m copies)
     algorithm = algorithm_class(algorithm_name(config))
-    server = (3 + algorithm.memory_copies) * 4 * params
+    ties = setting(config, "merge") == "ties"
+    kept = clients_per_round(config["num_clients"], config["participation"]) if ties else 0
+    server = (3 + algorithm.memory_copies + kept) * 4 * params
     features = 4 * model.num_features * n_train  # the cached pre-logit features (fp32)
     return [
         Phase(f"dense fine-tuning (a {algorithm.name} round)", 3 * weights, server, train, data),

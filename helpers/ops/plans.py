@@ -11,25 +11,25 @@ from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
-from helpers.algorithms.registry import ALGORITHMS
-from helpers.config.experiments import (
-    experiment_parameters,
-    make_config,
-    remedy_parameters,
-    resolve_profile,
-    train_split_size,
-)
+from helpers.config.experiments import make_config, resolve_profile, train_split_size
 from helpers.config.parsing import as_list
 from helpers.core.settings import default_run_root
 from helpers.federated.clients import clients_per_round
 from helpers.federated.rounds import rounds_for_budget
+from helpers.ops.comparisons import (
+    extension_configs,
+    extension_tuning_configs,
+    measured_alike,
+    remedy_algorithms,
+    remedy_plan,
+    tuning_configs,
+)
 from helpers.ops.notebook import declared_parameters
-from helpers.ops.tuning import check_tuning, chosen_values, tuning_grid, tuning_rounds
+from helpers.ops.tuning import TIES, check_tuning, chosen_values
 from helpers.reporting.results import final_rows
 from helpers.sparse.masks import MASK_RULES, one_shot
 from helpers.training.runs import Run, run_id
 
-SMOKE_ALGORITHMS = ("fedavg", "scaffold", "fedadam")  # the smoke pipeline's share: a client side, a server optimizer
 BASELINE_J = 4  # 03's step budget is the profile's default rounds at the course's J = 4
 
 
@@ -245,63 +245,22 @@ def federated_editing_config(p: Mapping, sharding: str, nc: int | None, sparsity
                        seed=p["SEED"])  # fmt: skip
 
 
-def remedy_algorithms(profile: str, chosen: list | None) -> list[str]:
-    """The algorithms to compare: `chosen`, or every one (full) / SMOKE_ALGORITHMS (smoke) when None."""
-    if chosen is None:
-        return list(ALGORITHMS) if profile == "full" else list(SMOKE_ALGORITHMS)
-    return list(chosen)
-
-
-def remedy_base(base: dict, algorithm: str, local_steps: int, rounds: int) -> dict:
-    """`base` (a sparse run of 05) as a remedy's run: every value but the other algorithms' own parameters (the
-    algorithm's own take its defaults unless set), `local_steps` and `rounds`."""
-    others = set(remedy_parameters())
-    shared = {k: v for k, v in base.items() if k in experiment_parameters("sparse_fedavg") and k not in others}
-    return {**shared, "algorithm": algorithm, "sharding": "noniid", "local_steps": local_steps, "rounds": rounds}
-
-
-def remedy_rounds(base: dict, local_steps: int) -> int:
-    """The comparison's rounds: base's step budget (J x rounds) at `local_steps`."""
-    return rounds_for_budget(base["rounds"] * base["local_steps"], local_steps)
-
-
-def tuning_configs(
-    base: dict, algorithms: list[str], nc: int, local_steps: int, budget: float, grids: Mapping | None = None
-) -> list[dict]:
-    """Per algorithm, one dense run (sparsity 0, the step-0 head) per value of its grid at Nc = `nc` (the hardest
-    setting), each with `budget` of the comparison's rounds: the same count and budget for every method."""
-    rounds = tuning_rounds(remedy_rounds(base, local_steps), budget)
-    configs = []
-    for algorithm in algorithms:
-        name, values = tuning_grid(algorithm, grids)
-        cell = remedy_base(base, algorithm, local_steps, rounds)
-        configs += [make_config("sparse_fedavg", **{**cell, "classes_per_client": nc, "sparsity": 0.0, name: v})
-                    for v in values]  # fmt: skip
-    return configs
-
-
-def remedy_plan(
-    base: dict, algorithms: list[str], classes: list[int], local_steps: int, chosen: Mapping | None = None
-) -> list[dict]:
-    """sparse_fedavg configs: per algorithm and Nc in `classes`, the dense control (sparsity 0, step-0 head) and
-    `base`'s sparse run, with `local_steps` and the rounds that keep base's step budget (J x rounds), each algorithm
-    at its `chosen` (parameter, value) (None: at its defaults, a placeholder until the tuning is done)."""
-    rounds, plan = remedy_rounds(base, local_steps), []
-    for algorithm in algorithms:
-        tuned = dict([chosen[algorithm]]) if chosen and algorithm in chosen else {}
-        for nc in classes:
-            for sparsity in (0.0, base["sparsity"]):
-                cell = {**remedy_base(base, algorithm, local_steps, rounds), "classes_per_client": nc}
-                plan.append(make_config("sparse_fedavg", **{**cell, "sparsity": sparsity, **tuned}))
-    return plan
-
-
 def remedy_configs(p: Mapping, chosen: Mapping) -> list[dict]:
-    """05's remedies comparison at the tuned values `chosen` ({algorithm: (parameter, value)})."""
+    """05's remedies comparison at the tuned values `chosen` ({algorithm: (parameter, value)}); with EXTENSION, the
+    runs the extension shares measure its interference (measured_alike)."""
     algorithms = remedy_algorithms(
         resolve_profile(p["PROFILE"]), None if p["REMEDIES"] is None else as_list(p["REMEDIES"])
     )
-    return remedy_plan(editing_base(p), algorithms, as_list(p["REMEDY_NC"]), p["REMEDY_J"], chosen)
+    configs = remedy_plan(editing_base(p), algorithms, as_list(p["REMEDY_NC"]), p["REMEDY_J"], chosen)
+    return measured_alike(configs, extension_comparison(p, None)) if p["EXTENSION"] else configs
+
+
+def extension_comparison(p: Mapping, chosen: Mapping | None) -> list[dict]:
+    """05's extension (EXTENSION; else none) at the remedies' settings, TIES at `chosen` ({"ties": ("merge_density",
+    value)}; None: a placeholder until its tuning is done)."""
+    if not p["EXTENSION"]:
+        return []
+    return extension_configs(editing_base(p), as_list(p["REMEDY_NC"]), p["REMEDY_J"], chosen)
 
 
 def editing_settings(p: Mapping) -> list[tuple[str, int | None]]:
@@ -321,7 +280,8 @@ def editing_base(p: Mapping) -> dict:
 
 
 def federated_editing_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:
-    """05: sparse FedAvg over shardings x sparsity x R, a dense control per sharding, and the remedies compared."""
+    """05: sparse FedAvg over shardings x sparsity x R, a dense control per sharding, the remedies compared and
+    (EXTENSION) the extension: TIES-merging in the round and the interference diagnostic."""
     profile = resolve_profile(p["PROFILE"])
     plan = Plan("05_federated_editing", profile)
     rounds_r, settings = editing_rounds(p), editing_settings(p)
@@ -337,24 +297,43 @@ def federated_editing_plan(p: Mapping, run_root: str | Path | None = None) -> Pl
         f"round, step 0 = {p['STEP0']}) and {len(plan['controls'])} dense controls"
     )
     algorithms = remedy_algorithms(profile, None if p["REMEDIES"] is None else as_list(p["REMEDIES"]))
-    check_tuning(p["TUNING_SPLIT"], p["TUNING_BUDGET"], p["TUNING_GRIDS"], algorithms)
+    check_tuning(p["TUNING_SPLIT"], p["TUNING_BUDGET"], p["TUNING_GRIDS"], algorithms + [TIES] * p["EXTENSION"])
     classes = as_list(p["REMEDY_NC"])
-    if algorithms and not classes:
-        raise ValueError("REMEDY_NC=[] is invalid with remedies to compare: give at least one Nc (or REMEDIES=[])")
-    hardest = min(classes) if classes else None
-    tuning = tuning_configs(base, algorithms, hardest, p["REMEDY_J"], p["TUNING_BUDGET"], p["TUNING_GRIDS"])
+    if (algorithms or p["EXTENSION"]) and not classes:
+        raise ValueError("REMEDY_NC=[] is invalid with remedies to compare or EXTENSION=True: give at least one Nc "
+                         "(or REMEDIES=[] and EXTENSION=False)")  # fmt: skip
+    hardest, j, budget = min(classes) if classes else None, p["REMEDY_J"], p["TUNING_BUDGET"]
+    tuning = tuning_configs(base, algorithms, hardest, j, budget, p["TUNING_GRIDS"])
     plan.add("tuning", "sparse_fedavg", tuning)
-    tuned = finished_runs("sparse_fedavg", tuning, run_root) if tuning else None
-    chosen = chosen_values(tuned) if tuned else None
-    plan.add("remedies", "sparse_fedavg", remedy_plan(base, algorithms, classes, p["REMEDY_J"], chosen))
-    plan.waiting = ("remedies",) if tuning and chosen is None else ()
+    chosen = chosen_on_validation(tuning, run_root)
+    plan.add("remedies", "sparse_fedavg", remedy_plan(base, algorithms, classes, j, chosen))
+    ties = extension_tuning_configs(base, hardest, j, budget, p["TUNING_GRIDS"]) if p["EXTENSION"] else []
+    plan.add("extension_tuning", "sparse_fedavg", ties)
+    merge = chosen_on_validation(ties, run_root)
+    plan.add("extension", "sparse_fedavg", extension_comparison(p, merge))
+    plan.groups["remedies"] = measured_alike(plan["remedies"], plan["extension"])  # its shared runs measure too
+    plan.waiting = ("remedies",) * bool(tuning and chosen is None) + ("extension",) * bool(ties and merge is None)
     plan.lines.append(
-        f"remedies comparison: {', '.join(algorithms) or 'none'} at Nc={classes}, J={p['REMEDY_J']}: "
+        f"remedies comparison: {', '.join(algorithms) or 'none'} at Nc={classes}, J={j}: "
         f"{len(plan['remedies'])} runs, each method at the value of its own hyperparameter chosen on validation "
-        f"from {len(tuning)} tuning runs (dense, Nc={hardest}, {p['TUNING_BUDGET']:g} of the rounds each)"
+        f"from {len(tuning)} tuning runs (dense, Nc={hardest}, {budget:g} of the rounds each)"
     )
-    plan.info.update(base=base, settings=settings, rounds_r=rounds_r, remedy_algorithms=algorithms, chosen=chosen)
+    if ties:
+        plan.lines.append(
+            f"extension: FedAvg's mean and TIES-merging in the round, dense and sparse, at Nc={classes}, J={j}: "
+            f"{len(plan['extension'])} runs with the interference diagnostic, TIES's merge_density chosen on "
+            f"validation from {len(ties)} tuning runs like the remedies' "
+            f"({'merge_density=' + format(merge[TIES][1], 'g') if merge else 'not yet'})"
+        )
+    plan.info.update(base=base, settings=settings, rounds_r=rounds_r, remedy_algorithms=algorithms, chosen=chosen,
+                     merge_chosen=merge)  # fmt: skip
     return plan
+
+
+def chosen_on_validation(tuning: list[dict], run_root: str | Path | None) -> dict | None:
+    """The values the tuning runs `tuning` chose ({method: (parameter, value)}), once all are done; else None."""
+    tuned = finished_runs("sparse_fedavg", tuning, run_root) if tuning else None
+    return chosen_values(tuned) if tuned else None
 
 
 def mask_strategies_config(p: Mapping, rule: str, sharding: str, nc: int | None, sparsity: float | None = None) -> dict:

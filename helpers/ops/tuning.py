@@ -1,7 +1,9 @@
 """The remedies tuned alike: each algorithm's own hyperparameter chosen from its grid (the algorithm declares both,
 `tuning`) on the validation split, never the test split, at the hardest heterogeneity setting of the comparison, with
 the same number of tuning runs and the same budget per run for every method; the comparison then runs each method at
-its chosen value. A candidate whose training diverges (a non-finite loss) is recorded as diverged and never chosen."""
+its chosen value. A candidate whose training diverges (a non-finite loss) is recorded as diverged and never chosen.
+The extension's TIES-merging (`merge=ties`, helpers.algorithms.merging) is tuned the same way as one more method,
+TIES: its merge_density over MERGE_TUNING (TUNING_GRIDS["ties"] replaces it)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from helpers.algorithms.merging import MERGE_TUNING
 from helpers.algorithms.registry import algorithm_class, algorithm_name
 from helpers.config.experiments import check_value
 from helpers.editing.sparse_runs import run_sparse_fedavg
@@ -21,11 +24,23 @@ from helpers.training.runs import Run, mark_done, metrics_file, open_run
 
 TUNING_SPLITS = ("val",)  # the split a value is chosen on (the test split only ever reports)
 METRIC = "val_acc"
+TIES = "ties"  # the tuned method of a run with merge=ties (whatever its algorithm: the extension's is FedAvg)
+
+
+def method_name(config: Mapping) -> str:
+    """The method a run tunes: TIES for a run with merge=ties, else its algorithm."""
+    return TIES if config.get("merge") == TIES else algorithm_name(config)
+
+
+def own_tuning(method: str) -> tuple[str, tuple]:
+    """(parameter, grid) `method` declares: TIES its merge_density over MERGE_TUNING, an algorithm its `tuning`."""
+    return MERGE_TUNING if method == TIES else algorithm_class(method).tuning
 
 
 def tuning_grid(algorithm: str, overrides: Mapping | None = None) -> tuple[str, list]:
-    """(parameter, values) `algorithm` is tuned over: its own grid, or TUNING_GRIDS[algorithm] (each value checked)."""
-    name, values = algorithm_class(algorithm).tuning
+    """(parameter, values) `algorithm` (or TIES) is tuned over: its own grid, or TUNING_GRIDS[algorithm] (each value
+    checked)."""
+    name, values = own_tuning(algorithm)
     if overrides is not None and algorithm in overrides:
         given = overrides[algorithm]
         values = list(given) if isinstance(given, (list, tuple)) else [given]
@@ -39,7 +54,8 @@ def tuning_grid(algorithm: str, overrides: Mapping | None = None) -> tuple[str, 
 
 
 def check_tuning(split: str, budget: float, grids: Mapping | None, algorithms: list[str]) -> None:
-    """The notebook's tuning parameters, before any compute (each error names its parameter)."""
+    """The notebook's tuning parameters, before any compute (each error names its parameter); `algorithms`: the
+    methods tuned (TIES among them when the extension runs)."""
     if split not in TUNING_SPLITS:
         raise ValueError(f"TUNING_SPLIT={split!r} is invalid: must be one of {', '.join(TUNING_SPLITS)} (values are "
                          "chosen on the validation split; the test split only reports)")  # fmt: skip
@@ -50,7 +66,7 @@ def check_tuning(split: str, budget: float, grids: Mapping | None, algorithms: l
         raise ValueError(f"TUNING_GRIDS={grids!r} is invalid: must be None or a dict {{algorithm: [values]}}")
     unknown = sorted(set(grids or {}) - set(algorithms))
     if unknown:
-        raise ValueError(f"TUNING_GRIDS names {unknown}, which this comparison does not run (REMEDIES: {algorithms})")
+        raise ValueError(f"TUNING_GRIDS names {unknown}, which this comparison does not run (tuned: {algorithms})")
     for algorithm in algorithms:
         tuning_grid(algorithm, grids)
 
@@ -87,12 +103,12 @@ def diverged(run: Run) -> bool:
 
 
 def chosen_values(runs: list[Run]) -> dict[str, tuple[str, object]]:
-    """{algorithm: (parameter, value)}: per algorithm the tuned value of the run with the best final validation
-    accuracy (diverged runs never win; ties: the first in the grid's order)."""
+    """{method: (parameter, value)}: per method (algorithm, or TIES) the tuned value of the run with the best final
+    validation accuracy (diverged runs never win; ties: the first in the grid's order)."""
     chosen = {}
-    for algorithm in dict.fromkeys(algorithm_name(r.config) for r in runs):
-        name = algorithm_class(algorithm).tuning[0]
-        mine = [r for r in runs if algorithm_name(r.config) == algorithm and r.done and not diverged(r)]
+    for algorithm in dict.fromkeys(method_name(r.config) for r in runs):
+        name = own_tuning(algorithm)[0]
+        mine = [r for r in runs if method_name(r.config) == algorithm and r.done and not diverged(r)]
         if not mine:
             raise RuntimeError(f"every tuning run of {algorithm} diverged or is unfinished: nothing to choose from")
         table = final_rows(mine, [name])
@@ -102,15 +118,16 @@ def chosen_values(runs: list[Run]) -> dict[str, tuple[str, object]]:
 
 
 def tuning_table(runs: list[Run]) -> pd.DataFrame:
-    """One row per tuning run: algorithm, tuned parameter and value, final validation accuracy, diverged, chosen."""
+    """One row per tuning run: method (algorithm, or TIES), tuned parameter and value, final validation accuracy,
+    diverged, chosen."""
     chosen = chosen_values(runs)
     rows = []
     for run in runs:
-        algorithm = algorithm_name(run.config)
-        name = algorithm_class(algorithm).tuning[0]
+        algorithm = method_name(run.config)
+        name = own_tuning(algorithm)[0]
         value = run.config[name]
         final = final_rows([run], []) if run.done else pd.DataFrame()
-        rows.append({"algorithm": algorithm, "tuned_param": name, "tuned_value": value,
+        rows.append({"method": algorithm, "tuned_param": name, "tuned_value": value,
                      METRIC: final[METRIC].iloc[0] if not final.empty else float("nan"),
                      "diverged": diverged(run), "chosen": chosen.get(algorithm) == (name, value)})  # fmt: skip
     return pd.DataFrame(rows)
@@ -118,9 +135,12 @@ def tuning_table(runs: list[Run]) -> pd.DataFrame:
 
 def with_tuning(table: pd.DataFrame, chosen: Mapping[str, tuple], grids: Mapping | None = None) -> pd.DataFrame:
     """`table` (tidy rows) with each run's tuned parameter, its grid and the value chosen, for the report (rows of the
-    step-0 model, which no method tunes, left empty)."""
+    step-0 model, which no method tunes, left empty; a merge=ties row: TIES's)."""
     runs = table["experiment"] != "step0"
-    algorithms = table.get("algorithm", pd.Series(None, index=table.index)).fillna("fedavg")[runs]
+    algorithms = table.get("algorithm", pd.Series(None, index=table.index)).fillna("fedavg")
+    if "merge" in table:
+        algorithms = algorithms.where(table["merge"] != TIES, TIES)
+    algorithms = algorithms[runs]
     grid = {a: tuning_grid(a, grids) for a in set(algorithms)}
     return table.assign(
         tuned_param=algorithms.map(lambda a: grid[a][0]),

@@ -16,10 +16,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from helpers.core.params import STEP_COLUMNS
+from helpers.reporting.extension import fig_extension
 from helpers.reporting.labels import STEP0_LABEL, algorithm_order, rules_with_controls, sparse_rows, with_algorithm
 from helpers.reporting.plots import (
     HALF_WIDTH_IN,
     MARKERS,
+    PANEL_HEIGHT_IN,
     REFERENCE_COLOUR,
     TEXT_WIDTH_IN,
     integer_ticks,
@@ -42,7 +44,7 @@ from helpers.reporting.summaries import (
 )
 
 FULL, HALF = TEXT_WIDTH_IN, HALF_WIDTH_IN
-HEIGHT = 2.0  # inches: one row of panels with its legend
+HEIGHT = PANEL_HEIGHT_IN  # inches: one row of panels with its legend
 MAX_LEGEND = 8
 LABELS = {  # axis labels, short enough for a panel a quarter of the text wide
     "epoch": "epoch",
@@ -377,6 +379,7 @@ FIGURES: dict[str, Callable[[pd.DataFrame], Figure]] = {
     "communication": fig_communication,
     "mask_rules": fig_mask_rules,
     "remedies": fig_remedies,
+    "extension": fig_extension,
 }
 
 

@@ -84,6 +84,15 @@ def algorithm_title(name: str) -> str:
     return ALGORITHMS[name].title if name in ALGORITHMS else name
 
 
+def merge_label(merge: object, density: object = None) -> str:
+    """How tables and figures name a merge rule: 'FedAvg mean' (also for runs from before `merge`), 'TIES d=0.2'."""
+    if merge is None or pd.isna(merge) or merge == "mean":
+        return "FedAvg mean"
+    if merge != "ties":
+        return str(merge)
+    return "TIES" + (f" d={density:g}" if density is not None and pd.notna(density) else "")
+
+
 def tuned_labels(part: pd.DataFrame) -> pd.Series:
     """'prox_mu = 0.1' for each row of a remedies table: the hyperparameter its method tuned and the value chosen
     (rows written before the tuning: '--')."""

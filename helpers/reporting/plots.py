@@ -19,6 +19,7 @@ from helpers.reporting.results import tidy_results
 # report figures are drawn at these printed widths and included unscaled, so a 7 pt font prints at 7 pt.
 TEXT_WIDTH_IN = 472.31595 / 72.27
 HALF_WIDTH_IN = (TEXT_WIDTH_IN - 0.15) / 2  # two figures side by side with a \hfill gap
+PANEL_HEIGHT_IN = 2.0  # one row of report panels with its legend
 MIN_FONT_PT = 7
 PAPER_RC = {
     "font.size": 8,

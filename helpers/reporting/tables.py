@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from helpers.core.settings import default_tables_root
+from helpers.reporting.extension import extension_rows
 from helpers.reporting.labels import rules_with_controls, sparse_rows, tuned_labels, with_algorithm
 from helpers.reporting.summaries import (
     MissingResults,
@@ -73,7 +74,7 @@ def _cell(mean: float, std: float, n: int, digits: int, bold: bool) -> str:
 
 
 def _higher_is_better(metric: str) -> bool:
-    return not metric.endswith(("loss", "_s", "bytes", "norm"))
+    return not metric.endswith(("loss", "_s", "bytes", "norm", "interference"))
 
 
 def latex_table(
@@ -236,6 +237,17 @@ TABLES: dict[str, tuple] = {
         "Mask rules at one sparsity, with the controls: final test accuracy per rule and client heterogeneity.",
         None,
     ),
+    "extension": (
+        "extension",
+        ["setting", "variant"],
+        ["val_acc", "test_acc", "mean_interference"],
+        None,
+        "FedAvg's mean against TIES-merging inside the round (merge density d chosen on validation like the remedies' "
+        "parameters), dense (step-0 head) and sparse, at the remedies' settings and the same step budget: final "
+        "accuracy and the interference averaged over the rounds (the share of a client's probe images on which its "
+        "trained model and the new global model disagree; lower is better).",
+        None,
+    ),
 }
 SHORT_NAMES = {  # a pivoted column's header: "J = 4"; empty: the value alone ("Nc=5" names itself)
     "variant": "",
@@ -267,6 +279,8 @@ def table_data(df: pd.DataFrame, name: str) -> pd.DataFrame:
         part = part[sparse_rows(part) == (only == "sparse")]
     if name == "mask_rules":
         part = rules_with_controls(part)
+    if name == "extension":
+        part = extension_rows(part)
     if name == "remedies":  # the step-0 model is every algorithm's: not a remedy's row
         part = with_algorithm(part[part["experiment"] != "step0"])
         kind = np.where(part["sparsity"].fillna(0) > 0, "sparse", "dense")
