@@ -7,6 +7,7 @@ a failed client is dropped (its round equals a hand-computed average of the othe
 from __future__ import annotations
 
 import math
+import tempfile
 import uuid
 
 import pytest
@@ -46,9 +47,14 @@ class InProcessGrid:
 
     def __init__(self, config: dict, tamper=None):
         self.config, self.tamper, self.waiting = config, tamper, []
+        state = tempfile.mkdtemp(prefix="flme-nodes-")  # its own node disks: parallel tests share run ids
         self.contexts = {
             100 + k: Context(
-                run_id=1, node_id=100 + k, node_config={"partition-id": k}, state=RecordDict(), run_config={}
+                run_id=1,
+                node_id=100 + k,
+                node_config={"partition-id": k, "state-dir": state},
+                state=RecordDict(),
+                run_config={},
             )  # fmt: skip
             for k in range(config["num_clients"])
         }

@@ -28,7 +28,7 @@ COMMON_DEFAULTS = {
     "dirichlet_alpha": 0.5, "client_lr_schedule": "constant", "engine": "sequential",
     "algorithm": DEFAULT_ALGORITHM, "stragglers": 0.0, "warmup_rounds": 0,
     "score_transform": "eval", "evaluation": "server", "node_failure": "stop", "node_timeout_s": 0.0,
-    "merge": "mean", "merge_density": DEFAULT_MERGE_DENSITY, "interference_probe": 0,
+    "update_bound": 10.0, "merge": "mean", "merge_density": DEFAULT_MERGE_DENSITY, "interference_probe": 0,
     "sparsity": 0.9, "calibration_rounds": 4, "mask_rule": DEFAULT_MASK_RULE, "score_method": "talos",
     "step0": "sgd", "step0_lr": 0.1, "ridge_lambda": 1.0, "mask_scope": "global", "embeddings": "masked",
 }
@@ -59,7 +59,7 @@ _CENTRALIZED = _DATA + _OPTIM + _BOOK + ("epochs", "scheduler", "warmup_epochs",
 _FEDERATED = _DATA + _OPTIM + _BOOK + (
     "num_clients", "participation", "local_steps", "rounds", "sharding", "classes_per_client", "dirichlet_alpha",
     "server_lr", "client_lr_schedule", "engine", "eval_test", "algorithm", _ALGORITHMS, "stragglers",
-    "warmup_rounds", "evaluation", "node_failure", "node_timeout_s", "merge", "merge_density",
+    "warmup_rounds", "evaluation", "node_failure", "node_timeout_s", "update_bound", "merge", "merge_density",
     "interference_probe")
 _EDIT = ("sparsity", "calibration_rounds", "mask_rule", "score_method", "calibration_samples", "embeddings",
          "step0", "step0_epochs", "step0_lr", "ridge_lambda", "score_transform")

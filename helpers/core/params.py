@@ -156,6 +156,13 @@ PARAMS: dict[str, Param] = {
     "node_timeout_s": Param(
         float, "seconds the server waits for a round's replies (0: no limit)", low=0, hashed=False, omitted_at=0.0
     ),  # fmt: skip
+    "update_bound": Param(
+        float,
+        "a Flower client whose update norm is over this many times the median of the round's others fails (0: off)",
+        low=0,
+        hashed=False,
+        omitted_at=10.0,
+    ),  # fmt: skip
     "algorithm": choice(
         meaning="the federated algorithm (a remedy against client drift); its own parameters join the config",
         omitted_at=DEFAULT_ALGORITHM,

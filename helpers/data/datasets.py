@@ -13,6 +13,7 @@ from helpers.core import caches
 from helpers.core.downloads import OFFLINE_HINT, DatasetUnavailableError, check_downloads
 from helpers.core.seeding import numpy_rng, torch_generator
 from helpers.core.settings import no_train_data
+from helpers.data.sharding import config_shards
 
 NUM_CLASSES = 100  # CIFAR-100 and its synthetic stand-in
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -107,6 +108,28 @@ def make_synthetic(num_train: int, num_test: int, num_classes: int = NUM_CLASSES
         return torch.from_numpy(np.clip(x, 0, 255).astype(np.uint8)), torch.from_numpy(y.astype(np.int64))
 
     return (*draw(num_train, "train"), *draw(num_test, "test"))
+
+
+CIFAR100_PER_CLASS = {"train": 500, "test": 100}  # the published dataset: 50,000 train and 10,000 test images
+
+
+def class_counts(config: dict) -> dict[str, np.ndarray]:
+    """Images per class in the train, val and test splits, from public facts only (CIFAR-100's published counts,
+    the synthetic set's balanced labels, stratified_split's rounding): what a server without the data knows."""
+    if config["dataset"] == "cifar100":
+        file, test = (np.full(NUM_CLASSES, CIFAR100_PER_CLASS[part]) for part in ("train", "test"))
+    else:  # make_synthetic: labels arange(n) % classes, shuffled
+        file, test = (np.bincount(np.arange(config[f"synthetic_{part}_size"]) % NUM_CLASSES, minlength=NUM_CLASSES)
+                      for part in ("train", "test"))  # fmt: skip
+    val = np.array([int(round(config["val_fraction"] * n)) for n in file], dtype=np.int64)
+    return {"train": file - val, "val": val, "test": test}
+
+
+def expected_shard_sizes(config: dict) -> list[int]:
+    """Every client's n_k without the data: the sharders' sizes depend on the class counts and the seed only, not
+    on where each image sits, so sharding labels sorted by class gives them (a Flower server checks its nodes)."""
+    counts = class_counts(config)["train"]
+    return [len(s) for s in config_shards(config, np.repeat(np.arange(len(counts)), counts))]
 
 
 def stratified_split(labels, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

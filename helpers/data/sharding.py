@@ -351,6 +351,14 @@ def make_shards(
     return dirichlet_shards(labels, num_clients, alpha, seed)
 
 
+def config_shards(config: dict, labels) -> list[np.ndarray]:
+    """make_shards with a run config's sharding, clients, seed, Nc and alpha."""
+    return make_shards(
+        labels, sharding=config["sharding"], num_clients=config["num_clients"], seed=config["seed"],
+        classes_per_client=config["classes_per_client"], alpha=config["dirichlet_alpha"],
+    )  # fmt: skip
+
+
 def shard_class_counts(labels, shards, num_classes: int) -> np.ndarray:
     """K x C matrix: counts[k, c] = samples of class c in shard k."""
     y = as_labels(labels)

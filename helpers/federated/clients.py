@@ -14,7 +14,7 @@ from helpers.algorithms.fedavg import ClientSide
 from helpers.config.experiments import setting
 from helpers.core.seeding import torch_generator
 from helpers.data.datasets import Data, augment_generator, step_batches
-from helpers.data.sharding import make_shards
+from helpers.data.sharding import config_shards
 from helpers.federated.stragglers import local_steps
 from helpers.sparse.sgdm import SparseSGDM, masks_by_parameter
 from helpers.training.loop import NonFiniteLossError, lr_at, train_steps
@@ -24,11 +24,7 @@ BYTES_PER_ENTRY = 4  # fp32 upload
 
 def client_shards(config: dict, data: Data) -> list[Tensor]:
     """The run's fixed client shards (index tensors into the train split), drawn from `seed`."""
-    shards = make_shards(
-        data.train_y.cpu().numpy(), sharding=config["sharding"], num_clients=config["num_clients"],
-        seed=config["seed"], classes_per_client=config["classes_per_client"], alpha=config["dirichlet_alpha"],
-    )  # fmt: skip
-    return [torch.from_numpy(s) for s in shards]
+    return [torch.from_numpy(s) for s in config_shards(config, data.train_y.cpu().numpy())]
 
 
 def clients_per_round(num_clients: int, participation: float) -> int:

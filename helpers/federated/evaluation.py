@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from helpers.config.experiments import setting
-from helpers.data.datasets import Data
+from helpers.data.datasets import Data, class_counts
 from helpers.training.loop import evaluate, evaluation_sums
 
 NAN = {"loss": math.nan, "acc": math.nan}
@@ -39,6 +39,11 @@ def remote_evaluation(train_clients: object) -> RemoteEvaluation | None:
 def eval_parts(n: int, num_clients: int) -> list[Tensor]:
     """Client k's positions in a split of n samples: contiguous, disjoint parts covering it (sizes differ by <= 1)."""
     return list(torch.tensor_split(torch.arange(n), num_clients))
+
+
+def eval_part_sizes(config: dict, split: str) -> list[int]:
+    """Every client's part size of `split` without the data (the split's size from its public class counts)."""
+    return [len(p) for p in eval_parts(int(class_counts(config)[split].sum()), config["num_clients"])]
 
 
 def split_tensors(data: Data, split: str) -> tuple[Tensor, Tensor]:

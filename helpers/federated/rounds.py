@@ -29,6 +29,7 @@ from helpers.federated.interference import probe_predictions, remote_interferenc
 from helpers.federated.remote import remote_clients, withheld_shards
 from helpers.federated.stragglers import local_steps
 from helpers.sparse.masks import Masks
+from helpers.training.loop import NonFiniteLossError
 from helpers.training.resumable import begin_run, loop_inputs, resumable_loop
 from helpers.training.runs import Run, check_holder
 
@@ -192,6 +193,9 @@ def fedavg_round(
     if setting(config, "node_failure") == "drop":  # the column only where clients may be dropped
         row["dropped"] = " ".join(str(k) for k in clients if k not in replied)
     row.update(server.apply(params, algorithm.server_step))
+    if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # checked before any checkpoint
+        raise NonFiniteLossError(f"round {rnd + 1}: the server step gave non-finite global weights (its step size is "
+                                 "usually too large); the round is not kept")  # fmt: skip
     if setting(config, "interference_probe"):  # the column only when the diagnostic is on
         remote = remote_interference(train_clients)
         row["interference"] = round_interference(model, data, shards, replied, probes, config, remote)

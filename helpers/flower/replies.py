@@ -2,12 +2,15 @@
 
 Pure functions (no Flower import), so the checks are unit-tested without Flower processes: `sort_replies` pairs
 replies with the messages sent (unasked, duplicate and wrong-node replies are problems), `weights_problem` checks
-a client's trained weights against the global ones. Also the tests' fault injection (FLME_FLOWER_FAULT).
+a client's trained weights against the global ones, the other checks scores, ridge statistics, GradScaler states and
+update norms. Also the tests' fault injection (FLME_FLOWER_FAULT).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -57,6 +60,74 @@ def weights_problem(expected: Mapping[str, Tensor], got: Mapping[str, Tensor]) -
         if not bool(torch.isfinite(have).all()):
             return f"invalid weights: {name} has non-finite values"
     return None
+
+
+def scores_problem(expected: Mapping[str, Tensor], got: Mapping[str, Tensor]) -> str | None:
+    """Why sensitivity scores cannot be summed in: `expected`'s names, shapes and dtypes (weights_problem), finite and
+    never negative (sums of squared gradients)."""
+    problem = weights_problem(expected, got)
+    if problem is not None:
+        return problem.replace("invalid weights: ", "")
+    negative = [n for n, s in got.items() if bool((s < 0).any())]
+    return f"{negative[0]} has negative scores" if negative else None
+
+
+def ridge_problem(xtx: Tensor, xty: Tensor, dim: int, classes: int, samples: int) -> str | None:
+    """Why (X^T X, X^T Y) of `samples` rows (`dim` - 1 features and a bias column) cannot be summed in: shapes,
+    float64, finite, X^T X symmetric with a non-negative diagonal; the bias column counts the rows, one label each."""
+    if xtx.shape != (dim, dim) or xty.shape != (dim, classes):
+        return (
+            f"statistics of shapes {tuple(xtx.shape)}, {tuple(xty.shape)}, expected ({dim}, {dim}), ({dim}, {classes})"
+        )
+    if xtx.dtype != torch.float64 or xty.dtype != torch.float64:
+        return f"statistics of dtypes {xtx.dtype}, {xty.dtype}, expected torch.float64"
+    if not bool(torch.isfinite(xtx).all() and torch.isfinite(xty).all()):
+        return "non-finite statistics"
+    scale = float(xtx.abs().max()) or 1.0
+    if float((xtx - xtx.T).abs().max()) > 1e-9 * scale or bool((xtx.diagonal() < 0).any()):
+        return "X^T X is not symmetric with a non-negative diagonal"
+    counts = xty[-1]  # the bias column against the one-hot labels: images per class
+    if float(xtx[-1, -1]) != samples or bool((counts < 0).any() or (counts != counts.round()).any()):
+        return f"the bias column counts {float(xtx[-1, -1]):g} rows, expected {samples} (its shard)"
+    if float(counts.sum()) != samples:
+        return f"{float(counts.sum()):g} one-hot labels for {samples} rows"
+    return None
+
+
+def scaler_problem(start: Mapping, got: Mapping | None, steps: int) -> str | None:
+    """Why a client's GradScaler state cannot follow `start` after at most `steps` steps: another configuration, a
+    growth tracker out of range, or a scale no run of `steps` steps reaches (one backoff or growth per step at most)."""
+    if got is None or set(got) != set(start):
+        return f"GradScaler state {got} has other keys than {sorted(start)}"
+    fixed = ("growth_factor", "backoff_factor", "growth_interval")
+    if any(float(got[k]) != float(start[k]) for k in fixed):
+        return f"GradScaler state {got} changes {', '.join(fixed)}"
+    interval, scale = int(start["growth_interval"]), float(got["scale"])
+    if not 0 <= int(got["_growth_tracker"]) < interval or float(got["_growth_tracker"]) != int(got["_growth_tracker"]):
+        return f"GradScaler growth tracker {got['_growth_tracker']} outside [0, {interval})"
+    low = float(start["scale"]) * float(start["backoff_factor"]) ** steps
+    high = float(start["scale"]) * float(start["growth_factor"]) ** (
+        (int(start["_growth_tracker"]) + steps) // interval
+    )
+    if not (math.isfinite(scale) and low <= scale <= high):
+        return (
+            f"GradScaler scale {scale:g} outside [{low:g}, {high:g}], what {steps} steps from {start['scale']:g} allow"
+        )
+    return None
+
+
+def update_outliers(norms: Mapping[int, float], bound: float) -> dict[int, str]:
+    """Clients whose update norm exceeds `bound` times the median of the round's other clients' (leaving the client
+    out: a huge update cannot lift its own yardstick): client -> why. None below two clients, or with bound 0."""
+    if bound <= 0 or len(norms) < 2:
+        return {}
+    out = {}
+    for k, norm in norms.items():
+        others = statistics.median(v for j, v in norms.items() if j != k)
+        if others > 0 and norm > bound * others:
+            out[k] = (f"invalid reply: update norm {norm:.4g} is over update_bound={bound:g} times the median of the "
+                      f"round's other clients ({others:.4g})")  # fmt: skip
+    return out
 
 
 def injected_fault(rnd: int, client: int) -> str | None:

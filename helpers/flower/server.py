@@ -24,8 +24,18 @@ from torch import Tensor, nn
 from helpers.algorithms.fedavg import FedAvg, aligned_masks
 from helpers.algorithms.scaffold import unpack_entries
 from helpers.config.experiments import setting
+from helpers.data.datasets import expected_shard_sizes
+from helpers.federated.evaluation import eval_part_sizes
+from helpers.federated.stragglers import local_steps
 from helpers.flower.federation import poll_interval
-from helpers.flower.replies import sort_replies, weights_problem
+from helpers.flower.replies import (
+    ridge_problem,
+    scaler_problem,
+    scores_problem,
+    sort_replies,
+    update_outliers,
+    weights_problem,
+)
 from helpers.flower.timing import mark
 from helpers.sparse.masks import Masks
 from helpers.training.loop import NonFiniteLossError
@@ -166,38 +176,50 @@ class NodeEngine:
             raise RuntimeError(f"{op}: {unasked[0]}")
         return replies
 
-    # Steps that need every client: a reply that cannot be used stops the run, naming the client (n_k is trusted).
+    # Steps that need every client: a reply that cannot be used stops the run, naming the client. What the server
+    # can know without the data it computes and checks the replies against: n_k, probe and evaluation part sizes.
     def shard_sizes(self, config: dict) -> list[int]:
-        clients = sorted(self.nodes)
-        sizes = [int(c["result"]["size"]) for c in self.ask("size", config, clients)]
-        for k, n in zip(clients, sizes, strict=True):
-            usable(f"size on client {k}", None if n >= 1 else f"shard size {n}")
-        return sizes
+        clients, expected = sorted(self.nodes), expected_shard_sizes(config)
+        for k, c in zip(clients, self.ask("size", config, clients), strict=True):
+            n = int(c["result"]["size"])
+            usable(f"size on client {k}", None if n == expected[k] else f"shard size {n}, expected {expected[k]}")
+        return expected
 
     def client_scores(
         self, model: nn.Module, config: dict, call: int, clients: list[int]
     ) -> Iterator[tuple[dict[str, Tensor], int]]:
-        device = next(model.parameters()).device
+        from helpers.sparse.sensitivity import backbone_parameters  # lazy: pulls timm (nodes import this module)
+
+        device, sizes = next(model.parameters()).device, expected_shard_sizes(config)
+        shapes = {
+            n: torch.empty(p.shape, dtype=torch.float32, device="meta") for n, p in backbone_parameters(model).items()
+        }
         for k, c in zip(clients, self.ask("score", config, clients, {"model": model_record(model)}, call=call)):
             scores, samples = c["scores"].to_torch_state_dict(), int(c["result"]["samples"])
-            usable(f"score on client {k}", finite_problem(scores) or (None if samples >= 1 else f"{samples} samples"))
+            want = min(config["calibration_samples"], sizes[k])  # calibration_batches: a subset of its shard
+            wrong = None if samples == want else f"{samples} samples scored, expected {want}"
+            usable(f"score on client {k}", scores_problem(shapes, scores) or wrong)
             yield {n: s.to(device) for n, s in scores.items()}, samples
 
     def ridge_statistics(self, model: nn.Module, config: dict) -> Iterator[tuple[Tensor, Tensor]]:
-        device = next(model.parameters()).device
-        clients = sorted(self.nodes)
+        device, clients, sizes = next(model.parameters()).device, sorted(self.nodes), expected_shard_sizes(config)
+        dim, classes = model.head.in_features + 1, model.head.out_features  # features and a bias column
         for k, c in zip(clients, self.ask("ridge", config, clients, {"model": model_record(model)})):
             stats = c["stats"].to_torch_state_dict()
-            usable(f"ridge on client {k}", finite_problem(stats))
+            missing = sorted({"xtx", "xty"} - stats.keys())
+            usable(f"ridge on client {k}", f"missing {missing}" if missing else None)
+            usable(f"ridge on client {k}", ridge_problem(stats["xtx"], stats["xty"], dim, classes, sizes[k]))
             yield stats["xtx"].to(device), stats["xty"].to(device)
 
     def client_evaluations(self, model: nn.Module, config: dict, split: str) -> Iterator[tuple[float, int, int]]:
         """Every client's (summed loss, correct, samples) on its part of `split` (helpers.federated.evaluation)."""
-        clients = sorted(self.nodes)
+        clients, parts = sorted(self.nodes), eval_part_sizes(config, split)
         for k, c in zip(clients, self.ask("evaluate", config, clients, {"model": model_record(model)}, split=split)):
             loss, correct, n = float(c["result"]["loss"]), int(c["result"]["correct"]), int(c["result"]["samples"])
-            ok = 0 <= loss < math.inf and 0 <= correct <= n
-            usable(f"evaluate on client {k}", None if ok else f"loss {loss}, {correct} correct of {n}")
+            ok = 0 <= loss < math.inf and 0 <= correct <= n == parts[k]
+            usable(
+                f"evaluate on client {k}", None if ok else f"loss {loss}, {correct} correct of {n} (part of {parts[k]})"
+            )
             yield loss, correct, n
 
     def client_interference(self, model: nn.Module, config: dict, clients: list[int], sizes: list[int]) -> list[float]:
@@ -241,13 +263,18 @@ class NodeEngine:
         down = algorithm_content(algorithm, start, names, masks)  # per client: server state its side needs
         replies = self.gather("train", config, clients, lambda k: {**content, **down(k)}, round=rnd)
         expected = dict(zip(names, start, strict=True))
-        results = {k: trained_result(r, expected, scaler is not None) for k, r in replies.items()}
+        scaler_start = scaler.state_dict() if scaler is not None else None
+        results = {
+            k: trained_result(r, expected, scaler_start, local_steps(config, rnd, k)) for k, r in replies.items()
+        }
         for k, r in results.items():  # what it sends beyond its weights (SCAFFOLD's Delta c_i), checked alike
             if not isinstance(r, str):
                 own = aligned_masks(names, masks.of_client(k) if masks is not None else None)
                 extra = client_extra(replies[k], names, own, start, required=algorithm.upload_factor > 1)
                 weights = [w if m is None else torch.where(m, w, w0) for w, m, w0 in zip(r[0], own, start, strict=True)]
                 results[k] = extra if isinstance(extra, str) else (weights, *r[1:], extra)  # frozen entries: start's
+        norms = {k: update_norm(r[0], start) for k, r in results.items() if not isinstance(r, str)}
+        results.update(update_outliers(norms, setting(config, "update_bound")))  # a huge finite update: failed
         failed = {k: r for k, r in results.items() if isinstance(r, str)}  # every check done before any sum
         kept = [k for k in clients if k not in failed]
         if failed and (setting(config, "node_failure") == "stop" or not kept):
@@ -310,16 +337,19 @@ def usable(what: str, problem: str | None) -> None:
         raise RuntimeError(f"{what}: invalid reply: {problem}")
 
 
-def finite_problem(tensors: Mapping[str, Tensor]) -> str | None:
-    """The first tensor with a non-finite value, or None."""
-    bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
-    return f"{bad[0]} has non-finite values" if bad else None
+def update_norm(weights: list[Tensor], start: list[Tensor]) -> float:
+    """|w_k - w|: the size of a client's update, over its trainable entries."""
+    return float(
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(w - w0) for w, w0 in zip(weights, start)]))
+    )
 
 
-def trained_result(content: RecordDict | str, expected: Mapping[str, Tensor], scaled: bool = False) -> tuple | str:
+def trained_result(
+    content: RecordDict | str, expected: Mapping[str, Tensor], scaler_start: dict | None = None, steps: int = 0
+) -> tuple | str:
     """A train reply as (weights in `expected`'s order and device, loss, GradScaler state), or why it cannot be
-    averaged in (helpers.flower.replies.weights_problem, a missing or non-finite loss, a bad scaler state when `scaled`,
-    a malformed reply)."""
+    averaged in (helpers.flower.replies.weights_problem, a missing or non-finite loss, a GradScaler state that `steps`
+    steps from `scaler_start` cannot reach, a malformed reply)."""
     if isinstance(content, str):
         return content
     try:
@@ -331,8 +361,8 @@ def trained_result(content: RecordDict | str, expected: Mapping[str, Tensor], sc
     problem = weights_problem(expected, trained)
     if problem is None and not math.isfinite(loss):
         problem = f"invalid reply: non-finite loss {loss}"
-    if problem is None and scaled and not (state is not None and 0 < float(state.get("scale", math.nan)) < math.inf):
-        problem = f"invalid reply: GradScaler state {state} has no finite scale > 0"  # min() would take it
+    if problem is None and scaler_start is not None and (bad := scaler_problem(scaler_start, state, steps)):
+        problem = f"invalid reply: {bad}"  # RoundSum keeps the lowest scale: a tiny one would silence every gradient
     if problem is not None:
         return problem
     return [trained[n].to(w.device) for n, w in expected.items()], loss, state
