@@ -31,7 +31,7 @@ def test_the_median_rule_is_numpys_median_per_entry(m):
 def test_a_hostile_minority_moves_the_median_little_and_the_mean_far(tmp_path):
     """update_bound off, one of three clients sends its update plus 1e3: the median run stays within the honest
     clients' reach of the honest median run; the mean run is dragged by about 1e3 / 3."""
-    config = make_config("fedavg", "smoke", **SMALL, **IID, update_bound=0.0)
+    config = make_config("fedavg", "smoke", **{**SMALL, "rounds": 1}, **IID, update_bound=0.0)  # then the mean diverges
     victim = sample_clients(config["seed"], 0, config["num_clients"], config["participation"])[0]
 
     def poison(message, reply):

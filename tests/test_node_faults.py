@@ -7,6 +7,7 @@ a failed client is dropped (its round equals a hand-computed average of the othe
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import uuid
 
@@ -47,12 +48,13 @@ class InProcessGrid:
 
     def __init__(self, config: dict, tamper=None):
         self.config, self.tamper, self.waiting = config, tamper, []
-        state = tempfile.mkdtemp(prefix="flme-nodes-")  # its own node disks: parallel tests share run ids
+        # its own node disks (parallel tests share run ids), unless the test names them in FLME_NODE_STATE
+        disk = {} if os.environ.get("FLME_NODE_STATE") else {"state-dir": tempfile.mkdtemp(prefix="flme-nodes-")}
         self.contexts = {
             100 + k: Context(
                 run_id=1,
                 node_id=100 + k,
-                node_config={"partition-id": k, "state-dir": state},
+                node_config={"partition-id": k, **disk},
                 state=RecordDict(),
                 run_config={},
             )  # fmt: skip
