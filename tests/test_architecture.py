@@ -256,6 +256,5 @@ def test_environment_variables_are_read_in_one_place():
                 key = None
             if key is not None and ("FLME_" in ast.unparse(key) or ast.unparse(key) in aliases):
                 wrong.append(f"helpers/{name.replace('.', '/')}.py:{node.lineno}: {ast.unparse(node)}")
-    pending = [w for w in wrong if "FAULT_ENV" in w]  # the Flower fault injection: leaves production code next
-    assert not sorted(set(wrong) - set(pending)), "FLME_* read outside helpers.core.settings:\n" + "\n".join(wrong)
-    assert named <= set(SETTINGS) | {"FLME_FLOWER_FAULT"}, f"undocumented settings: {named - set(SETTINGS)}"
+    assert not wrong, "FLME_* read outside helpers.core.settings:\n" + "\n".join(wrong)
+    assert named <= set(SETTINGS), f"undocumented settings: {named - set(SETTINGS)}"

@@ -24,6 +24,7 @@ import torch
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
+from faults import FAULT_REASON, fault_mod  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict  # noqa: E402
 
 from helpers.config.experiments import make_config  # noqa: E402
@@ -36,7 +37,6 @@ from helpers.federated.rounds import run_fedavg
 from helpers.flower import app as flower
 from helpers.flower import node as flower_node  # noqa: E402
 from helpers.flower.app import run_flower  # noqa: E402
-from helpers.flower.replies import FAULT_ENV  # noqa: E402
 from helpers.flower.server import reply_content  # noqa: E402
 from helpers.ops.cli import main  # noqa: E402
 from helpers.training.loop import NonFiniteLossError  # noqa: E402
@@ -106,11 +106,11 @@ def assert_same_run(flw: Run, seq: Run) -> None:
             assert own.keys() == ref.keys() and all(torch.equal(own[n], ref[n]) for n in ref)
 
 
-def run_flower_without_train_data(config: dict, run_root: Path, monkeypatch) -> Run:
+def run_flower_without_train_data(config: dict, run_root: Path, monkeypatch, **options) -> Run:
     """run_flower with the server under FLME_NO_TRAIN_DATA=1 (the nodes hold their data: load_data(holder=True))."""
     with monkeypatch.context() as patch:
         patch.setenv(NO_TRAIN_DATA_ENV, "1")
-        return run_flower(config, run_root=run_root, progress=False)
+        return run_flower(config, run_root=run_root, progress=False, **options)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -178,15 +178,14 @@ def test_head_only_runs_are_refused_by_name(tmp_path, capsys):
 def test_a_failing_client_is_named_and_the_cli_rerun_resumes(tmp_path, monkeypatch, capsys):
     config = case_config("iid-dense")
     victim = sample_clients(config["seed"], 1, config["num_clients"], config["participation"])[1]
-    monkeypatch.setenv(FAULT_ENV, f"2:{victim}")  # read by the client on its node (a Ray worker process)
-    with pytest.raises(RuntimeError, match=rf"^round 2, client {victim}: RuntimeError: fault injected by {FAULT_ENV}"):
-        run_flower(config, run_root=tmp_path / "flower", progress=False)
+    mods = [fault_mod({(2, victim): "raise"})]  # on the client's node (a Ray worker process)
+    with pytest.raises(RuntimeError, match=rf"^round 2, client {victim}: {FAULT_REASON}"):
+        run_flower(config, run_root=tmp_path / "flower", progress=False, client_mods=mods)
     (run_dir,) = (tmp_path / "flower" / "fedavg").iterdir()
     saved = load_torch(checkpoint_files(run_dir)[0])
     assert saved["round"] == 1 and len(pd.read_csv(metrics_file(run_dir))) == 1  # round 1 is kept
     assert not (run_dir / "done.json").exists()
 
-    monkeypatch.delenv(FAULT_ENV)
     sets = [a for k, v in {**SMALL, **IID}.items() for a in ("--set", f"{k}={v}")]
     assert main(["flower", "--profile", "smoke", *sets, "--run-root", str(tmp_path / "flower")]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

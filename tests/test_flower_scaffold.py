@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
+from faults import fault_mod  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict  # noqa: E402
 from test_flower import SMALL, assert_same_run, run_flower_without_train_data  # noqa: E402
 
@@ -23,7 +24,6 @@ from helpers.federated.rounds import train_in_turn
 from helpers.flower import app as flower
 from helpers.flower import node as flower_node
 from helpers.flower import server as flower_ops  # noqa: E402
-from helpers.flower.replies import FAULT_ENV  # noqa: E402
 from helpers.sparse.masks import Masks  # noqa: E402
 from helpers.training.runs import checkpoint_files, load_checkpoint, run_id  # noqa: E402
 
@@ -65,9 +65,10 @@ def test_scaffold_on_flower_resumes_after_a_node_fault_to_the_sequential_run(tmp
     state = tmp_path / "node-state"
     monkeypatch.setenv("FLME_NODE_STATE", str(state))
     victim = sample_clients(config["seed"], 3, config["num_clients"], config["participation"])[0]
-    monkeypatch.setenv(FAULT_ENV, f"4:{victim}")
     with pytest.raises(RuntimeError, match=rf"^round 4, client {victim}: RuntimeError: fault injected"):
-        run_flower_without_train_data(config, tmp_path / "flower", monkeypatch)
+        run_flower_without_train_data(
+            config, tmp_path / "flower", monkeypatch, client_mods=[fault_mod({(4, victim): "raise"})]
+        )
     (run_dir,) = (tmp_path / "flower" / "sparse_fedavg").iterdir()
     saved = load_torch(checkpoint_files(run_dir)[0])
     assert saved["round"] == 3 and saved["algorithm"]["done"] == 3
@@ -77,7 +78,6 @@ def test_scaffold_on_flower_resumes_after_a_node_fault_to_the_sequential_run(tmp
     assert any(len(v) > 1 for v in held.values())  # a client trained twice: its c_i was read back
     assert not list(run_dir.glob("control_variates/*.pt"))  # c_i live on the nodes, never in the server's run
 
-    monkeypatch.delenv(FAULT_ENV)
     resumed = run_flower_without_train_data(config, tmp_path / "flower", monkeypatch)
     assert resumed.dir == run_dir and resumed.metrics()["elapsed_s"].iloc[0] == saved["metrics"][0]["elapsed_s"]
     seq = run_sparse_fedavg(config, run_root=tmp_path / "sequential", progress=False)

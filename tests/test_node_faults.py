@@ -16,6 +16,7 @@ import torch
 
 pytest.importorskip("flwr")
 
+from faults import corrupt, fault_mod, fault_tamper  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict  # noqa: E402
 from flwr.common.constant import ErrorCode  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
@@ -30,7 +31,7 @@ from helpers.flower import server as flower_ops
 from helpers.flower.app import flower_config, run_flower, serve  # noqa: E402
 from helpers.flower.federation import POLL_ENV, poll_interval  # noqa: E402
 from helpers.flower.node import node_query, node_run_config, node_setup_tensors, node_train  # noqa: E402
-from helpers.flower.replies import FAULT_ENV, corrupt, sort_replies, weights_problem  # noqa: E402
+from helpers.flower.replies import sort_replies, weights_problem  # noqa: E402
 from helpers.training import resumable  # noqa: E402
 from helpers.training.resumable import build_seeded_model  # noqa: E402
 from helpers.training.runs import checkpoint_files, load_checkpoint, run_id  # noqa: E402
@@ -92,8 +93,12 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, 1)
 
 
-def flower_run(config: dict, root, tamper=None):
+def flower_run(config: dict, root, tamper=None, faults=None):
+    """serve() on an InProcessGrid, its replies damaged by `faults` (tests/faults.py) and then `tamper`."""
     config = flower_config(config)
+    if faults:
+        inject, then = fault_tamper(faults), tamper or (lambda m, r: [r])
+        tamper = lambda m, r: [x for y in inject(m, r) for x in then(m, y)]  # noqa: E731
     return serve(InProcessGrid(config, tamper), config, root)
 
 
@@ -198,7 +203,7 @@ def test_failed_clients_are_dropped_recorded_and_the_others_averaged(tmp_path, m
     wrong-dtype update (round 2) are left out; the rounds equal FedAvg over the clients that replied."""
     config = make_config("fedavg", "smoke", **SMALL, **IID, node_failure="drop")
     first, second = (sample_clients(config["seed"], r, config["num_clients"], config["participation"]) for r in (0, 1))
-    monkeypatch.setenv(FAULT_ENV, f"1:{first[0]}:nan,2:{second[0]}:shape,2:{second[2]}:dtype")
+    faults = {(1, first[0]): "nan", (2, second[0]): "shape", (2, second[2]): "dtype"}
     twice = first[2]  # its round-1 reply arrives twice: neither is trusted
 
     def duplicate(message, reply):
@@ -206,7 +211,7 @@ def test_failed_clients_are_dropped_recorded_and_the_others_averaged(tmp_path, m
         again = task["op"] == "train" and task["round"] == 0 and task["client"] == twice
         return [reply, reply] if again else [reply]
 
-    run = flower_run(config, tmp_path, tamper=duplicate)
+    run = flower_run(config, tmp_path, tamper=duplicate, faults=faults)
     rows = run.metrics()
     assert dropped_ids(run) == [[first[0], twice], [second[0], second[2]]]
     w0 = {n: p.detach() for n, p in build_seeded_model(config, torch.device("cpu")).named_parameters()}
@@ -232,9 +237,8 @@ def test_failed_clients_are_dropped_recorded_and_the_others_averaged(tmp_path, m
 def test_with_stop_a_bad_reply_stops_the_run_naming_round_and_client(fault, message, tmp_path, monkeypatch):
     config = make_config("fedavg", "smoke", **SMALL, **IID)
     victim = sample_clients(config["seed"], 1, config["num_clients"], config["participation"])[1]
-    monkeypatch.setenv(FAULT_ENV, f"2:{victim}:{fault}")
     with pytest.raises(RuntimeError, match=rf"^round 2, client {victim}: {message}"):
-        flower_run(config, tmp_path)
+        flower_run(config, tmp_path, faults={(2, victim): fault})
     (folder,) = (tmp_path / "fedavg").iterdir()
     saved = load_torch(checkpoint_files(folder)[0])
     assert saved["round"] == 1  # the global model is round 1's: the bad reply never touched it
@@ -243,10 +247,8 @@ def test_with_stop_a_bad_reply_stops_the_run_naming_round_and_client(fault, mess
 def test_every_client_failing_stops_the_round_and_a_stray_reply_stops_the_run(tmp_path, monkeypatch):
     config = make_config("fedavg", "smoke", **SMALL, **IID, node_failure="drop")
     clients = sample_clients(config["seed"], 0, config["num_clients"], config["participation"])
-    monkeypatch.setenv(FAULT_ENV, ",".join(f"1:{k}:nan" for k in clients))
     with pytest.raises(RuntimeError, match=rf"^round 1, client {clients[0]} \(every client failed\): invalid"):
-        flower_run(config, tmp_path / "all")
-    monkeypatch.delenv(FAULT_ENV)
+        flower_run(config, tmp_path / "all", faults={(1, k): "nan" for k in clients})
 
     def stray(message, reply):
         other = Message(RecordDict({"x": ConfigRecord({"y": 1})}), dst_node_id=5, message_type=MessageType.QUERY)
@@ -264,14 +266,14 @@ def test_on_flower_simulation_the_nodes_evaluate_and_a_nan_update_is_dropped(tmp
     pytest.importorskip("ray")
     config = make_config("fedavg", "smoke", **SMALL, **IID, evaluation="clients", node_failure="drop")
     first, second = (sample_clients(config["seed"], r, config["num_clients"], config["participation"]) for r in (0, 1))
-    monkeypatch.setenv(FAULT_ENV, f"2:{second[1]}:nan")  # read by the node (a Ray worker inherits the environment)
-    local = flower_run(config, tmp_path / "in-process")
+    faults = {(2, second[1]): "nan"}  # on the node (a Ray worker: the mod travels by value)
+    local = flower_run(config, tmp_path / "in-process", faults=faults)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the server loaded data")
 
     monkeypatch.setattr(resumable, "load_data", refuse)
-    flw = run_flower(config, run_root=tmp_path / "simulation", progress=False)
+    flw = run_flower(config, run_root=tmp_path / "simulation", progress=False, client_mods=[fault_mod(faults)])
     rows = flw.metrics()
     assert dropped_ids(flw) == [[], [second[1]]]
     w0 = {n: p.detach() for n, p in build_seeded_model(config, torch.device("cpu")).named_parameters()}

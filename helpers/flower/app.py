@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from helpers.config.experiments import make_config, setting
@@ -129,11 +129,17 @@ def flwr_run_command(config: Mapping, run_root: str | Path, *, superlink: str = 
 
 
 def flower_apps(
-    config: dict, run_root: str | Path | None = None, *, progress: bool = False, outcome: dict | None = None
+    config: dict,
+    run_root: str | Path | None = None,
+    *,
+    progress: bool = False,
+    outcome: dict | None = None,
+    client_mods: Sequence[Callable] = (),
 ) -> tuple[ServerApp, ClientApp]:
     """A ServerApp and a ClientApp for one validated config. The server puts its Run (or its exception) into
-    `outcome`: Flower's simulation swallows some ways a server ends."""
-    return _apps(lambda context: config, lambda context: run_root, progress, outcome)
+    `outcome`: Flower's simulation swallows some ways a server ends. `client_mods`: Flower mods around every message
+    a node handles (the tests' fault injection)."""
+    return _apps(lambda context: config, lambda context: run_root, progress, outcome, client_mods)
 
 
 def _apps(
@@ -141,9 +147,10 @@ def _apps(
     run_root_of: Callable[[Context], str | Path | None],
     progress: bool = False,
     outcome: dict | None = None,
+    client_mods: Sequence[Callable] = (),
 ) -> tuple[ServerApp, ClientApp]:
     # The client handlers are pickled for every message: they capture config_of only (and it a config dict).
-    server_app, client_app = ServerApp(), ClientApp()
+    server_app, client_app = ServerApp(), ClientApp(mods=list(client_mods))
     outcome = {} if outcome is None else outcome
 
     @server_app.main()
@@ -174,9 +181,12 @@ server_app = _deployed[0]
 client_app = _deployed[1]
 
 
-def run_flower(config: dict, *, run_root: str | Path | None = None, progress: bool = True) -> Run:
+def run_flower(
+    config: dict, *, run_root: str | Path | None = None, progress: bool = True, client_mods: Sequence[Callable] = ()
+) -> Run:
     """Run (or resume, or skip if done) a fedavg / sparse_fedavg run in Flower's simulation engine on this
-    machine, one simulated node per client; same run folder and metrics as the sequential engine."""
+    machine, one simulated node per client; same run folder and metrics as the sequential engine (`client_mods`:
+    flower_apps')."""
     config = flower_config(config)
     run = open_run(experiment_of(config), config, run_root)
     if run.done:  # no need to start Ray: the runner returns the finished run before any client trains
@@ -185,7 +195,7 @@ def run_flower(config: dict, *, run_root: str | Path | None = None, progress: bo
         runner = federated_runner(run.experiment)
         return runner(config, run_root=run_root, progress=False, train_clients=train_in_turn)
     outcome: dict = {}
-    server, client = flower_apps(config, run_root, progress=progress, outcome=outcome)
+    server, client = flower_apps(config, run_root, progress=progress, outcome=outcome, client_mods=client_mods)
     try:
         simulate(server, client, config["num_clients"])
     except Exception:

@@ -26,7 +26,6 @@ from helpers.core.precision import make_scaler
 from helpers.data.datasets import Data, load_data, pick_device
 from helpers.federated.evaluation import eval_parts, split_tensors
 from helpers.flower.cache import NodeCache, data_cache_on
-from helpers.flower.replies import FAULT_ENV, corrupt, injected_fault
 from helpers.flower.server import MISSING  # imported first: says what to install when flwr is missing
 from helpers.flower.timing import mark
 from helpers.training.loop import evaluation_sums
@@ -258,9 +257,6 @@ def node_train(content: RecordDict, context: Context, config: dict) -> RecordDic
     mark("imports")  # what training needs (torch, timm, ...) is in: the benchmark splits imports from setup
     _, config, client = node_task(content, context, config)
     rnd = int(content["task"]["round"])
-    fault = injected_fault(rnd, client)
-    if fault == "raise":
-        raise RuntimeError(f"fault injected by {FAULT_ENV} (tests only)")
     frozen, masks = node_setup_tensors(context, config, client)
     model, data, shard = client_inputs(config, client_data(config, context, client))
     device = shard.device
@@ -278,8 +274,6 @@ def node_train(content: RecordDict, context: Context, config: dict) -> RecordDic
     loss = client_update(model, data, shard, rnd, client, config, masks=masks, scaler=scaler, side=side)
     mark("computed")
     trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    if fault is not None:
-        trained = corrupt(trained, fault)
     reply = RecordDict({"weights": ArrayRecord(trained), "result": ConfigRecord({"client": client, "loss": loss})})
     if scaler is not None:
         reply["scaler"] = ConfigRecord(scaler.state_dict())

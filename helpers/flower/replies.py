@@ -3,23 +3,17 @@
 Pure functions (no Flower import), so the checks are unit-tested without Flower processes: `sort_replies` pairs
 replies with the messages sent (unasked, duplicate and wrong-node replies are problems), `weights_problem` checks
 a client's trained weights against the global ones, the other checks scores, ridge statistics, GradScaler states and
-update norms. Also the tests' fault injection (FLME_FLOWER_FAULT).
+update norms.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
-
-# Test-only fault injection: "ROUND:CLIENT[:KIND]" items, comma-separated (1-based round), KIND one of FAULT_KINDS
-# (raise if omitted). An environment variable: Flower's simulation runs clients in Ray worker processes.
-FAULT_ENV = "FLME_FLOWER_FAULT"
-FAULT_KINDS = ("raise", "nan", "shape", "dtype", "extra", "missing")
 
 
 def sort_replies(
@@ -128,31 +122,3 @@ def update_outliers(norms: Mapping[int, float], bound: float) -> dict[int, str]:
             out[k] = (f"invalid reply: update norm {norm:.4g} is over update_bound={bound:g} times the median of the "
                       f"round's other clients ({others:.4g})")  # fmt: skip
     return out
-
-
-def injected_fault(rnd: int, client: int) -> str | None:
-    """The fault FLME_FLOWER_FAULT injects into client `client`'s reply in round `rnd` (0-based), if any."""
-    for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
-        r, k, *kind = item.split(":")
-        if (int(r), int(k)) == (rnd + 1, client):
-            if (kind := kind[0] if kind else "raise") not in FAULT_KINDS:
-                raise ValueError(f"{FAULT_ENV}={item!r} is invalid: the kind must be one of {', '.join(FAULT_KINDS)}")
-            return kind
-    return None
-
-
-def corrupt(weights: dict[str, Tensor], kind: str) -> dict[str, Tensor]:
-    """`weights` damaged as fault `kind` says (tests only): what a faulty or hostile node might send."""
-    name = next(iter(weights))
-    damaged = dict(weights)
-    if kind == "nan":
-        damaged[name] = weights[name].clone().fill_(float("nan"))
-    elif kind == "shape":
-        damaged[name] = weights[name].flatten()[:-1].clone()
-    elif kind == "dtype":
-        damaged[name] = weights[name].double()
-    elif kind == "extra":
-        damaged["intruder"] = torch.zeros(1)
-    elif kind == "missing":
-        del damaged[name]
-    return damaged
