@@ -45,6 +45,15 @@ def test_the_iid_baseline_and_the_hardest_nc_of_every_j_run_three_seeds(full):
     assert len({run_id(c) for c in grid}) == len(grid)
 
 
+def test_03_split_by_nc_over_sessions_plans_the_same_runs(full):
+    whole = {run_id(c) for c in notebook_plan("03_fedavg_noniid", "full", NOWHERE)["grid"]}
+    parts = {run_id(c) for c in notebook_plan("03_fedavg_noniid", "full", NOWHERE, NC_LIST=[])["grid"]}  # IID
+    for nc in (1, 5, 10, 50):  # docs/runs.md: one Nc per session
+        plan = notebook_plan("03_fedavg_noniid", "full", NOWHERE, NC_LIST=[nc], INCLUDE_IID=False)
+        parts |= {run_id(c) for c in plan["grid"]}
+    assert parts == whole
+
+
 def test_05_covers_sparsity_and_r_and_seeds_its_comparisons(full):
     plan = notebook_plan("05_federated_editing", "full", NOWHERE)
     settings, sparsities, rounds = 3, [0.9, 0.95, 0.99], [1, 2, 4]  # Nc 1, Nc 10, IID
@@ -119,7 +128,14 @@ def test_a_bad_fed_seeds_stops_the_plan_naming_it(notebook, parameters, message)
 
 @pytest.mark.parametrize(
     "notebook, name, value",
-    [("05", "FED_SEEDS", "[]"), ("06", "FED_SEEDS", "[-2]"), ("05", "REMEDY_R", "0"), ("06", "NC_LIST", "[0]")],
+    [
+        ("05", "FED_SEEDS", "[]"),
+        ("06", "FED_SEEDS", "[-2]"),
+        ("05", "REMEDY_CALIBRATION_ROUNDS", "0"),
+        ("06", "NC_LIST", "[0]"),
+        ("03", "HARDEST_NC", "0"),
+        ("05", "REDUCED", "maybe"),
+    ],
 )
 def test_the_pipeline_refuses_a_bad_size_in_one_line_with_exit_2(capsys, tmp_path, notebook, name, value):
     argv = ["pipeline", "--notebooks", notebook, "--output-dir", str(tmp_path), "-p", name, value]
@@ -156,8 +172,8 @@ def test_the_sparse_arms_take_the_r_best_on_validation_at_the_hardest_nc(full, m
     score.update({2: 0.9})  # the choice follows validation
     done = {run_id(c): FakeRun(c, score[c["calibration_rounds"]]) for c in grid}
     assert notebook_plan("05_federated_editing", "full", NOWHERE, REMEDIES=["fedprox"]).info["sparse_r"] == 2
-    fixed = notebook_plan("05_federated_editing", "full", NOWHERE, REMEDIES=["fedprox"], REMEDY_R=1)
-    assert fixed.info["sparse_r"] == 1  # REMEDY_R fixes it
+    fixed = notebook_plan("05_federated_editing", "full", NOWHERE, REMEDIES=["fedprox"], REMEDY_CALIBRATION_ROUNDS=1)
+    assert fixed.info["sparse_r"] == 1  # REMEDY_CALIBRATION_ROUNDS fixes it
 
 
 def test_the_cost_prices_every_new_run(full):

@@ -20,12 +20,17 @@ SIZES: dict[tuple[str, str], dict[str, list]] = {  # (notebook or "*", parameter
 BEFORE_ADDITIONS: dict[str, dict] = {  # notebook -> what its parameters were before issue 33 added seeds and coverage
     "02_fedavg_iid": {"FED_SEEDS": [0]},
     "03_fedavg_noniid": {"FED_SEEDS": [0]},
-    "05_federated_editing": {"SPARSITIES": [0.9], "CALIBRATION_ROUNDS": [1, 2], "REMEDY_R": 1, "FED_SEEDS": [0]},
+    "05_federated_editing": {
+        "SPARSITIES": [0.9],
+        "CALIBRATION_ROUNDS": [1, 2],
+        "REMEDY_CALIBRATION_ROUNDS": 1,
+        "FED_SEEDS": [0],
+    },
     "06_mask_strategies": {"NC_LIST": [10], "FED_SEEDS": [0]},
 }
 ADDITIONS: list[tuple[str, set[str]]] = [  # in the order the cost adds them: what, the parameters it sets again
     ("05: sparsity x calibration rounds", {"SPARSITIES", "CALIBRATION_ROUNDS"}),
-    ("05: the remedies' and extension's sparse arm at the best R", {"REMEDY_R"}),
+    ("05: the remedies' and extension's sparse arm at the best R", {"REMEDY_CALIBRATION_ROUNDS"}),
     ("06: the mask rules at the hardest Nc too", {"NC_LIST"}),
     ("3 seeds for the cells the conclusions rest on", {"FED_SEEDS"}),
 ]

@@ -189,7 +189,7 @@ def fedavg_noniid_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:
     nc_list, j_list, seeds = as_list(p["NC_LIST"]), as_list(p["J_LIST"]), as_list(p["SEEDS"])
     budget = p["STEP_BUDGET"] or make_config("fedavg", profile)["rounds"] * BASELINE_J
     settings = [("noniid", nc) for nc in nc_list] + ([("iid", None)] if p["INCLUDE_IID"] else [])
-    key, hardest = fed_seeds(p) if seeds else [], min(nc_list) if nc_list else None
+    key, hardest = fed_seeds(p) if seeds else [], p["HARDEST_NC"]  # fixed, so that NC_LIST can split the grid
 
     def seeds_of(sharding: str, nc: int | None) -> list[int]:
         return key if sharding == "iid" or nc == hardest else seeds
@@ -205,7 +205,7 @@ def fedavg_noniid_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:
         f"profile={profile}: {base['model']} on {base['dataset']}, K={base['num_clients']}, "
         f"C={base['participation']}, step budget {budget} local steps per client",
         f"rounds per J: { ({j: rounds_for_budget(budget, j) for j in j_list}) } -> {len(grid)} runs",
-        f"seeds: {seeds} per cell; IID and Nc={hardest} (the hardest), at every J: {seeds_note(p, key)}",
+        f"seeds: {seeds} per cell; IID and Nc={hardest} (HARDEST_NC), at every J: {seeds_note(p, key)}",
     ]
     plan.info.update(base=base, budget=budget, settings=settings)
     return plan
@@ -282,17 +282,16 @@ def extension_comparison(p: Mapping, chosen: Mapping | None, run_root: str | Pat
 
 
 def sparse_arm_rounds(p: Mapping, run_root: str | Path | None) -> tuple[int, bool]:
-    """(R, known) of the remedies' and the extension's sparse arm: REMEDY_R; None: the R whose sparse run of 05's
-    grid did best on validation at its hardest setting (the smallest Nc) and the comparison's sparsity, once those
-    runs are done (until then the largest R, a placeholder that costs no less)."""
-    rounds = editing_rounds(p)
+    """(R, known) of the remedies' and the extension's sparse arm: REMEDY_CALIBRATION_ROUNDS; None: the R whose
+    sparse run of 05's grid did best on validation at the comparison's hardest Nc (the smallest of REMEDY_NC) and
+    sparsity, once those runs are done (until then the largest R, a placeholder that costs no less)."""
+    rounds, classes = editing_rounds(p), as_list(p["REMEDY_NC"])
     if one_shot(p["MASK_RULE"]):
         return 1, True
-    if p["REMEDY_R"] is not None or len(rounds) == 1:
-        return p["REMEDY_R"] or rounds[0], True
-    nc_list = as_list(p["NC_LIST"])
-    (sharding, nc), sparsity = ("noniid", min(nc_list)) if nc_list else ("iid", None), as_list(p["SPARSITIES"])[0]
-    cells = [federated_editing_config(p, sharding, nc, sparsity, r) for r in rounds]
+    if p["REMEDY_CALIBRATION_ROUNDS"] is not None or len(rounds) == 1 or not classes:
+        return p["REMEDY_CALIBRATION_ROUNDS"] or rounds[0], True
+    sparsity = as_list(p["SPARSITIES"])[0]  # the grid's cells there (a session running NC_LIST=[10] waits for them)
+    cells = [federated_editing_config(p, "noniid", min(classes), sparsity, r) for r in rounds]
     runs = finished_runs("sparse_fedavg", cells, run_root)
     if runs is None:
         return max(rounds), False
