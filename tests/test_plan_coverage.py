@@ -172,6 +172,9 @@ def test_the_sparse_arms_take_the_r_best_on_validation_at_the_hardest_nc(full, m
     score.update({2: 0.9})  # the choice follows validation
     done = {run_id(c): FakeRun(c, score[c["calibration_rounds"]]) for c in grid}
     assert notebook_plan("05_federated_editing", "full", NOWHERE, REMEDIES=["fedprox"]).info["sparse_r"] == 2
+    score.update({1: 0.9, 4: 0.9})  # a tie: the fewest rounds (smoke's R = 1 and 2 tie)
+    done = {run_id(c): FakeRun(c, score[c["calibration_rounds"]]) for c in grid}
+    assert notebook_plan("05_federated_editing", "full", NOWHERE, REMEDIES=["fedprox"]).info["sparse_r"] == 1
     fixed = notebook_plan("05_federated_editing", "full", NOWHERE, REMEDIES=["fedprox"], REMEDY_CALIBRATION_ROUNDS=1)
     assert fixed.info["sparse_r"] == 1  # REMEDY_CALIBRATION_ROUNDS fixes it
 

@@ -284,7 +284,7 @@ def extension_comparison(p: Mapping, chosen: Mapping | None, run_root: str | Pat
 def sparse_arm_rounds(p: Mapping, run_root: str | Path | None) -> tuple[int, bool]:
     """(R, known) of the remedies' and the extension's sparse arm: REMEDY_CALIBRATION_ROUNDS; None: the R whose
     sparse run of 05's grid did best on validation at the comparison's hardest Nc (the smallest of REMEDY_NC) and
-    sparsity, once those runs are done (until then the largest R, a placeholder that costs no less)."""
+    sparsity (of equal ones the fewest), once those runs are done (until then the largest R: it costs no less)."""
     rounds, classes = editing_rounds(p), as_list(p["REMEDY_NC"])
     if one_shot(p["MASK_RULE"]):
         return 1, True
@@ -295,8 +295,8 @@ def sparse_arm_rounds(p: Mapping, run_root: str | Path | None) -> tuple[int, boo
     runs = finished_runs("sparse_fedavg", cells, run_root)
     if runs is None:
         return max(rounds), False
-    best = final_rows(runs, ["calibration_rounds"]).sort_values("val_acc", ascending=False, kind="stable")
-    return int(best.iloc[0]["calibration_rounds"]), True
+    table = final_rows(runs, ["calibration_rounds"]).sort_values("calibration_rounds")
+    return int(table.loc[table["val_acc"].idxmax(), "calibration_rounds"]), True  # a tie: the fewest rounds
 
 
 def editing_settings(p: Mapping) -> list[tuple[str, int | None]]:
