@@ -366,8 +366,8 @@ def federated_editing_plan(p: Mapping, run_root: str | Path | None = None) -> Pl
             f"({'merge_density=' + format(merge[TIES][1], 'g') if merge else 'not yet'})"
         )
     plan.info.update(base=base, settings=settings, rounds_r=rounds_r, remedy_algorithms=algorithms, chosen=chosen,
-                     merge_chosen=merge, seeds=seeds, remedy_nc=classes, sparse_r=sparse_r if r_known else None,
-                     sparsities=as_list(p["SPARSITIES"]))  # fmt: skip
+                     merge_chosen=merge, seeds=seeds, remedy_nc=classes,
+                     sparse_r=sparse_r if r_known else None)  # fmt: skip
     return plan
 
 
