@@ -140,8 +140,9 @@ def format_status(status: dict) -> str:
         age = held["heartbeat_age_s"]
         lines.append(f"{held['state']}: {held['run']} by {held['holder']}, last heartbeat {age} s ago")
     if status["total"]["waiting"]:
-        lines.append("waiting: runs whose config comes from earlier results (01's best lr and scheduler): planned "
-                     "exactly, and claimable by `work`, once those results are done")  # fmt: skip
+        lines.append("waiting: runs whose config comes from earlier results (01's best lr and scheduler; 05's tuned "
+                     "values, TIES's density, the sparse arms' R): planned exactly, and claimable by `work`, once "
+                     "those results are done")  # fmt: skip
     return "\n".join(lines)
 
 
