@@ -16,6 +16,7 @@ from helpers.config.experiments import make_config, split_sizes, train_split_siz
 from helpers.core.models import build_model, forward_flops
 from helpers.federated.clients import clients_per_round
 from helpers.ops import cost
+from helpers.ops.coverage import ADDITIONS
 from helpers.ops.memory import LABEL
 from helpers.ops.notebook import NOTEBOOKS
 from helpers.ops.plans import notebook_plan
@@ -116,8 +117,11 @@ def test_cli_prints_every_notebook_a_total_and_the_source(capsys):
     cost.main(["--profile", "smoke"])
     lines = capsys.readouterr().out.strip().splitlines()
     source = lines.index(cost.t4_throughput("vit_tiny_smoke", 32)[-1])
-    names = [line.split()[0] for line in lines[:source]]
+    total = next(i for i, line in enumerate(lines) if line.startswith("total "))
+    names = [line.split()[0] for line in lines[1 : total + 1]]
     stems = [p.stem for p in sorted(NOTEBOOKS.glob("0[1-6]_*.ipynb"))]
+    assert lines[0].startswith("the complete plan")
     assert names == [*stems[:5], "05", "05", *stems[5:], "total"]  # "05 tuning", "05 extension": apart
+    assert lines[total + 1].startswith("what the complete plan adds") and source == total + 2 + len(ADDITIONS)
     assert "T4" in lines[source] and LABEL in lines[source + 1]  # then the memory estimate, one line per phase
     assert len(lines) == source + 2 + 5 and all("vs a T4's 15 GiB" in line for line in lines[source + 2 :])

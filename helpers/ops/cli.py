@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--run-root", default=None, help="default: $FLME_RUN_ROOT, Drive in Colab, else ./runs")
         p.add_argument("--notebook", action="append", default=None, metavar="N",
                        help=f"only this notebook's runs (repeatable): {notebooks}")  # fmt: skip
+        p.add_argument("--reduced", action="store_true", help="the reduced plan (REDUCED=True in 05 and 06; "
+                       "docs/reproduce.md: its T4 hours)")  # fmt: skip
     status.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     work.add_argument("--hours", type=_hours, default=None, metavar="H",
                       help="start no new run after H hours (default: until nothing is left)")  # fmt: skip
@@ -159,9 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("status", "work"):
             pick_notebooks(args.notebook)  # a bad --notebook fails before any plan is built
             if args.command == "status":
-                print_status(args.profile, args.run_root, args.notebook, as_json=args.json)
+                print_status(args.profile, args.run_root, args.notebook, as_json=args.json, reduced=args.reduced)
             else:
-                work_on(args.profile, args.hours, args.notebook, args.run_root, progress=sys.stderr.isatty())
+                work_on(args.profile, args.hours, args.notebook, args.run_root, progress=sys.stderr.isatty(),
+                        reduced=args.reduced)  # fmt: skip
             return 0
         if args.command in ("run", "flower"):
             sets = parse_sets(args.set, args.experiment)

@@ -58,18 +58,26 @@ def tuning_configs(
 
 
 def remedy_plan(
-    base: dict, algorithms: list[str], classes: list[int], local_steps: int, chosen: Mapping | None = None
+    base: dict,
+    algorithms: list[str],
+    classes: list[int],
+    local_steps: int,
+    chosen: Mapping | None = None,
+    seeds: list[int] | None = None,
+    sparse_rounds: int | None = None,
 ) -> list[dict]:
-    """sparse_fedavg configs: per algorithm and Nc in `classes`, the dense control (sparsity 0, step-0 head) and
-    `base`'s sparse run, with `local_steps` and the rounds that keep base's step budget (J x rounds), each algorithm
-    at its `chosen` (parameter, value) (None: at its defaults, a placeholder until the tuning is done)."""
+    """sparse_fedavg configs: per algorithm, Nc in `classes` and seed in `seeds` (None: base's), the dense control
+    (sparsity 0, step-0 head) and `base`'s sparse run (its mask from `sparse_rounds` calibration rounds; None:
+    base's), with `local_steps` and the rounds that keep base's step budget (J x rounds), each algorithm at its
+    `chosen` (parameter, value) (None: at its defaults, a placeholder until the tuning is done)."""
     rounds, plan = remedy_rounds(base, local_steps), []
+    arms = ((0.0, {}), (base["sparsity"], {} if sparse_rounds is None else {"calibration_rounds": sparse_rounds}))
     for algorithm in algorithms:
         tuned = dict([chosen[algorithm]]) if chosen and algorithm in chosen else {}
         for nc in classes:
-            for sparsity in (0.0, base["sparsity"]):
-                cell = {**remedy_base(base, algorithm, local_steps, rounds), "classes_per_client": nc}
-                plan.append(make_config("sparse_fedavg", **{**cell, "sparsity": sparsity, **tuned}))
+            for seed in seeds or [base["seed"]]:
+                cell = {**remedy_base(base, algorithm, local_steps, rounds), "classes_per_client": nc, "seed": seed}
+                plan += [make_config("sparse_fedavg", **{**cell, "sparsity": s, **arm, **tuned}) for s, arm in arms]
     return plan
 
 
@@ -94,17 +102,27 @@ def extension_tuning_configs(
     return [make_config("sparse_fedavg", **{**cell, "sparsity": 0.0, "merge": TIES, name: v}) for v in values]
 
 
-def extension_configs(base: dict, classes: list[int], local_steps: int, chosen: Mapping | None = None) -> list[dict]:
-    """The extension's runs, per Nc in `classes`: FedAvg's mean, then TIES at its `chosen` merge_density (None: the
-    default density, a placeholder until the tuning is done), each dense (sparsity 0, the step-0 head) and with base's
-    mask, at base's step budget; the interference diagnostic on (PROBE_IMAGES per client)."""
+def extension_configs(
+    base: dict,
+    classes: list[int],
+    local_steps: int,
+    chosen: Mapping | None = None,
+    seeds: list[int] | None = None,
+    sparse_rounds: int | None = None,
+) -> list[dict]:
+    """The extension's runs, per Nc in `classes` and seed in `seeds` (None: base's): FedAvg's mean, then TIES at its
+    `chosen` merge_density (None: the default density, a placeholder until the tuning is done), each dense (sparsity
+    0, the step-0 head) and with base's mask (from `sparse_rounds` calibration rounds; None: base's), at base's step
+    budget; the interference diagnostic on (PROBE_IMAGES per client)."""
     tuned = dict([chosen[TIES]]) if chosen and TIES in chosen else {}
     rounds, configs = remedy_rounds(base, local_steps), []
+    arm = {} if sparse_rounds is None else {"calibration_rounds": sparse_rounds}
     for nc in classes:
-        cell = {**extension_base(base, nc, local_steps, rounds), "interference_probe": PROBE_IMAGES}
-        for merge in ({}, {"merge": TIES, **tuned}):
-            configs += [make_config("sparse_fedavg", **{**cell, "sparsity": s, **merge})
-                        for s in dict.fromkeys((0.0, base["sparsity"]))]  # fmt: skip
+        for seed in seeds or [base["seed"]]:
+            cell = {**extension_base(base, nc, local_steps, rounds), "interference_probe": PROBE_IMAGES, "seed": seed}
+            for merge in ({}, {"merge": TIES, **tuned}):
+                configs += [make_config("sparse_fedavg", **{**cell, "sparsity": s, **merge, **(arm if s else {})})
+                            for s in dict.fromkeys((0.0, base["sparsity"]))]  # fmt: skip
     return configs
 
 

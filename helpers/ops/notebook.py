@@ -23,7 +23,8 @@ CONFIG_KEYS = {
     "GRID_EPOCHS": "epochs", "PROBE_LR": "lr", "GRID_LR": "lr", "GRID_MOMENTUM": "momentum",
     "GRID_WEIGHT_DECAY": "weight_decay", "SCHEDULERS": "scheduler", "SEEDS": "seed", "NC_LIST": "classes_per_client",
     "J_LIST": "local_steps", "SPARSITIES": "sparsity", "RULES": "mask_rule", "SAMPLE_COUNTS": "calibration_samples",
-    "REMEDIES": "algorithm", "REMEDY_NC": "classes_per_client", "REMEDY_J": "local_steps",
+    "REMEDIES": "algorithm", "REMEDY_NC": "classes_per_client", "REMEDY_J": "local_steps", "FED_SEEDS": "seed",
+    "REMEDY_CALIBRATION_ROUNDS": "calibration_rounds", "HARDEST_NC": "classes_per_client",
 }  # fmt: skip
 
 

@@ -24,6 +24,7 @@ from helpers.ops.comparisons import (
     remedy_plan,
     tuning_configs,
 )
+from helpers.ops.coverage import fed_seeds, seeds_note, sized
 from helpers.ops.notebook import declared_parameters
 from helpers.ops.tuning import TIES, check_tuning, chosen_values
 from helpers.reporting.results import final_rows
@@ -148,12 +149,13 @@ def centralized_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:
 
 
 def fedavg_iid_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:
-    """02: FedAvg on IID shards, one run per seed."""
+    """02: FedAvg on IID shards (the baseline), one run per seed of SEEDS and FED_SEEDS."""
     profile = resolve_profile(p["PROFILE"])
     plan = Plan("02_fedavg_iid", profile)
     fixed = dict(sharding="iid", num_clients=p["NUM_CLIENTS"], participation=p["PARTICIPATION"],
                  local_steps=p["LOCAL_STEPS"], rounds=p["ROUNDS"], lr=p["LR"], eval_every=p["EVAL_EVERY"])  # fmt: skip
-    configs = [make_config("fedavg", profile, **fixed, seed=seed) for seed in as_list(p["SEEDS"])]
+    seeds = fed_seeds(p)
+    configs = [make_config("fedavg", profile, **fixed, seed=seed) for seed in seeds]
     plan.add("runs", "fedavg", configs)
     base = configs[0]
     m = clients_per_round(base["num_clients"], base["participation"])
@@ -163,6 +165,7 @@ def fedavg_iid_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:
         f"(m={m} clients per round), J={base['local_steps']}, {base['rounds']} rounds, client lr={base['lr']}",
         f"compute: {base['rounds']} rounds x {m} clients x {base['local_steps']} steps x batch {base['batch_size']} = "
         f"{samples:,} training samples = {samples / train_split_size(base):.1f} passes over the train split",
+        f"seeds: {seeds_note(p, seeds)}",
     ]
     plan.info.update(base=base)
     return plan
@@ -179,13 +182,19 @@ def fedavg_noniid_config(p: Mapping, sharding: str, nc: int | None, j: int, seed
 
 
 def fedavg_noniid_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:
-    """03: FedAvg over Nc x J (and IID), at one step budget per client (rounds follow from J)."""
+    """03: FedAvg over Nc x J (and IID), at one step budget per client (rounds follow from J); the cells the
+    conclusions rest on (IID and the hardest Nc, at every J) with the seeds of FED_SEEDS too."""
     profile = resolve_profile(p["PROFILE"])
     plan = Plan("03_fedavg_noniid", profile)
     nc_list, j_list, seeds = as_list(p["NC_LIST"]), as_list(p["J_LIST"]), as_list(p["SEEDS"])
     budget = p["STEP_BUDGET"] or make_config("fedavg", profile)["rounds"] * BASELINE_J
     settings = [("noniid", nc) for nc in nc_list] + ([("iid", None)] if p["INCLUDE_IID"] else [])
-    grid = [fedavg_noniid_config(p, s, nc, j, seed) for s, nc in settings for j in j_list for seed in seeds]
+    key, hardest = fed_seeds(p) if seeds else [], p["HARDEST_NC"]  # fixed, so that NC_LIST can split the grid
+
+    def seeds_of(sharding: str, nc: int | None) -> list[int]:
+        return key if sharding == "iid" or nc == hardest else seeds
+
+    grid = [fedavg_noniid_config(p, s, nc, j, seed) for s, nc in settings for j in j_list for seed in seeds_of(s, nc)]
     if not grid:
         raise ValueError(
             "the grid is empty: give NC_LIST (or INCLUDE_IID=True), J_LIST and SEEDS at least one value each"
@@ -196,6 +205,7 @@ def fedavg_noniid_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:
         f"profile={profile}: {base['model']} on {base['dataset']}, K={base['num_clients']}, "
         f"C={base['participation']}, step budget {budget} local steps per client",
         f"rounds per J: { ({j: rounds_for_budget(budget, j) for j in j_list}) } -> {len(grid)} runs",
+        f"seeds: {seeds} per cell; IID and Nc={hardest} (HARDEST_NC), at every J: {seeds_note(p, key)}",
     ]
     plan.info.update(base=base, budget=budget, settings=settings)
     return plan
@@ -245,22 +255,48 @@ def federated_editing_config(p: Mapping, sharding: str, nc: int | None, sparsity
                        seed=p["SEED"])  # fmt: skip
 
 
-def remedy_configs(p: Mapping, chosen: Mapping) -> list[dict]:
-    """05's remedies comparison at the tuned values `chosen` ({algorithm: (parameter, value)}); with EXTENSION, the
-    runs the extension shares measure its interference (measured_alike)."""
+EDITING = "05_federated_editing"
+
+
+def remedy_configs(p: Mapping, chosen: Mapping, run_root: str | Path | None = None) -> list[dict]:
+    """05's remedies comparison at the tuned values `chosen` ({algorithm: (parameter, value)}), every seed of
+    FED_SEEDS, the sparse arm at sparse_arm_rounds; with EXTENSION, the runs the extension shares measure its
+    interference (measured_alike)."""
+    p = sized(p, EDITING)
     algorithms = remedy_algorithms(
         resolve_profile(p["PROFILE"]), None if p["REMEDIES"] is None else as_list(p["REMEDIES"])
     )
-    configs = remedy_plan(editing_base(p), algorithms, as_list(p["REMEDY_NC"]), p["REMEDY_J"], chosen)
-    return measured_alike(configs, extension_comparison(p, None)) if p["EXTENSION"] else configs
+    r = sparse_arm_rounds(p, run_root)[0]
+    configs = remedy_plan(editing_base(p), algorithms, as_list(p["REMEDY_NC"]), p["REMEDY_J"], chosen, fed_seeds(p), r)
+    return measured_alike(configs, extension_comparison(p, None, run_root)) if p["EXTENSION"] else configs
 
 
-def extension_comparison(p: Mapping, chosen: Mapping | None) -> list[dict]:
-    """05's extension (EXTENSION; else none) at the remedies' settings, TIES at `chosen` ({"ties": ("merge_density",
-    value)}; None: a placeholder until its tuning is done)."""
+def extension_comparison(p: Mapping, chosen: Mapping | None, run_root: str | Path | None = None) -> list[dict]:
+    """05's extension (EXTENSION; else none) at the remedies' settings and seeds, TIES at `chosen` ({"ties":
+    ("merge_density", value)}; None: a placeholder until its tuning is done)."""
     if not p["EXTENSION"]:
         return []
-    return extension_configs(editing_base(p), as_list(p["REMEDY_NC"]), p["REMEDY_J"], chosen)
+    p = sized(p, EDITING)
+    r = sparse_arm_rounds(p, run_root)[0]
+    return extension_configs(editing_base(p), as_list(p["REMEDY_NC"]), p["REMEDY_J"], chosen, fed_seeds(p), r)
+
+
+def sparse_arm_rounds(p: Mapping, run_root: str | Path | None) -> tuple[int, bool]:
+    """(R, known) of the remedies' and the extension's sparse arm: REMEDY_CALIBRATION_ROUNDS; None: the R whose
+    sparse run of 05's grid did best on validation at the comparison's hardest Nc (the smallest of REMEDY_NC) and
+    sparsity (of equal ones the fewest), once those runs are done (until then the largest R: it costs no less)."""
+    rounds, classes = editing_rounds(p), as_list(p["REMEDY_NC"])
+    if one_shot(p["MASK_RULE"]):
+        return 1, True
+    if p["REMEDY_CALIBRATION_ROUNDS"] is not None or len(rounds) == 1 or not classes:
+        return p["REMEDY_CALIBRATION_ROUNDS"] or rounds[0], True
+    sparsity = as_list(p["SPARSITIES"])[0]  # the grid's cells there (a session running NC_LIST=[10] waits for them)
+    cells = [federated_editing_config(p, "noniid", min(classes), sparsity, r) for r in rounds]
+    runs = finished_runs("sparse_fedavg", cells, run_root)
+    if runs is None:
+        return max(rounds), False
+    table = final_rows(runs, ["calibration_rounds"]).sort_values("calibration_rounds")
+    return int(table.loc[table["val_acc"].idxmax(), "calibration_rounds"]), True  # a tie: the fewest rounds
 
 
 def editing_settings(p: Mapping) -> list[tuple[str, int | None]]:
@@ -281,9 +317,10 @@ def editing_base(p: Mapping) -> dict:
 
 def federated_editing_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:
     """05: sparse FedAvg over shardings x sparsity x R, a dense control per sharding, the remedies compared and
-    (EXTENSION) the extension: TIES-merging in the round and the interference diagnostic."""
-    profile = resolve_profile(p["PROFILE"])
-    plan = Plan("05_federated_editing", profile)
+    (EXTENSION) the extension: TIES-merging in the round and the interference diagnostic, both at every seed of
+    FED_SEEDS with their sparse arm at the best R."""
+    profile, p = resolve_profile(p["PROFILE"]), sized(p, EDITING)
+    plan = Plan(EDITING, profile)
     rounds_r, settings = editing_rounds(p), editing_settings(p)
     grid = [federated_editing_config(p, sh, nc, s, r)
             for (sh, nc), s, r in product(settings, as_list(p["SPARSITIES"]), rounds_r)]  # fmt: skip
@@ -306,17 +343,20 @@ def federated_editing_plan(p: Mapping, run_root: str | Path | None = None) -> Pl
     tuning = tuning_configs(base, algorithms, hardest, j, budget, p["TUNING_GRIDS"])
     plan.add("tuning", "sparse_fedavg", tuning)
     chosen = chosen_on_validation(tuning, run_root)
-    plan.add("remedies", "sparse_fedavg", remedy_plan(base, algorithms, classes, j, chosen))
+    seeds, (sparse_r, r_known) = fed_seeds(p), sparse_arm_rounds(p, run_root)
+    plan.add("remedies", "sparse_fedavg", remedy_plan(base, algorithms, classes, j, chosen, seeds, sparse_r))
     ties = extension_tuning_configs(base, hardest, j, budget, p["TUNING_GRIDS"]) if p["EXTENSION"] else []
     plan.add("extension_tuning", "sparse_fedavg", ties)
     merge = chosen_on_validation(ties, run_root)
-    plan.add("extension", "sparse_fedavg", extension_comparison(p, merge))
+    plan.add("extension", "sparse_fedavg", extension_comparison(p, merge, run_root))
     plan.groups["remedies"] = measured_alike(plan["remedies"], plan["extension"])  # its shared runs measure too
-    plan.waiting = ("remedies",) * bool(tuning and chosen is None) + ("extension",) * bool(ties and merge is None)
+    plan.waiting = ("remedies",) * bool(plan["remedies"] and (tuning and chosen is None or not r_known))
+    plan.waiting += ("extension",) * bool(ties and (merge is None or not r_known))
     plan.lines.append(
         f"remedies comparison: {', '.join(algorithms) or 'none'} at Nc={classes}, J={j}: "
         f"{len(plan['remedies'])} runs, each method at the value of its own hyperparameter chosen on validation "
-        f"from {len(tuning)} tuning runs (dense, Nc={hardest}, {budget:g} of the rounds each)"
+        f"from {len(tuning)} tuning runs (dense, Nc={hardest}, {budget:g} of the rounds each); sparse arm at "
+        f"R={sparse_r if r_known else 'best of the grid on validation (not yet)'}; seeds: {seeds_note(p, seeds)}"
     )
     if ties:
         plan.lines.append(
@@ -326,7 +366,8 @@ def federated_editing_plan(p: Mapping, run_root: str | Path | None = None) -> Pl
             f"({'merge_density=' + format(merge[TIES][1], 'g') if merge else 'not yet'})"
         )
     plan.info.update(base=base, settings=settings, rounds_r=rounds_r, remedy_algorithms=algorithms, chosen=chosen,
-                     merge_chosen=merge)  # fmt: skip
+                     merge_chosen=merge, seeds=seeds, remedy_nc=classes,
+                     sparse_r=sparse_r if r_known else None)  # fmt: skip
     return plan
 
 
@@ -336,33 +377,41 @@ def chosen_on_validation(tuning: list[dict], run_root: str | Path | None) -> dic
     return chosen_values(tuned) if tuned else None
 
 
-def mask_strategies_config(p: Mapping, rule: str, sharding: str, nc: int | None, sparsity: float | None = None) -> dict:
-    """One run of 06: a mask rule (R = 1 for the one-shot rules) on a sharding, the notebook's other settings."""
+def mask_strategies_config(
+    p: Mapping, rule: str, sharding: str, nc: int | None, sparsity: float | None = None, seed: int | None = None
+) -> dict:
+    """One run of 06: a mask rule (R = 1 for the one-shot rules) on a sharding, its seed (None: SEED), the
+    notebook's other settings."""
     return make_config("sparse_fedavg", resolve_profile(p["PROFILE"]), mask_rule=rule,
                        calibration_rounds=1 if one_shot(rule) else p["CALIBRATION_ROUNDS"],
                        sparsity=p["SPARSITY"] if sparsity is None else sparsity, sharding=sharding,
                        classes_per_client=nc, step0=p["STEP0"], embeddings=p["EMBEDDINGS"],
                        local_steps=p["LOCAL_STEPS"], num_clients=p["NUM_CLIENTS"], participation=p["PARTICIPATION"],
                        rounds=p["ROUNDS"], lr=p["LR"], calibration_samples=p["CALIBRATION_SAMPLES"],
-                       seed=p["SEED"])  # fmt: skip
+                       seed=p["SEED"] if seed is None else seed)  # fmt: skip
 
 
 def mask_strategies_plan(p: Mapping, run_root: str | Path | None = None) -> Plan:
-    """06: every mask rule at one sparsity, IID and non-IID, with the dense controls of 05."""
-    profile = resolve_profile(p["PROFILE"])
+    """06: every mask rule at one sparsity, IID and non-IID (the hardest Nc too), with the dense controls of 05,
+    each at every seed of FED_SEEDS."""
+    profile, p = resolve_profile(p["PROFILE"]), sized(p, "06_mask_strategies")
     plan = Plan("06_mask_strategies", profile)
-    rules = as_list(p["RULES"] or list(MASK_RULES))
+    rules, seeds = as_list(p["RULES"] or list(MASK_RULES)), fed_seeds(p)
     settings = ([("iid", None)] if p["INCLUDE_IID"] else []) + [("noniid", nc) for nc in as_list(p["NC_LIST"])]
-    grid = [mask_strategies_config(p, rule, sh, nc) for sh, nc in settings for rule in rules]
+    grid = [
+        mask_strategies_config(p, rule, sh, nc, seed=seed) for sh, nc in settings for rule in rules for seed in seeds
+    ]
     plan.add("grid", "sparse_fedavg", grid)
-    plan.add("controls", "sparse_fedavg", [mask_strategies_config(p, rules[0], sh, nc, 0.0) for sh, nc in settings])
+    controls = [mask_strategies_config(p, rules[0], sh, nc, 0.0, seed) for sh, nc in settings for seed in seeds]
+    plan.add("controls", "sparse_fedavg", controls)
     base = grid[0]
     plan.lines.append(
         f"profile={profile}: K={base['num_clients']}, C={base['participation']}, J={base['local_steps']}, "
         f"{base['rounds']} rounds, lr={base['lr']}, sparsity {p['SPARSITY']} (density {1 - p['SPARSITY']:g}); "
-        f"{len(grid)} runs and {len(plan['controls'])} dense controls"
+        f"{len(grid)} runs and {len(plan['controls'])} dense controls at Nc={as_list(p['NC_LIST'])}"
+        f"{' and IID' if p['INCLUDE_IID'] else ''}; seeds: {seeds_note(p, seeds)}"
     )
-    plan.info.update(base=base, settings=settings, rules=rules)
+    plan.info.update(base=base, settings=settings, rules=rules, seeds=seeds)
     return plan
 
 
@@ -376,8 +425,13 @@ PLANS: dict[str, Callable[[Mapping, str | Path | None], Plan]] = {
 }
 
 
-def notebook_plan(notebook: str, profile: str = "full", run_root: str | Path | None = None, **parameters) -> Plan:
-    """The plan of `notebook` at the parameters it declares (its parameters cell), `profile` and `parameters`."""
+def notebook_plan(
+    notebook: str, profile: str = "full", run_root: str | Path | None = None, reduced: bool = False, **parameters
+) -> Plan:
+    """The plan of `notebook` at the parameters it declares (its parameters cell), `profile` and `parameters`;
+    `reduced`: REDUCED=True where the notebook declares it (the reduced plan, helpers.ops.coverage)."""
     if notebook not in PLANS:
         raise ValueError(f"notebook={notebook!r} has no plan; allowed: {', '.join(PLANS)}")
-    return PLANS[notebook]({**declared_parameters(notebook), **parameters, "PROFILE": profile}, run_root)
+    declared = declared_parameters(notebook)
+    smaller = {"REDUCED": True} if reduced and "REDUCED" in declared else {}
+    return PLANS[notebook]({**declared, **smaller, **parameters, "PROFILE": profile}, run_root)

@@ -59,13 +59,13 @@ class PlannedRun:
 
 
 def study_plan(
-    profile: str, notebooks: list[str] | None = None, run_root: str | Path | None = None
+    profile: str, notebooks: list[str] | None = None, run_root: str | Path | None = None, reduced: bool = False
 ) -> list[PlannedRun]:
-    """Every run of the selected notebooks' default plans, in order; a run whose config depends on results not on
-    `run_root` yet (helpers.ops.plans) is flagged waiting."""
+    """Every run of the selected notebooks' default plans (`reduced`: the reduced plan), in order; a run whose
+    config depends on results not on `run_root` yet (helpers.ops.plans) is flagged waiting."""
     planned = []
     for name in pick_notebooks(notebooks):
-        plan = notebook_plan(name, profile, run_root)
+        plan = notebook_plan(name, profile, run_root, reduced=reduced)
         planned += [PlannedRun(name, plan.experiments[g], c, plan.is_waiting(g)) for g in plan.groups for c in plan[g]]
     return planned
 
@@ -101,10 +101,12 @@ def plan_status(plan: list[tuple[str, dict]], run_root: str | Path | None = None
     return pd.DataFrame(list(rows.values()), columns=columns).fillna("")
 
 
-def study_status(profile: str | None, run_root: str | Path | None = None, notebooks: list[str] | None = None) -> dict:
+def study_status(
+    profile: str | None, run_root: str | Path | None = None, notebooks: list[str] | None = None, reduced: bool = False
+) -> dict:
     """Per notebook and in total (each distinct run once): counts by state, runs held by others, T4 hours left."""
     root, profile = Path(run_root) if run_root is not None else default_run_root(), resolve_profile(profile)
-    planned = study_plan(profile, notebooks, root)
+    planned = study_plan(profile, notebooks, root, reduced)
     states = {(p.experiment, p.id): run_status(p.experiment, p.config, root) for p in planned}
 
     def summary(runs: list[PlannedRun]) -> dict:
@@ -122,13 +124,15 @@ def study_status(profile: str | None, run_root: str | Path | None = None, notebo
     names = pick_notebooks(notebooks)
     by_notebook = [{"notebook": n, **summary([p for p in planned if p.notebook == n])} for n in names]
     distinct = list({(p.experiment, p.id): p for p in planned}.values())
-    return {"profile": profile, "run_root": str(root), "notebooks": by_notebook, "total": summary(distinct)}
+    return {"profile": profile, "run_root": str(root), "reduced": reduced, "notebooks": by_notebook,
+            "total": summary(distinct)}  # fmt: skip
 
 
 def format_status(status: dict) -> str:
     """status as a table, then the runs that are running or stale."""
     head = f"{'notebook':<22}{'runs':>5}" + "".join(f"{s:>12}" for s in STATES) + f"{'T4 h left':>11}"
-    lines = [f"profile {status['profile']}, run root {status['run_root']}", head]
+    plan = ", the reduced plan" if status.get("reduced") else ""
+    lines = [f"profile {status['profile']}{plan}, run root {status['run_root']}", head]
     for row in [*status["notebooks"], {"notebook": "total (distinct runs)", **status["total"]}]:
         counts = "".join(f"{row[s]:>12}" for s in STATES)
         lines.append(f"{row['notebook']:<22}{row['runs']:>5}{counts}{row['t4_hours_left']:>11.2f}")
@@ -136,15 +140,16 @@ def format_status(status: dict) -> str:
         age = held["heartbeat_age_s"]
         lines.append(f"{held['state']}: {held['run']} by {held['holder']}, last heartbeat {age} s ago")
     if status["total"]["waiting"]:
-        lines.append("waiting: runs whose config comes from earlier results (01's best lr and scheduler): planned "
-                     "exactly, and claimable by `work`, once those results are done")  # fmt: skip
+        lines.append("waiting: runs whose config comes from earlier results (01's best lr and scheduler; 05's tuned "
+                     "values, TIES's density, the sparse arms' R): planned exactly, and claimable by `work`, once "
+                     "those results are done")  # fmt: skip
     return "\n".join(lines)
 
 
 def print_status(profile: str | None, run_root: str | Path | None = None, notebooks: list[str] | None = None,
-                 as_json: bool = False) -> dict:  # fmt: skip
+                 as_json: bool = False, reduced: bool = False) -> dict:  # fmt: skip
     """Print the study's status (a table, or JSON for scripts) and return it."""
-    status = study_status(profile, run_root, notebooks)
+    status = study_status(profile, run_root, notebooks, reduced)
     print(json.dumps(status, indent=1) if as_json else format_status(status), flush=True)
     return status
 
@@ -155,6 +160,7 @@ def work(
     notebooks: list[str] | None = None,
     run_root: str | Path | None = None,
     progress: bool = True,
+    reduced: bool = False,
 ) -> list[Run]:
     """Claim and train the study's next unfinished run, again and again, until nothing is left for this session
     or `hours` have passed (a run started before then finishes). Returns the runs this session finished."""
@@ -162,14 +168,14 @@ def work(
     if hours is not None and hours <= 0:
         raise ValueError(f"--hours {hours!r} is invalid: must be a number > 0 (hours of training for this session)")
     root, profile = Path(run_root) if run_root is not None else default_run_root(), resolve_profile(profile)
-    planned = study_plan(profile, notebooks, root)
+    planned = study_plan(profile, notebooks, root, reduced)
     deadline = time.monotonic() + hours * 3600 if hours is not None else None
     distinct = len({(p.experiment, p.id) for p in planned})  # a run two notebooks share is one run, as in status
     print(f"work: {worker_name()} on {plural(distinct, 'planned run')} of profile {profile} in {root}", flush=True)
     finished, tried = [], set()
     while deadline is None or time.monotonic() < deadline:
         if finished:  # a finished run may have decided waiting ones (01's best lr): plan again
-            planned = study_plan(profile, notebooks, root)
+            planned = study_plan(profile, notebooks, root, reduced)
         todo = [p for p in planned if not p.waiting and (p.experiment, p.id) not in tried]
         nxt = next((p for p in todo if run_status(p.experiment, p.config, root)["state"] in CLAIMABLE), None)
         if nxt is None:
@@ -187,7 +193,7 @@ def work(
             finished.append(run)
     else:
         print(f"work: {hours:g} h are up; no new run starts", flush=True)
-    status = study_status(profile, root, notebooks)["total"]
+    status = study_status(profile, root, notebooks, reduced)["total"]
     left = status["stale"] + status["interrupted"] + status["new"]
     print(f"work: this session finished {plural(len(finished), 'run')}; the study has {status['done']} of "
           f"{status['runs']} done, {status['running']} running elsewhere, {left} not started or interrupted, "
