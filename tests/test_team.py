@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -251,13 +252,18 @@ def test_status_and_work_on_the_smoke_profile(tmp_path, capsys):
     root = str(tmp_path)
     assert main(["work", "--profile", "smoke", "--notebook", "02", "--run-root", root]) == 0
     out = capsys.readouterr().out
-    assert "this session finished 1 run;" in out
+    assert "this session finished 1 run;" in out and " on 1 planned run of profile smoke" in out
+    assert main(["status", "--profile", "smoke", "--notebook", "02", "--run-root", root]) == 0
+    out = capsys.readouterr().out  # work and status count the same runs; a finished study says so
+    assert re.search(r"(?m)^total \(distinct runs\) +1 +1 +0 ", out), out
+    assert "finished: every run of this study is done (1 run)" in out and "waiting:" not in out
     assert main(["status", "--profile", "smoke", "--run-root", root, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     rows = {row["notebook"]: row for row in status["notebooks"]}
     assert rows["02_fedavg_iid"]["done"] == rows["02_fedavg_iid"]["runs"] == 1
     assert rows["03_fedavg_noniid"]["done"] == 1  # its J=4 IID run is 02's run
     total = status["total"]
+    assert rows["02_fedavg_iid"]["finished"] and not total["finished"]  # the other notebooks' runs are left
     assert total["done"] == 1 and total["runs"] == sum(total[s] for s in ("done", "running", "stale", "interrupted",
                                                                          "new", "waiting"))  # fmt: skip
     # 01's scheduler and seed runs wait for its grid's best lr: work leaves them to the notebook
@@ -328,3 +334,20 @@ def test_01s_later_runs_are_planned_exactly_once_the_results_they_need_are_done(
     plan = notebook_plan("01_centralized", "smoke", tmp_path, **params)
     assert plan.waiting == () and plan["final"] == final_configs(values, best, best_scheduler(schedulers))
     assert {c["seed"] for c in plan["final"]} == {0, 1} and best["lr"] in (0.05, 0.01)
+
+
+def test_status_counts_the_step0_head_runs_that_sparse_runs_train_first(tmp_path):
+    """A sparse FedAvg run (step0=sgd) trains its dense head run first: status, work and the pipeline's count (the
+    runs notebooks print) include it, each distinct run once, and its hours stay its owner's."""
+    from helpers.editing.step0 import head_fedavg_config
+
+    planned = study_plan("smoke", ["05"], tmp_path)
+    sparse = [p for p in planned if p.experiment == "sparse_fedavg" and p.config["step0"] == "sgd"]
+    assert sparse and all(p.inner == (p.experiment == "fedavg" and p.config["train_mode"] == "head") for p in planned)
+    order = [(p.experiment, p.id) for p in planned]
+    for p in sparse:  # its head comes before it
+        head = ("fedavg", run_id(head_fedavg_config(p.config)))
+        assert order.index(head) < order.index((p.experiment, p.id))
+    status = study_status("smoke", tmp_path, ["05"])
+    (row,) = status["notebooks"]
+    assert row["runs"] == len(set(order)) == status["total"]["runs"] and row["new"] + row["waiting"] == row["runs"]

@@ -14,6 +14,7 @@ import pandas as pd
 
 from helpers.config.experiments import resolve_profile
 from helpers.core.settings import default_run_root
+from helpers.editing.step0 import head_fedavg_config
 from helpers.ops.cost import estimate_plan
 from helpers.ops.notebook import NOTEBOOKS
 from helpers.ops.plans import notebook_plan
@@ -46,12 +47,14 @@ def pick_notebooks(selected: list[str] | None) -> list[str]:
 
 @dataclass
 class PlannedRun:
-    """One run of a notebook's PLAN; `waiting`: its config depends on earlier results (the notebook runs it)."""
+    """One run of a notebook's PLAN; `waiting`: its config depends on earlier results (the notebook runs it);
+    `inner`: a run another run trains first (a sparse FedAvg run's step-0 head, which it shares)."""
 
     notebook: str
     experiment: str
     config: dict
     waiting: bool = False
+    inner: bool = False
 
     @property
     def id(self) -> str:
@@ -61,12 +64,18 @@ class PlannedRun:
 def study_plan(
     profile: str, notebooks: list[str] | None = None, run_root: str | Path | None = None
 ) -> list[PlannedRun]:
-    """Every run of the selected notebooks' default plans, in order; a run whose config depends on results not on
-    `run_root` yet (helpers.ops.plans) is flagged waiting."""
+    """Every run of the selected notebooks' default plans, in order, each sparse FedAvg run after the step-0 head
+    run it trains first (so that status, work and the pipeline count the same runs); a run whose config depends on
+    results not on `run_root` yet (helpers.ops.plans) is flagged waiting."""
     planned = []
     for name in pick_notebooks(notebooks):
         plan = notebook_plan(name, profile, run_root)
-        planned += [PlannedRun(name, plan.experiments[g], c, plan.is_waiting(g)) for g in plan.groups for c in plan[g]]
+        for group in plan.groups:
+            experiment, waiting = plan.experiments[group], plan.is_waiting(group)
+            for config in plan[group]:
+                if experiment == "sparse_fedavg" and config.get("step0") == "sgd":
+                    planned.append(PlannedRun(name, "fedavg", head_fedavg_config(config), waiting, inner=True))
+                planned.append(PlannedRun(name, experiment, config, waiting))
     return planned
 
 
@@ -108,6 +117,7 @@ def study_status(profile: str | None, run_root: str | Path | None = None, notebo
     states = {(p.experiment, p.id): run_status(p.experiment, p.config, root) for p in planned}
 
     def summary(runs: list[PlannedRun]) -> dict:
+        runs = list({(p.experiment, p.id): p for p in runs}.values())  # a run planned twice is one run
         counts = dict.fromkeys(STATES, 0)
         held = []
         for p in runs:
@@ -116,13 +126,15 @@ def study_status(profile: str | None, run_root: str | Path | None = None, notebo
             counts[state] += 1
             if state in ("running", "stale"):
                 held.append({"run": describe(p.experiment, p.config, p.id), **status})
-        left = estimate_plan([(p.experiment, p.config) for p in runs], root).left_s if runs else 0.0
-        return {"runs": len(runs), **counts, "t4_hours_left": round(left / 3600, 2), "held": held}
+        outer = [(p.experiment, p.config) for p in runs if not p.inner]  # an inner run's hours are its owner's
+        left = estimate_plan(outer, root).left_s if outer else 0.0
+        finished = bool(runs) and counts["done"] == len(runs)  # nothing waiting, running or left
+        return {"runs": len(runs), **counts, "finished": finished, "t4_hours_left": round(left / 3600, 2),
+                "held": held}  # fmt: skip
 
     names = pick_notebooks(notebooks)
     by_notebook = [{"notebook": n, **summary([p for p in planned if p.notebook == n])} for n in names]
-    distinct = list({(p.experiment, p.id): p for p in planned}.values())
-    return {"profile": profile, "run_root": str(root), "notebooks": by_notebook, "total": summary(distinct)}
+    return {"profile": profile, "run_root": str(root), "notebooks": by_notebook, "total": summary(planned)}
 
 
 def format_status(status: dict) -> str:
@@ -135,9 +147,12 @@ def format_status(status: dict) -> str:
     for held in status["total"]["held"]:
         age = held["heartbeat_age_s"]
         lines.append(f"{held['state']}: {held['run']} by {held['holder']}, last heartbeat {age} s ago")
+    total = status["total"]
+    if total["finished"]:
+        lines.append(f"finished: every run of this study is done ({plural(total['runs'], 'run')})")
     if status["total"]["waiting"]:
-        lines.append("waiting: runs whose config comes from earlier results (01's best lr and scheduler): planned "
-                     "exactly, and claimable by `work`, once those results are done")  # fmt: skip
+        lines.append("waiting: runs whose config comes from earlier results (01's best lr and scheduler, 05's tuned "
+                     "values): planned exactly, and claimable by `work`, once those results are done")  # fmt: skip
     return "\n".join(lines)
 
 
