@@ -4,13 +4,17 @@ summary ending with the next command, and no stray kernel ERROR line."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
+import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from helpers.core.settings import PROFILES, REPO
 from helpers.ops import pipeline
 from helpers.ops.pipeline import RunCount, closing_summary, duration, run_pipeline
 
@@ -94,3 +98,43 @@ def test_pipeline_kernels_are_not_interrupted_at_shutdown():
 
     assert signal.SIGINT in _signals_at_shutdown(AsyncKernelManager)  # what the check guards against
     assert signal.SIGINT not in _signals_at_shutdown(pipeline._quiet_shutdown_kernel_manager())
+
+
+def test_a_rerun_says_its_runs_were_skipped(tmp_path: Path, capfd, monkeypatch):
+    """The second pipeline over the same run root trains nothing and says so, per notebook and in the summary."""
+    for name in ("RESULTS", "FIGURES", "TABLES"):
+        monkeypatch.setenv(f"FLME_{name}_ROOT", str(tmp_path / name.lower()))
+    tiny = {"ROUNDS": 1, "NUM_CLIENTS": 10, "RUN_ROOT": str(tmp_path / "runs")}
+    said = []
+    for _ in range(2):
+        run_pipeline("smoke", ["02"], tmp_path / "out", tiny)
+        said.append(capfd.readouterr().out.splitlines())
+    first, again = said
+    assert re.fullmatch(r"  02_fedavg_iid +\d+ s  1 run: 1 new", first[1]), first
+    assert re.fullmatch(r"  02_fedavg_iid +\d+ s  1 run: 1 skipped \(done before\)", again[1]), again
+    assert again[2].startswith("[pipeline] done in ") and again[2].endswith(": 1 run: 1 skipped (done before)")
+    assert any(line.startswith("  run folders ") for line in again) and again[-1].startswith("next: make report")
+
+
+def test_what_a_pipeline_writes_is_ignored_by_git_for_every_profile():
+    """Executed notebooks, run folders, figures, report tables, PDFs and their logs of any profile (placeholders
+    too) are never committed by mistake; smoke results neither; full results and the README's figure may be."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    executed = inspect.signature(run_pipeline).parameters["output_dir"].default
+    generated = [f"{executed}/01_centralized.ipynb", "runs/fedavg/0123456789ab/done.json"]
+    for profile in (*PROFILES, "another-profile"):
+        generated += [
+            f"figures/{profile}/remedies.png",
+            f"report/generated/{profile}/remedies.tex",
+            f"report/main-{profile}.pdf",
+            f"report/main-{profile}.latexmk.log",
+            f"report/main-{profile}.log",
+        ]
+    kept = ["results/full/fedavg_iid.csv", pipeline.README_IMAGE.relative_to(REPO).as_posix(), "report/main.tex"]
+    for path, ignored in [
+        *((p, True) for p in [*generated, "results/smoke/fedavg_iid.csv"]),
+        *((p, False) for p in kept),
+    ]:
+        done = subprocess.run(["git", "check-ignore", "--no-index", "-q", path], cwd=REPO)
+        assert (done.returncode == 0) == ignored, f"{path} is {'not ' * ignored}ignored"
