@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,23 @@ def test_what_a_pipeline_writes_is_ignored_by_git_for_every_profile():
     ]:
         done = subprocess.run(["git", "check-ignore", "--no-index", "-q", path], cwd=REPO)
         assert (done.returncode == 0) == ignored, f"{path} is {'not ' * ignored}ignored"
+
+
+def test_a_run_in_a_notebook_kernel_draws_a_bar_not_lines(tmp_path: Path, capsys, monkeypatch):
+    """In a notebook (Colab, Jupyter, papermill) a run's progress is tqdm.auto's bar, redrawn in place; off a
+    terminal and outside a kernel it is one line per round (tests/test_notebook.py checks those lines)."""
+    import types
+
+    from smallrun import small_config
+
+    from helpers.federated.rounds import run_fedavg
+    from helpers.training import resumable
+
+    kernel = types.SimpleNamespace(config={"IPKernelApp": {}})  # what get_ipython() gives inside a kernel
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: kernel))
+    assert resumable.interactive()
+    run = run_fedavg(small_config(rounds=2, num_clients=10), run_root=tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert f"fedavg {run.id}" in err and "\r" in err and "[round " not in err, err  # the bar, redrawn
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: None))
+    assert not resumable.interactive()  # a plain Python process writing to a pipe or a log
