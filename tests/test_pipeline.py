@@ -36,6 +36,13 @@ def test_runs_are_counted_by_id_from_what_they_print():
     assert rerun.describe() == "1 run: 1 skipped (done before)"
     counts.add(rerun)  # skipped by a later notebook, trained by this pipeline: still new
     assert counts.describe() == "4 runs: 1 new, 1 resumed, 1 skipped (done before), 1 held by another session"
+    head = "[start] fedavg 2ff9946f4a4c (K=100 C=0.1 J=4 noniid Nc=1, head only, lr=0.1, seed 0): 9 rounds\n"
+    with_head = RunCount.from_text(head + "[start] sparse_fedavg 1b63f64e66d7 (K=100, sparsity 0.9): 4 rounds\n")
+    assert with_head.describe() == "1 run: 1 new (and 1 step-0 head run: 1 new)"  # the plans count the sparse run
+    later = RunCount.from_text(head.replace("[start]", "[skip]").replace("9 rounds", "done"))
+    assert later.describe() == "no runs (and 1 step-0 head run: 1 skipped (done before))"
+    with_head.add(later)  # trained earlier in this pipeline: still new
+    assert with_head.describe() == "1 run: 1 new (and 1 step-0 head run: 1 new)"
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(4.4, "4 s"), (89, "89 s"), (192, "3 min 12 s"), (7500, "2 h 05 min")])

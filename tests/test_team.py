@@ -25,7 +25,15 @@ from helpers.ops.plans import best_hyperparameters, best_scheduler, final_config
 from helpers.ops.study import plan_status, run_status, study_plan, study_status
 from helpers.training.centralized import run_centralized
 from helpers.training.leases import LEASE_FILE, LeaseInfo, LeaseLost, claim, lease_state, read_lease
-from helpers.training.runs import load_checkpoint, metrics_file, open_run, run_id, save_checkpoint, write_metrics
+from helpers.training.runs import (
+    describe,
+    load_checkpoint,
+    metrics_file,
+    open_run,
+    run_id,
+    save_checkpoint,
+    write_metrics,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SETS = {"synthetic_train_size": 600, "synthetic_test_size": 100, "batch_size": 16, "device": "cpu",
@@ -336,18 +344,19 @@ def test_01s_later_runs_are_planned_exactly_once_the_results_they_need_are_done(
     assert {c["seed"] for c in plan["final"]} == {0, 1} and best["lr"] in (0.05, 0.01)
 
 
-def test_status_counts_the_step0_head_runs_that_sparse_runs_train_first(tmp_path):
-    """A sparse FedAvg run (step0=sgd) trains its dense head run first: status, work and the pipeline's count (the
-    runs notebooks print) include it, each distinct run once, and its hours stay its owner's."""
+def test_status_counts_what_the_pipeline_counts_each_run_once(tmp_path):
+    """Status counts a notebook's planned runs, each distinct run once, as the pipeline counts the runs the notebook
+    prints; the step-0 head runs that sparse FedAvg runs train first print as head runs and count apart in both."""
     from helpers.editing.step0 import head_fedavg_config
+    from helpers.ops.pipeline import HEAD_RUN, RunCount
 
     planned = study_plan("smoke", ["05"], tmp_path)
     sparse = [p for p in planned if p.experiment == "sparse_fedavg" and p.config["step0"] == "sgd"]
-    assert sparse and all(p.inner == (p.experiment == "fedavg" and p.config["train_mode"] == "head") for p in planned)
-    order = [(p.experiment, p.id) for p in planned]
-    for p in sparse:  # its head comes before it
-        head = ("fedavg", run_id(head_fedavg_config(p.config)))
-        assert order.index(head) < order.index((p.experiment, p.id))
-    status = study_status("smoke", tmp_path, ["05"])
-    (row,) = status["notebooks"]
-    assert row["runs"] == len(set(order)) == status["total"]["runs"] and row["new"] + row["waiting"] == row["runs"]
+    assert sparse and not [p for p in planned if p.config.get("train_mode") == "head"]
+    head = head_fedavg_config(sparse[0].config)
+    assert HEAD_RUN in describe("fedavg", head) and HEAD_RUN not in describe(sparse[0].experiment, sparse[0].config)
+    printed = "".join(f"[start] {describe(p.experiment, p.config, p.id)}: 2 rounds\n" for p in planned)
+    printed += f"[start] {describe('fedavg', head)}: 1 round\n"
+    counts = RunCount.from_text(printed)
+    (row,) = study_status("smoke", tmp_path, ["05"])["notebooks"]
+    assert row["runs"] == len({p.id for p in planned}) == len(counts.new) and len(counts.heads.new) == 1

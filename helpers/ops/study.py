@@ -14,7 +14,6 @@ import pandas as pd
 
 from helpers.config.experiments import resolve_profile
 from helpers.core.settings import default_run_root
-from helpers.editing.step0 import head_fedavg_config
 from helpers.ops.cost import estimate_plan
 from helpers.ops.notebook import NOTEBOOKS
 from helpers.ops.plans import notebook_plan
@@ -47,14 +46,12 @@ def pick_notebooks(selected: list[str] | None) -> list[str]:
 
 @dataclass
 class PlannedRun:
-    """One run of a notebook's PLAN; `waiting`: its config depends on earlier results (the notebook runs it);
-    `inner`: a run another run trains first (a sparse FedAvg run's step-0 head, which it shares)."""
+    """One run of a notebook's PLAN; `waiting`: its config depends on earlier results (the notebook runs it)."""
 
     notebook: str
     experiment: str
     config: dict
     waiting: bool = False
-    inner: bool = False
 
     @property
     def id(self) -> str:
@@ -64,18 +61,13 @@ class PlannedRun:
 def study_plan(
     profile: str, notebooks: list[str] | None = None, run_root: str | Path | None = None
 ) -> list[PlannedRun]:
-    """Every run of the selected notebooks' default plans, in order, each sparse FedAvg run after the step-0 head
-    run it trains first (so that status, work and the pipeline count the same runs); a run whose config depends on
-    results not on `run_root` yet (helpers.ops.plans) is flagged waiting."""
+    """Every run of the selected notebooks' default plans, in order; a run whose config depends on results not on
+    `run_root` yet (helpers.ops.plans) is flagged waiting. A sparse FedAvg run's step-0 head run is not one: the sparse
+    run trains it (the pipeline counts head runs apart)."""
     planned = []
     for name in pick_notebooks(notebooks):
         plan = notebook_plan(name, profile, run_root)
-        for group in plan.groups:
-            experiment, waiting = plan.experiments[group], plan.is_waiting(group)
-            for config in plan[group]:
-                if experiment == "sparse_fedavg" and config.get("step0") == "sgd":
-                    planned.append(PlannedRun(name, "fedavg", head_fedavg_config(config), waiting, inner=True))
-                planned.append(PlannedRun(name, experiment, config, waiting))
+        planned += [PlannedRun(name, plan.experiments[g], c, plan.is_waiting(g)) for g in plan.groups for c in plan[g]]
     return planned
 
 
@@ -126,8 +118,7 @@ def study_status(profile: str | None, run_root: str | Path | None = None, notebo
             counts[state] += 1
             if state in ("running", "stale"):
                 held.append({"run": describe(p.experiment, p.config, p.id), **status})
-        outer = [(p.experiment, p.config) for p in runs if not p.inner]  # an inner run's hours are its owner's
-        left = estimate_plan(outer, root).left_s if outer else 0.0
+        left = estimate_plan([(p.experiment, p.config) for p in runs], root).left_s if runs else 0.0
         finished = bool(runs) and counts["done"] == len(runs)  # nothing waiting, running or left
         return {"runs": len(runs), **counts, "finished": finished, "t4_hours_left": round(left / 3600, 2),
                 "held": held}  # fmt: skip
