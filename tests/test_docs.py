@@ -98,3 +98,28 @@ def test_the_cost_table_of_the_docs_is_what_the_estimator_prints(monkeypatch):
     for page in DOCS.glob("*.md"):  # nowhere else a number of T4 hours that could go stale
         outside = page.read_text().replace(block, "")
         assert not re.search(r"\d+(\.\d+)? (T4|GPU)[- ]hours", outside), page.name
+
+
+def test_the_readme_memory_figures_are_what_the_estimator_gives(monkeypatch):
+    """The README's GPU memory per phase is `helpers.ops.memory`'s estimate for the full profile, rounded as shown."""
+    from helpers.config.experiments import make_config
+    from helpers.ops.memory import GiB, estimate_phases
+
+    monkeypatch.delenv("FLME_PROFILE", raising=False)  # it would turn the full profile into smoke
+    config = make_config("fedavg", "full")
+    phases = {p.name.split(" (")[0]: p for p in estimate_phases(config)}
+    text = " ".join(README.split())
+    said = re.search(r"a FedAvg round at batch (\d+) ([\d.]+) GiB, per-sample scoring \(chunk (\d+)\) ([\d.]+) GiB, "
+                     r"evaluation ([\d.]+) GiB", text)  # fmt: skip
+    assert said, "the README's memory sentence changed: keep this test's pattern in step"
+    batch, dense, chunk, scoring, evaluation = said.groups()
+    assert int(batch) == config["batch_size"] and f"chunk {chunk}," in phases["sensitivity scoring"].name + ","
+    for shown, phase in ((dense, "dense fine-tuning"), (scoring, "sensitivity scoring"), (evaluation, "evaluation")):
+        assert shown == f"{phases[phase].total / GiB:.1f}", (phase, shown)
+
+
+def test_no_count_of_tests_in_the_docs():
+    """A count of tests goes stale with the next test: the docs say how to count them instead."""
+    for page in [REPO / "README.md", *DOCS.glob("*.md")]:
+        assert not re.search(r"\b\d[\d,]* (unit )?tests\b", page.read_text()), page.name
+    assert "pytest --collect-only -q" in (DOCS / "development.md").read_text()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -24,7 +25,15 @@ from helpers.ops.plans import best_hyperparameters, best_scheduler, final_config
 from helpers.ops.study import plan_status, run_status, study_plan, study_status
 from helpers.training.centralized import run_centralized
 from helpers.training.leases import LEASE_FILE, LeaseInfo, LeaseLost, claim, lease_state, read_lease
-from helpers.training.runs import load_checkpoint, metrics_file, open_run, run_id, save_checkpoint, write_metrics
+from helpers.training.runs import (
+    describe,
+    load_checkpoint,
+    metrics_file,
+    open_run,
+    run_id,
+    save_checkpoint,
+    write_metrics,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SETS = {"synthetic_train_size": 600, "synthetic_test_size": 100, "batch_size": 16, "device": "cpu",
@@ -251,13 +260,18 @@ def test_status_and_work_on_the_smoke_profile(tmp_path, capsys):
     root = str(tmp_path)
     assert main(["work", "--profile", "smoke", "--notebook", "02", "--run-root", root]) == 0
     out = capsys.readouterr().out
-    assert "this session finished 1 run;" in out
+    assert "this session finished 1 run;" in out and " on 1 planned run of profile smoke" in out
+    assert main(["status", "--profile", "smoke", "--notebook", "02", "--run-root", root]) == 0
+    out = capsys.readouterr().out  # work and status count the same runs; a finished study says so
+    assert re.search(r"(?m)^total \(distinct runs\) +1 +1 +0 ", out), out
+    assert "finished: every run of this study is done (1 run)" in out and "waiting:" not in out
     assert main(["status", "--profile", "smoke", "--run-root", root, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     rows = {row["notebook"]: row for row in status["notebooks"]}
     assert rows["02_fedavg_iid"]["done"] == rows["02_fedavg_iid"]["runs"] == 1
     assert rows["03_fedavg_noniid"]["done"] == 1  # its J=4 IID run is 02's run
     total = status["total"]
+    assert rows["02_fedavg_iid"]["finished"] and not total["finished"]  # the other notebooks' runs are left
     assert total["done"] == 1 and total["runs"] == sum(total[s] for s in ("done", "running", "stale", "interrupted",
                                                                          "new", "waiting"))  # fmt: skip
     # 01's scheduler and seed runs wait for its grid's best lr: work leaves them to the notebook
@@ -328,3 +342,21 @@ def test_01s_later_runs_are_planned_exactly_once_the_results_they_need_are_done(
     plan = notebook_plan("01_centralized", "smoke", tmp_path, **params)
     assert plan.waiting == () and plan["final"] == final_configs(values, best, best_scheduler(schedulers))
     assert {c["seed"] for c in plan["final"]} == {0, 1} and best["lr"] in (0.05, 0.01)
+
+
+def test_status_counts_what_the_pipeline_counts_each_run_once(tmp_path):
+    """Status counts a notebook's planned runs, each distinct run once, as the pipeline counts the runs the notebook
+    prints; the step-0 head runs that sparse FedAvg runs train first print as head runs and count apart in both."""
+    from helpers.editing.step0 import head_fedavg_config
+    from helpers.ops.pipeline import HEAD_RUN, RunCount
+
+    planned = study_plan("smoke", ["05"], tmp_path)
+    sparse = [p for p in planned if p.experiment == "sparse_fedavg" and p.config["step0"] == "sgd"]
+    assert sparse and not [p for p in planned if p.config.get("train_mode") == "head"]
+    head = head_fedavg_config(sparse[0].config)
+    assert HEAD_RUN in describe("fedavg", head) and HEAD_RUN not in describe(sparse[0].experiment, sparse[0].config)
+    printed = "".join(f"[start] {describe(p.experiment, p.config, p.id)}: 2 rounds\n" for p in planned)
+    printed += f"[start] {describe('fedavg', head)}: 1 round\n"
+    counts = RunCount.from_text(printed)
+    (row,) = study_status("smoke", tmp_path, ["05"])["notebooks"]
+    assert row["runs"] == len({p.id for p in planned}) == len(counts.new) and len(counts.heads.new) == 1

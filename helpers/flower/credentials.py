@@ -270,6 +270,7 @@ def make_node_key(folder: Path, *, force: bool = False) -> list[Path]:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line of `python -m helpers.credentials` (its help needs neither flwr nor cryptography)."""
     p = argparse.ArgumentParser(
         prog="python -m helpers.credentials",
         description="Make a Flower federation's credentials. On the coordinator's machine (--host): a private CA "
@@ -279,7 +280,8 @@ def parser() -> argparse.ArgumentParser:
         "DIR/node.pub to the coordinator, who registers it with `flwr supernode register`. Or, centrally, --nodes "
         "K key pairs in nodes/ (node-<k>.key then has to be copied to node k).",
         epilog="examples: python -m helpers.credentials --host server.lab --host 10.0.0.5;  "
-        "python -m helpers.credentials --node-key ~/.flme/node  (docs/flower.md walks through the whole federation)",
+        "python -m helpers.credentials --node-key ~/.flme/node  (docs/flower.md walks through the whole federation). "
+        "Needs the cryptography package (Flower's extras): pip install -r requirements-flower.txt",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_CREDENTIALS,
                    help=f"the coordinator's folder, outside any git repository and the run folders (default "

@@ -331,8 +331,18 @@ def run_bench(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m helpers.bench", description=__doc__)
-    parser.add_argument("--profile", choices=("smoke", "full"), default="smoke")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--profile",
+        choices=("smoke", "full"),
+        default="smoke",
+        help="the shapes measured: smoke (tiny ViT, default) or full (ViT-S/16 at 224 px)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where it runs (default auto: CUDA if present, else the CPU)",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a sanity run)")
     parser.add_argument("--compile", action="store_true", help="also measure training after torch.compile")
     parser.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="precision (the `amp` parameter)")

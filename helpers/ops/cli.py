@@ -91,17 +91,20 @@ def secure_script(args: argparse.Namespace, command: list[str], num_nodes: int) 
     return federation_script(command, num_nodes, credentials, address, insecure=args.insecure)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command, option and parameter of `python -m helpers`, each with its help text."""
     parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__, epilog=OTHER_COMMANDS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     experiments = sorted(set(EXPERIMENTS) & set(RUNNERS))
     run = sub.add_parser("run", help="run one experiment (resumes or skips as needed)", **_schema_help(experiments))
-    run.add_argument("experiment", choices=experiments)
+    run.add_argument("experiment", choices=experiments, help="what to train: centralized or fedavg, dense or "
+                     "sparse (sparse_*: a calibrated mask, SparseSGDM)")  # fmt: skip
     flower = sub.add_parser("flower", help="run fedavg or sparse_fedavg on Flower's simulation engine "
                             "(engine=flower; needs requirements-flower.txt)",
                             **_schema_help(["fedavg", "sparse_fedavg"]))  # fmt: skip
-    flower.add_argument("experiment", nargs="?", default="fedavg", choices=["fedavg", "sparse_fedavg"])
+    flower.add_argument("experiment", nargs="?", default="fedavg", choices=["fedavg", "sparse_fedavg"],
+                        help="fedavg (default) or sparse_fedavg (a calibrated mask, SparseSGDM)")  # fmt: skip
     flower.add_argument("--print-flwr-run", nargs="?", const="local", default=None, metavar="CONNECTION",
                         help="print the `flwr run` command (Flower's CLI) for this run on a SuperLink connection "
                         "(default: local, Flower's local simulation) instead of running it; with a connection "
@@ -123,7 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     for p in (run, flower):
         p.add_argument("--profile", choices=PROFILES, default=None, help="default: $FLME_PROFILE or smoke")
-        p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a parameter")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="override a parameter (listed below; repeatable), e.g. --set rounds=3",
+        )
         p.add_argument("--run-root", default=None, help="default: $FLME_RUN_ROOT, Drive in Colab, else ./runs")
         p.add_argument("--results", default=None, metavar="NAME",
                        help="also write results/<profile>/NAME.csv (subfolders allowed, nothing outside)")  # fmt: skip
@@ -135,7 +144,12 @@ def main(argv: list[str] | None = None) -> int:
                           epilog="notebook parameters (-p NAME VALUE) and their defaults; PROFILE comes from "
                           "--profile:\n" + describe_notebooks())  # fmt: skip
     pipe.add_argument("--profile", choices=PROFILES, default="smoke", help="the notebooks' PROFILE (default smoke)")
-    pipe.add_argument("--notebooks", nargs="*", default=None, help="e.g. 01 02 (default: all)")
+    pipe.add_argument(
+        "--notebooks",
+        nargs="*",
+        default=None,
+        help="only these notebooks, by number or name, e.g. 01 02 (default: all)",
+    )
     pipe.add_argument("--output-dir", default="notebooks/executed", help="where the executed notebooks are saved "
                       "(default notebooks/executed)")  # fmt: skip
     pipe.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
@@ -156,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     work.add_argument("--hours", type=_hours, default=None, metavar="H",
                       help="start no new run after H hours (default: until nothing is left)")  # fmt: skip
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command in ("status", "work"):
             pick_notebooks(args.notebook)  # a bad --notebook fails before any plan is built

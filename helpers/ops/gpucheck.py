@@ -266,8 +266,18 @@ def run_checks(profile: str = "full", device: str = "auto") -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m helpers.gpucheck", description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", choices=("smoke", "full"), default="full")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cuda")
+    parser.add_argument(
+        "--profile",
+        choices=("smoke", "full"),
+        default="full",
+        help="the shapes checked: full (ViT-S/16 at 224 px, default) or smoke (tiny ViT)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="cuda",
+        help="where the checks run (default cuda; cpu with --profile smoke: the CPU run of the tests)",
+    )
     parser.add_argument("--out", default=str(REPO / "results" / "bench"), help="folder for the JSON file")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

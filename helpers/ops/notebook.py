@@ -103,9 +103,24 @@ class NotebookParameters:
         return f"custom/{name}-{digest}"
 
 
+class ParameterError(ValueError):
+    """A bad notebook parameter: in a notebook (IPython, papermill) its error output is this one line, no traceback
+    (IPython shows what `_render_traceback_` returns)."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
 def check_parameters(namespace: dict, notebook: str) -> NotebookParameters:
     """Stop on a parameter the notebook does not declare (naming the closest declared one) or an invalid value;
     called right after the `parameters` cell (and papermill's injected one), before any compute."""
+    try:
+        return _checked_parameters(namespace, notebook)
+    except ValueError as exc:  # the message names the parameter: the cell's whole output is that line
+        raise ParameterError(str(exc)) from None
+
+
+def _checked_parameters(namespace: dict, notebook: str) -> NotebookParameters:
     defaults = declared_parameters(notebook)
     known = assigned_names(notebook)
     for name in namespace:

@@ -29,7 +29,8 @@ README_IMAGE = REPO / "docs" / "img" / f"smoke_{README_FIGURE}.png"
 README_DATA = ("fedavg_noniid", ["run_id", "experiment", "profile", "sharding", "classes_per_client", "local_steps",
                                  "seed", "round", "test_acc"])  # fmt: skip
 # What the runs of a notebook print (helpers.training.runs.open_run / announce_start, helpers.training.leases.claim)
-RUN_LINE = re.compile(r"^\[(start|resume|skip|held)\] (\S+) ([0-9a-f]{6,}) ", re.MULTILINE)
+RUN_LINE = re.compile(r"^\[(start|resume|skip|held)\] (\S+) ([0-9a-f]{6,}) (.*)$", re.MULTILINE)
+HEAD_RUN = ", head only, "  # helpers.training.runs.describe: a sparse FedAvg run's step 0, trained by that run
 
 
 def notebook_paths(selection: list[str] | None = None) -> list[Path]:
@@ -136,15 +137,19 @@ class RunCount:
     resumed: set = field(default_factory=set)
     skipped: set = field(default_factory=set)
     held: set = field(default_factory=set)
+    heads: RunCount | None = None  # the step-0 head runs that sparse runs trained first (not in the plans' count)
 
     @classmethod
     def from_text(cls, text: str) -> RunCount:
         """Counts from a notebook's printed lines; a run trained here and opened again later counts as trained."""
-        found = {"start": set(), "resume": set(), "skip": set(), "held": set()}
-        for event, _experiment, rid in RUN_LINE.findall(text):
-            found[event].add(rid)
-        trained = found["start"] | found["resume"]
-        return cls(found["start"], found["resume"] - found["start"], found["skip"] - trained, found["held"] - trained)
+        lines = [(event, rid, HEAD_RUN in rest) for event, _experiment, rid, rest in RUN_LINE.findall(text)]
+        counts = [{"start": set(), "resume": set(), "skip": set(), "held": set()} for _ in range(2)]
+        for event, rid, head in lines:
+            counts[head][event].add(rid)
+        runs, heads = (cls(f["start"], f["resume"] - f["start"], f["skip"] - f["start"] - f["resume"],
+                           f["held"] - f["start"] - f["resume"]) for f in counts)  # fmt: skip
+        runs.heads = heads
+        return runs
 
     @classmethod
     def from_notebook(cls, path: Path) -> RunCount:
@@ -160,15 +165,23 @@ class RunCount:
         trained = self.new | self.resumed
         self.skipped = (self.skipped | other.skipped) - trained
         self.held = (self.held | other.held) - trained - self.skipped
+        if other.heads is not None:
+            if self.heads is None:
+                self.heads = RunCount()
+            self.heads.add(other.heads)
 
     def describe(self) -> str:
-        """E.g. '15 runs: 12 new, 1 resumed, 2 skipped (done before)'."""
+        """E.g. '15 runs: 12 new, 1 resumed, 2 skipped (done before)', then the step-0 head runs apart."""
         parts = [(self.new, "new"), (self.resumed, "resumed"), (self.skipped, "skipped (done before)"),
                  (self.held, "held by another session")]  # fmt: skip
         total = sum(len(ids) for ids, _ in parts)
-        if not total:
-            return "no runs"
-        return f"{total} run{'s' * (total != 1)}: " + ", ".join(f"{len(ids)} {what}" for ids, what in parts if ids)
+        text = "no runs"
+        if total:
+            text = f"{total} run{'s' * (total != 1)}: " + ", ".join(f"{len(ids)} {what}" for ids, what in parts if ids)
+        heads = self.heads.describe() if self.heads is not None else "no runs"
+        if heads != "no runs":  # e.g. '(and 8 step-0 head runs: 8 new)'
+            text += f" (and {heads.replace(' run', ' step-0 head run', 1)})"
+        return text
 
 
 def closing_summary(profile: str, executed: list[Path], counts: RunCount, seconds: float, parameters: dict,

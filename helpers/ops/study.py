@@ -62,7 +62,8 @@ def study_plan(
     profile: str, notebooks: list[str] | None = None, run_root: str | Path | None = None, reduced: bool = False
 ) -> list[PlannedRun]:
     """Every run of the selected notebooks' default plans (`reduced`: the reduced plan), in order; a run whose
-    config depends on results not on `run_root` yet (helpers.ops.plans) is flagged waiting."""
+    config depends on results not on `run_root` yet (helpers.ops.plans) is flagged waiting. A sparse FedAvg run's
+    step-0 head run is not one: the sparse run trains it (the pipeline counts head runs apart)."""
     planned = []
     for name in pick_notebooks(notebooks):
         plan = notebook_plan(name, profile, run_root, reduced=reduced)
@@ -110,6 +111,7 @@ def study_status(
     states = {(p.experiment, p.id): run_status(p.experiment, p.config, root) for p in planned}
 
     def summary(runs: list[PlannedRun]) -> dict:
+        runs = list({(p.experiment, p.id): p for p in runs}.values())  # a run planned twice is one run
         counts = dict.fromkeys(STATES, 0)
         held = []
         for p in runs:
@@ -119,13 +121,14 @@ def study_status(
             if state in ("running", "stale"):
                 held.append({"run": describe(p.experiment, p.config, p.id), **status})
         left = estimate_plan([(p.experiment, p.config) for p in runs], root).left_s if runs else 0.0
-        return {"runs": len(runs), **counts, "t4_hours_left": round(left / 3600, 2), "held": held}
+        finished = bool(runs) and counts["done"] == len(runs)  # nothing waiting, running or left
+        return {"runs": len(runs), **counts, "finished": finished, "t4_hours_left": round(left / 3600, 2),
+                "held": held}  # fmt: skip
 
     names = pick_notebooks(notebooks)
     by_notebook = [{"notebook": n, **summary([p for p in planned if p.notebook == n])} for n in names]
-    distinct = list({(p.experiment, p.id): p for p in planned}.values())
     return {"profile": profile, "run_root": str(root), "reduced": reduced, "notebooks": by_notebook,
-            "total": summary(distinct)}  # fmt: skip
+            "total": summary(planned)}  # fmt: skip
 
 
 def format_status(status: dict) -> str:
@@ -139,6 +142,9 @@ def format_status(status: dict) -> str:
     for held in status["total"]["held"]:
         age = held["heartbeat_age_s"]
         lines.append(f"{held['state']}: {held['run']} by {held['holder']}, last heartbeat {age} s ago")
+    total = status["total"]
+    if total["finished"]:
+        lines.append(f"finished: every run of this study is done ({plural(total['runs'], 'run')})")
     if status["total"]["waiting"]:
         lines.append("waiting: runs whose config comes from earlier results (01's best lr and scheduler; 05's tuned "
                      "values, TIES's density, the sparse arms' R): planned exactly, and claimable by `work`, once "

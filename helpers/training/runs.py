@@ -139,6 +139,8 @@ def describe(experiment: str, config: dict, rid: str | None = None) -> str:
         elif sharding == "dirichlet":
             sharding = f"dirichlet alpha={config['dirichlet_alpha']:g}"
         parts.append(f"K={config['num_clients']} C={config['participation']:g} J={config['local_steps']} {sharding}")
+        if config.get("train_mode") == "head":  # a sparse FedAvg run's step 0 (helpers.editing.step0)
+            parts.append("head only")
     elif config.get("train_mode") == "head":
         parts.append("linear probe")
     if "sparsity" in config:
