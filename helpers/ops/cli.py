@@ -13,12 +13,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from helpers.config.experiments import EXPERIMENTS, make_config
+from helpers.config.experiments import EXPERIMENTS, make_config, resolve_profile
 from helpers.config.parsing import describe_parameters, parse_sets
 from helpers.core.settings import PROFILES, default_results_root, default_run_root
 from helpers.flower.federation import DEFAULT_ADDRESS, DEFAULT_CREDENTIALS, check_address, federation_script
 from helpers.ops.pipeline import describe_notebooks, parse_parameters, run_pipeline
 from helpers.ops.runners import RUNNERS, runner
+from helpers.ops.setup import write_setup
 from helpers.ops.study import pick_notebooks, print_status, study_notebooks
 from helpers.ops.study import work as work_on
 from helpers.reporting.results import read_results, write_results
@@ -152,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--notebook", action="append", default=None, metavar="N",
                        help=f"only this notebook's runs (repeatable): {notebooks}")  # fmt: skip
     status.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    setup = sub.add_parser("setup", help="write results/<profile>/setup.csv: the study's settings from the "
+                           "configs and the notebooks' plans (make report runs it first)")  # fmt: skip
+    setup.add_argument("--profile", choices=PROFILES, default=None, help="default: $FLME_PROFILE or smoke")
+    setup.add_argument("--results-root", default=None, help="default: $FLME_RESULTS_ROOT, else results/")
     work.add_argument("--hours", type=_hours, default=None, metavar="H",
                       help="start no new run after H hours (default: until nothing is left)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -162,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                 print_status(args.profile, args.run_root, args.notebook, as_json=args.json)
             else:
                 work_on(args.profile, args.hours, args.notebook, args.run_root, progress=sys.stderr.isatty())
+            return 0
+        if args.command == "setup":
+            print(f"setup: {write_setup(resolve_profile(args.profile), args.results_root)}")
             return 0
         if args.command in ("run", "flower"):
             sets = parse_sets(args.set, args.experiment)
