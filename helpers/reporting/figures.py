@@ -285,11 +285,13 @@ def fig_editing_curves(df: pd.DataFrame) -> Figure:
 
 
 def _cumulative_upload(part: pd.DataFrame) -> pd.Series:
-    """MB uploaded by the clients up to each round, the one-off upload of calibration scores included."""
+    """MB uploaded by the clients up to each round, the one-off uploads before training included: step 0's (the
+    head's FedAvg run, for runs that start from the step-0 head) and the calibration scores."""
     part = part.sort_values(["run_id", "round"])
     total = part.groupby("run_id")["upload_bytes"].cumsum()
-    if "calibration_upload_bytes" in part:
-        total = total + part["calibration_upload_bytes"].fillna(0)
+    for before in ("step0_upload_bytes", "calibration_upload_bytes"):
+        if before in part:
+            total = total + part[before].fillna(0)
     return total / 1e6
 
 
@@ -320,7 +322,7 @@ def fig_communication(df: pd.DataFrame) -> Figure:
     for ax, setting in zip(axes, settings):
         title = setting if setting == "IID" else setting.replace("=", " = ")
         _accuracy_per_upload(ax, part[part["setting"] == setting], "method", order, title)
-    fig.supxlabel(LABELS["upload_mb"] + ", log scale; calibration uploads included", fontsize=8)
+    fig.supxlabel(LABELS["upload_mb"] + ", log scale; step-0 and calibration uploads included", fontsize=8)
     _legend_on_top(fig, axes, None)
     return fig
 
@@ -339,7 +341,7 @@ def fig_remedies(df: pd.DataFrame) -> Figure:
     for ax, (setting, kind) in zip(axes, panels):
         data = part[(part["setting"] == setting) & (part["kind"] == kind)]
         _accuracy_per_upload(ax, data, "algorithm", order, f"{setting.replace('=', ' = ')}, {kind}")
-    fig.supxlabel(LABELS["upload_mb"] + ", log scale", fontsize=8)
+    fig.supxlabel(LABELS["upload_mb"] + ", log scale; step-0 and calibration uploads included", fontsize=8)
     _legend_on_top(fig, axes, None)
     return fig
 

@@ -10,7 +10,7 @@ import pandas as pd
 
 from helpers.core.settings import default_tables_root
 from helpers.reporting.extension import extension_rows
-from helpers.reporting.labels import rules_with_controls, sparse_rows, tuned_labels, with_algorithm
+from helpers.reporting.labels import rules_with_controls, sparse_rows, tuned_labels, value_label, with_algorithm
 from helpers.reporting.summaries import (
     MissingResults,
     check_one_profile,
@@ -141,11 +141,21 @@ def latex_table(
         lines.append(" & ".join(row) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     if caption:
-        lines.append(r"\caption{" + caption + r" Mean $\pm$ std over seeds (no $\pm$: one run); best in bold.}")
+        counts = sorted({int(c) for _, _, n in cells.values() for c in n.dropna() if c > 0})
+        lines.append(r"\caption{" + caption + " " + seeds_note(counts) + " Best in bold.}")
     if label:
         lines.append(r"\label{" + label + "}")
     lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
+
+
+def seeds_note(counts: list[int]) -> str:
+    """How many seeds a table's entries average: 'Mean $\\pm$ std over 3 seeds.', 'One seed per entry (no std).'"""
+    if not counts or counts == [1]:
+        return "One seed per entry (no std)."
+    if len(counts) == 1:
+        return rf"Mean $\pm$ std over {counts[0]} seeds."
+    return rf"Mean $\pm$ std over {counts[0]}--{counts[-1]} seeds per entry (no $\pm$: one seed)."
 
 
 def placeholder_table(caption: str, label: str, missing: str) -> str:
@@ -273,7 +283,8 @@ def table_data(df: pd.DataFrame, name: str) -> pd.DataFrame:
         part = df[df["source"].isin(list(STAGES))] if "source" in df else df.iloc[:0]
         if part.empty or "test_acc" not in part:
             raise MissingResults("centralized_probe/schedulers/final.csv")
-        return part.assign(stage=part["source"].map(STAGES), scheduler=part.get("scheduler", "--"))
+        schedulers = part["scheduler"].map(value_label) if "scheduler" in part else "--"
+        return part.assign(stage=part["source"].map(STAGES), scheduler=schedulers)
     part = with_method_and_setting(select(df, source))
     if only in ("sparse", "controls"):  # sparse runs proper, or everything else (dense runs, controls)
         part = part[sparse_rows(part) == (only == "sparse")]
@@ -316,6 +327,9 @@ def run_value(df: pd.DataFrame, name: str, **match: object) -> object | None:
     return values.iloc[0] if len(values) else None
 
 
+TALOS_ROWS = 7  # the deviations table's first rows are TaLoS'; the others are the federated methods' papers'
+
+
 def deviations_table(df: pd.DataFrame, profile: str) -> str:
     """Where our runs differ from the TaLoS reference implementation, with the values the runs used (from the
     results; "not run" where a profile has none)."""
@@ -356,11 +370,15 @@ def deviations_table(df: pd.DataFrame, profile: str) -> str:
          "first ones of its full work"),
     ]  # fmt: skip
     body = [" & ".join(latex_escape(c) for c in row) + r" \\" for row in rows]
+    body.insert(TALOS_ROWS, r"\midrule")  # below: the federated methods' papers, not TaLoS
     return "\n".join([
         r"\begin{table}[!htb]", r"\centering", r"\small",
         r"\begin{tabular}{p{0.16\linewidth}p{0.36\linewidth}p{0.38\linewidth}}", r"\toprule",
-        r"aspect & TaLoS reference & this project \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}",
-        r"\caption{Deviations from the TaLoS reference implementation (values: profile \texttt{" + profile + "}).}",
+        r"aspect & reference & this project \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}",
+        r"\caption{Deviations from the references: above the line from TaLoS~\citep{iurada2025talos}'s implementation, "
+        r"below it from the federated methods' papers (Reddi et al.~\citep{reddi2021adaptive}, SCAFFOLD "
+        r"\citep{karimireddy2020scaffold}, FedProx's stragglers~\citep{li2020fedprox}); values: profile \texttt{"
+        + profile + "}.}",
         r"\label{tab:deviations}", r"\end{table}", "",
     ])  # fmt: skip
 
