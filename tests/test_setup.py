@@ -19,7 +19,7 @@ from helpers.reporting.summaries import load_results
 REPO = Path(__file__).resolve().parent.parent
 # Numbers the prose may state as written: names (ViT-S/16, CIFAR-100, 8-bit images, step 0, notebooks 01-07), not
 # settings. Inside math, 0, 1 and 2 are the formulas' own constants (max(1, .), eta_s = 1, a square).
-NAMES = (r"ViT-S/16", r"CIFAR-100", r"8-bit", r"[Ss]tep[~ -]0", r"\(0\d(?:, 0\d)*\)")
+NAMES = (r"ViT-S/16", r"CIFAR-100", r"8-bit", r"[Ss]tep[~ -]0", r"\(0\d(?:(?:, |--)0\d)*\)")
 MATH_CONSTANTS = {"0", "1", "2"}
 
 
@@ -32,7 +32,7 @@ def full(monkeypatch) -> pd.DataFrame:
 def prose(tex: str) -> str:
     """main.tex's body as a reader sees it: no comments, no preamble or bibliography, no macro arguments that are
     names (labels, references, citations, files, settings' keys)."""
-    body = tex[tex.index(r"\begin{document}") : tex.index(r"\bibliographystyle")]
+    body = tex[tex.index(r"\begin{document}") : tex.index(r"\label{body-end}")]
     body = re.sub(r"(?m)(?<!\\)%.*$", "", body)
     return re.sub(r"\\(?:label|ref|citep?|citet|cfg|seeds|reportfig|reporttable|input|texttt)\{[^}]*\}", "", body)
 
@@ -116,7 +116,7 @@ def test_macros_and_table_read_right(full):
     assert tex_value("5e-05") == r"\ensuremath{5\times 10^{-5}}" and tex_value("45,000") == "45,000"
     assert tex_value("cosine, warmup_cosine") == "cosine, warm-up + cosine"
     text = setup_table(table)
-    assert "warmup_cosine" not in text and "fedadam" not in text and "FedAdam: beta1 0.9" in text
+    assert "warmup_cosine" not in text and "fedadam" not in text and "FedAdam, FedYogi: beta1 = 0.9" in text
     assert r"\label{tab:setup}" in text and "not generated" in setup_table(None)
     with pytest.raises(ValueError, match="key="):
         setup_macros(table.assign(key="Num1"))
@@ -130,3 +130,17 @@ def test_seed_counts_per_configuration():
     counts = seed_counts(rows)
     assert counts == {"a": [1, 3], "b": [1]}
     assert [seeds_text(c) for c in counts.values()] == ["1--3 seeds", "1 seed"] and seeds_text([3]) == "3 seeds"
+
+
+def test_tables_name_methods_schedules_and_parameters_readably(tmp_path: Path):
+    from test_report import write_fixture  # the smoke-like results of the report tests
+
+    from helpers.reporting import report
+
+    root = write_fixture(tmp_path / "results")
+    paths = report.write_report_inputs("smoke", root, tmp_path / "figures", tmp_path / "generated")
+    text = "\n".join(p.read_text() for p in paths if p.suffix == ".tex" and p.name != "setup.tex")
+    raw = re.findall(r"\b(?:fedavgm?|fedprox|scaffold|fedadam|fedyogi|fedadagrad|warmup\\?_cosine|server\\?_lr|"
+                     r"prox\\?_mu|merge\\?_density)\b", text)  # fmt: skip
+    assert raw == [], sorted(set(raw))
+    assert "seed" in text.split(r"\label{tab:remedies}")[0].rsplit(r"\caption", 1)[-1]  # its caption counts seeds

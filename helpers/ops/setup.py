@@ -56,8 +56,8 @@ def setup_rows(profile: str = "full") -> pd.DataFrame:
     p1 = _notebook("01_centralized", profile)
     c = make_config("centralized", profile, epochs=p1["EPOCHS"])
     n_train = train_split_size(c)
-    add("centralized", "ImgSize", "image size (px)", c["img_size"])
-    add("centralized", "ValPercent", "validation share (%)", round(100 * c["val_fraction"]))
+    add("centralized", "ImgSize", "image px", c["img_size"])
+    add("centralized", "ValPercent", "validation share (%)", round(100 * c["val_fraction"]), "prose")
     add("centralized", "TrainSize", "train split (images)", f"{n_train:,}", "prose")
     add("centralized", "Batch", "batch size", c["batch_size"])
     add("centralized", "Epochs", "epochs", c["epochs"])
@@ -69,8 +69,9 @@ def setup_rows(profile: str = "full") -> pd.DataFrame:
     add("centralized", "GridRuns", "grid runs", grid_runs, "prose")
     add("centralized", "Schedulers", "schedules", ", ".join(as_list(p1["SCHEDULERS"])), "tuned")
     add("centralized", "NumSchedulers", "schedules compared", len(as_list(p1["SCHEDULERS"])), "prose")
-    add("centralized", "WarmupEpochs", "warm-up epochs", p1["WARMUP_EPOCHS"])
-    add("centralized", "StepSize", "step: epochs per drop", scheduler_extra(p1, c["epochs"])["step"]["step_size"])
+    add("centralized", "WarmupEpochs", "warm-up epochs", p1["WARMUP_EPOCHS"], "prose")
+    step_size = scheduler_extra(p1, c["epochs"])["step"]["step_size"]
+    add("centralized", "StepSize", "step: epochs per drop", step_size, "prose")
     add("centralized", "StepGamma", "step: factor per drop", c["gamma"], "prose")
     add("centralized", "CentralSeeds", "seeds (final runs)", len(as_list(p1["SEEDS"])))
 
@@ -83,13 +84,13 @@ def setup_rows(profile: str = "full") -> pd.DataFrame:
     samples = f["rounds"] * m * f["local_steps"] * f["batch_size"]
     budget = p3["STEP_BUDGET"] or make_config("fedavg", profile)["rounds"] * BASELINE_J
     j_list = as_list(p3["J_LIST"])
-    add("fedavg", "NumClients", "clients K", f["num_clients"])
-    add("fedavg", "Participation", "participation C", f["participation"])
+    add("fedavg", "NumClients", "K", f["num_clients"])
+    add("fedavg", "Participation", "C", f["participation"])
     add("fedavg", "ClientsPerRound", "clients per round", m, "prose")
     add("fedavg", "LocalSteps", "J (IID)", f["local_steps"])
     add("fedavg", "Rounds", "rounds (IID)", f["rounds"])
     add("fedavg", "ClientLr", "client lr", f["lr"])
-    add("fedavg", "ClientLrSchedule", "client lr schedule", f["client_lr_schedule"])
+    add("fedavg", "ClientLrSchedule", "client lr schedule", f["client_lr_schedule"], "prose")
     add("fedavg", "ClientMomentum", "client momentum", f["momentum"])
     add("fedavg", "ClientWeightDecay", "client weight decay", f["weight_decay"])
     add("fedavg", "EvalEvery", "eval. every (rounds)", f["eval_every"])
@@ -110,7 +111,7 @@ def setup_rows(profile: str = "full") -> pd.DataFrame:
     add("editing", "CalSamples", "calibration images per round", f"{e['calibration_samples']:,}")
     add("editing", "EditLr", "lr", e["lr"])
     add("editing", "EditEpochs", "epochs", e["epochs"])
-    add("editing", "Damping", "damping of frozen weights", DAMPING)
+    add("editing", "Damping", "damping of frozen weights", DAMPING, "prose")
     add("editing", "StepZeroEpochs", "step 0: epochs", e["step0_epochs"])
     add("editing", "StepZeroLr", "step 0: lr", e["step0_lr"])
     add("editing", "EditSeeds", "seeds per cell", 1)  # 04 declares one SEED, not a list
@@ -123,7 +124,7 @@ def setup_rows(profile: str = "full") -> pd.DataFrame:
     add("federated editing", "FedSparsities", "sparsities", _values(p5["SPARSITIES"]))
     add("federated editing", "FedCalRounds", "R", _values(p5["CALIBRATION_ROUNDS"]))
     add("federated editing", "FedNcList", "Nc (and IID)", _values(p5["NC_LIST"]))
-    add("federated editing", "FedCalSamples", "calibration images per client and round", base["calibration_samples"])
+    add("federated editing", "FedCalSamples", "calibration images per client, round", base["calibration_samples"])
     add("federated editing", "StepZeroRounds", "step 0: FedAvg rounds", head["rounds"], "derived")
     add("federated editing", "StepZeroFedLr", "step 0: client lr", head["lr"])
     add("federated editing", "RulesSparsity", "mask rules: sparsity", p6["SPARSITY"])
@@ -139,7 +140,7 @@ def setup_rows(profile: str = "full") -> pd.DataFrame:
     add("remedies", "RemedyJ", "J", p5["REMEDY_J"])
     add("remedies", "RemedyRounds", "rounds", rounds, "derived")
     add("remedies", "TuningRounds", "tuning rounds", tuning_rounds(rounds, p5["TUNING_BUDGET"]), "derived")
-    add("remedies", "TuningSplit", "tuning split", value_label(p5["TUNING_SPLIT"]))
+    add("remedies", "TuningSplit", "tuning split", value_label(p5["TUNING_SPLIT"]), "prose")
     for algorithm in algorithms:
         name, grid = tuning_grid(algorithm, p5["TUNING_GRIDS"])
         key = ALGORITHMS[algorithm].title.replace("-", "")
@@ -151,7 +152,7 @@ def setup_rows(profile: str = "full") -> pd.DataFrame:
     if p5["EXTENSION"]:
         name, grid = tuning_grid("ties", p5["TUNING_GRIDS"])
         add("remedies", "GridTIES", f"TIES: {param_label(MERGE_TUNING[0])}", _values(grid), "tuned")
-        add("remedies", "ProbeImages", "interference probe (images)", PROBE_IMAGES)
+        add("remedies", "ProbeImages", "interference probe (images)", PROBE_IMAGES, "prose")
     add("remedies", "RemedySeeds", "seeds per cell", 1)  # 05 declares one SEED
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     table["value"] = [f"{v:g}" if isinstance(v, float) else str(v) for v in table["value"]]

@@ -17,7 +17,14 @@ from matplotlib.figure import Figure
 
 from helpers.core.params import STEP_COLUMNS
 from helpers.reporting.extension import fig_extension
-from helpers.reporting.labels import STEP0_LABEL, algorithm_order, rules_with_controls, sparse_rows, with_algorithm
+from helpers.reporting.labels import (
+    STEP0_LABEL,
+    algorithm_order,
+    algorithm_title,
+    rules_with_controls,
+    sparse_rows,
+    with_algorithm,
+)
 from helpers.reporting.plots import (
     HALF_WIDTH_IN,
     MARKERS,
@@ -337,7 +344,8 @@ def fig_remedies(df: pd.DataFrame) -> Figure:
     part = part.dropna(subset=["val_acc"])
     panels = [(s, k) for s in setting_order(part["setting"]) for k in ("dense", "sparse")]
     fig, axes = _figure(FULL, len(panels), sharey=True)
-    order = algorithm_order(part["algorithm"])  # the registry's order, FedAvg first
+    order = [algorithm_title(a) for a in algorithm_order(part["algorithm"])]  # the registry's order, FedAvg first
+    part["algorithm"] = part["algorithm"].map(algorithm_title)  # the legend reads FedAdam, not fedadam
     for ax, (setting, kind) in zip(axes, panels):
         data = part[(part["setting"] == setting) & (part["kind"] == kind)]
         _accuracy_per_upload(ax, data, "algorithm", order, f"{setting.replace('=', ' = ')}, {kind}")

@@ -60,7 +60,7 @@ def setup_table(setup: pd.DataFrame | None) -> str:
                r"(\texttt{results/\profile/setup.csv}). Tuned: chosen on the validation split over the grid shown; "
                r"every other value was fixed a priori.")  # fmt: skip
     head = [r"\begin{table}[!htb]", r"\centering", r"\footnotesize",
-            r"\begin{tabular}{@{}p{0.15\linewidth}p{0.5\linewidth}p{0.31\linewidth}@{}}", r"\toprule",
+            r"\begin{tabular}{@{}p{0.14\linewidth}p{0.5\linewidth}p{0.3\linewidth}@{}}", r"\toprule",
             r"stage & fixed a priori & tuned on validation (grid) \\", r"\midrule"]  # fmt: skip
     tail = [r"\bottomrule", r"\end{tabular}", rf"\caption{{{caption}}}", r"\label{tab:setup}", r"\end{table}", ""]
     if setup is None:
@@ -78,12 +78,16 @@ def setup_table(setup: pd.DataFrame | None) -> str:
 
 
 def table_cell(rows: pd.DataFrame) -> str:
-    """Settings as one cell: 'K 100; C 0.1; FedAdam: beta1 0.9, tau 0.1' (one owner's settings together)."""
+    """Settings as one cell: 'K = 100; C = 0.1; FedAdam: beta1 = 0.9, tau = 0.1' (one owner's settings together)."""
     groups: dict[str, list[str]] = {}
     for row in rows.itertuples():
         owner, _, name = row.label.rpartition(": ")
-        groups.setdefault(owner, []).append(f"{latex_escape(name)} {tex_value(row.value)}")
-    return "; ".join(f"{latex_escape(o)}: {', '.join(v)}" if o else "; ".join(v) for o, v in groups.items())
+        groups.setdefault(owner, []).append(f"{latex_escape(name)} = {tex_value(row.value)}")
+    plain = groups.pop("", [])
+    owners: dict[str, list[str]] = {}  # owners with the same settings share one entry: 'FedAdam, FedYogi: ...'
+    for owner, settings in groups.items():
+        owners.setdefault(", ".join(settings), []).append(latex_escape(owner))
+    return "; ".join(plain + [f"{', '.join(names)}: {settings}" for settings, names in owners.items()])
 
 
 def seed_counts(df: pd.DataFrame) -> dict[str, list[int]]:
