@@ -139,7 +139,7 @@ def test_tables_name_methods_schedules_and_parameters_readably(tmp_path: Path):
 
     root = write_fixture(tmp_path / "results")
     paths = report.write_report_inputs("smoke", root, tmp_path / "figures", tmp_path / "generated")
-    text = "\n".join(p.read_text() for p in paths if p.suffix == ".tex" and p.name != "setup.tex")
+    text = "\n".join(p.read_text() for p in paths if p.suffix == ".tex" and p.name != "settings.tex")
     raw = re.findall(r"\b(?:fedavgm?|fedprox|scaffold|fedadam|fedyogi|fedadagrad|warmup\\?_cosine|server\\?_lr|"
                      r"prox\\?_mu|merge\\?_density)\b", text)  # fmt: skip
     assert raw == [], sorted(set(raw))

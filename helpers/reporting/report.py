@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def inputs_summary(df: pd.DataFrame, profile: str, paths: list[Path]) -> str:
     """One line: which results the report's inputs come from and where they went."""
-    tables = [p for p in paths if p.suffix == ".tex" and p.name not in ("profile.tex", "setup.tex")]
+    tables = [p for p in paths if p.suffix == ".tex" and p.name not in ("profile.tex", "settings.tex")]
     written = f"{len(tables)} tables in {shown(tables[0].parent)}/, {len(FIGURES)} figures in {shown(paths[-1])}/"
     if df.empty:
         return f"profile={profile}: no results found, every figure and table is a placeholder; {written}"

@@ -123,10 +123,10 @@ def seeds_macros(df: pd.DataFrame) -> str:
 def write_setup_tex(
     profile: str, folder: Path, results_root: str | Path | None = None, df: pd.DataFrame | None = None
 ) -> list[Path]:
-    """report/generated/<profile>/setup.tex (settings' macros, and seeds per results file from `df`) and
-    setup_table.tex from results/<profile>/setup.csv."""
+    """report/generated/<profile>/settings.tex (settings' macros, and seeds per results file from `df`) and
+    the setup table (setup.tex) from results/<profile>/setup.csv."""
     setup = read_setup(profile, results_root)
-    macros, table = folder / "setup.tex", folder / "setup_table.tex"
+    macros, table = folder / "settings.tex", folder / "setup.tex"
     macros.write_text(setup_macros(setup) + seeds_macros(df if df is not None else pd.DataFrame()))
     table.write_text(setup_table(setup))
     return [macros, table]
