@@ -144,3 +144,17 @@ def test_tables_name_methods_schedules_and_parameters_readably(tmp_path: Path):
                      r"prox\\?_mu|merge\\?_density)\b", text)  # fmt: skip
     assert raw == [], sorted(set(raw))
     assert "seed" in text.split(r"\label{tab:remedies}")[0].rsplit(r"\caption", 1)[-1]  # its caption counts seeds
+
+
+def test_the_communication_figure_counts_step_0_and_calibration_uploads():
+    from helpers.reporting import report
+
+    rows = pd.DataFrame({
+        "source": "editing_federated", "run_id": "r", "experiment": "sparse_fedavg", "profile": "smoke",
+        "sharding": "iid", "classes_per_client": float("nan"), "sparsity": 0.9, "calibration_rounds": 1, "seed": 0,
+        "round": [1, 2, 3], "upload_bytes": 1e6, "val_acc": [0.1, 0.2, 0.3],
+        "step0_upload_bytes": 5e6, "calibration_upload_bytes": 2e6,
+    })  # fmt: skip
+    fig = report.make_figure(rows, "communication", strict=True)
+    xs = sorted({round(float(x), 6) for ax in fig.axes for line in ax.lines for x in line.get_xdata()})
+    assert xs[:3] == [8.0, 9.0, 10.0]  # MB: step 0 (5) + calibration (2) + each round's upload (1)
