@@ -41,9 +41,11 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check helpers tests conftest.py
 	$(PY) -m ruff format --check helpers tests conftest.py
 
-# The report from whatever is in results/<PROFILE>/: its figures and tables (helpers.reporting.report), then
+# The report from whatever is in results/<PROFILE>/ (and the study's settings, results/<PROFILE>/setup.csv, written from the
+# configs and the notebooks' plans first): its figures and tables (helpers.reporting.report), then
 # report/main-<PROFILE>.pdf with latexmk (needs a LaTeX installation: see docs/report.md). latexmk's output goes to
 # report/main-<PROFILE>.latexmk.log; a failed build prints the LaTeX errors.
 PROFILE ?= smoke
 report: $(VENV)/.installed
+	@$(PY) -m helpers setup --profile $(PROFILE)
 	@$(PY) -m helpers.report --profile $(PROFILE) --pdf

@@ -20,6 +20,7 @@ from matplotlib.lines import Line2D
 from matplotlib.text import Text
 from test_report import write_fixture
 
+from helpers.ops.setup import write_setup
 from helpers.reporting import report
 from helpers.reporting.plots import MIN_FONT_PT, PALETTE, TEXT_WIDTH_IN, readable_log_ticks
 
@@ -176,7 +177,7 @@ def test_a_result_shown_in_a_figure_is_not_also_a_table_in_the_body():
     """One home per number: no table of main.tex summarises the same runs and metric as one of its figures."""
     tex = re.sub(r"(?m)%.*$", "", (REPO / "report" / "main.tex").read_text())  # comments mention \reportfig{name}
     figures, tables = set(re.findall(r"\\reportfig\{(\w+)\}", tex)), set(re.findall(r"\\reporttable\{(\w+)\}", tex))
-    assert figures <= set(report.FIGURES) and tables - {"deviations"} <= set(report.TABLES)
+    assert figures <= set(report.FIGURES) and tables - {"deviations", "setup"} <= set(report.TABLES)
     for table, figure in SAME_NUMBERS.items():
         assert not (table in tables and figure in figures), (table, figure)
     assert {"mask_rules", "communication", "fedavg_heatmap", "sparse_grid"} <= figures
@@ -186,6 +187,9 @@ def _build(results_root: Path, profile: str, tmp_path: Path) -> Path:
     """The report built as `make report` does, in a copy: figures, tables, then latexmk."""
     copy = tmp_path / "repo"
     shutil.copytree(REPO / "report", copy / "report", ignore=shutil.ignore_patterns("generated", "*.pdf", "*.aux"))
+    with pytest.MonkeyPatch.context() as env:  # make report writes the settings first, for the profile it builds
+        env.delenv("FLME_PROFILE", raising=False)
+        write_setup(profile, results_root)
     report.write_report_inputs(profile, results_root, copy / "figures", copy / "report" / "generated")
     done = subprocess.run(["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", "main.tex"],
                           cwd=copy / "report", capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -229,6 +233,7 @@ def assert_paper_layout(folder: Path) -> None:
     captions = [m.start() for m in re.finditer(r"(?m)^(?:Figure|Table) \d+:", text)]
     assert captions and max(captions) < conclusion.start(), "a caption comes after the Conclusion heading"
     assert "not generated" not in text and "not run yet" not in text and "NO RESULTS" not in text
+    assert "??" not in text, "a setting main.tex quotes (\\cfg) or a reference is undefined"
     assert_floats_after_their_headings(folder, text)
     assert "Overfull \\hbox" not in (folder / "main.log").read_text()
 

@@ -13,12 +13,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from helpers.config.experiments import EXPERIMENTS, make_config
+from helpers.config.experiments import EXPERIMENTS, make_config, resolve_profile
 from helpers.config.parsing import describe_parameters, parse_sets
 from helpers.core.settings import PROFILES, default_results_root, default_run_root
 from helpers.flower.federation import DEFAULT_ADDRESS, DEFAULT_CREDENTIALS, check_address, federation_script
 from helpers.ops.pipeline import describe_notebooks, parse_parameters, run_pipeline
 from helpers.ops.runners import RUNNERS, runner
+from helpers.ops.setup import write_setup
 from helpers.ops.study import pick_notebooks, print_status, study_notebooks
 from helpers.ops.study import work as work_on
 from helpers.reporting.results import read_results, write_results
@@ -168,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reduced", action="store_true", help="the reduced plan (REDUCED=True in 05 and 06; "
                        "docs/reproduce.md: its T4 hours)")  # fmt: skip
     status.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    setup = sub.add_parser("setup", help="write results/<profile>/setup.csv: the study's settings from the "
+                           "configs and the notebooks' plans (make report runs it first)")  # fmt: skip
+    setup.add_argument("--profile", choices=PROFILES, default=None, help="default: $FLME_PROFILE or smoke")
+    setup.add_argument("--results-root", default=None, help="default: $FLME_RESULTS_ROOT, else results/")
     work.add_argument("--hours", type=_hours, default=None, metavar="H",
                       help="start no new run after H hours (default: until nothing is left)")  # fmt: skip
     return parser
@@ -183,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 work_on(args.profile, args.hours, args.notebook, args.run_root, progress=sys.stderr.isatty(),
                         reduced=args.reduced)  # fmt: skip
+            return 0
+        if args.command == "setup":
+            print(f"setup: {write_setup(resolve_profile(args.profile), args.results_root)}")
             return 0
         if args.command in ("run", "flower"):
             sets = parse_sets(args.set, args.experiment)

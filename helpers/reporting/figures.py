@@ -17,7 +17,14 @@ from matplotlib.figure import Figure
 
 from helpers.core.params import STEP_COLUMNS
 from helpers.reporting.extension import fig_extension
-from helpers.reporting.labels import STEP0_LABEL, algorithm_order, rules_with_controls, sparse_rows, with_algorithm
+from helpers.reporting.labels import (
+    STEP0_LABEL,
+    algorithm_order,
+    algorithm_title,
+    rules_with_controls,
+    sparse_rows,
+    with_algorithm,
+)
 from helpers.reporting.plots import (
     HALF_WIDTH_IN,
     MARKERS,
@@ -285,11 +292,13 @@ def fig_editing_curves(df: pd.DataFrame) -> Figure:
 
 
 def _cumulative_upload(part: pd.DataFrame) -> pd.Series:
-    """MB uploaded by the clients up to each round, the one-off upload of calibration scores included."""
+    """MB uploaded by the clients up to each round, the one-off uploads before training included: step 0's (the
+    head's FedAvg run, for runs that start from the step-0 head) and the calibration scores."""
     part = part.sort_values(["run_id", "round"])
     total = part.groupby("run_id")["upload_bytes"].cumsum()
-    if "calibration_upload_bytes" in part:
-        total = total + part["calibration_upload_bytes"].fillna(0)
+    for before in ("step0_upload_bytes", "calibration_upload_bytes"):
+        if before in part:
+            total = total + part[before].fillna(0)
     return total / 1e6
 
 
@@ -320,7 +329,7 @@ def fig_communication(df: pd.DataFrame) -> Figure:
     for ax, setting in zip(axes, settings):
         title = setting if setting == "IID" else setting.replace("=", " = ")
         _accuracy_per_upload(ax, part[part["setting"] == setting], "method", order, title)
-    fig.supxlabel(LABELS["upload_mb"] + ", log scale; calibration uploads included", fontsize=8)
+    fig.supxlabel(LABELS["upload_mb"] + ", log scale; step-0 and calibration uploads included", fontsize=8)
     _legend_on_top(fig, axes, None)
     return fig
 
@@ -335,11 +344,12 @@ def fig_remedies(df: pd.DataFrame) -> Figure:
     part = part.dropna(subset=["val_acc"])
     panels = [(s, k) for s in setting_order(part["setting"]) for k in ("dense", "sparse")]
     fig, axes = _figure(FULL, len(panels), sharey=True)
-    order = algorithm_order(part["algorithm"])  # the registry's order, FedAvg first
+    order = [algorithm_title(a) for a in algorithm_order(part["algorithm"])]  # the registry's order, FedAvg first
+    part["algorithm"] = part["algorithm"].map(algorithm_title)  # the legend reads FedAdam, not fedadam
     for ax, (setting, kind) in zip(axes, panels):
         data = part[(part["setting"] == setting) & (part["kind"] == kind)]
         _accuracy_per_upload(ax, data, "algorithm", order, f"{setting.replace('=', ' = ')}, {kind}")
-    fig.supxlabel(LABELS["upload_mb"] + ", log scale", fontsize=8)
+    fig.supxlabel(LABELS["upload_mb"] + ", log scale; step-0 and calibration uploads included", fontsize=8)
     _legend_on_top(fig, axes, None)
     return fig
 

@@ -94,12 +94,44 @@ def merge_label(merge: object, density: object = None) -> str:
 
 
 def tuned_labels(part: pd.DataFrame) -> pd.Series:
-    """'prox_mu = 0.1' for each row of a remedies table: the hyperparameter its method tuned and the value chosen
-    (rows written before the tuning: '--')."""
+    """'proximal weight mu = 0.1' for each row of a remedies table: the hyperparameter its method tuned and the value
+    chosen (rows written before the tuning: '--')."""
     if "tuned_param" not in part:
         return pd.Series("--", index=part.index, dtype=object)
     values = part["tuned_value"] if "tuned_value" in part else pd.Series(float("nan"), index=part.index)
     labels = [
-        f"{p} = {v:g}" if isinstance(p, str) and pd.notna(v) else "--" for p, v in zip(part["tuned_param"], values)
+        f"{param_label(p)} = {v:g}" if isinstance(p, str) and pd.notna(v) else "--"
+        for p, v in zip(part["tuned_param"], values)
     ]
     return pd.Series(labels, index=part.index, dtype=object)
+
+
+# Readable names of parameter values and parameters in tables and the report (never a raw identifier).
+VALUE_LABELS = {
+    "warmup_cosine": "warm-up + cosine",
+    "least_sensitive": "least sensitive",
+    "most_sensitive": "most sensitive",
+    "lowest_magnitude": "lowest magnitude",
+    "highest_magnitude": "highest magnitude",
+    "val": "validation",
+}
+PARAM_LABELS = {
+    "server_lr": "server lr",
+    "server_momentum": "server momentum",
+    "server_beta1": "beta1",
+    "server_beta2": "beta2",
+    "server_tau": "tau",
+    "prox_mu": "proximal weight mu",
+    "merge_density": "density",
+}
+
+
+def value_label(value: object) -> str:
+    """How the report names a parameter's value: a schedule, mask rule or algorithm by its readable name."""
+    text = str(value)
+    return VALUE_LABELS.get(text) or (algorithm_title(text) if text in ALGORITHMS else text)
+
+
+def param_label(name: str) -> str:
+    """How the report names a parameter (server_lr: 'server lr'); an unknown name with its underscores as spaces."""
+    return PARAM_LABELS.get(name, name.replace("_", " "))

@@ -26,6 +26,7 @@ from helpers.reporting.figures import (  # noqa: F401  (re-exported: the noteboo
     save_figure,
     write_figures,
 )
+from helpers.reporting.setup import write_setup_tex  # noqa: F401  (07 writes the setup's macros and table)
 from helpers.reporting.summaries import (  # noqa: F401
     MissingResults,
     check_one_profile,
@@ -61,6 +62,7 @@ def write_report_inputs(
     paths = write_tables(df, profile, tables_root)
     paths.append(tables_dir(profile, tables_root) / "remedies_tuning.tex")
     paths[-1].write_text(tuning_latex(df))
+    paths += write_setup_tex(profile, tables_dir(profile, tables_root), results_root, df)
     write_figures(df, profile, figures_root)
     return [*paths, figures_dir(profile, figures_root)]
 
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def inputs_summary(df: pd.DataFrame, profile: str, paths: list[Path]) -> str:
     """One line: which results the report's inputs come from and where they went."""
-    tables = [p for p in paths if p.suffix == ".tex" and p.name != "profile.tex"]
+    tables = [p for p in paths if p.suffix == ".tex" and p.name not in ("profile.tex", "settings.tex")]
     written = f"{len(tables)} tables in {shown(tables[0].parent)}/, {len(FIGURES)} figures in {shown(paths[-1])}/"
     if df.empty:
         return f"profile={profile}: no results found, every figure and table is a placeholder; {written}"

@@ -40,11 +40,16 @@ class MissingResults(LookupError):
 # ----------------------------------------------------------------------------- loading and summaries
 
 
+SETUP_NAME = "setup"  # results/<profile>/setup.csv: the settings helpers.ops.setup writes
+
+
 def load_results(profile: str, root: str | Path | None = None) -> pd.DataFrame:
     """Every CSV under <root>/<profile>/ in one frame with a `source` column (file stem); empty if none."""
     root = Path(root if root is not None else default_results_root())
     frames = []
     for path in sorted((root / profile).glob("*.csv")):
+        if path.stem == SETUP_NAME:  # the study's settings, not runs (helpers.reporting.setup reads it)
+            continue
         frame = read_results(path.stem, profile, root)
         if frame is None:
             warnings.warn(f"skipping unreadable results file {path}", stacklevel=2)

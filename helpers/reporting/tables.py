@@ -10,7 +10,14 @@ import pandas as pd
 
 from helpers.core.settings import default_tables_root
 from helpers.reporting.extension import extension_rows
-from helpers.reporting.labels import rules_with_controls, sparse_rows, tuned_labels, with_algorithm
+from helpers.reporting.labels import (
+    algorithm_title,
+    rules_with_controls,
+    sparse_rows,
+    tuned_labels,
+    value_label,
+    with_algorithm,
+)
 from helpers.reporting.summaries import (
     MissingResults,
     check_one_profile,
@@ -141,11 +148,21 @@ def latex_table(
         lines.append(" & ".join(row) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     if caption:
-        lines.append(r"\caption{" + caption + r" Mean $\pm$ std over seeds (no $\pm$: one run); best in bold.}")
+        counts = sorted({int(c) for _, _, n in cells.values() for c in n.dropna() if c > 0})
+        lines.append(r"\caption{" + caption + " " + seeds_note(counts) + " Best in bold.}")
     if label:
         lines.append(r"\label{" + label + "}")
     lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
+
+
+def seeds_note(counts: list[int]) -> str:
+    """How many seeds a table's entries average: 'Mean $\\pm$ std over 3 seeds.', 'One seed per entry (no std).'"""
+    if not counts or counts == [1]:
+        return "One seed per entry (no std)."
+    if len(counts) == 1:
+        return rf"Mean $\pm$ std over {counts[0]} seeds."
+    return rf"Mean $\pm$ std over {counts[0]}--{counts[-1]} seeds per entry (no $\pm$: one seed)."
 
 
 def placeholder_table(caption: str, label: str, missing: str) -> str:
@@ -273,7 +290,8 @@ def table_data(df: pd.DataFrame, name: str) -> pd.DataFrame:
         part = df[df["source"].isin(list(STAGES))] if "source" in df else df.iloc[:0]
         if part.empty or "test_acc" not in part:
             raise MissingResults("centralized_probe/schedulers/final.csv")
-        return part.assign(stage=part["source"].map(STAGES), scheduler=part.get("scheduler", "--"))
+        schedulers = part["scheduler"].map(value_label) if "scheduler" in part else "--"
+        return part.assign(stage=part["source"].map(STAGES), scheduler=schedulers)
     part = with_method_and_setting(select(df, source))
     if only in ("sparse", "controls"):  # sparse runs proper, or everything else (dense runs, controls)
         part = part[sparse_rows(part) == (only == "sparse")]
@@ -284,7 +302,8 @@ def table_data(df: pd.DataFrame, name: str) -> pd.DataFrame:
     if name == "remedies":  # the step-0 model is every algorithm's: not a remedy's row
         part = with_algorithm(part[part["experiment"] != "step0"])
         kind = np.where(part["sparsity"].fillna(0) > 0, "sparse", "dense")
-        part = part.assign(variant=part["setting"] + ", " + kind, tuned=tuned_labels(part))
+        titles = part["algorithm"].map(algorithm_title)  # FedAdam, not fedadam
+        part = part.assign(variant=part["setting"] + ", " + kind, tuned=tuned_labels(part), algorithm=titles)
     needed = [
         *([index] if isinstance(index, str) else index),
         *([columns] if columns else []),
@@ -316,6 +335,9 @@ def run_value(df: pd.DataFrame, name: str, **match: object) -> object | None:
     return values.iloc[0] if len(values) else None
 
 
+TALOS_ROWS = 7  # the deviations table's first rows are TaLoS'; the others are the federated methods' papers'
+
+
 def deviations_table(df: pd.DataFrame, profile: str) -> str:
     """Where our runs differ from the TaLoS reference implementation, with the values the runs used (from the
     results; "not run" where a profile has none)."""
@@ -329,38 +351,37 @@ def deviations_table(df: pd.DataFrame, profile: str) -> str:
     fed = "not run" if k is None else f"{int(per_client):,} per client ({int(k) * int(per_client):,} over K={int(k)})"
     tau_text = "" if tau is None else f" (tau = {tau:g})"
     rows = [
-        ("optimiser", "AdamW-type (AdaptW), label smoothing optional",
+        ("optimizer", "AdamW-type, label smoothing optional",
          f"SGD with momentum {_g(central['momentum'])}, weight decay {_g(central['weight_decay'])} (SparseSGDM)"),
         ("gradient clipping", "global norm clipped to 1.0", "none"),
-        ("masked entries", "Linear, attention, Conv2d and LayerNorm tensors; class and position embeddings "
-         "trained densely", "every backbone tensor, class token and position embedding included "
-         "(the parameter embeddings=dense selects the reference's choice)"),
+        ("masked entries", "Linear, attention, Conv2d and LayerNorm tensors; class and position embeddings dense",
+         "every backbone tensor, embeddings included (an option selects the reference's choice)"),
         ("calibration samples", "its held-out split, up to 5,000 images per round",
          f"{samples} train-split images per round centrally; {fed} in FL"),
-        ("density", "one threshold, every entry tied with it kept: can exceed the target",
-         "exact: ties at the threshold broken by index"),
-        ("learning-rate warmup", "500 warmup steps", "none by default (parameters: warmup_rounds in FL, "
-         "scheduler=warmup_cosine with warmup_epochs centrally)"),
-        ("scoring inputs", "calibration images under its training transform (augmented)",
-         "under the evaluation preprocessing (resize, normalise) by default; score_transform=train augments"),
-        ("FedAdam, FedYogi, FedAdagrad (Reddi et al.)", "Algorithm 2: v starts at or above tau squared, no bias "
-         "correction (Flower's FedAdam adds one)", f"v starts at tau squared{tau_text}, "
-         "m at 0, no bias correction; FedAdagrad's beta1 = 0 as in the authors' runs; step server_lr"),
-        ("SCAFFOLD (Karimireddy et al.)", "Algorithm 1: plain SGD clients; global step eta_g on the plain mean of "
-         "the client updates; option I: a fresh gradient pass", "SGDM clients like every method: option II divides by "
-         "the effective steps K_eff of heavy-ball SGD (the paper's K at momentum 0); eta_g = server_lr on FedAvg's "
-         "size-weighted mean (equal for equal shards); option I from the first applied batch; c_i in fp32 at the "
-         "trainable entries only"),
-        ("stragglers (FedProx paper)", "a share of devices runs a uniform number of local epochs in [1, E]",
-         "each sampled client straggles with probability p and runs a uniform number of steps in [1, J], the "
-         "first ones of its full work"),
+        ("density", "entries tied with the threshold kept: can exceed the target", "exact: ties broken by index"),
+        ("learning-rate warm-up", "500 steps", "none by default (options: warm-up rounds in FL, the warm-up + "
+         "cosine schedule centrally)"),
+        ("scoring inputs", "augmented calibration images", "evaluation preprocessing by default (an option augments)"),
+        ("FedAdam, FedYogi, FedAdagrad", "Algorithm 2: v starts at or above tau squared, no bias correction",
+         f"v starts at tau squared{tau_text}, m at 0, no bias correction; FedAdagrad's beta1 = 0 as in the authors' "
+         "runs; step: the server lr"),
+        ("SCAFFOLD", "plain SGD clients; eta_g on the plain mean of the updates; option I: a fresh gradient pass",
+         "SGDM clients: option II divides by the effective steps of heavy-ball SGD; eta_g = the server lr on the "
+         "size-weighted mean; option I from the first batch; c_i in fp32 at the trainable entries"),
+        ("stragglers", "a share of devices runs a uniform number of local epochs in [1, E]",
+         "each sampled client straggles with probability p and runs the first of a uniform number of steps in "
+         "[1, J]"),
     ]  # fmt: skip
     body = [" & ".join(latex_escape(c) for c in row) + r" \\" for row in rows]
+    body.insert(TALOS_ROWS, r"\midrule")  # below: the federated methods' papers, not TaLoS
     return "\n".join([
-        r"\begin{table}[!htb]", r"\centering", r"\small",
-        r"\begin{tabular}{p{0.16\linewidth}p{0.36\linewidth}p{0.38\linewidth}}", r"\toprule",
-        r"aspect & TaLoS reference & this project \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}",
-        r"\caption{Deviations from the TaLoS reference implementation (values: profile \texttt{" + profile + "}).}",
+        r"\begin{table}[!htb]", r"\centering", r"\footnotesize",
+        r"\begin{tabular}{@{}p{0.15\linewidth}p{0.38\linewidth}p{0.41\linewidth}@{}}", r"\toprule",
+        r"aspect & reference & this project \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}",
+        r"\caption{Deviations from the references: above the line from TaLoS~\citep{iurada2025talos}'s implementation, "
+        r"below it from the federated methods' papers (Reddi et al.~\citep{reddi2021adaptive}, SCAFFOLD "
+        r"\citep{karimireddy2020scaffold}, FedProx's stragglers~\citep{li2020fedprox}); values: profile \texttt{"
+        + profile + "}.}",
         r"\label{tab:deviations}", r"\end{table}", "",
     ])  # fmt: skip
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from helpers.reporting.labels import algorithm_order, algorithm_title, with_algorithm
+from helpers.reporting.labels import algorithm_order, algorithm_title, param_label, with_algorithm
 from helpers.reporting.results import last_rows
 from helpers.reporting.summaries import fmt_key
 from helpers.reporting.tables import latex_escape
@@ -40,5 +40,6 @@ def _rows(final: pd.DataFrame) -> list[str]:
             acc = "diverged" if bool(run.get("diverged", False)) else f"{run['val_acc']:.3f}"
             text = f"{fmt_key(run[name])}: {acc}"
             cells.append(rf"\textbf{{{text}}}" if run[name] == chosen else text)
-        rows.append(f"{latex_escape(algorithm_title(algorithm))} & {latex_escape(name)} & {'; '.join(cells)} \\\\")
+        title, parameter = latex_escape(algorithm_title(algorithm)), latex_escape(param_label(name))
+        rows.append(f"{title} & {parameter} & {'; '.join(cells)} \\\\")
     return rows
