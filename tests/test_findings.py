@@ -64,7 +64,7 @@ def _scheduler(values: dict[str, list[float]], profile: str = "full") -> str:
 def _shown(values: list[float]) -> str:
     """How a sentence must show these seeds' numbers (the test's own arithmetic)."""
     if len(values) == 1:
-        return f"{values[0]:.3f} (1 seed)"
+        return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} ({len(values)} seeds)"
 
 
@@ -81,15 +81,15 @@ def test_a_gap_beyond_the_seeds_spread_is_a_difference():
     cosine, step = [0.80, 0.81, 0.82], [0.90, 0.91, 0.92]  # gap 0.10 > 0.02
     assert abs(statistics.mean(step) - statistics.mean(cosine)) > statistics.stdev(step) + statistics.stdev(cosine)
     text = _scheduler({"cosine": cosine, "step": step})
-    assert "step is best" in text and "no difference" not in text, text
+    assert "The step schedule is best" in text and "no difference" not in text, text
     assert _shown(cosine) in text and _shown(step) in text
 
 
 def test_one_seed_says_so_and_a_small_gap_is_no_difference():
     small = _scheduler({"cosine": [0.800], "step": [0.805]})
-    assert "no difference is established" in small and "1 seed" in small and "rests on that one seed" in small
+    assert "no difference is established" in small and "rests on 1 seed" in small
     large = _scheduler({"cosine": [0.80], "step": [0.90]})
-    assert "step is best" in large and "rests on that one seed" in large, large
+    assert "The step schedule is best" in large and "rests on 1 seed" in large, large
 
 
 def test_an_absent_results_file_is_said_not_run():
@@ -102,7 +102,10 @@ def test_an_absent_results_file_is_said_not_run():
 
 def test_smoke_findings_say_their_numbers_are_smoke():
     text = _scheduler({"cosine": [0.8], "step": [0.9]}, profile="smoke")
-    assert text.startswith("(Smoke numbers: synthetic data") and "say nothing about DINO" in text
+    assert text.startswith("Smoke numbers: "), text
+    note = re.search(r"\\newcommand\{\\findingNote\}\{(.*)\}", findings_latex([], "smoke"))
+    assert note and "synthetic data" in note[1] and "mean nothing about DINO" in note[1]
+    assert r"\newcommand{\findingNote}{}" in findings_latex([], "full")
 
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed: LaTeX not checked")
@@ -110,9 +113,9 @@ def test_the_macros_file_compiles_and_prints_the_sentences(full_df: pd.DataFrame
     """Every macro compiles in a plain article (LaTeX-safe text) and prints its numbers; an unknown name says so."""
     path = write_findings(full_df, "full", tmp_path / "generated")
     tex = path.read_text()
-    assert tex == findings_latex(findings(full_df, "full"))
+    assert tex == findings_latex(findings(full_df, "full"), "full")
     names = re.findall(r"\\newcommand\{\\finding(\w+)\}", tex)
-    assert {n for n in names if not n.endswith("Short")} == set(FINDINGS)
+    assert {n for n in names if not n.endswith("Short")} == {*FINDINGS, "Note"}
     body = "\n\n".join(rf"\finding{{{n}}}" for n in names)
     (tmp_path / "main.tex").write_text(
         "\n".join([r"\documentclass{article}", r"\begin{document}", rf"\input{{{path}}}", body, r"\end{document}"])

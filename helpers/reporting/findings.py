@@ -22,7 +22,10 @@ from helpers.reporting.tables import latex_escape
 # for noise. An assumption, not a measurement: the sentences say when a verdict rests on one seed.
 MIN_GAP = 0.01
 CIFAR100_TRAIN = 50_000  # torchvision's CIFAR-100 training set, before the validation split
-SMOKE = "(Smoke numbers: synthetic data and a tiny random ViT; they say nothing about DINO on CIFAR-100.) "
+SMOKE = "Smoke numbers: "  # each sentence; SMOKE_NOTE once (\\findingNote)
+SMOKE_NOTE = (
+    "Smoke numbers come from synthetic data and a tiny random model: they mean nothing about DINO on CIFAR-100."
+)
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,8 @@ class Stat:
         return cls(float(v.mean()), float(v.std()) if len(v) > 1 else math.nan, len(v))
 
     def text(self, digits: int = 3) -> str:
-        """'0.812 ± 0.004 (3 seeds)' or '0.812 (1 seed)'."""
-        return f"{self.brief(digits, '(', ')')}"
+        """'0.812 ± 0.004 (3 seeds)', or '0.812' with one seed (one_seed's sentence says so)."""
+        return self.brief(digits, "(", ")") if self.n > 1 else f"{self.mean:.{digits}f}"
 
     def brief(self, digits: int = 3, open_: str = "", close: str = "") -> str:
         """'0.812 ± 0.004, 3 seeds' (inside parentheses) or '0.812, 1 seed'."""
@@ -59,19 +62,21 @@ def differs(a: Stat, b: Stat, min_gap: float = MIN_GAP) -> bool:
     return abs(a.mean - b.mean) > spread
 
 
-def compare(name_a: str, a: Stat, name_b: str, b: Stat, min_gap: float = MIN_GAP) -> str:
-    """`name_a` against `name_b` in words: higher or lower where the gap exceeds the spread, else no difference."""
-    if differs(a, b, min_gap):
-        word = "higher" if a.mean > b.mean else "lower"
-        return f"{name_a} {a.text()} is {word} than {name_b} {b.text()}"
-    return f"no difference established between {name_a} {a.text()} and {name_b} {b.text()} (gap within the spread)"
+def compare(name_a: str, a: Stat, name_b: str, b: Stat) -> str:
+    """'A 0.81 against B 0.78: higher' where the gap exceeds the spread, else ': no difference established'."""
+    return f"{name_a} {a.text()} against {name_b} {b.text()}: {change(b, a)}"
+
+
+def change(a: Stat, b: Stat) -> str:
+    """`b` against `a` in one word: 'higher', 'lower' or 'no difference established'."""
+    return ("higher" if b.mean > a.mean else "lower") if differs(a, b) else "no difference established"
 
 
 def one_seed(*stats: Stat) -> str:
     """A sentence saying that a verdict rests on one seed, where any of `stats` has one seed."""
     if not any(s.n < 2 for s in stats):
         return ""
-    return " Every verdict on a number with 1 seed rests on that one seed (a gap under 0.01 counts as noise)."
+    return " Without ±: rests on 1 seed."
 
 
 def readable(name: object) -> str:
@@ -88,9 +93,6 @@ class Finding:
     short: str
 
 
-# ----------------------------------------------------------------------------- results as runs
-
-
 def runs(df: pd.DataFrame, source: str, **match: object) -> pd.DataFrame:
     """One row per run of results file `source` (its last row), step-0 rows left out; raises MissingResults."""
     part = select(df, source, **match)
@@ -102,15 +104,13 @@ def runs(df: pd.DataFrame, source: str, **match: object) -> pd.DataFrame:
 
 def round_means(df: pd.DataFrame, source: str, metric: str) -> pd.Series:
     """Each run's mean of `metric` over its rounds (run_id -> value)."""
-    part = select(df, source, (metric,))
-    return part.groupby("run_id")[metric].mean()
+    return select(df, source, (metric,)).groupby("run_id")[metric].mean()
 
 
 def stats(final: pd.DataFrame, keys: list[str], metric: str) -> dict:
     """Stat of `metric` over the runs (seeds) sharing each combination of `keys` (a 1-tuple key is its value)."""
-    out = {}
-    for key, group in final.groupby(keys, sort=False, dropna=False):
-        out[key[0] if isinstance(key, tuple) and len(key) == 1 else key] = Stat.of(group[metric])
+    groups = final.groupby(keys, sort=False, dropna=False)[metric]
+    out = {k[0] if isinstance(k, tuple) and len(k) == 1 else k: Stat.of(group) for k, group in groups}
     return {k: s for k, s in out.items() if s.n}
 
 
@@ -128,11 +128,8 @@ def best_of(table: dict, higher: bool = True) -> tuple[object, list]:
     return best, [k for k in table if k != best and not differs(table[best], table[k])]
 
 
-def listing(table: dict, names: Callable[[object], str] = readable) -> str:
-    return "; ".join(f"{names(k)} {s.text()}" for k, s in table.items())
-
-
-# ----------------------------------------------------------------------------- one finding per question
+def listing(table: dict) -> str:
+    return ", ".join(f"{readable(k)} {s.text()}" for k, s in table.items())
 
 
 def on_epochs(df: pd.DataFrame) -> tuple[str, str]:
@@ -159,10 +156,12 @@ def on_scheduler(df: pd.DataFrame) -> tuple[str, str]:
     head = f"Final validation accuracy per learning-rate schedule: {listing(val)}. "
     best, others = readable(best), ", ".join(map(readable, ties))
     if ties:
-        verdict = f"{best} ends highest, but no difference is established between it and {others} (within the spread)."
+        verdict = (
+            f"The {best} schedule ends highest, but no difference is established with {others} (within the spread)."
+        )
         short = f"no schedule is established as best ({best} ends highest, within the spread of {others})"
     else:
-        verdict = f"{best} is best, ahead of every other schedule by more than the spread."
+        verdict = f"The {best} schedule is best, ahead of every other by more than the spread."
         short = f"the {best} schedule is best"
     return head + verdict + one_seed(*val.values()), short
 
@@ -176,10 +175,11 @@ def on_iid_gap(df: pd.DataFrame) -> tuple[str, str]:
     images = int(c["rounds"]) * clients * int(c["local_steps"]) * int(c["batch_size"])
     size = c.get("synthetic_train_size") if c.get("dataset") == "synthetic" else CIFAR100_TRAIN
     passes = images / (float(size) * (1 - float(c.get("val_fraction", 0.0))))
-    text = (f"Test accuracy: {compare('FedAvg on IID shards', a, 'centralized fine-tuning', b)}. The comparison is "
+    schedule = c.get("client_lr_schedule", "constant")
+    text = (f"Final test accuracy, {compare('FedAvg on IID shards', a, 'centralized fine-tuning', b)}. This is "
             f"confounded: FedAvg ran {int(c['rounds'])} rounds of {clients} clients x J={int(c['local_steps'])} steps "
-            f"of {int(c['batch_size'])} images, about {passes:.1f} passes over the train split, at a constant "
-            f"client learning rate {c['lr']:g} that was not tuned, against {int(central['epoch'].max())} epochs of a "
+            f"of {int(c['batch_size'])} images, about {passes:.1f} passes over the train split, at a {schedule} "
+            f"client learning rate {c['lr']:g} fixed a priori, against {int(central['epoch'].max())} epochs of a "
             f"tuned schedule centrally; the gap is not the price of federation alone.{one_seed(a, b)}")  # fmt: skip
     word = "differs from" if differs(a, b) else "is not established to differ from"
     return text, f"FedAvg on IID shards ({a.brief()}) {word} centralized training ({b.brief()})"
@@ -194,18 +194,18 @@ def on_noniid(df: pd.DataFrame) -> tuple[str, str]:
         if "IID" not in acc:
             continue
         seeds += acc.values()
-        cells = []
+        groups: dict[str, list[str]] = {}
         for s in setting_order(k for k in acc if k != "IID"):
-            worse = differs(acc[s], acc["IID"]) and acc[s].mean < acc["IID"].mean
-            lower |= {s} if worse else set()
-            cells.append(f"{s} {acc[s].mean:.3f} ({'lower' if worse else 'no difference established'})")
-        parts.append(f"J={j}: IID {acc['IID'].text()}; " + ", ".join(cells))
+            groups.setdefault(change(acc["IID"], acc[s]), []).append(s)
+        lower |= set(groups.get("lower", []))
+        cells = "; ".join(f"{w} at " + ", ".join(f"{s} ({acc[s].text()})" for s in c) for w, c in groups.items())
+        parts.append(f"J={j}, IID {acc['IID'].text()}: {cells}")
     if not parts:
         raise MissingResults("fedavg_noniid.csv (no IID row)")
     drift = final.assign(cos=cos).groupby("setting")["cos"].mean()
-    order = setting_order(drift.index)
-    text = (f"Final test accuracy against IID shards at the same J: {'. '.join(parts)}. The mean cosine between the "
-            f"clients' updates is {drift[order[0]]:.3f} at {order[0]} against {drift[order[-1]]:.3f} at {order[-1]}; "
+    hard, easy = setting_order(drift.index)[0], setting_order(drift.index)[-1]
+    text = (f"Final test accuracy of non-IID shards against IID at the same J: {'. '.join(parts)}. The mean cosine "
+            f"between the clients' updates is {drift[hard]:.3f} at {hard} against {drift[easy]:.3f} at {easy}; "
             f"client drift growing as clients hold fewer classes is a plausible cause of any loss, a hypothesis "
             f"these runs do not test, since drift and accuracy change together.{one_seed(*seeds)}")  # fmt: skip
     worst = ", ".join(setting_order(lower)) or "no Nc"
@@ -223,9 +223,8 @@ def on_local_steps(df: pd.DataFrame) -> tuple[str, str]:
         acc = stats(final[final["setting"] == s], ["local_steps"], "test_acc")
         if lo in acc and hi in acc:
             seeds += [acc[lo], acc[hi]]
-            verdict = compare(f"J={hi}", acc[hi], f"J={lo}", acc[lo])
             changed += [s] if differs(acc[hi], acc[lo]) else []
-            cells.append(f"{s}: {verdict}")
+            cells.append(f"{s} {acc[lo].text()} to {acc[hi].text()} ({change(acc[lo], acc[hi])})")
     rounds = final.groupby("local_steps")["rounds"].first()
     text = (f"Raising the local steps from J={lo} to J={hi} at a fixed budget of local steps ({int(rounds[lo])} and "
             f"{int(rounds[hi])} rounds), final test accuracy: {'; '.join(cells)}.{one_seed(*seeds)}")  # fmt: skip
@@ -248,15 +247,15 @@ def on_editing_central(df: pd.DataFrame) -> tuple[str, str]:
     effects = []
     for s in sorted({s for s, _ in grid}):
         if (s, rs[0]) in grid and (s, rs[-1]) in grid and rs[0] != rs[-1]:
-            effects.append(f"s={s:g}: " + compare(f"R={int(rs[-1])}", grid[(s, rs[-1])], f"R={int(rs[0])}",
-                                                  grid[(s, rs[0])]))  # fmt: skip
+            a, b = grid[(s, rs[0])], grid[(s, rs[-1])]
+            effects.append(f"s={s:g} {a.text()} to {b.text()} ({change(a, b)})")
     ss = sorted({s for s, _ in grid})
     r = rs[-1]
     spars = compare(f"s={ss[-1]:g}", grid[(ss[-1], r)], f"s={ss[0]:g}", grid[(ss[0], r)]) if len(ss) > 1 else ""
     text = (f"Centralized sparse fine-tuning, final test accuracy: the best cell is {name} {grid[best].text()}; "
             + (f"{compare(name, grid[best], 'the dense control with the step-0 head', dense)}. " if dense.n else "")
             + (f"Sparsity at R={int(r)}: {spars}. " if spars else "")
-            + (f"Calibration rounds: {'; '.join(effects)}." if effects else "")
+            + (f"From R={int(rs[0])} to R={int(rs[-1])}: {'; '.join(effects)}." if effects else "")
             + one_seed(*grid.values()))  # fmt: skip
     verdict = "no difference established" if not dense.n or not differs(grid[best], dense) else "a difference"
     return text, f"centrally, the best sparse run ({name}) shows {verdict} against the dense control"
@@ -302,10 +301,10 @@ def on_mask_rules(df: pd.DataFrame) -> tuple[str, str]:
         aligned += [s] if top == "least_sensitive" and not cos_ties else []
     hypothesis = ("The hypothesis that the least-sensitive rule keeps the clients' updates most aligned holds at "
                   + (", ".join(aligned) if aligned else "no sharding") + ".")  # fmt: skip
-    text = f"Mask rules at one sparsity, final test accuracy per rule: {'. '.join(cells)}. {hypothesis}"
-    return text + one_seed(
-        *seeds
-    ), f"the least-sensitive rule aligns the updates best at {', '.join(aligned) or 'no sharding'}"
+    text = (
+        f"Mask rules at one sparsity, final test accuracy per rule: {'. '.join(cells)}. {hypothesis}{one_seed(*seeds)}"
+    )
+    return text, f"the least-sensitive rule aligns the updates best at {', '.join(aligned) or 'no sharding'}"
 
 
 def on_remedies(df: pd.DataFrame) -> tuple[str, str]:
@@ -320,10 +319,11 @@ def on_remedies(df: pd.DataFrame) -> tuple[str, str]:
         up = [a for a in algorithm_order(acc) if a != "fedavg" and differs(acc[a], acc["fedavg"])
               and acc[a].mean > acc["fedavg"].mean]  # fmt: skip
         better |= set(up)
-        others = ", ".join(f"{algorithm_title(a)} {acc[a].mean:.3f}" for a in algorithm_order(acc) if a != "fedavg")
-        verdict = (f"above FedAvg by more than the spread: {', '.join(map(algorithm_title, up))}" if up
-                   else "none established above FedAvg")  # fmt: skip
-        cells.append(f"{s} {kind}: FedAvg {acc['fedavg'].text()}, {others}; {verdict}")
+        rest = [a for a in algorithm_order(acc) if a not in ("fedavg", *up)]
+        above = ", ".join(f"{algorithm_title(a)} {acc[a].text()}" for a in up) or "none"
+        within = ", ".join(f"{algorithm_title(a)} {acc[a].text()}" for a in rest)
+        cells.append(f"{s} {kind}: FedAvg {acc['fedavg'].text()}; above it beyond the spread: {above}"
+                     + (f"; not: {within}" if rest else ""))  # fmt: skip
     text = f"Remedies at their tuned values, final test accuracy: {'. '.join(cells)}.{one_seed(*seeds)}"
     names = ", ".join(algorithm_title(a) for a in algorithm_order(better)) or "no remedy"
     return text, f"{names} beat FedAvg beyond the spread in at least one setting"
@@ -350,15 +350,15 @@ def on_interference(df: pd.DataFrame) -> tuple[str, str]:
     for s, mine in final.groupby("setting", sort=False):
         by = stats(mine, ["kind", "merge"], "mean_interference")
         pairs = [(("sparse", "mean"), ("dense", "mean"), "sparse", "dense"),
-                 (("dense", "ties"), ("dense", "mean"), "TIES", "the mean")]  # fmt: skip
-        for a, b, name_a, name_b in pairs:
-            if a in by and b in by:
-                seeds += [by[a], by[b]]
-                low = differs(by[a], by[b]) and by[a].mean < by[b].mean
-                lowered += [f"{name_a} at {s}"] if low else []
-                cells.append(f"{s}: {compare(name_a, by[a], name_b, by[b])}")
-    text = ("Interference (share of a client's probe on which its trained model and the new global model disagree, "
-            f"mean over rounds; hypothesis: sparse editing and TIES each lower it): {'; '.join(cells)}.")  # fmt: skip
+                 (("dense", "ties"), ("dense", "mean"), "dense TIES", "the mean")]  # fmt: skip
+        mine_ = [(name_a, by[a], name_b, by[b]) for a, b, name_a, name_b in pairs if a in by and b in by]
+        for name_a, a, _, b in mine_:
+            seeds += [a, b]
+            lowered += (
+                [f"{name_a.replace('sparse', 'sparse editing')} at {s}"] if differs(a, b) and a.mean < b.mean else []
+            )
+        cells += [f"{s}: " + "; ".join(compare(*m) for m in mine_)] if mine_ else []
+    text = f"Interference, mean over rounds (hypothesis: sparse editing and TIES each lower it): {'. '.join(cells)}."
     lowered_by = ", ".join(lowered) or "neither sparse editing nor TIES"
     return text + one_seed(*seeds), f"interference is lowered by {lowered_by}"
 
@@ -369,24 +369,23 @@ def _extension(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def on_scaling(df: pd.DataFrame) -> tuple[str, str]:
-    part = select(df, "extension_scaling", ("alpha", "chosen"))
-    part = extension_rows(part)
-    chosen = part[part["chosen"].astype(bool)]
-    own = (
-        last_rows(select(df, "extension")).set_index("run_id")["test_acc"] if "extension" in set(df["source"]) else None
-    )
+    scaling = extension_rows(select(df, "extension_scaling", ("alpha", "chosen")))
+    chosen, own = scaling[scaling["chosen"].astype(bool)], pd.Series(dtype=float)
+    if "extension" in set(df["source"]):  # the runs' own final test accuracy: alpha 1
+        own = last_rows(select(df, "extension")).set_index("run_id")["test_acc"]
     cells, seeds, helped = [], [], []
     for variant, mine in chosen.groupby("variant", sort=False):
-        alphas = ", ".join(f"{a:g}" for a in mine["alpha"])
         scaled = Stat.of(mine["test_acc"])
         seeds.append(scaled)
-        cell = f"{variant}: alpha {alphas} chosen on validation, test accuracy {scaled.text()}"
-        if own is not None and mine["run_id"].isin(own.index).all():
+        cell = f"{variant}: alpha {', '.join(f'{a:g}' for a in mine['alpha'])}, "
+        if mine["run_id"].isin(own.index).all():
             base = Stat.of(own[mine["run_id"]])
             helped += [variant] if differs(scaled, base) and scaled.mean > base.mean else []
-            cell += f"; {compare('scaled', scaled, 'unscaled (alpha 1)', base)}"
+            cell += compare("test", scaled, "unscaled", base)
+        else:
+            cell += f"test {scaled.text()}"
         cells.append(cell)
-    text = f"Post-hoc scaling of the final federated task vector, w0 + alpha (wT - w0): {'; '.join(cells)}."
+    text = f"Post-hoc scaling w0 + alpha (wT - w0), alpha chosen on validation, test accuracy: {'; '.join(cells)}."
     return text + one_seed(*seeds), f"post-hoc scaling helps {', '.join(helped) or 'no variant'} beyond the spread"
 
 
@@ -430,9 +429,12 @@ def to_latex(text: str) -> str:
     return re.sub(r"\b(Nc|J|R|s)=(\d+(?:\.\d+)?)", lambda m: f"${'N_c' if m[1] == 'Nc' else m[1]}={m[2]}$", tex)
 
 
-def findings_latex(found: list[Finding]) -> str:
-    """The macros file: \\finding<Name> (full text) and \\finding<Name>Short per finding, and \\finding{<Name>}."""
+def findings_latex(found: list[Finding], profile: str) -> str:
+    """The macros file: \\finding<Name> (full text) and \\finding<Name>Short per finding, \\findingNote (smoke: what
+    its numbers are), and \\finding{<Name>}."""
+    note = to_latex(SMOKE_NOTE) + " " if profile == "smoke" else ""  # a space: the macro ends a sentence
     lines = ["% generated by helpers/reporting/findings.py from results/<profile>/: do not edit",
+             rf"\newcommand{{\findingNote}}{{{note}}}",
              r"\newcommand{\finding}[1]{\ifcsname finding#1\endcsname\csname finding#1\endcsname"
              r"\else\textbf{finding #1 not generated}\fi}"]  # fmt: skip
     for f in found:
@@ -444,5 +446,5 @@ def findings_latex(found: list[Finding]) -> str:
 def write_findings(df: pd.DataFrame, profile: str, root: str | Path | None = None) -> Path:
     """report/generated/<profile>/findings.tex from the results `df`."""
     path = tables_dir(profile, root) / "findings.tex"
-    path.write_text(findings_latex(findings(df, profile)))
+    path.write_text(findings_latex(findings(df, profile), profile))
     return path
