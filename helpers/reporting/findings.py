@@ -323,7 +323,7 @@ def on_remedies(df: pd.DataFrame) -> tuple[str, str]:
         above = ", ".join(f"{algorithm_title(a)} {acc[a].text()}" for a in up) or "none"
         within = ", ".join(f"{algorithm_title(a)} {acc[a].text()}" for a in rest)
         cells.append(f"{s} {kind}: FedAvg {acc['fedavg'].text()}; above it beyond the spread: {above}"
-                     + (f"; not: {within}" if rest else ""))  # fmt: skip
+                     + (f"; the others: {within}" if rest else ""))  # fmt: skip
     text = f"Remedies at their tuned values, final test accuracy: {'. '.join(cells)}.{one_seed(*seeds)}"
     names = ", ".join(algorithm_title(a) for a in algorithm_order(better)) or "no remedy"
     return text, f"{names} beat FedAvg beyond the spread in at least one setting"
