@@ -226,7 +226,8 @@ def assert_paper_layout(folder: Path) -> None:
     pages = dict(re.findall(r"\\newlabel\{([^}]+)\}\{\{[^}]*\}\{(\d+)\}", (folder / "main.aux").read_text()))
     assert int(pages["body-end"]) <= 8, pages
     floats = {k: int(v) for k, v in pages.items() if k.startswith(("fig:", "tab:"))}
-    assert len(floats) >= 10 and max(floats.values()) <= int(pages["sec:conclusion"]), pages
+    defined = float_headings((folder / "main.tex").read_text())  # every float main.tex defines is in the PDF
+    assert set(floats) == set(defined) and max(floats.values()) <= int(pages["sec:conclusion"]), pages
     text = subprocess.run(["pdftotext", "main.pdf", "-"], cwd=folder, capture_output=True, text=True).stdout
     conclusion = re.search(r"\n\f?\d+\s+Conclusion\n", text)  # \f: the heading may open a page
     assert conclusion, "no Conclusion heading"

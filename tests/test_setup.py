@@ -87,7 +87,8 @@ def test_the_settings_agree_with_the_configs_and_the_plans(full):
     assert value["NcList"] == ", ".join(map(str, nb3["NC_LIST"]))
     budget = fed["rounds"] * nb2["LOCAL_STEPS"]
     assert value["RoundsPerJ"] == ", ".join(str(math.ceil(budget / j)) for j in nb3["J_LIST"])
-    assert value["GridSeeds"] == str(len(nb3["SEEDS"])) and value["IidSeeds"] == str(len(nb2["SEEDS"]))
+    assert value["GridSeeds"] == str(len(nb3["SEEDS"]))
+    assert value["HardestNc"] == str(nb3["HARDEST_NC"])
     edit = make_config("sparse_fedavg", "full")
     assert value["FedCalSamples"] == str(math.ceil(make_config("sparse_centralized", "full")["calibration_samples"] /
                                                    edit["num_clients"]))  # fmt: skip
@@ -99,6 +100,29 @@ def test_the_settings_agree_with_the_configs_and_the_plans(full):
     assert set(full["how"]) <= set(HOWS)
     assert set(full.index[full["how"] == "tuned"]) >= {"GridLr", "GridWeightDecay", "Schedulers", "GridTIES"}
     assert "GridMomentum" not in set(full.index[full["how"] == "tuned"])
+
+
+def test_the_seed_counts_are_those_the_plans_run(full, tmp_path: Path):
+    """Counted on the plans' own configs (an empty run root: nothing done), not through the code that writes them."""
+    from helpers.ops.plans import notebook_plan
+
+    def seeds(notebook: str, group: str, **match) -> str:
+        configs = notebook_plan(notebook, "full", tmp_path)[group]
+        cells: dict[tuple, set] = {}  # (R, algorithm) -> its seeds
+        for c in configs:
+            if all(c.get(k) == v for k, v in match.items()):
+                cells.setdefault((c.get("calibration_rounds"), c.get("algorithm")), set()).add(c["seed"])
+        return ", ".join(str(n) for n in sorted({len(s) for s in cells.values()}))
+
+    value = full["value"]
+    assert value["IidSeeds"] == seeds("02_fedavg_iid", "runs") == "3"
+    hardest = int(value["HardestNc"])
+    assert value["KeySeeds"] == seeds("03_fedavg_noniid", "grid", classes_per_client=hardest, local_steps=8) == "3"
+    assert value["GridSeeds"] == seeds("03_fedavg_noniid", "grid", classes_per_client=10, local_steps=8)
+    assert value["RulesSeeds"] == seeds("06_mask_strategies", "grid", mask_rule="random", sharding="iid")
+    assert value["RemedySeeds"] == seeds("05_federated_editing", "extension", sharding="noniid")
+    assert value["FedEditSeeds"] == seeds("05_federated_editing", "grid", sparsity=0.9, sharding="iid")
+    assert setup_rows("full").set_index("key")["how"]["RemedyCalRounds"] == "tuned"  # R: best of 05's grid
 
 
 def test_write_setup_is_deterministic_and_not_a_results_file(tmp_path: Path, monkeypatch):

@@ -21,6 +21,7 @@ from helpers.federated.clients import clients_per_round
 from helpers.federated.interference import PROBE_IMAGES
 from helpers.federated.rounds import rounds_for_budget
 from helpers.ops.comparisons import remedy_algorithms, remedy_rounds
+from helpers.ops.coverage import fed_seeds, sized
 from helpers.ops.notebook import declared_parameters
 from helpers.ops.plans import BASELINE_J, editing_base, scheduler_extra
 from helpers.ops.tuning import tuning_grid, tuning_rounds
@@ -42,7 +43,8 @@ def _values(values: object) -> str:
 
 
 def _notebook(name: str, profile: str) -> dict:
-    return {**declared_parameters(name), "PROFILE": profile}
+    """A notebook's declared parameters at `profile`, its sizes left at None resolved as its plan resolves them."""
+    return sized({**declared_parameters(name), "PROFILE": profile}, name)
 
 
 def setup_rows(profile: str = "full") -> pd.DataFrame:
@@ -100,8 +102,10 @@ def setup_rows(profile: str = "full") -> pd.DataFrame:
     add("fedavg", "RoundsPerJ", "rounds per J", _values([rounds_for_budget(budget, j) for j in j_list]), "derived")
     add("fedavg", "FedSamples", "training samples (IID run)", f"{samples:,}", "prose")
     add("fedavg", "FedPasses", "passes over the train split (IID)", f"{samples / n_train:.1f}", "prose")
-    add("fedavg", "IidSeeds", "seeds (IID)", len(as_list(p2["SEEDS"])))
+    add("fedavg", "IidSeeds", "seeds (IID)", len(fed_seeds(p2)))
     add("fedavg", "GridSeeds", "seeds per (Nc, J)", len(as_list(p3["SEEDS"])))
+    add("fedavg", "HardestNc", "Nc with more seeds (and IID)", p3["HARDEST_NC"])
+    add("fedavg", "KeySeeds", "their seeds, at every J", len(fed_seeds(p3)))
 
     # 04: centralized editing
     p4 = _notebook("04_model_editing", profile)
@@ -130,7 +134,8 @@ def setup_rows(profile: str = "full") -> pd.DataFrame:
     add("federated editing", "RulesSparsity", "mask rules: sparsity", p6["SPARSITY"])
     add("federated editing", "RulesCalRounds", "mask rules: calibration rounds R", p6["CALIBRATION_ROUNDS"])
     add("federated editing", "RulesNcList", "mask rules: Nc (and IID)", _values(p6["NC_LIST"]))
-    add("federated editing", "FedEditSeeds", "seeds per cell", 1)  # 05 and 06 declare one SEED
+    add("federated editing", "FedEditSeeds", "seeds per (sparsity, R)", 1)  # 05's grid runs its one SEED
+    add("federated editing", "RulesSeeds", "mask rules: seeds", len(fed_seeds(p6)))
 
     # 05: the remedies and the extension
     algorithms = remedy_algorithms(profile, None if p5["REMEDIES"] is None else as_list(p5["REMEDIES"]))
@@ -139,6 +144,14 @@ def setup_rows(profile: str = "full") -> pd.DataFrame:
     add("remedies", "RemedyHardestNc", "tuned at Nc", min(as_list(p5["REMEDY_NC"])))
     add("remedies", "RemedyJ", "J", p5["REMEDY_J"])
     add("remedies", "RemedyRounds", "rounds", rounds, "derived")
+    r = p5["REMEDY_CALIBRATION_ROUNDS"]
+    add(
+        "remedies",
+        "RemedyCalRounds",
+        "sparse arm: R",
+        "best on validation" if r is None else r,
+        "tuned" if r is None else "fixed",
+    )
     add("remedies", "TuningRounds", "tuning rounds", tuning_rounds(rounds, p5["TUNING_BUDGET"]), "derived")
     add("remedies", "TuningSplit", "tuning split", value_label(p5["TUNING_SPLIT"]), "prose")
     for algorithm in algorithms:
@@ -153,7 +166,7 @@ def setup_rows(profile: str = "full") -> pd.DataFrame:
         name, grid = tuning_grid("ties", p5["TUNING_GRIDS"])
         add("remedies", "GridTIES", f"TIES: {param_label(MERGE_TUNING[0])}", _values(grid), "tuned")
         add("remedies", "ProbeImages", "interference probe (images)", PROBE_IMAGES, "prose")
-    add("remedies", "RemedySeeds", "seeds per cell", 1)  # 05 declares one SEED
+    add("remedies", "RemedySeeds", "seeds per cell", len(fed_seeds(p5)))
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     table["value"] = [f"{v:g}" if isinstance(v, float) else str(v) for v in table["value"]]
     return table

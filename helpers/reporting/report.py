@@ -26,6 +26,7 @@ from helpers.reporting.figures import (  # noqa: F401  (re-exported: the noteboo
     save_figure,
     write_figures,
 )
+from helpers.reporting.findings import write_findings
 from helpers.reporting.setup import write_setup_tex  # noqa: F401  (07 writes the setup's macros and table)
 from helpers.reporting.summaries import (  # noqa: F401
     MissingResults,
@@ -57,12 +58,14 @@ def write_report_inputs(
     figures_root: str | Path | None = None,
     tables_root: str | Path | None = None,
 ) -> list[Path]:
-    """Every figure and table of the report (and generated/profile.tex) from results/<profile>/; returns the paths."""
+    """Every figure, table and finding of the report (and generated/profile.tex) from results/<profile>/; returns
+    the paths."""
     df = load_results(profile, results_root)
     paths = write_tables(df, profile, tables_root)
     paths.append(tables_dir(profile, tables_root) / "remedies_tuning.tex")
     paths[-1].write_text(tuning_latex(df))
     paths += write_setup_tex(profile, tables_dir(profile, tables_root), results_root, df)
+    paths.append(write_findings(df, profile, tables_root))
     write_figures(df, profile, figures_root)
     return [*paths, figures_dir(profile, figures_root)]
 
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def inputs_summary(df: pd.DataFrame, profile: str, paths: list[Path]) -> str:
     """One line: which results the report's inputs come from and where they went."""
-    tables = [p for p in paths if p.suffix == ".tex" and p.name not in ("profile.tex", "settings.tex")]
+    tables = [p for p in paths if p.suffix == ".tex" and p.name not in ("profile.tex", "settings.tex", "findings.tex")]
     written = f"{len(tables)} tables in {shown(tables[0].parent)}/, {len(FIGURES)} figures in {shown(paths[-1])}/"
     if df.empty:
         return f"profile={profile}: no results found, every figure and table is a placeholder; {written}"

@@ -149,14 +149,14 @@ def latex_table(
     lines += [r"\bottomrule", r"\end{tabular}"]
     if caption:
         counts = sorted({int(c) for _, _, n in cells.values() for c in n.dropna() if c > 0})
-        lines.append(r"\caption{" + caption + " " + seeds_note(counts) + " Best in bold.}")
+        lines.append(r"\caption{" + caption + " " + seeds_caption(counts) + " Best in bold.}")
     if label:
         lines.append(r"\label{" + label + "}")
     lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
 
 
-def seeds_note(counts: list[int]) -> str:
+def seeds_caption(counts: list[int]) -> str:
     """How many seeds a table's entries average: 'Mean $\\pm$ std over 3 seeds.', 'One seed per entry (no std).'"""
     if not counts or counts == [1]:
         return "One seed per entry (no std)."
@@ -223,7 +223,7 @@ TABLES: dict[str, tuple] = {
         "method",
         ["test_acc", "test_loss"],
         None,
-        "Centralised dense runs and controls beside the sparse runs of Figure~\\ref{fig:sparse}: dense with a new "
+        "Centralized dense runs and controls beside the sparse runs of Figure~\\ref{fig:sparse}: dense with a new "
         "head (01), the linear probe (head only), dense with the step-0 head frozen, and the step-0 model (no "
         "backbone training).",
         "controls",
@@ -341,7 +341,7 @@ TALOS_ROWS = 7  # the deviations table's first rows are TaLoS'; the others are t
 def deviations_table(df: pd.DataFrame, profile: str) -> str:
     """Where our runs differ from the TaLoS reference implementation, with the values the runs used (from the
     results; "not run" where a profile has none)."""
-    editing = ("sparse_centralized", "sparse_fedavg")  # every editing run trains with the same optimiser settings
+    editing = ("sparse_centralized", "sparse_fedavg")  # every editing run trains with the same optimizer settings
     central = {k: run_value(df, k, experiment=editing) for k in ("momentum", "weight_decay")}
     samples = run_value(df, "calibration_samples", experiment="sparse_centralized")
     k = run_value(df, "num_clients", experiment="sparse_fedavg")
