@@ -102,11 +102,13 @@ def test_the_palette_differs_for_colour_blind_readers():
 
 
 @pytest.mark.parametrize(("lo", "hi"), [(0.0035, 0.0125), (3.1, 12.5), (32.6, 33.6), (3.0, 40.0), (2.5, 70000.0),
-                                        (0.9, 1.1), (1e-3, 1e3)])  # fmt: skip
+                                        (0.9, 1.1), (1e-3, 1e3), (33.9, 34.8), (20000.0, 70000.0)])  # fmt: skip
 def test_log_ticks_are_round_inside_and_at_least_three(lo: float, hi: float):
     ticks = readable_log_ticks(lo, hi)
     assert 3 <= len(ticks) <= 8 and all(lo <= t <= hi for t in ticks), ticks
     assert all(len(re.sub(r"\D", "", f"{t:f}").strip("0")) <= 3 for t in ticks), ticks  # <= 3 significant digits
+    steps = [m * 10.0**e for e in range(-6, 7) for m in (1, 2, 5)]  # round: all multiples of one 1, 2 or 5 x 10^e
+    assert any(all(abs(t / s - round(t / s)) < 1e-6 for t in ticks) for s in steps), ticks
     gaps = np.diff(np.log10(ticks)) / np.log10(hi / lo)
     assert gaps.min() >= 0.15, (ticks, gaps)  # labels spread over the axis, none crowded at one end
 

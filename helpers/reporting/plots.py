@@ -120,19 +120,26 @@ def log_ticks(ax, least: int = 3) -> None:
 
 
 def readable_log_ticks(lo: float, hi: float, least: int = 3) -> list[float]:
-    """`least` or a few more round values in [lo, hi], spread evenly on a log scale (so their labels never crowd)."""
+    """`least` or a few more round values in [lo, hi] (multiples of one step of 1, 2 or 5 x 10^e), spread over the log
+    scale so that their labels never crowd."""
     if hi / lo >= 10:  # whole decades: 1, 10, 100; or 1, 3, 10, 30; or 1, 2, 5, 10
         decades = range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
         for steps in ((1,), (1, 3), (1, 2, 5)):
             ticks = [m * 10.0**e for e in decades for m in steps if lo <= m * 10.0**e <= hi]
             if len(ticks) >= least:
                 return ticks
-    spread = lo * (hi / lo) ** np.linspace(0.1, 0.9, least)  # inside the limits, evenly on the log scale
-    for digits in range(1, 7):  # as round as they can be while distinct and inside
-        ticks = sorted({float(f"{v:.{digits}g}") for v in spread})
-        if len(ticks) == least and lo <= ticks[0] and ticks[-1] <= hi:
-            return ticks
-    return [float(v) for v in spread]
+    top = int(np.ceil(np.log10(hi)))
+    for exponent in range(top, top - 12, -1):  # multiples of the largest round step (5, 2, 1 x 10^e) that give enough
+        for m in (5, 2, 1):
+            step = m * 10.0**exponent
+            multiples = [round(k * step, 12) for k in range(int(np.ceil(lo / step)), int(np.floor(hi / step)) + 1)]
+            ticks = []
+            for t in multiples:  # on a log axis the large ones crowd: keep ticks at least 15% of the axis apart
+                if not ticks or np.log(t / ticks[-1]) >= 0.15 * np.log(hi / lo):
+                    ticks.append(t)
+            if least <= len(ticks) <= 8:
+                return ticks
+    return [float(v) for v in lo * (hi / lo) ** np.linspace(0.1, 0.9, least)]
 
 
 def _plain_number(value: float, _pos=None) -> str:
