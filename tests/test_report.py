@@ -268,3 +268,13 @@ def test_make_report_says_what_it_wrote_and_ends_with_the_pdf(results_root: Path
     assert re.fullmatch(rf"report: .*main-{PROFILE}\.pdf \(\d pages\)", last), last
     assert "Latexmk" not in out.out + out.err and "Output written" not in out.out + out.err
     assert "helpers.report --profile $(PROFILE) --pdf" in (REPO / "Makefile").read_text()  # what `make report` runs
+
+
+def test_the_summary_counts_runs_as_status_does_and_step_0_heads_apart(tmp_path: Path):
+    """A run in two files counts once and a step-0 head is not a planned run (status and the pipeline say the same)."""
+    df = pd.DataFrame({"source": ["a", "b", "b", "c"], "run_id": ["r1", "r1", "r2", "step0-x"],
+                       "experiment": ["fedavg", "fedavg", "sparse_fedavg", "step0"]})  # fmt: skip
+    (tmp_path / "t").mkdir()
+    line = report.inputs_summary(df, "smoke", [tmp_path / "t" / "x.tex", tmp_path / "f"])
+    assert "3 results files (2 runs and 1 step-0 head they share)" in line, line
+    assert "(1 run)" in report.inputs_summary(df[df["source"] == "a"], "smoke", [tmp_path / "t" / "x.tex", tmp_path])

@@ -144,8 +144,11 @@ def inputs_summary(df: pd.DataFrame, profile: str, paths: list[Path]) -> str:
     written = f"{len(tables)} tables in {shown(tables[0].parent)}/, {len(FIGURES)} figures in {shown(paths[-1])}/"
     if df.empty:
         return f"profile={profile}: no results found, every figure and table is a placeholder; {written}"
-    files, runs = df["source"].nunique(), df["run_id"].nunique()  # a run in two files (step 0) counts once
-    return f"profile={profile}: {files} results files ({runs} runs) -> {written}"
+    files, heads = df["source"].nunique(), df["experiment"] == "step0"
+    runs = df.loc[~heads, "run_id"].nunique()  # as status and the pipeline count: a run in two files counts once
+    n_heads = df.loc[heads, "run_id"].nunique()
+    shared = f" and {n_heads} step-0 head{'s' * (n_heads != 1)} they share" if n_heads else ""
+    return f"profile={profile}: {files} results files ({runs} run{'s' * (runs != 1)}{shared}) -> {written}"
 
 
 def shown(path: Path) -> str:
