@@ -125,3 +125,22 @@ def test_cli_prints_every_notebook_a_total_and_the_source(capsys):
     assert lines[total + 1].startswith("what the complete plan adds") and source == total + 2 + len(ADDITIONS)
     assert "T4" in lines[source] and LABEL in lines[source + 1]  # then the memory estimate, one line per phase
     assert len(lines) == source + 2 + 5 and all("vs a T4's 15 GiB" in line for line in lines[source + 2 :])
+
+
+def test_a_step_0_head_run_done_on_disk_is_not_charged_again(tmp_path):
+    """The head run a sparse FedAvg run trains first is shared work: once it is done (trained by another sparse run,
+    or by one that crashed before its first round), what is left no longer counts it."""
+    from helpers.editing.step0 import head_fedavg_config
+    from helpers.federated.rounds import run_fedavg
+
+    sparse = make_config("sparse_fedavg", "smoke", **SMALL, rounds=1, calibration_rounds=1)
+    plan = [("sparse_fedavg", sparse)]
+    before = cost.estimate_plan(plan, tmp_path)
+    head = head_fedavg_config(sparse)
+    ((key, seconds),) = [
+        (k, s) for k, s in cost.run_seconds("sparse_fedavg", sparse)[1].items() if k.startswith("step0")
+    ]
+    assert run_fedavg(head, run_root=tmp_path, progress=False).done
+    after = cost.estimate_plan(plan, tmp_path)
+    assert seconds > 0 and math.isclose(after.total_s, before.total_s)
+    assert after.done == 0 and math.isclose(after.left_s, before.left_s - seconds)

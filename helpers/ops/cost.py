@@ -157,6 +157,12 @@ class Estimate:
         )
 
 
+def _shared_done(key: str, root: Path) -> bool:
+    """A step-0 head run done on disk is paid, whichever run trained it (its sparse runs may not have started)."""
+    kind, _, rid = key.partition(":")
+    return kind == "step0" and (root / "fedavg" / rid / "done.json").exists()
+
+
 def estimate_plan(plan: Iterable[tuple[str, dict]], run_root: str | Path | None = None) -> Estimate:
     """T4 time of every run in `plan` and what is left given the runs already under `run_root`."""
     root = Path(run_root) if run_root is not None else default_run_root()
@@ -171,7 +177,7 @@ def estimate_plan(plan: Iterable[tuple[str, dict]], run_root: str | Path | None 
         started += 0.0 < progress < 1.0
         total, left = total + own, left + own * (1 - progress)
         for key, seconds in by_key.items():
-            entry = shared.setdefault(key, [seconds, False])
+            entry = shared.setdefault(key, [seconds, _shared_done(key, root)])
             entry[1] |= progress > 0  # a run that started has computed its shared part
     total += sum(s for s, _ in shared.values())
     left += sum(s for s, paid in shared.values() if not paid)
