@@ -222,7 +222,7 @@ def assert_floats_after_their_headings(folder: Path, text: str) -> None:
 
 
 def assert_paper_layout(folder: Path) -> None:
-    """At most 8 pages up to the end of the Conclusion; every body figure and table on a page no later than the
+    """At most 8 pages, references included; every body figure and table on a page no later than the
     Conclusion's, before its heading in reading order and after its own section's heading; no figure placeholder;
     nothing overfull."""
     pages = dict(re.findall(r"\\newlabel\{([^}]+)\}\{\{[^}]*\}\{(\d+)\}", (folder / "main.aux").read_text()))
@@ -231,6 +231,7 @@ def assert_paper_layout(folder: Path) -> None:
     defined = float_headings((folder / "main.tex").read_text())  # every float main.tex defines is in the PDF
     assert set(floats) == set(defined) and max(floats.values()) <= int(pages["sec:conclusion"]), pages
     text = subprocess.run(["pdftotext", "main.pdf", "-"], cwd=folder, capture_output=True, text=True).stdout
+    assert text.count("\f") <= 8, "over 8 pages with the references (the course spec counts them)"
     conclusion = re.search(r"\n\f?\d+\s+Conclusion\n", text)  # \f: the heading may open a page
     assert conclusion, "no Conclusion heading"
     captions = [m.start() for m in re.finditer(r"(?m)^(?:Figure|Table) \d+:", text)]

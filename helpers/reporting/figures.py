@@ -317,9 +317,11 @@ def _accuracy_per_upload(ax, data: pd.DataFrame, hue: str, order: list[str], tit
 
 
 def fig_communication(df: pd.DataFrame) -> Figure:
-    """Federated fine-tuning: validation accuracy against cumulative upload, one panel per sharding."""
-
+    """Federated fine-tuning: validation accuracy against cumulative upload, one panel per sharding; each sparsity at
+    the largest R (the most calibration upload; the grid's 9 cells would crowd a panel), the dense runs."""
     part = with_method_and_setting(select(df, "editing_federated", ("round", "upload_bytes", "val_acc")))
+    sparse = sparse_rows(part)
+    part = part[~sparse | (part["calibration_rounds"] == part.loc[sparse, "calibration_rounds"].max())]
     part = part.dropna(subset=["upload_bytes"]).sort_values(["run_id", "round"])
     part["upload_mb"] = _cumulative_upload(part)
     part = part.dropna(subset=["val_acc"])

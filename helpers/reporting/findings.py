@@ -42,8 +42,8 @@ class Stat:
         return cls(float(v.mean()), float(v.std()) if len(v) > 1 else math.nan, len(v))
 
     def text(self, digits: int = 3) -> str:
-        """'0.812 ± 0.004 (3 seeds)', or '0.812' with one seed (one_seed's sentence says so)."""
-        return self.brief(digits, "(", ")") if self.n > 1 else f"{self.mean:.{digits}f}"
+        """'0.812 ± 0.004', or '0.812' with one seed (seeds_said's sentence gives the seeds once per finding)."""
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}" if self.n > 1 else f"{self.mean:.{digits}f}"
 
     def brief(self, digits: int = 3, open_: str = "", close: str = "") -> str:
         """'0.812 ± 0.004, 3 seeds' (inside parentheses) or '0.812, 1 seed'."""
@@ -72,11 +72,12 @@ def change(a: Stat, b: Stat) -> str:
     return ("higher" if b.mean > a.mean else "lower") if differs(a, b) else "no difference established"
 
 
-def one_seed(*stats: Stat) -> str:
-    """A sentence saying that a verdict rests on one seed, where any of `stats` has one seed."""
-    if not any(s.n < 2 for s in stats):
-        return ""
-    return " Without ±: rests on 1 seed."
+def seeds_said(*stats: Stat) -> str:
+    """A finding's last sentence: over how many seeds its ± are, and that a number without ± rests on one seed."""
+    several = "/".join(str(n) for n in sorted({s.n for s in stats if s.n > 1}))
+    parts = [f"± is the std over {several} seeds"] if several else []
+    parts += ["a number without ± rests on 1 seed"] if any(s.n < 2 for s in stats) else []
+    return f" {'; '.join(parts).capitalize()}." if parts else ""
 
 
 def readable(name: object) -> str:
@@ -128,10 +129,6 @@ def best_of(table: dict, higher: bool = True) -> tuple[object, list]:
     return best, [k for k in table if k != best and not differs(table[best], table[k])]
 
 
-def listing(table: dict) -> str:
-    return ", ".join(f"{readable(k)} {s.text()}" for k, s in table.items())
-
-
 def on_epochs(df: pd.DataFrame) -> tuple[str, str]:
     part = select(df, "centralized_final", ("epoch", "val_acc"))
     final = last_rows(part)
@@ -145,7 +142,7 @@ def on_epochs(df: pd.DataFrame) -> tuple[str, str]:
     text = (f"The final centralized runs ({name} schedule, {total} epochs) end at test accuracy {test.text()}; "
             f"their mean validation accuracy is within {spread:.3f} of its best from epoch {enough} "
             f"on, so about {enough} of the {total} epochs are needed under this schedule (no shorter schedule, whose "
-            f"learning rate would decay sooner, was trained).{one_seed(test)}")  # fmt: skip
+            f"learning rate would decay sooner, was trained).{seeds_said(test)}")  # fmt: skip
     return text, f"centralized fine-tuning needs about {enough} of {total} epochs (test accuracy {test.brief()})"
 
 
@@ -153,7 +150,8 @@ def on_scheduler(df: pd.DataFrame) -> tuple[str, str]:
     final = runs(df, "centralized_schedulers")
     val = stats(final, ["scheduler"], "val_acc")
     best, ties = best_of(val)
-    head = f"Final validation accuracy per learning-rate schedule: {listing(val)}. "
+    listed = ", ".join(f"{readable(k)} {v.text()}" for k, v in val.items())
+    head = f"Final validation accuracy per learning-rate schedule: {listed}. "
     best, others = readable(best), ", ".join(map(readable, ties))
     if ties:
         verdict = (
@@ -163,7 +161,7 @@ def on_scheduler(df: pd.DataFrame) -> tuple[str, str]:
     else:
         verdict = f"The {best} schedule is best, ahead of every other by more than the spread."
         short = f"the {best} schedule is best"
-    return head + verdict + one_seed(*val.values()), short
+    return head + verdict + seeds_said(*val.values()), short
 
 
 def on_iid_gap(df: pd.DataFrame) -> tuple[str, str]:
@@ -180,7 +178,7 @@ def on_iid_gap(df: pd.DataFrame) -> tuple[str, str]:
             f"confounded: FedAvg ran {int(c['rounds'])} rounds of {clients} clients x J={int(c['local_steps'])} steps "
             f"of {int(c['batch_size'])} images, about {passes:.1f} passes over the train split, at a {schedule} "
             f"client learning rate {c['lr']:g} fixed a priori, against {int(central['epoch'].max())} epochs of a "
-            f"tuned schedule centrally; the gap is not the price of federation alone.{one_seed(a, b)}")  # fmt: skip
+            f"tuned schedule centrally; the gap is not the price of federation alone.{seeds_said(a, b)}")  # fmt: skip
     word = "differs from" if differs(a, b) else "is not established to differ from"
     return text, f"FedAvg on IID shards ({a.brief()}) {word} centralized training ({b.brief()})"
 
@@ -207,7 +205,7 @@ def on_noniid(df: pd.DataFrame) -> tuple[str, str]:
     text = (f"Final test accuracy of non-IID shards against IID at the same J: {'. '.join(parts)}. The mean cosine "
             f"between the clients' updates is {drift[hard]:.3f} at {hard} against {drift[easy]:.3f} at {easy}; "
             f"client drift growing as clients hold fewer classes is a plausible cause of any loss, a hypothesis "
-            f"these runs do not test, since drift and accuracy change together.{one_seed(*seeds)}")  # fmt: skip
+            f"these runs do not test, since drift and accuracy change together.{seeds_said(*seeds)}")  # fmt: skip
     worst = ", ".join(setting_order(lower)) or "no Nc"
     return text, f"non-IID shards lower FedAvg's accuracy against IID at {worst}"
 
@@ -227,7 +225,7 @@ def on_local_steps(df: pd.DataFrame) -> tuple[str, str]:
             cells.append(f"{s} {acc[lo].text()} to {acc[hi].text()} ({change(acc[lo], acc[hi])})")
     rounds = final.groupby("local_steps")["rounds"].first()
     text = (f"Raising the local steps from J={lo} to J={hi} at a fixed budget of local steps ({int(rounds[lo])} and "
-            f"{int(rounds[hi])} rounds), final test accuracy: {'; '.join(cells)}.{one_seed(*seeds)}")  # fmt: skip
+            f"{int(rounds[hi])} rounds), final test accuracy: {'; '.join(cells)}.{seeds_said(*seeds)}")  # fmt: skip
     where = ", ".join(changed) if changed else "no sharding"
     return text, f"more local steps at the same budget change the accuracy at {where}"
 
@@ -249,14 +247,14 @@ def on_editing_central(df: pd.DataFrame) -> tuple[str, str]:
         if (s, rs[0]) in grid and (s, rs[-1]) in grid and rs[0] != rs[-1]:
             a, b = grid[(s, rs[0])], grid[(s, rs[-1])]
             effects.append(f"s={s:g} {a.text()} to {b.text()} ({change(a, b)})")
-    ss = sorted({s for s, _ in grid})
-    r = rs[-1]
+    ss, r = sorted({s for s, _ in grid}), rs[-1]
     spars = compare(f"s={ss[-1]:g}", grid[(ss[-1], r)], f"s={ss[0]:g}", grid[(ss[0], r)]) if len(ss) > 1 else ""
-    text = (f"Centralized sparse fine-tuning, final test accuracy: the best cell is {name} {grid[best].text()}; "
-            + (f"{compare(name, grid[best], 'the dense control with the step-0 head', dense)}. " if dense.n else "")
+    against = "the dense control with the step-0 head"
+    best_cell = compare(name, grid[best], against, dense) if dense.n else f"{name} {grid[best].text()}"
+    text = (f"Centralized sparse fine-tuning, final test accuracy: the best cell, {best_cell}. "
             + (f"Sparsity at R={int(r)}: {spars}. " if spars else "")
             + (f"From R={int(rs[0])} to R={int(rs[-1])}: {'; '.join(effects)}." if effects else "")
-            + one_seed(*grid.values()))  # fmt: skip
+            + seeds_said(*grid.values()))  # fmt: skip
     verdict = "no difference established" if not dense.n or not differs(grid[best], dense) else "a difference"
     return text, f"centrally, the best sparse run ({name}) shows {verdict} against the dense control"
 
@@ -271,11 +269,11 @@ def on_editing_federated(df: pd.DataFrame) -> tuple[str, str]:
             continue
         best, _ = best_of(grid)
         seeds += [*grid.values(), *([dense] if dense.n else [])]
-        runs_ = ", ".join(f"s={k[0]:g} R={int(k[1])} {v.mean:.3f}" for k, v in grid.items())
-        against = compare("the best sparse run", grid[best], "the dense control", dense) if dense.n else ""
+        name = f"the best sparse run (s={best[0]:g} R={int(best[1])} of {len(grid)})"
+        against = compare(name, grid[best], "the dense control", dense) if dense.n else f"{name} {grid[best].text()}"
         wins += [s] if dense.n and differs(grid[best], dense) and grid[best].mean > dense.mean else []
-        cells.append(f"{s}: {runs_}" + (f"; {against}" if against else ""))
-    text = f"Federated sparse fine-tuning, final test accuracy: {'. '.join(cells)}.{one_seed(*seeds)}"
+        cells.append(f"{s}: {against}")
+    text = f"Federated sparse fine-tuning, final test accuracy: {'; '.join(cells)}.{seeds_said(*seeds)}"
     where = ", ".join(wins) if wins else "no sharding"
     return text, f"in FedAvg, sparse fine-tuning beats the dense control (same step-0 head) at {where}"
 
@@ -291,19 +289,19 @@ def on_mask_rules(df: pd.DataFrame) -> tuple[str, str]:
         seeds += acc.values()
         best, ties = best_of(acc)
         top, cos_ties = best_of(cos)
-        rank = f"{readable(best)} ends highest" + (
+        rank = f"{readable(best)} {acc[best].text()} ends highest" + (
             f", no difference established with {', '.join(map(readable, ties))}" if ties else ""
         )
+        rest = ", ".join(readable(r) for r in sorted(acc, key=lambda r: -acc[r].mean) if r != best)  # numbers: figure
         cells.append(
-            f"{s}: {listing(acc)}; {rank}; highest update cosine: {readable(top)} {cos[top].mean:.3f}"
+            f"{s}: {rank} (then {rest}); highest update cosine: {readable(top)} {cos[top].mean:.3f}"
             + (f" (within the spread of {', '.join(map(readable, cos_ties))})" if cos_ties else "")
         )
         aligned += [s] if top == "least_sensitive" and not cos_ties else []
     hypothesis = ("The hypothesis that the least-sensitive rule keeps the clients' updates most aligned holds at "
                   + (", ".join(aligned) if aligned else "no sharding") + ".")  # fmt: skip
-    text = (
-        f"Mask rules at one sparsity, final test accuracy per rule: {'. '.join(cells)}. {hypothesis}{one_seed(*seeds)}"
-    )
+    text = f"Mask rules at one sparsity, final test accuracy per rule: {'. '.join(cells)}. {hypothesis}"
+    text += seeds_said(*seeds)
     return text, f"the least-sensitive rule aligns the updates best at {', '.join(aligned) or 'no sharding'}"
 
 
@@ -324,7 +322,7 @@ def on_remedies(df: pd.DataFrame) -> tuple[str, str]:
         within = ", ".join(f"{algorithm_title(a)} {acc[a].text()}" for a in rest)
         cells.append(f"{s} {kind}: FedAvg {acc['fedavg'].text()}; above it beyond the spread: {above}"
                      + (f"; the others: {within}" if rest else ""))  # fmt: skip
-    text = f"Remedies at their tuned values, final test accuracy: {'. '.join(cells)}.{one_seed(*seeds)}"
+    text = f"Remedies at their tuned values, final test accuracy: {'. '.join(cells)}.{seeds_said(*seeds)}"
     names = ", ".join(algorithm_title(a) for a in algorithm_order(better)) or "no remedy"
     return text, f"{names} beat FedAvg beyond the spread in at least one setting"
 
@@ -339,7 +337,7 @@ def on_ties(df: pd.DataFrame) -> tuple[str, str]:
             wins += [f"{s} {kind}"] if differs(acc["ties"], acc["mean"]) and acc["ties"].mean > acc["mean"].mean else []
             cells.append(f"{s} {kind}: " + compare("TIES", acc["ties"], "the mean", acc["mean"]))
     text = f"TIES-merging against FedAvg's mean inside the round, final test accuracy: {'; '.join(cells)}."
-    return text + one_seed(*seeds), f"TIES beats FedAvg's mean at {', '.join(wins) or 'no setting'}"
+    return text + seeds_said(*seeds), f"TIES beats FedAvg's mean at {', '.join(wins) or 'no setting'}"
 
 
 def on_interference(df: pd.DataFrame) -> tuple[str, str]:
@@ -360,7 +358,7 @@ def on_interference(df: pd.DataFrame) -> tuple[str, str]:
         cells += [f"{s}: " + "; ".join(compare(*m) for m in mine_)] if mine_ else []
     text = f"Interference, mean over rounds (hypothesis: sparse editing and TIES each lower it): {'. '.join(cells)}."
     lowered_by = ", ".join(lowered) or "neither sparse editing nor TIES"
-    return text + one_seed(*seeds), f"interference is lowered by {lowered_by}"
+    return text + seeds_said(*seeds), f"interference is lowered by {lowered_by}"
 
 
 def _extension(df: pd.DataFrame) -> pd.DataFrame:
@@ -377,7 +375,7 @@ def on_scaling(df: pd.DataFrame) -> tuple[str, str]:
     for variant, mine in chosen.groupby("variant", sort=False):
         scaled = Stat.of(mine["test_acc"])
         seeds.append(scaled)
-        cell = f"{variant}: alpha {', '.join(f'{a:g}' for a in mine['alpha'])}, "
+        cell = f"{variant}: alpha {', '.join(f'{a:g}' for a in dict.fromkeys(mine['alpha']))}, "  # each value once
         if mine["run_id"].isin(own.index).all():
             base = Stat.of(own[mine["run_id"]])
             helped += [variant] if differs(scaled, base) and scaled.mean > base.mean else []
@@ -386,7 +384,7 @@ def on_scaling(df: pd.DataFrame) -> tuple[str, str]:
             cell += f"test {scaled.text()}"
         cells.append(cell)
     text = f"Post-hoc scaling w0 + alpha (wT - w0), alpha chosen on validation, test accuracy: {'; '.join(cells)}."
-    return text + one_seed(*seeds), f"post-hoc scaling helps {', '.join(helped) or 'no variant'} beyond the spread"
+    return text + seeds_said(*seeds), f"post-hoc scaling helps {', '.join(helped) or 'no variant'} beyond the spread"
 
 
 # name -> (what ran, the function); the name is the macro's (\finding<Name>, \finding<Name>Short)

@@ -120,7 +120,7 @@ def read_results(name: str, profile: str, root: str | Path | None = None) -> pd.
     """results/<profile>/<name>.csv as written by write_results (same root logic); None if absent or empty."""
     path = Path(root if root is not None else default_results_root()) / profile / f"{name}.csv"
     try:
-        return with_integer_columns(pd.read_csv(path, dtype={"clients": str}))
+        return with_integer_columns(pd.read_csv(path, dtype={"clients": str}, low_memory=False))  # one type per column
     except FileNotFoundError:
         return None
     except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError):  # empty, cut short, unreadable

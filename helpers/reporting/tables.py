@@ -375,7 +375,7 @@ def deviations_table(df: pd.DataFrame, profile: str) -> str:
     body = [" & ".join(latex_escape(c) for c in row) + r" \\" for row in rows]
     body.insert(TALOS_ROWS, r"\midrule")  # below: the federated methods' papers, not TaLoS
     return "\n".join([
-        r"\begin{table}[!htb]", r"\centering", r"\footnotesize",
+        r"\begin{table}[!htb]", r"\centering", r"\scriptsize",
         r"\begin{tabular}{@{}p{0.15\linewidth}p{0.38\linewidth}p{0.41\linewidth}@{}}", r"\toprule",
         r"aspect & reference & this project \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}",
         r"\caption{Deviations from the references: above the line from TaLoS~\citep{iurada2025talos}'s implementation, "
