@@ -247,7 +247,14 @@ needs_latex = pytest.mark.skipif(shutil.which("latexmk") is None, reason="latexm
 
 @needs_latex
 def test_full_study_report_fits_eight_pages_with_floats_before_the_conclusion(full_root: Path, tmp_path: Path):
-    assert_paper_layout(_build(full_root, "full", tmp_path))
+    folder = _build(full_root, "full", tmp_path)
+    assert_paper_layout(folder)
+    text = " ".join(
+        subprocess.run(["pdftotext", "main.pdf", "-"], cwd=folder, capture_output=True, text=True).stdout.split()
+    )
+    assert "not run for this profile" not in text and "incomplete" not in text  # every question has its finding
+    for question in ("How many epochs are needed?", "Which schedule is best?", "Does heterogeneity cost accuracy?"):
+        assert question in text, question
 
 
 @needs_latex
