@@ -128,3 +128,14 @@ def test_the_macros_file_compiles_and_prints_the_sentences(full_df: pd.DataFrame
     )
     assert "±" in printed and "least-sensitive" in printed and "not generated" not in printed
     assert "\\" not in printed and "$" not in printed, printed[:500]
+
+
+def test_the_sparse_cell_is_chosen_on_validation_and_reported_on_test():
+    """The best of the sparsity x R grid is picked on val_acc, never on the test accuracy it is then reported with."""
+    cells = {(0.9, 1): (0.70, 0.60), (0.9, 2): (0.60, 0.80), (0.0, 1): (0.65, 0.65)}  # (val, test): test favours R=2
+    rows = [{"source": "editing_centralized", "run_id": f"r{i}", "experiment": "sparse_centralized", "profile": "full",
+             "epoch": 2, "sparsity": s, "calibration_rounds": r, "seed": 0, "val_acc": v, "test_acc": t}
+            for i, ((s, r), (v, t)) in enumerate(cells.items())]  # fmt: skip
+    found = {f.name: f for f in findings(pd.DataFrame(rows), "full")}["EditingCentral"]
+    assert "the cell best on validation, sparse s=0.9 R=1 0.600 against" in found.text, found.text
+    assert "s=0.9 R=1" in found.short and "R=2" not in found.short

@@ -230,16 +230,17 @@ def on_local_steps(df: pd.DataFrame) -> tuple[str, str]:
     return text, f"more local steps at the same budget change the accuracy at {where}"
 
 
-def _editing(final: pd.DataFrame) -> dict:
-    sparse = final[final["sparsity"].fillna(0) > 0]
-    return stats(sparse, ["sparsity", "calibration_rounds"], "test_acc")
+def _editing(final: pd.DataFrame) -> tuple[dict, object]:
+    """Test accuracy per sparse cell (sparsity, R) and the cell best on validation: chosen there, reported on test."""
+    sparse, keys = final[final["sparsity"].fillna(0) > 0], ["sparsity", "calibration_rounds"]
+    val = stats(sparse, keys, "val_acc")
+    return stats(sparse, keys, "test_acc"), best_of(val)[0] if val else None
 
 
 def on_editing_central(df: pd.DataFrame) -> tuple[str, str]:
     final = runs(df, "editing_centralized", experiment="sparse_centralized")
-    grid = _editing(final)
+    grid, best = _editing(final)
     dense = Stat.of(final.loc[final["sparsity"] == 0, "test_acc"])
-    best, _ = best_of(grid)
     name = f"sparse s={best[0]:g} R={int(best[1])}"
     rs = sorted({r for _, r in grid})
     effects = []
@@ -251,12 +252,12 @@ def on_editing_central(df: pd.DataFrame) -> tuple[str, str]:
     spars = compare(f"s={ss[-1]:g}", grid[(ss[-1], r)], f"s={ss[0]:g}", grid[(ss[0], r)]) if len(ss) > 1 else ""
     against = "the dense control with the step-0 head"
     best_cell = compare(name, grid[best], against, dense) if dense.n else f"{name} {grid[best].text()}"
-    text = (f"Centralized sparse fine-tuning, final test accuracy: the best cell, {best_cell}. "
+    text = (f"Centralized sparse fine-tuning, final test accuracy: the cell best on validation, {best_cell}. "
             + (f"Sparsity at R={int(r)}: {spars}. " if spars else "")
             + (f"From R={int(rs[0])} to R={int(rs[-1])}: {'; '.join(effects)}." if effects else "")
             + seeds_said(*grid.values()))  # fmt: skip
     verdict = "no difference established" if not dense.n or not differs(grid[best], dense) else "a difference"
-    return text, f"centrally, the best sparse run ({name}) shows {verdict} against the dense control"
+    return text, f"centrally, the sparse run best on validation ({name}) shows {verdict} against the dense control"
 
 
 def on_editing_federated(df: pd.DataFrame) -> tuple[str, str]:
@@ -264,18 +265,17 @@ def on_editing_federated(df: pd.DataFrame) -> tuple[str, str]:
     cells, seeds, wins = [], [], []
     for s in setting_order(final["setting"]):
         mine = final[final["setting"] == s]
-        grid, dense = _editing(mine), Stat.of(mine.loc[mine["sparsity"] == 0, "test_acc"])
+        (grid, best), dense = _editing(mine), Stat.of(mine.loc[mine["sparsity"] == 0, "test_acc"])
         if not grid:
             continue
-        best, _ = best_of(grid)
         seeds += [*grid.values(), *([dense] if dense.n else [])]
-        name = f"the best sparse run (s={best[0]:g} R={int(best[1])} of {len(grid)})"
+        name = f"the sparse run best on validation (s={best[0]:g} R={int(best[1])} of {len(grid)})"
         against = compare(name, grid[best], "the dense control", dense) if dense.n else f"{name} {grid[best].text()}"
         wins += [s] if dense.n and differs(grid[best], dense) and grid[best].mean > dense.mean else []
         cells.append(f"{s}: {against}")
     text = f"Federated sparse fine-tuning, final test accuracy: {'; '.join(cells)}.{seeds_said(*seeds)}"
     where = ", ".join(wins) if wins else "no sharding"
-    return text, f"in FedAvg, sparse fine-tuning beats the dense control (same step-0 head) at {where}"
+    return text, f"in FedAvg, the sparse run best on validation beats the dense control (same step-0 head) at {where}"
 
 
 def on_mask_rules(df: pd.DataFrame) -> tuple[str, str]:
