@@ -6,6 +6,7 @@ Every row says it was made here: run ids start with "synthetic-" and the `data_r
 
 from __future__ import annotations
 
+import os
 from itertools import product
 from pathlib import Path
 
@@ -258,16 +259,17 @@ def _scaling(extension: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
 
 
 def write_full_results(root: Path, seed: int = 0) -> Path:
-    """Write results/full/<name>.csv for every results file of the full study under `root`; returns `root`."""
+    """Write results/full/<name>.csv for every results file of the full study under `root`; returns `root`. The
+    full profile's configs whatever FLME_PROFILE the tests run under (it would win over `full` in make_config)."""
     rng = np.random.default_rng(seed)
     folder = root / PROFILE
     folder.mkdir(parents=True, exist_ok=True)
-    for name, frame in {
-        **_centralized(rng),
-        **_fedavg(rng),
-        **_editing(rng),
-        **_remedies(rng),
-        **_extension(rng),
-    }.items():
+    saved = os.environ.pop("FLME_PROFILE", None)
+    try:
+        frames = {**_centralized(rng), **_fedavg(rng), **_editing(rng), **_remedies(rng), **_extension(rng)}
+    finally:
+        if saved is not None:
+            os.environ["FLME_PROFILE"] = saved
+    for name, frame in frames.items():
         frame.to_csv(folder / f"{name}.csv", index=False)
     return root

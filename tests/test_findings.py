@@ -139,3 +139,12 @@ def test_the_sparse_cell_is_chosen_on_validation_and_reported_on_test():
     found = {f.name: f for f in findings(pd.DataFrame(rows), "full")}["EditingCentral"]
     assert "the cell best on validation, sparse s=0.9 R=1 0.600 against" in found.text, found.text
     assert "s=0.9 R=1" in found.short and "R=2" not in found.short
+
+
+def test_the_scheduler_finding_names_the_searched_lr_and_weight_decay():
+    grid = [{"source": "centralized_grid", "run_id": f"g{i}", "experiment": "centralized", "profile": "full",
+             "epoch": 3, "lr": lr, "weight_decay": wd, "seed": 0, "val_acc": v, "test_acc": v}
+            for i, (lr, wd, v) in enumerate([(0.01, 0.0, 0.70), (0.03, 5e-5, 0.75), (0.003, 0.0, 0.72)])]  # fmt: skip
+    rows = pd.concat([_scheduler_rows({"cosine": [0.8], "step": [0.7]}), pd.DataFrame(grid)])
+    text = {f.name: f for f in findings(rows, "full")}["Scheduler"].text
+    assert text.startswith("The search chose lr 0.03 and weight decay 5e-05 on validation."), text

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,67 +17,13 @@ from helpers.reporting.labels import algorithm_order, algorithm_title, sharding_
 from helpers.reporting.results import last_rows
 from helpers.reporting.summaries import MissingResults, select, setting_order, tables_dir
 from helpers.reporting.tables import latex_escape
+from helpers.reporting.verdicts import MIN_GAP, Stat, best_of, change, compare, differs, seeds_said, stats
 
-# With one seed no spread is measured: a gap below this (in accuracy, interference or cosine, all fractions) is taken
-# for noise. An assumption, not a measurement: the sentences say when a verdict rests on one seed.
-MIN_GAP = 0.01
 CIFAR100_TRAIN = 50_000  # torchvision's CIFAR-100 training set, before the validation split
 SMOKE = "Smoke numbers: "  # each sentence; SMOKE_NOTE once (\\findingNote)
 SMOKE_NOTE = (
     "Smoke numbers come from synthetic data and a tiny random model: they mean nothing about DINO on CIFAR-100."
 )
-
-
-@dataclass(frozen=True)
-class Stat:
-    """A metric over seeds: mean, std (NaN with one seed) and the number of seeds."""
-
-    mean: float
-    std: float
-    n: int
-
-    @classmethod
-    def of(cls, values: Iterable[float]) -> Stat:
-        v = pd.Series(list(values), dtype=float).dropna()
-        return cls(float(v.mean()), float(v.std()) if len(v) > 1 else math.nan, len(v))
-
-    def text(self, digits: int = 3) -> str:
-        """'0.812 ± 0.004', or '0.812' with one seed (seeds_said's sentence gives the seeds once per finding)."""
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}" if self.n > 1 else f"{self.mean:.{digits}f}"
-
-    def brief(self, digits: int = 3, open_: str = "", close: str = "") -> str:
-        """'0.812 ± 0.004, 3 seeds' (inside parentheses) or '0.812, 1 seed'."""
-        sep = " " + open_ if open_ else ", "
-        if self.n > 1:
-            return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}{sep}{self.n} seeds{close}"
-        return f"{self.mean:.{digits}f}{sep}1 seed{close}"
-
-
-def differs(a: Stat, b: Stat, min_gap: float = MIN_GAP) -> bool:
-    """True when the means are further apart than the seeds' spread: the sum of their stds, and at least `min_gap`
-    where a side has one seed (no spread measured)."""
-    spread = sum(s.std for s in (a, b) if s.n > 1)
-    if min(a.n, b.n) < 2:
-        spread = max(spread, min_gap)
-    return abs(a.mean - b.mean) > spread
-
-
-def compare(name_a: str, a: Stat, name_b: str, b: Stat) -> str:
-    """'A 0.81 against B 0.78: higher' where the gap exceeds the spread, else ': no difference established'."""
-    return f"{name_a} {a.text()} against {name_b} {b.text()}: {change(b, a)}"
-
-
-def change(a: Stat, b: Stat) -> str:
-    """`b` against `a` in one word: 'higher', 'lower' or 'no difference established'."""
-    return ("higher" if b.mean > a.mean else "lower") if differs(a, b) else "no difference established"
-
-
-def seeds_said(*stats: Stat) -> str:
-    """A finding's last sentence: over how many seeds its ± are, and that a number without ± rests on one seed."""
-    several = "/".join(str(n) for n in sorted({s.n for s in stats if s.n > 1}))
-    parts = [f"± is the std over {several} seeds"] if several else []
-    parts += ["a number without ± rests on 1 seed"] if any(s.n < 2 for s in stats) else []
-    return f" {'; '.join(parts).capitalize()}." if parts else ""
 
 
 def readable(name: object) -> str:
@@ -108,25 +54,12 @@ def round_means(df: pd.DataFrame, source: str, metric: str) -> pd.Series:
     return select(df, source, (metric,)).groupby("run_id")[metric].mean()
 
 
-def stats(final: pd.DataFrame, keys: list[str], metric: str) -> dict:
-    """Stat of `metric` over the runs (seeds) sharing each combination of `keys` (a 1-tuple key is its value)."""
-    groups = final.groupby(keys, sort=False, dropna=False)[metric]
-    out = {k[0] if isinstance(k, tuple) and len(k) == 1 else k: Stat.of(group) for k, group in groups}
-    return {k: s for k, s in out.items() if s.n}
-
-
 def with_setting(final: pd.DataFrame) -> pd.DataFrame:
     """`setting` per row: 'IID' or 'Nc=k'."""
     nc = final["classes_per_client"] if "classes_per_client" in final else pd.Series(math.nan, index=final.index)
     return final.assign(
         setting=["IID" if s == "iid" else f"Nc={sharding_label(s, n)}" for s, n in zip(final["sharding"], nc)]
     )
-
-
-def best_of(table: dict, higher: bool = True) -> tuple[object, list]:
-    """The key with the best mean and the keys whose gap to it is within the spread (not established as worse)."""
-    best = (max if higher else min)(table, key=lambda k: table[k].mean)
-    return best, [k for k in table if k != best and not differs(table[best], table[k])]
 
 
 def on_epochs(df: pd.DataFrame) -> tuple[str, str]:
@@ -152,6 +85,9 @@ def on_scheduler(df: pd.DataFrame) -> tuple[str, str]:
     best, ties = best_of(val)
     listed = ", ".join(f"{readable(k)} {v.text()}" for k, v in val.items())
     head = f"Final validation accuracy per learning-rate schedule: {listed}. "
+    if "centralized_grid" in set(df["source"]):  # the search the schedules start from (its table is out of print)
+        grid = runs(df, "centralized_grid").sort_values("val_acc", ascending=False).iloc[0]
+        head = f"The search chose lr {grid['lr']:g} and weight decay {grid['weight_decay']:g} on validation. " + head
     best, others = readable(best), ", ".join(map(readable, ties))
     if ties:
         verdict = (
@@ -221,13 +157,13 @@ def on_local_steps(df: pd.DataFrame) -> tuple[str, str]:
         acc = stats(final[final["setting"] == s], ["local_steps"], "test_acc")
         if lo in acc and hi in acc:
             seeds += [acc[lo], acc[hi]]
-            changed += [s] if differs(acc[hi], acc[lo]) else []
+            changed += [f"{s} ({change(acc[lo], acc[hi])})"] if differs(acc[hi], acc[lo]) else []
             cells.append(f"{s} {acc[lo].text()} to {acc[hi].text()} ({change(acc[lo], acc[hi])})")
     rounds = final.groupby("local_steps")["rounds"].first()
     text = (f"Raising the local steps from J={lo} to J={hi} at a fixed budget of local steps ({int(rounds[lo])} and "
             f"{int(rounds[hi])} rounds), final test accuracy: {'; '.join(cells)}.{seeds_said(*seeds)}")  # fmt: skip
     where = ", ".join(changed) if changed else "no sharding"
-    return text, f"more local steps at the same budget change the accuracy at {where}"
+    return text, f"more local steps at the same budget change the accuracy at {where}"  # with its direction
 
 
 def _editing(final: pd.DataFrame) -> tuple[dict, object]:
@@ -337,6 +273,19 @@ def on_ties(df: pd.DataFrame) -> tuple[str, str]:
             wins += [f"{s} {kind}"] if differs(acc["ties"], acc["mean"]) and acc["ties"].mean > acc["mean"].mean else []
             cells.append(f"{s} {kind}: " + compare("TIES", acc["ties"], "the mean", acc["mean"]))
     text = f"TIES-merging against FedAvg's mean inside the round, final test accuracy: {'; '.join(cells)}."
+    jobs = []  # does the merge do the mask's job without a mask, and do their gains add?
+    for s, mine in final.groupby("setting", sort=False):
+        acc = stats(mine, ["kind", "merge"], "test_acc")
+        pairs = [(("dense", "ties"), ("sparse", "mean"), "dense TIES", "the sparse mean"),
+                 (("sparse", "ties"), ("dense", "ties"), "sparse TIES", "dense TIES")]  # fmt: skip
+        found = [(a, acc[x], b, acc[y]) for x, y, a, b in pairs if x in acc and y in acc]
+        seeds += [st for f in found for st in (f[1], f[3])]
+        jobs += [f"{s}: " + "; ".join(compare(*f) for f in found)] if found else []
+    text += (
+        f" TIES without a mask against the mask without TIES, then the mask added to TIES: {'. '.join(jobs)}."
+        if jobs
+        else ""
+    )
     return text + seeds_said(*seeds), f"TIES beats FedAvg's mean at {', '.join(wins) or 'no setting'}"
 
 
