@@ -71,14 +71,20 @@ def remedy_plan(
     base's), with `local_steps` and the rounds that keep base's step budget (J x rounds), each algorithm at its
     `chosen` (parameter, value) (None: at its defaults, a placeholder until the tuning is done)."""
     rounds, plan = remedy_rounds(base, local_steps), []
-    arms = ((0.0, {}), (base["sparsity"], {} if sparse_rounds is None else {"calibration_rounds": sparse_rounds}))
     for algorithm in algorithms:
         tuned = dict([chosen[algorithm]]) if chosen and algorithm in chosen else {}
         for nc in classes:
             for seed in seeds or [base["seed"]]:
                 cell = {**remedy_base(base, algorithm, local_steps, rounds), "classes_per_client": nc, "seed": seed}
-                plan += [make_config("sparse_fedavg", **{**cell, "sparsity": s, **arm, **tuned}) for s, arm in arms]
+                plan += [make_config("sparse_fedavg", **{**cell, **arm, **tuned}) for arm in arms(base, sparse_rounds)]
     return plan
+
+
+def arms(base: dict, sparse_rounds: int | None) -> list[dict]:
+    """The comparisons' arms: dense (sparsity 0, the step-0 head), then base's mask (from `sparse_rounds` calibration
+    rounds; None: base's) unless base is dense itself."""
+    sparse = {"sparsity": base["sparsity"], **({} if sparse_rounds is None else {"calibration_rounds": sparse_rounds})}
+    return [{"sparsity": 0.0}] + ([sparse] if base["sparsity"] else [])
 
 
 # ----------------------------------------------------------------------------- the extension: TIES, interference
@@ -116,13 +122,13 @@ def extension_configs(
     budget; the interference diagnostic on (PROBE_IMAGES per client)."""
     tuned = dict([chosen[TIES]]) if chosen and TIES in chosen else {}
     rounds, configs = remedy_rounds(base, local_steps), []
-    arm = {} if sparse_rounds is None else {"calibration_rounds": sparse_rounds}
     for nc in classes:
         for seed in seeds or [base["seed"]]:
             cell = {**extension_base(base, nc, local_steps, rounds), "interference_probe": PROBE_IMAGES, "seed": seed}
             for merge in ({}, {"merge": TIES, **tuned}):
-                configs += [make_config("sparse_fedavg", **{**cell, "sparsity": s, **merge, **(arm if s else {})})
-                            for s in dict.fromkeys((0.0, base["sparsity"]))]  # fmt: skip
+                configs += [
+                    make_config("sparse_fedavg", **{**cell, **arm, **merge}) for arm in arms(base, sparse_rounds)
+                ]
     return configs
 
 

@@ -206,9 +206,8 @@ def notebook_table(profile: str = "full", reduced: bool = False) -> list[dict]:
     """One row per notebook: runs in its default grid (`reduced`: the reduced plan's) and their T4 hours (nothing
     counted as done)."""
     rows = []
-    nowhere = NOWHERE
     for name in PLANS:
-        plan = notebook_plan(name, profile, run_root=nowhere, reduced=reduced)
+        plan = notebook_plan(name, profile, run_root=NOWHERE, reduced=reduced)
         parts: dict[str, list[str]] = {}
         for group in plan.groups:  # the remedies' tuning apart (the price of a fair comparison), the extension apart
             parts.setdefault(APART.get(group, "").format(name[:2]) or name, []).append(group)
@@ -217,7 +216,7 @@ def notebook_table(profile: str = "full", reduced: bool = False) -> list[dict]:
             runs = [(e, c) for e, c in plan.runs_of(*groups) if run_id(c) not in counted]
             counted |= {run_id(c) for _, c in runs}
             if runs:
-                estimate = estimate_plan(runs, run_root=nowhere)
+                estimate = estimate_plan(runs, run_root=NOWHERE)
                 rows.append({"notebook": label, "runs": estimate.runs, "t4_hours": estimate.total_s / 3600})
     return rows
 
